@@ -1,0 +1,216 @@
+"""The model contract: the JSON document an ONNX file carries under ``metadata_props["cxr_batch"]``.
+
+Inference reads everything it needs from here (labels, input size, normalisation, resize
+method, output names), so nothing is hard-coded twice. :func:`read_contract` validates the
+document against the graph and refuses a model that doesn't match, saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxr_batch.errors import ModelError
+from cxr_batch.preprocess import RESAMPLE, PreprocessSpec
+
+if TYPE_CHECKING:  # onnxruntime is a runtime dependency, but keep imports of this module cheap
+    import onnxruntime as ort
+
+CONTRACT_KEY = "cxr_batch"
+CONTRACT_VERSION = 1
+
+#: The preprocessing recipe written into every model we export; see cxr_batch.preprocess.
+DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "grey": "bt601_luma",  # colour → grey: 0.299 R + 0.587 G + 0.114 B
+    "alpha": "composite_over_black",
+    "scale": "bit_depth",  # integer data / (2**bits - 1), so 16-bit data is never clipped
+    "resize": "bilinear",  # Pillow antialiased filter on float32 data, reduce() first for big images
+    "channels": 3,  # the grey image repeated
+    "range": [0.0, 1.0],
+}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The contract of one model file."""
+
+    name: str
+    version: str
+    created: str
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
+    input_name: str = "input"
+    #: Graph output names by role: "logits" (required), "features" (layer4 maps), "embedding".
+    outputs: dict[str, str] = field(default_factory=lambda: {"logits": "logits"})
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    #: Out-of-distribution guard parameters, when the model has been fitted with one.
+    ood: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    contract_version: int = CONTRACT_VERSION
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing settings :func:`cxr_batch.preprocess.prepare` needs."""
+        return PreprocessSpec(
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+            resize=str(self.preprocessing.get("resize", "bilinear")),
+        )
+
+    @property
+    def ident(self) -> str:
+        """``name@version``, the value of the report's ``model`` column."""
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return json.dumps(d, sort_keys=True)
+
+    def with_updates(self, **changes: Any) -> ModelMeta:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> ModelMeta:
+        """Parse and validate the contract document. Raises ModelError saying what is wrong."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{source}: the '{CONTRACT_KEY}' metadata is not valid JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise ModelError(f"{source}: the '{CONTRACT_KEY}' metadata must be a JSON object")
+        return cls.from_dict(d, source)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model") -> ModelMeta:
+        required = ("labels", "input_size", "mean", "std", "preprocessing", "name", "version", "created")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ModelError(f"{source}: the model contract lacks {', '.join(missing)}")
+
+        def bad(msg: str) -> ModelError:
+            return ModelError(f"{source}: invalid model contract: {msg}")
+
+        labels = d["labels"]
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+            raise bad("'labels' must be a non-empty list of names")
+        if len(set(labels)) != len(labels):
+            raise bad("'labels' has duplicates")
+        size = d["input_size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise bad("'input_size' must be [H, W] with positive integers")
+        for key in ("mean", "std"):
+            v = d[key]
+            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+                raise bad(f"'{key}' must be 3 numbers")
+        if any(float(s) <= 0 for s in d["std"]):
+            raise bad("'std' must be positive")
+        pre = d["preprocessing"]
+        if not isinstance(pre, dict):
+            raise bad("'preprocessing' must be an object")
+        if pre.get("resize", "bilinear") not in RESAMPLE:
+            raise bad(f"unknown resize method {pre.get('resize')!r}; expected one of {sorted(RESAMPLE)}")
+        outputs = d.get("outputs", {"logits": "logits"})
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            raise bad("'outputs' must name the 'logits' output")
+        for key in ("metrics", "training_data"):
+            if key in d and not isinstance(d[key], dict):
+                raise bad(f"'{key}' must be an object")
+        return cls(
+            name=str(d["name"]),
+            version=str(d["version"]),
+            created=str(d["created"]),
+            labels=tuple(labels),
+            input_size=(int(size[0]), int(size[1])),
+            mean=(float(d["mean"][0]), float(d["mean"][1]), float(d["mean"][2])),
+            std=(float(d["std"][0]), float(d["std"][1]), float(d["std"][2])),
+            preprocessing=dict(pre),
+            input_name=str(d.get("input_name", "input")),
+            outputs={str(k): str(v) for k, v in outputs.items()},
+            metrics=dict(d.get("metrics") or {}),
+            training_data=dict(d.get("training_data") or {}),
+            precision=str(d.get("precision", "fp32")),
+            ood=d.get("ood"),
+            extra=dict(d.get("extra") or {}),
+            contract_version=int(d.get("contract_version", CONTRACT_VERSION)),
+        )
+
+
+def read_contract(session: ort.InferenceSession, source: str = "model") -> ModelMeta:
+    """Read the contract from an onnxruntime session and check it against the graph.
+
+    Raises:
+        ModelError: no contract, an invalid one, or one that doesn't match the graph.
+    """
+    custom = session.get_modelmeta().custom_metadata_map
+    if CONTRACT_KEY not in custom:
+        raise ModelError(
+            f"{source}: not a cxr-batch model: its ONNX metadata has no '{CONTRACT_KEY}' entry "
+            "(export models with 'cxr-batch export', or add the contract described in the README)"
+        )
+    meta = ModelMeta.from_json(custom[CONTRACT_KEY], source)
+    check_graph(meta, session, source)
+    return meta
+
+
+def check_graph(meta: ModelMeta, session: ort.InferenceSession, source: str = "model") -> None:
+    """The contract must describe the graph: one N×3×H×W float input, logits N×C with C labels."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{source}: the model must have exactly one input, it has {len(inputs)}")
+    inp = inputs[0]
+    if inp.name != meta.input_name:
+        raise ModelError(f"{source}: the contract names input '{meta.input_name}' but the graph's is '{inp.name}'")
+    if inp.type != "tensor(float)":
+        raise ModelError(f"{source}: the input must be float32, it is {inp.type}")
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise ModelError(f"{source}: the input must have rank 4 (N×3×H×W), it has rank {len(shape)} {shape}")
+    if isinstance(shape[0], int) and shape[0] != -1:
+        raise ModelError(f"{source}: the input's batch axis must be dynamic, it is fixed at {shape[0]}")
+    if isinstance(shape[1], int) and shape[1] != 3:
+        raise ModelError(f"{source}: the input must have 3 channels, it has {shape[1]}")
+    for axis, want in zip(shape[2:], meta.input_size, strict=True):
+        if isinstance(axis, int) and axis != want:
+            raise ModelError(
+                f"{source}: the contract's input_size {list(meta.input_size)} doesn't match the graph's {shape[2:]}"
+            )
+    outs = {o.name: o for o in session.get_outputs()}
+    for role, name in meta.outputs.items():
+        if name not in outs:
+            raise ModelError(f"{source}: the contract names output '{name}' ({role}) but the graph has {sorted(outs)}")
+    logits = outs[meta.outputs["logits"]]
+    lshape = list(logits.shape)
+    if len(lshape) != 2:
+        raise ModelError(f"{source}: the logits output must be N×C, it has shape {lshape}")
+    if isinstance(lshape[1], int) and lshape[1] != len(meta.labels):
+        raise ModelError(
+            f"{source}: the model has {len(meta.labels)} labels {list(meta.labels)} "
+            f"but its logits output has {lshape[1]} classes"
+        )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_models_dir() -> Path:
+    """Where the package keeps its shipped models (copied from export/ at build time)."""
+    return Path(__file__).resolve().parent / "models"

@@ -1,0 +1,114 @@
+"""Classification metrics with numpy only; used by train's test report and by evaluate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion; (nan, nan) when n == 0."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    pos = positive.astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 confidence over equal-width bins."""
+    if len(y) == 0:
+        return math.nan
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else math.nan
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/specificity/F1 with 95% Wilson intervals,
+    the confusion matrix (rows true, columns predicted), one-vs-rest ROC AUC and ECE."""
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(labels)
+    pred = probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(y, pred, strict=True):
+        cm[t, p] += 1
+    n = int(cm.sum())
+    per_class: dict[str, dict[str, Any]] = {}
+    f1s = []
+    for i, name in enumerate(labels):
+        tp = int(cm[i, i])
+        fp = int(cm[:, i].sum() - tp)
+        fn = int(cm[i, :].sum() - tp)
+        tn = n - tp - fp - fn
+        precision = _ratio(tp, tp + fp)
+        recall = _ratio(tp, tp + fn)
+        spec = _ratio(tn, tn + fp)
+        f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+        f1s.append(f1)
+        per_class[name] = {
+            "support": tp + fn,
+            "precision": precision,
+            "precision_ci95": list(wilson_interval(tp, tp + fp)),
+            "recall": recall,
+            "recall_ci95": list(wilson_interval(tp, tp + fn)),
+            "specificity": spec,
+            "specificity_ci95": list(wilson_interval(tn, tn + fp)),
+            "f1": f1,
+            "roc_auc": roc_auc(probs[:, i], y == i) if n else math.nan,
+        }
+    correct = int(np.trace(cm))
+    return {
+        "n": n,
+        "labels": list(labels),
+        "accuracy": _ratio(correct, n),
+        "accuracy_ci95": list(wilson_interval(correct, n)),
+        "macro_f1": float(np.nanmean(f1s)) if n else math.nan,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "ece": expected_calibration_error(probs, y),
+        "ci_method": "Wilson score interval, 95%",
+    }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable), returned as float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

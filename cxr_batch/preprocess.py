@@ -1,0 +1,275 @@
+"""Decoding and preprocessing: numpy and Pillow only.
+
+This is the one preprocessing path. ``classify``, ``evaluate`` and the evaluation at the end
+of ``train`` all call :func:`preprocess_file` (or :func:`decode` then :func:`prepare`), and
+training caches the output of :func:`resize_grey`, the first half of :func:`prepare`, so the
+numbers reported at training time are the numbers users get.
+
+The recipe: decode → grey in [0, 1] (scaled by the file's real bit depth) → resize to the
+model's input size (Pillow, on float32 data) → 3 identical channels → ``(x - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxr_batch.errors import ImageError
+
+#: File suffixes the directory walk picks up (lower case). DICOM is also sniffed by content.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+#: Resampling filters a model's contract may name.
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+#: ITU-R BT.601 luma weights, the same ones Pillow's ``convert("L")`` uses.
+LUMA = (0.299, 0.587, 0.114)
+
+#: Pillow applies ``reduce()`` (a fast box filter by an integer factor) first when the image is
+#: at least this many times larger than the target, then the named filter for the rest.
+REDUCING_GAP = 3.0
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What :func:`prepare` needs; built from a model's contract (``ModelMeta.spec``)."""
+
+    input_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESAMPLE:
+            raise ValueError(f"unknown resize method {self.resize!r}; expected one of {sorted(RESAMPLE)}")
+
+
+@dataclass
+class Decoded:
+    """A decoded image: grey float32 pixels in [0, 1] and what was learnt on the way."""
+
+    grey: np.ndarray
+    width: int
+    height: int
+    notes: list[str] = field(default_factory=list)
+    #: Extra report columns a reader fills in (e.g. DICOM UIDs). Never patient data.
+    fields: dict[str, str] = field(default_factory=dict)
+    #: Set by readers that know the input is not a radiograph (e.g. DICOM modality CT).
+    not_radiograph: str | None = None
+
+
+Reader = Callable[[Path, "tuple[int, int] | None"], Decoded]
+
+_readers: list[tuple[str, Callable[[Path, bytes], bool], Reader]] = []
+
+
+def register_reader(name: str, sniff: Callable[[Path, bytes], bool], read: Reader) -> None:
+    """Plug in a decoder. ``sniff(path, first_132_bytes)`` says whether it handles the file.
+
+    Readers registered later are asked first; Pillow is the fallback for everything else.
+    """
+    _readers.insert(0, (name, sniff, read))
+
+
+def is_dicom(path: Path, head: bytes) -> bool:
+    """DICOM by extension or by the ``DICM`` marker at offset 128."""
+    return path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM"
+
+
+def _read_dicom_unavailable(path: Path, target: tuple[int, int] | None) -> Decoded:
+    from cxr_batch.dicom import read_dicom  # the DICOM reader imports pydicom lazily
+
+    return read_dicom(path, target)
+
+
+register_reader("dicom", is_dicom, _read_dicom_unavailable)
+
+
+def decode(path: str | os.PathLike[str], target: tuple[int, int] | None = None) -> Decoded:
+    """Decode one file to grey float32 pixels in [0, 1].
+
+    Args:
+        path: the image file.
+        target: the model's (H, W); lets JPEG decoding downscale early with ``draft()``.
+
+    Raises:
+        ImageError: the file cannot be read or decoded; the message says why.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
+    if not head:
+        raise ImageError("empty file (0 bytes)")
+    for _name, sniff, read in _readers:
+        if sniff(p, head):
+            return read(p, target)
+    return _decode_pillow(p, target)
+
+
+def _decode_pillow(path: Path, target: tuple[int, int] | None) -> Decoded:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it
+            # becomes above 2x, so a huge image never eats the machine's memory.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return _from_pil(img, target)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression-bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image file (PNG, JPEG, BMP, TIFF or DICOM)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise ImageError(f"truncated or corrupt image: {msg}") from None
+        raise ImageError(f"cannot decode image: {msg}") from None
+
+
+def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
+    notes: list[str] = []
+    n_frames = getattr(img, "n_frames", 1)
+    if n_frames > 1:
+        img.seek(0)
+        notes.append(f"multi-frame file: used frame 1 of {n_frames}")
+    if img.format == "JPEG" and target is not None:
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least twice the target.
+        side = 2 * max(target)
+        img.draft(img.mode, (side, side))
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    grey = to_grey(img)
+    h, w = grey.shape
+    return Decoded(grey=grey, width=img.width, height=img.height, notes=notes)
+
+
+def _bit_depth_max(img: Image.Image, arr: np.ndarray) -> float:
+    """The largest value the file's real bit depth allows (never clip 16-bit data to 255)."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return 65535.0
+    if mode == "I":
+        bits = None
+        tags = getattr(img, "tag_v2", None)
+        if tags is not None:
+            bps = tags.get(258)
+            if bps:
+                bits = int(bps[0] if isinstance(bps, tuple) else bps)
+        if bits is None:
+            bits = 16 if (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535)) else 32
+        return float(2**bits - 1)
+    return 255.0
+
+
+def to_grey(img: Image.Image) -> np.ndarray:
+    """Pillow image → grey float32 array in [0, 1].
+
+    Colour uses BT.601 luma; alpha is composited over black; palette, CMYK and YCbCr go
+    through RGB; 16-bit and 32-bit integer data are scaled by their bit depth.
+    """
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+        mode = "RGB"
+    elif mode == "1":
+        img = img.convert("L")
+        mode = "L"
+    elif mode in ("RGBX", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "La":
+        img = img.convert("LA")
+        mode = "LA"
+
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        if mode == "L":
+            return np.ascontiguousarray(arr)
+        if mode == "LA":
+            return np.ascontiguousarray(arr[..., 0] * arr[..., 1])
+        grey = arr[..., 0] * LUMA[0] + arr[..., 1] * LUMA[1] + arr[..., 2] * LUMA[2]
+        if mode == "RGBA":
+            grey = grey * arr[..., 3]
+        return np.ascontiguousarray(grey, dtype=np.float32)
+    if mode.startswith("I"):
+        raw = np.asarray(img)
+        top = _bit_depth_max(img, raw)
+        arr = raw.astype(np.float64) / top
+        return np.clip(arr, 0.0, 1.0).astype(np.float32)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return scale_to_unit(arr)
+    raise ImageError(f"unsupported pixel mode {mode!r}")
+
+
+def scale_to_unit(arr: np.ndarray) -> np.ndarray:
+    """Floating data: keep it when it is already in [0, 1], else min-max scale it."""
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ImageError("image contains NaN or infinite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return arr
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return (arr - lo) / (hi - lo)
+
+
+def resize_grey(grey: np.ndarray, size: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+    """Resize a grey float32 image to ``size`` = (H, W) with Pillow's antialiased filters."""
+    h, w = size
+    if grey.shape == (h, w):
+        return np.ascontiguousarray(grey, dtype=np.float32)
+    img = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))
+    out = img.resize((w, h), RESAMPLE[method], reducing_gap=REDUCING_GAP)
+    return np.asarray(out, dtype=np.float32)
+
+
+def normalise(resized: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Grey (H, W) or (N, H, W) → 3 identical channels, ``(x - mean) / std`` per channel."""
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    x = resized[..., None, :, :] if resized.ndim == 3 else resized[None]
+    return np.ascontiguousarray((x - mean_a) / std_a, dtype=np.float32)
+
+
+def prepare(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Grey [0, 1] image → model input (3, H, W) float32."""
+    return normalise(resize_grey(grey, spec.input_size, spec.resize), spec.mean, spec.std)
+
+
+def preprocess_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> tuple[np.ndarray, Decoded]:
+    """Decode and prepare one file: the exact path ``classify`` takes for every image."""
+    decoded = decode(path, spec.input_size)
+    return prepare(decoded.grey, spec), decoded
+
+
+def open_bytes(data: BinaryIO) -> Image.Image:  # pragma: no cover - convenience for notebooks
+    """Open an in-memory image with the same Pillow settings."""
+    return Image.open(data)
