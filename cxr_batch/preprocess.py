@@ -43,6 +43,9 @@ LUMA = (0.299, 0.587, 0.114)
 #: at least this many times larger than the target, then the named filter for the rest.
 REDUCING_GAP = 3.0
 
+#: The EXIF tag that says how the stored pixels must be rotated or flipped for display.
+EXIF_ORIENTATION = 0x0112
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -152,6 +155,11 @@ def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
     if n_frames > 1:
         img.seek(0)
         notes.append(f"multi-frame file: used frame 1 of {n_frames}")
+    # The file's own size, as displayed: draft() below may decode a JPEG at a reduced scale,
+    # and EXIF orientations 5-8 swap the axes.
+    width, height = img.size
+    if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+        width, height = height, width
     if img.format == "JPEG" and target is not None:
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least twice the target.
         side = 2 * max(target)
@@ -159,8 +167,7 @@ def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
     img.load()
     img = ImageOps.exif_transpose(img) or img
     grey = to_grey(img)
-    h, w = grey.shape
-    return Decoded(grey=grey, width=img.width, height=img.height, notes=notes)
+    return Decoded(grey=grey, width=width, height=height, notes=notes)
 
 
 def _bit_depth_max(img: Image.Image, arr: np.ndarray) -> float:

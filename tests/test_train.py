@@ -1,0 +1,274 @@
+"""Training, split, layouts and export. Needs the train extra (torch, torchvision, onnx)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_batch.data import find_labelled, make_split
+from cxr_batch.errors import DataError
+
+torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
+pytest.importorskip("onnx", reason="the train extra (onnx) is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = REPO.parent / "shared" / "data" / "covid19-radiography"
+
+
+def _png(path: Path, seed: int, size: int = 48) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 real X-rays per class from the shared pool (copied), or generated images when it is absent."""
+    root = tmp_path_factory.mktemp("pool")
+    for label in ("normal", "viral", "covid"):
+        if POOL.is_dir():
+            for src in sorted((POOL / label).iterdir())[:12]:
+                (root / label).mkdir(parents=True, exist_ok=True)
+                (root / label / src.name).write_bytes(src.read_bytes())
+        else:
+            for i in range(12):
+                _png(root / label / f"{label}-{i}.png", hash((label, i)) % 2**32)
+    return root
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_layout_release2(tmp_path: Path) -> None:
+    for folder in ("COVID", "NORMAL", "Viral Pneumonia"):
+        _png(tmp_path / folder / f"{folder} (1).png", 1)
+    ds = find_labelled(tmp_path)
+    assert ds.labels == ["normal", "viral", "covid"]
+    assert ds.layout == "covid19-radiography (release 2)"
+    assert {label for _, label in ds.items} == {"normal", "viral", "covid"}
+
+
+def test_layout_release4_ignores_lung_opacity_and_masks(tmp_path: Path) -> None:
+    for i, folder in enumerate(("COVID", "Normal", "Viral Pneumonia", "Lung_Opacity")):
+        _png(tmp_path / folder / "images" / f"{folder}-1.png", i)
+        _png(tmp_path / folder / "masks" / f"{folder}-1.png", 10 + i)
+    ds = find_labelled(tmp_path)
+    assert ds.labels == ["normal", "viral", "covid"]
+    assert ds.layout == "covid19-radiography (release 4+)"
+    assert len(ds.items) == 3
+    assert all("masks" not in p.parts for p, _ in ds.items)
+    assert ds.ignored == ["Lung_Opacity"]
+    with_lo = find_labelled(tmp_path, ["normal", "viral", "covid", "Lung_Opacity"])
+    assert with_lo.labels == ["normal", "viral", "covid", "lung_opacity"]
+    assert len(with_lo.items) == 4
+
+
+def test_layout_plain_and_generic(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    for label in ("covid", "normal", "viral"):
+        _png(plain / label / "a.png", 1)
+    assert find_labelled(plain).labels == ["normal", "viral", "covid"]
+    generic = tmp_path / "generic"
+    for label in ("pa", "lateral"):
+        _png(generic / label / "a.png", 2)
+    (generic / ".hidden").mkdir()
+    assert find_labelled(generic).labels == ["lateral", "pa"]
+    assert find_labelled(generic, ["pa", "lateral"]).labels == ["pa", "lateral"]
+    with pytest.raises(DataError, match="no folder for class"):
+        find_labelled(generic, ["covid"])
+
+
+@pytest.mark.skipif(not POOL.is_dir(), reason="../shared/data/covid19-radiography is absent")
+def test_layout_shared_pool() -> None:
+    ds = find_labelled(POOL)
+    assert ds.labels == ["normal", "viral", "covid"]
+    assert ds.counts() == {"normal": 2200, "viral": 1153, "covid": 2200}
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_is_seeded_stratified_and_keeps_duplicates_together(tmp_path: Path) -> None:
+    for label in ("normal", "viral", "covid"):
+        for i in range(40):
+            _png(tmp_path / label / f"{i}.png", hash((label, i)) % 2**32, size=16)
+    # identical content under three names, in two classes' folders
+    dup = (tmp_path / "normal" / "0.png").read_bytes()
+    (tmp_path / "normal" / "dup-a.png").write_bytes(dup)
+    (tmp_path / "covid" / "dup-b.png").write_bytes(dup)
+    ds = find_labelled(tmp_path)
+    a, b, c = make_split(ds, seed=1), make_split(ds, seed=1), make_split(ds, seed=2)
+    assert a.rows == b.rows
+    assert a.rows != c.rows
+    side_of: dict[str, set[str]] = {}
+    for _, _, part, digest in a.rows:
+        side_of.setdefault(digest, set()).add(part)
+    assert all(len(s) == 1 for s in side_of.values()), "identical files on two sides of the split"
+    assert len(side_of[a.rows[[r[0] for r in a.rows].index("normal/dup-a.png")][3]]) == 1
+    for label in ("viral",):
+        parts = [p for _, lab, p, _ in a.rows if lab == label]
+        assert parts.count("test") == 6 and parts.count("val") == 6 and parts.count("train") == 28
+    path = tmp_path / "split.csv"
+    a.write(path)
+    assert type(a).read(path).rows == a.rows
+
+
+# ---------------------------------------------------------------- train → export → classify
+
+
+def _train(pool: Path, out: Path, epochs: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "train", str(pool), "--out", str(out), "--epochs", str(epochs),
+         "--image-size", "64", "--batch-size", "8", "--threads", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    proc = _train(small_pool, out, epochs=1)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_train_writes_the_run_folder(trained_run: Path) -> None:
+    for name in ("config.json", "split.csv", "last.ckpt", "best.ckpt", "history.json", "metrics.json"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] > 0
+    assert set(metrics["per_class"]) == {"normal", "viral", "covid"}
+    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["n"]
+    for key in ("accuracy", "macro_f1", "ece"):
+        assert 0.0 <= metrics[key] <= 1.0
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["image_size"] == 64 and config["labels"] == ["normal", "viral", "covid"]
+
+
+def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from cxr_batch.data import Split
+    from cxr_batch.meta import read_contract
+    from cxr_batch.train import build_model, evaluate_files
+
+    onnx_path = tmp_path / "smoke.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "export", str(trained_run / "best.ckpt"), "--out", str(onnx_path),
+         "--version", "0.0.1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ONNX parity" in proc.stderr
+    assert (tmp_path / "smoke.md").read_text().count("not a medical device") >= 1
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = read_contract(sess, str(onnx_path))
+    assert meta.labels == ("normal", "viral", "covid") and meta.input_size == (64, 64)
+    assert meta.outputs == {"logits": "logits", "features": "features", "embedding": "embedding"}
+    assert meta.training_data["files"] == 36 and len(meta.training_data["split_sha256"]) == 64
+    assert [o.shape[1:] for o in sess.get_outputs()] == [[3], [512, 2, 2], [512]]
+
+    # The torch evaluation path (train's test report) on the test files ...
+    split = Split.read(trained_run / "split.csv")
+    items = split.paths(small_pool, "test")
+    ck = torch.load(trained_run / "best.ckpt", map_location="cpu", weights_only=True)
+    model = build_model(3)
+    model.load_state_dict(ck["model"])
+    y, probs, errors = evaluate_files(model, items, meta.labels, meta.spec, torch.device("cpu"))
+    assert not errors and len(y) == len(items)
+    # ... and cxr-batch classify --model on the same files agree.
+    out_csv = tmp_path / "out.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "classify", *[str(p) for p, _ in items], "--model", str(onnx_path),
+         "--out", str(out_csv), "--absolute-paths", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import csv
+
+    rows = {r["path"]: r for r in csv.DictReader(out_csv.open(newline="", encoding="utf-8"))}
+    for (path, _), p in zip(items, probs, strict=True):
+        row = rows[str(path.resolve())] if str(path.resolve()) in rows else rows[str(path)]
+        got = np.array([float(row[f"prob_{label}"]) for label in meta.labels])
+        assert np.abs(got - p).max() < 1e-4
+        assert row["label"] == meta.labels[int(p.argmax())]
+
+
+def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch.cli", "export"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "no checkpoint found" in proc.stderr and "cxr-batch export runs/NAME/best.ckpt" in proc.stderr
+
+
+def test_imagenet_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    from cxr_batch.errors import CxrBatchError
+    from cxr_batch.train import build_model
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models, "resnet18", lambda weights=None: offline() if weights else offline())
+    with pytest.raises(CxrBatchError, match="--weights none"):
+        build_model(3, "imagenet")
+
+
+def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
+    import torchvision
+
+    from cxr_batch.train import build_model
+
+    src = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    model = build_model(3, str(path))
+    assert torch.equal(model.conv1.weight, src.conv1.weight)
+    assert model.fc.out_features == 3
+
+
+def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    assert _train(small_pool, full, epochs=3).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxr_batch.cli", "train", str(small_pool), "--out", str(cut), "--epochs", "3",
+         "--image-size", "64", "--batch-size", "8", "--threads", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (cut / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(json.loads((cut / "history.json").read_text())["epochs"]) if (cut / "history.json").exists() else 0
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "train", str(small_pool), "--out", str(cut), "--epochs", "3",
+         "--image-size", "64", "--batch-size", "8", "--threads", "2", "--resume"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((full / "history.json").read_text())["epochs"]
+    b = json.loads((cut / "history.json").read_text())["epochs"]
+    assert [r["epoch"] for r in b] == [1, 2, 3], f"resumed after {done_before} epochs"
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-4
+        assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4
+
+
+def test_train_refuses_to_clobber_a_run(trained_run: Path, small_pool: Path) -> None:
+    proc = _train(small_pool, trained_run)
+    assert proc.returncode == 1
+    assert "already holds a run" in proc.stderr
