@@ -15,31 +15,75 @@ def _lib_error(exc: CxrBatchError) -> click.ClickException:
 
 @click.command("train")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints, split.csv, config.json, history.json, metrics.json.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: checkpoints, split.csv, config.json, history.json, metrics.json.",
+)
 @click.option("--classes", help="Comma-separated classes to use, in model order (default: all; database order).")
-@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Reuse a split.csv (path,label,split) instead of drawing a new one.")
+@click.option(
+    "--split",
+    "split_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Reuse a split.csv (path,label,split) instead of drawing a new one.",
+)
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Peak learning rate of the one-cycle schedule (AdamW).")
+@click.option(
+    "--lr",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Peak learning rate of the one-cycle schedule (AdamW).",
+)
 @click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0))
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
-              help="Decode threads for the image cache (0: one per core).")
-@click.option("--weights", default="none", show_default=True,
-              help="Initial weights: 'imagenet' (torchvision download/cache), 'none' (random) or a state-dict file.")
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Decode threads for the image cache (0: one per core).",
+)
+@click.option(
+    "--weights",
+    default="none",
+    show_default=True,
+    help="Initial weights: 'imagenet' (torchvision download/cache), 'none' (random) or a state-dict file.",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
-@click.option("--patience", default=8, show_default=True, type=click.IntRange(1),
-              help="Stop after this many epochs without validation improvement.")
+@click.option(
+    "--patience",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Stop after this many epochs without validation improvement.",
+)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --out from its last checkpoint.")
-def train_command(data_dir: Path, out: Path, classes: str | None, split_file: Path | None, epochs: int,
-                  batch_size: int, lr: float, weight_decay: float, image_size: int, seed: int, device: str,
-                  workers: int, weights: str, hflip: bool, patience: int, threads: int | None, resume: bool) -> None:
+def train_command(
+    data_dir: Path,
+    out: Path,
+    classes: str | None,
+    split_file: Path | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    image_size: int,
+    seed: int,
+    device: str,
+    workers: int,
+    weights: str,
+    hflip: bool,
+    patience: int,
+    threads: int | None,
+    resume: bool,
+) -> None:
     """Fine-tune a ResNet-18 on class folders of chest X-rays (needs the train extra).
 
     \b
@@ -50,11 +94,22 @@ def train_command(data_dir: Path, out: Path, classes: str | None, split_file: Pa
         from cxr_batch.train import TrainConfig, train_model
 
         cfg = TrainConfig(
-            data_dir=str(data_dir), out=str(out),
+            data_dir=str(data_dir),
+            out=str(out),
             classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
-            split=str(split_file) if split_file else None, epochs=epochs, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, image_size=image_size, seed=seed, device=device, workers=workers,
-            weights=weights, hflip=hflip, patience=patience, threads=threads,
+            split=str(split_file) if split_file else None,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            image_size=image_size,
+            seed=seed,
+            device=device,
+            workers=workers,
+            weights=weights,
+            hflip=hflip,
+            patience=patience,
+            threads=threads,
         )
         train_model(cfg, resume=resume)
     except CxrBatchError as exc:
@@ -63,19 +118,39 @@ def train_command(data_dir: Path, out: Path, classes: str | None, split_file: Pa
 
 @click.command("export")
 @click.argument("checkpoint", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="ONNX file to write (default: export/<run name>.onnx).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="ONNX file to write (default: export/<run name>.onnx).",
+)
 @click.option("--name", default="cxr-resnet18", show_default=True, help="Model name in the contract.")
 @click.option("--version", "model_version", default="1.0.0", show_default=True, help="Model version in the contract.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write NAME-int8.onnx (static QDQ, U8S8).")
 @click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(1))
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The run's data folder, if it moved since training.")
-@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With an .onnx CHECKPOINT: the split.csv to calibrate and test the int8 model on.")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The run's data folder, if it moved since training.",
+)
+@click.option(
+    "--split",
+    "split_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With an .onnx CHECKPOINT: the split.csv to calibrate and test the int8 model on.",
+)
 @click.option("--force", is_flag=True, help="Write the int8 model even if it loses more than 1 macro-F1 point.")
-def export_command(checkpoint: Path | None, out: Path | None, name: str, model_version: str, quantize: str | None,
-                   calibration_images: int, data_dir: Path | None, split_file: Path | None, force: bool) -> None:
+def export_command(
+    checkpoint: Path | None,
+    out: Path | None,
+    name: str,
+    model_version: str,
+    quantize: str | None,
+    calibration_images: int,
+    data_dir: Path | None,
+    split_file: Path | None,
+    force: bool,
+) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
     With no CHECKPOINT, exports the best checkpoint of the most recent run under runs/.
@@ -93,15 +168,27 @@ def export_command(checkpoint: Path | None, out: Path | None, name: str, model_v
                 raise click.UsageError("an .onnx input needs --quantize int8 --data DIR --split FILE")
             from rich.console import Console
 
-            cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
-                               calibration_images=calibration_images, force=force)
+            cfg = ExportConfig(
+                checkpoint=str(checkpoint),
+                out=str(checkpoint),
+                quantize=quantize,
+                calibration_images=calibration_images,
+                force=force,
+            )
             requantize_from_master(checkpoint, str(data_dir), str(split_file), cfg, Console(stderr=True))
             return
         ckpt = checkpoint or latest_checkpoint()
         target = out or Path("export") / f"{ckpt.parent.name}.onnx"
-        cfg = ExportConfig(checkpoint=str(ckpt), out=str(target), name=name, version=model_version,
-                           quantize=quantize, calibration_images=calibration_images, force=force,
-                           data_dir=str(data_dir) if data_dir else None)
+        cfg = ExportConfig(
+            checkpoint=str(ckpt),
+            out=str(target),
+            name=name,
+            version=model_version,
+            quantize=quantize,
+            calibration_images=calibration_images,
+            force=force,
+            data_dir=str(data_dir) if data_dir else None,
+        )
         export_checkpoint(cfg)
     except CxrBatchError as exc:
         raise _lib_error(exc) from exc

@@ -168,9 +168,7 @@ class Split:
         return cls(rows)
 
 
-def make_split(
-    data: LabelledSet, seed: int = 0, val: float = 0.15, test: float = 0.15
-) -> Split:
+def make_split(data: LabelledSet, seed: int = 0, val: float = 0.15, test: float = 0.15) -> Split:
     """Stratified, seeded split. Files with identical content always land on the same side."""
     groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     digests: dict[Path, str] = {}

@@ -1,13 +1,457 @@
-"""DICOM reader. Full support (pydicom, LUTs, MONOCHROME1) is a separate issue; this is the plug."""
+"""DICOM reader: pydicom (the ``dicom`` extra), imported only when a DICOM file is read.
+
+The display pipeline follows DICOM PS3.4 N.2 for grey images:
+
+1. decode the first frame (only that frame is read from disk for uncompressed multi-frame files);
+2. Modality LUT: the Modality LUT Sequence, or Rescale Slope/Intercept;
+3. VOI LUT: the first VOI LUT Sequence item, else the first Window Center/Width pair (with the
+   VOI LUT Function), else the full range of the frame's own values (what a viewer shows when
+   a file carries no window);
+4. scale the VOI output range to [0, 1];
+5. invert MONOCHROME1 (after windowing: its windows are given in stored-value terms).
+
+Colour images (RGB, YBR converted by pydicom, PALETTE COLOR) become grey with the same BT.601
+luma as :func:`cxr_batch.preprocess.to_grey`. The result then takes the common path in
+:mod:`cxr_batch.preprocess`, like any greyscale PNG.
+
+Protected health information stays out by construction: only the elements in :data:`_TAGS` (and
+the group 0028 pixel-description elements pydicom adds) are ever parsed, so no patient element
+can reach a report field, a note, an error message or a warning.
+"""
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cxr_batch.errors import ImageError
-from cxr_batch.preprocess import Decoded
+from cxr_batch.preprocess import LUMA, Decoded
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+#: Modality codes of projection radiography (PS3.3 C.7.3.1.1.1): Computed Radiography, Digital
+#: Radiography and Radiographic imaging (conventional film/screen, digitised). ``DR`` is not a
+#: defined term but some digital radiography systems write it.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "DR"})
+
+#: Modality codes that say nothing about what the picture is (other, secondary capture). Files
+#: with these, or with no Modality, are left to the pixel-based out-of-distribution guard.
+UNKNOWN_MODALITIES = frozenset({"", "OT", "SC"})
+
+#: What to ``pip install`` when no installed plugin decodes a transfer syntax. pydicom decodes
+#: the uncompressed, deflated and RLE syntaxes itself; Pillow (a core dependency) usually covers
+#: JPEG baseline/extended and JPEG 2000.
+_PLUGIN_PACKAGES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Extended (Process 2 and 4)
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+}
+
+#: The only elements read besides group 0028 (pixel description, LUTs, windows) and the file
+#: meta. Keep patient, study-description and institution elements out of this list.
+_TAGS: tuple[int, ...] = (
+    0x00080005,  # SpecificCharacterSet
+    0x00080016,  # SOPClassUID
+    0x00080018,  # SOPInstanceUID
+    0x00080060,  # Modality
+    0x00185101,  # ViewPosition
+    0x0020000D,  # StudyInstanceUID
+    0x52009229,  # SharedFunctionalGroupsSequence (enhanced multi-frame rescale and window)
+    0x52009230,  # PerFrameFunctionalGroupsSequence
+)
+
+#: Group 0028 elements needed when the dataset is read with ``dcmread`` (files without a file
+#: meta header, deflated files); the streaming path gets all of group 0028 from pydicom.
+_PIXEL_TAGS: tuple[int, ...] = (
+    0x00280002,  # SamplesPerPixel
+    0x00280004,  # PhotometricInterpretation
+    0x00280006,  # PlanarConfiguration
+    0x00280008,  # NumberOfFrames
+    0x00280010,  # Rows
+    0x00280011,  # Columns
+    0x00280100,  # BitsAllocated
+    0x00280101,  # BitsStored
+    0x00280102,  # HighBit
+    0x00280103,  # PixelRepresentation
+    0x00281050,  # WindowCenter
+    0x00281051,  # WindowWidth
+    0x00281052,  # RescaleIntercept
+    0x00281053,  # RescaleSlope
+    0x00281054,  # RescaleType
+    0x00281056,  # VOILUTFunction
+    0x00281101,  # Red/Green/Blue PaletteColorLookupTableDescriptor
+    0x00281102,
+    0x00281103,
+    0x00281201,  # Red/Green/Blue PaletteColorLookupTableData
+    0x00281202,
+    0x00281203,
+    0x00281221,  # Segmented Red/Green/Blue PaletteColorLookupTableData
+    0x00281222,
+    0x00281223,
+    0x00283000,  # ModalityLUTSequence
+    0x00283010,  # VOILUTSequence
+    0x7FE00001,  # ExtendedOffsetTable
+    0x7FE00002,  # ExtendedOffsetTableLengths
+    0x7FE00008,  # FloatPixelData
+    0x7FE00009,  # DoubleFloatPixelData
+    0x7FE00010,  # PixelData
+)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: pydicom and its plugins raise these for broken or unsupported files.
+_DECODE_ERRORS = (
+    AttributeError,
+    EOFError,
+    IndexError,
+    KeyError,
+    MemoryError,
+    NotImplementedError,
+    OSError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+    struct.error,
+    zlib.error,
+)
+
+_NEEDS_PYDICOM = 'DICOM input needs pydicom: pip install "cxr-batch[dicom]"'
 
 
 def read_dicom(path: Path, target: tuple[int, int] | None = None) -> Decoded:
-    """Decode a DICOM file to grey [0, 1]."""
-    raise ImageError("DICOM input is not supported yet in this version of cxr-batch")
+    """Decode the first frame of a DICOM file to grey [0, 1].
+
+    Args:
+        path: the DICOM file.
+        target: the model's (H, W); unused (every transfer syntax is decoded at full size).
+
+    Returns:
+        The grey image, the report ``fields`` (modality, view_position, sop_instance_uid,
+        study_instance_uid), notes (multi-frame, ignored window) and ``not_radiograph`` when
+        the Modality is not projection radiography.
+
+    Raises:
+        ImageError: pydicom (or the plugin for the file's compression) is not installed, the
+            file is not DICOM, has no pixel data, or cannot be decoded.
+    """
+    _require_pydicom()
+    notes: list[str] = []
+    # pydicom reports odd-but-readable values as warnings; they would land on the user's
+    # stderr once per file, so keep them local (no patient element is parsed to warn about).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds, frame = _load_first_frame(Path(path))
+        fields = _report_fields(ds)
+        n_frames = _int(ds.get("NumberOfFrames"), 1)
+        if n_frames > 1:
+            notes.append(f"multi-frame DICOM: used frame 1 of {n_frames}")
+        grey = _to_grey(frame, ds, notes)
+
+    rows, cols = grey.shape
+    return Decoded(
+        grey=grey,
+        width=_int(ds.get("Columns"), cols),
+        height=_int(ds.get("Rows"), rows),
+        notes=notes,
+        fields=fields,
+        not_radiograph=_not_radiograph(fields["modality"]),
+    )
+
+
+def _require_pydicom() -> None:
+    try:
+        import pydicom  # noqa: F401  (imported first: a stale pydicom.pixels import can't mask it)
+    except ImportError:
+        raise ImageError(_NEEDS_PYDICOM) from None
+    try:
+        from pydicom.pixels.utils import pixel_array  # noqa: F401  (new in pydicom 3.0)
+    except ImportError:
+        raise ImageError('DICOM input needs pydicom 3.0 or later: pip install "cxr-batch[dicom]"') from None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _load_first_frame(path: Path) -> tuple[Dataset, np.ndarray]:
+    """The dataset (only the elements cxr-batch reads) and the first frame's stored values."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+        tsyntax = meta.get("TransferSyntaxUID")
+    except InvalidDicomError:
+        # No 128-byte preamble and "DICM": maybe a bare dataset (older ACR-NEMA style export).
+        tsyntax = None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
+
+    if tsyntax is None or tsyntax.is_deflated:
+        ds = _read_whole(path)
+        tsyntax = ds.file_meta.TransferSyntaxUID
+        _check_decoder(tsyntax)
+        return ds, _decode(ds, tsyntax)
+
+    _check_decoder(tsyntax)
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    # Reads the header, then seeks to and decodes frame 1 only: memory stays ~one frame.
+    return ds, _decode(path, tsyntax, ds_out=ds)
+
+
+def _read_whole(path: Path) -> Dataset:
+    """Fallback for files ``pixel_array(path)`` can't stream: no file meta, or deflated."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = dcmread(path, force=True, specific_tags=[*_TAGS, *_PIXEL_TAGS])
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if "SOPClassUID" in ds or "Rows" in ds or "Modality" in ds:
+            raise ImageError("DICOM file has no pixel data")
+        raise ImageError("not a valid DICOM file (no DICOM preamble, file meta or known elements)")
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return ds
+
+
+def _check_decoder(tsyntax: Any) -> None:
+    """Fail early, naming the package to install, when no plugin decodes ``tsyntax``."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise ImageError(f"DICOM transfer syntax {_ts_name(tsyntax)} is not supported") from None
+    if not decoder.is_available:
+        raise ImageError(_missing_plugin_message(tsyntax))
+
+
+def _missing_plugin_message(tsyntax: Any) -> str:
+    packages = _PLUGIN_PACKAGES.get(str(tsyntax), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    return (
+        f"DICOM pixel data is compressed as {_ts_name(tsyntax)} and no installed plugin decodes it: "
+        f'pip install {packages} (or pip install "cxr-batch[dicom]")'
+    )
+
+
+def _decode(src: Path | Dataset, tsyntax: Any, ds_out: Dataset | None = None) -> np.ndarray:
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        if isinstance(src, Path):
+            arr = pixel_array(src, ds_out=ds_out, specific_tags=list(_TAGS), index=0)
+        else:
+            arr = pixel_array(src, index=0)
+    except AttributeError as exc:
+        if "no pixel data" in str(exc).lower() or "no 'pixel data'" in str(exc).lower():
+            raise ImageError("DICOM file has no pixel data") from None
+        raise ImageError(f"cannot decode DICOM pixel data: {_reason(exc)}") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"cannot decode DICOM pixel data ({_ts_name(tsyntax)}): {_reason(exc)}") from None
+    return np.asarray(arr)
+
+
+# --- pixels ------------------------------------------------------------------------------------
+
+
+def _to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Stored values of one frame → grey float32 [0, 1] as a viewer would display them."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if frame.ndim == 3 or photometric == "PALETTE COLOR":
+        grey = _colour_to_grey(frame, ds, photometric)
+    elif frame.ndim == 2:
+        grey = _monochrome_to_grey(frame, ds, notes)
+        if photometric == "MONOCHROME1":
+            grey = 1.0 - grey
+    else:
+        raise ImageError(f"unexpected DICOM pixel array shape {frame.shape}")
+    if not np.isfinite(grey).all():
+        raise ImageError("DICOM image contains NaN or infinite pixel values")
+    return np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
+
+
+def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
+
+    _lift_functional_groups(ds)
+    try:
+        values = apply_modality_lut(frame, ds)
+    except _DECODE_ERRORS as exc:
+        notes.append(f"DICOM modality LUT ignored: {_reason(exc)}")
+        values = frame
+
+    if ds.get("VOILUTSequence"):
+        try:
+            out = apply_voi(values, ds, index=0)
+            top = _voi_lut_top(ds)
+            return out.astype(np.float64) / top
+        except _DECODE_ERRORS as exc:
+            notes.append(f"DICOM VOI LUT ignored: {_reason(exc)}")
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        try:
+            y_min, y_max = _windowing_range(ds)
+            out = apply_windowing(values, ds, index=0)
+            return (out - y_min) / (y_max - y_min)
+        except _DECODE_ERRORS as exc:
+            notes.append(f"DICOM window ignored: {_reason(exc)}")
+
+    return _min_max(values)
+
+
+def _windowing_range(ds: Dataset) -> tuple[float, float]:
+    """The output range ``apply_windowing`` maps to (same rule as pydicom, PS3.3 C.11.2.1.2)."""
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        y_min, y_max = 0.0, float(2**bits - 1)
+    else:
+        stored = int(ds.BitsStored)
+        if int(ds.get("PixelRepresentation", 0)) == 0:
+            y_min, y_max = 0.0, float(2**stored - 1)
+        else:
+            y_min, y_max = float(-(2 ** (stored - 1))), float(2 ** (stored - 1) - 1)
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if slope is not None and intercept is not None:
+            y_min = y_min * float(slope) + float(intercept)
+            y_max = y_max * float(slope) + float(intercept)
+    if y_max == y_min:
+        raise ValueError("empty windowing output range")
+    return y_min, y_max
+
+
+def _voi_lut_top(ds: Dataset) -> float:
+    """Largest output of the first VOI LUT.
+
+    The descriptor's bits per entry is the nominal output depth, but many files declare 16 bits
+    for 12-bit entries; like dcmtk, use the depth the entries actually need when it is smaller.
+    """
+    from pydicom.pixels.processing import apply_voi
+
+    item = ds.VOILUTSequence[0]
+    n_entries, first_map, bits = (int(v) for v in item.LUTDescriptor)
+    n_entries = n_entries or 2**16
+    every_entry = apply_voi(np.arange(first_map, first_map + n_entries, dtype=np.int64), ds, index=0)
+    needed = max(int(every_entry.max()).bit_length(), 1)
+    return float(2 ** min(bits, needed) - 1)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    """No VOI transform in the file: show the frame's full range of values."""
+    values = values.astype(np.float64, copy=False)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ImageError("DICOM image contains NaN or infinite pixel values")
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float64)
+    return (values - lo) / (hi - lo)
+
+
+def _colour_to_grey(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels.processing import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(frame, ds)
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"cannot apply the DICOM palette: {_reason(exc)}") from None
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in ds else 8
+        top = float(2 ** (8 if bits <= 8 else 16) - 1)
+    else:
+        rgb = frame
+        top = float(2 ** _int(ds.get("BitsStored"), 8) - 1)
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        raise ImageError(f"unsupported DICOM colour layout {rgb.shape} ({photometric})")
+    luma: np.ndarray = rgb[..., :3].astype(np.float64) @ np.asarray(LUMA, dtype=np.float64)
+    if np.issubdtype(frame.dtype, np.floating):
+        return _min_max(luma)
+    return luma / top
+
+
+def _lift_functional_groups(ds: Dataset) -> None:
+    """Enhanced multi-frame files keep rescale and window in functional groups: use frame 1's."""
+    groups = []
+    for keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        seq = ds.get(keyword)
+        if seq:
+            groups.append(seq[0])
+    for group in groups:
+        for macro, keywords in (
+            ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+        ):
+            items = group.get(macro)
+            if not items:
+                continue
+            for keyword in keywords:
+                if keyword not in ds and keyword in items[0]:
+                    setattr(ds, keyword, items[0].get(keyword))
+
+
+# --- header ------------------------------------------------------------------------------------
+
+
+def _report_fields(ds: Dataset) -> dict[str, str]:
+    """The report's DICOM columns. Never add patient elements here (see module docstring)."""
+    return {
+        "modality": _text(ds.get("Modality")).upper(),
+        "view_position": _text(ds.get("ViewPosition")).upper(),
+        "sop_instance_uid": _text(ds.get("SOPInstanceUID")),
+        "study_instance_uid": _text(ds.get("StudyInstanceUID")),
+    }
+
+
+def _not_radiograph(modality: str) -> str | None:
+    if modality in RADIOGRAPH_MODALITIES or modality in UNKNOWN_MODALITIES:
+        return None
+    return f"DICOM modality {modality} is not a radiograph (expected CR, DX or RG)"
+
+
+def _text(value: Any) -> str:
+    """A header value as one clean line (multi-valued elements joined with a backslash)."""
+    if value is None:
+        return ""
+    from pydicom.multival import MultiValue
+
+    text = "\\".join(str(v) for v in value) if isinstance(value, MultiValue | list | tuple) else str(value)
+    return "".join(ch for ch in text if ch.isprintable()).strip()
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _ts_name(tsyntax: Any) -> str:
+    name = getattr(tsyntax, "name", "") or str(tsyntax)
+    return str(name)
+
+
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (pydicom lists each plugin's failure on its own line)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -32,9 +32,7 @@ class MissingExtraError(CxrBatchError):
 
     def __init__(self, feature: str, extra: str, package: str | None = None) -> None:
         what = f" ({package})" if package else ""
-        super().__init__(
-            f"{feature} needs the optional dependencies{what}: pip install \"cxr-batch[{extra}]\""
-        )
+        super().__init__(f'{feature} needs the optional dependencies{what}: pip install "cxr-batch[{extra}]"')
         self.extra = extra
 
 

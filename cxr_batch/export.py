@@ -73,7 +73,9 @@ def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any],
     return config, root, split
 
 
-def _tensors(items: Sequence[tuple[Path, str]], spec: PreprocessSpec, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _tensors(
+    items: Sequence[tuple[Path, str]], spec: PreprocessSpec, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for path, label in items:
         try:
@@ -134,7 +136,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
             self.m = m
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            m = self.m
+            m: Any = self.m
             x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             features = m.layer4(m.layer3(m.layer2(m.layer1(x))))
             embedding = torch.flatten(m.avgpool(features), 1)
@@ -148,8 +150,13 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")
     torch.onnx.export(
-        wrapper, (dummy,), str(tmp), dynamo=False, opset_version=OPSET,
-        input_names=["input"], output_names=list(OUTPUTS.values()),
+        wrapper,
+        (dummy,),
+        str(tmp),
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=["input"],
+        output_names=list(OUTPUTS.values()),
         dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUTS.values()}},
     )
     proto = onnx.load(str(tmp))
@@ -178,13 +185,20 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     metrics = _read_metrics(ckpt_path.parent)
     training_data = _training_data(config, split, tcfg)
     meta = ModelMeta(
-        name=cfg.name, version=cfg.version,
+        name=cfg.name,
+        version=cfg.version,
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        labels=tuple(labels), input_size=(size, size), mean=spec.mean, std=spec.std,
+        labels=tuple(labels),
+        input_size=(size, size),
+        mean=spec.mean,
+        std=spec.std,
         preprocessing={**DEFAULT_PREPROCESSING, "resize": spec.resize},
-        input_name="input", outputs=dict(OUTPUTS), metrics=metrics, training_data=training_data,
-        precision="fp32", extra={"arch": "resnet18", "opset": OPSET, "parity_max_abs_prob_diff": parity,
-                                 "recipe": _recipe(tcfg)},
+        input_name="input",
+        outputs=dict(OUTPUTS),
+        metrics=metrics,
+        training_data=training_data,
+        precision="fp32",
+        extra={"arch": "resnet18", "opset": OPSET, "parity_max_abs_prob_diff": parity, "recipe": _recipe(tcfg)},
     )
     write_contract(proto, meta)
     onnx.save(proto, str(out))
@@ -221,8 +235,22 @@ def _read_metrics(run: Path) -> dict[str, Any]:
     if not p.exists():
         return {}
     m = json.loads(p.read_text())
-    return {k: m[k] for k in ("split", "n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "per_class",
-                              "confusion_matrix", "best_epoch", "ci_method") if k in m}
+    return {
+        k: m[k]
+        for k in (
+            "split",
+            "n",
+            "accuracy",
+            "accuracy_ci95",
+            "macro_f1",
+            "ece",
+            "per_class",
+            "confusion_matrix",
+            "best_epoch",
+            "ci_method",
+        )
+        if k in m
+    }
 
 
 def _training_data(config: dict[str, Any], split: Split | None, tcfg: dict[str, Any]) -> dict[str, Any]:
@@ -232,8 +260,14 @@ def _training_data(config: dict[str, Any], split: Split | None, tcfg: dict[str, 
         for _, label, s, _ in split.rows:
             parts.setdefault(s, {}).setdefault(label, 0)
             parts[s][label] += 1
-        d.update({"files": len(split.rows), "split_counts": parts, "split_sha256": split.fingerprint(),
-                  "file_list_sha256": _file_list_hash(split)})
+        d.update(
+            {
+                "files": len(split.rows),
+                "split_counts": parts,
+                "split_sha256": split.fingerprint(),
+                "file_list_sha256": _file_list_hash(split),
+            }
+        )
     return d
 
 
@@ -288,8 +322,13 @@ def quantize_int8(
         pre = Path(td) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
         quantize_static(
-            str(pre), str(out), _Calibration(xcal), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(pre),
+            str(out),
+            _Calibration(xcal),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
     xt, yt = _tensors(split.paths(root, "test"), meta.spec, labels)
@@ -299,21 +338,39 @@ def quantize_int8(
     m8 = classification_metrics(yt, p8, labels)
     agree = float((p32.argmax(1) == p8.argmax(1)).mean()) if len(yt) else float("nan")
     drop = m32["macro_f1"] - m8["macro_f1"]
-    info = {"calibration_images": len(xcal), "test_n": int(len(yt)), "fp32_accuracy": m32["accuracy"],
-            "fp32_macro_f1": m32["macro_f1"], "int8_accuracy": m8["accuracy"], "int8_macro_f1": m8["macro_f1"],
-            "macro_f1_drop_points": 100 * drop, "top1_agreement_with_fp32": agree,
-            "max_abs_prob_diff": float(np.abs(p32 - p8).max()) if len(yt) else float("nan"),
-            "scheme": "QDQ static, uint8 activations (asymmetric), int8 per-channel weights (U8S8), MinMax calibration"}
-    console.print(f"int8 on the test split: macro-F1 {m8['macro_f1']:.4f} vs fp32 {m32['macro_f1']:.4f} "
-                  f"({100 * drop:+.2f} points drop), top-1 agreement {agree:.4f}")
+    info = {
+        "calibration_images": len(xcal),
+        "test_n": len(yt),
+        "fp32_accuracy": m32["accuracy"],
+        "fp32_macro_f1": m32["macro_f1"],
+        "int8_accuracy": m8["accuracy"],
+        "int8_macro_f1": m8["macro_f1"],
+        "macro_f1_drop_points": 100 * drop,
+        "top1_agreement_with_fp32": agree,
+        "max_abs_prob_diff": float(np.abs(p32 - p8).max()) if len(yt) else float("nan"),
+        "scheme": "QDQ static, uint8 activations (asymmetric), int8 per-channel weights (U8S8), MinMax calibration",
+    }
+    console.print(
+        f"int8 on the test split: macro-F1 {m8['macro_f1']:.4f} vs fp32 {m32['macro_f1']:.4f} "
+        f"({100 * drop:+.2f} points drop), top-1 agreement {agree:.4f}"
+    )
     if drop > 0.01 and not cfg.force:
         out.unlink(missing_ok=True)
         raise ModelError(f"int8 model loses {100 * drop:.2f} macro-F1 points (> 1); not written (use --force)")
     proto = onnx.load(str(out))
-    m8_summary = {k: m8[k] for k in ("split", "n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "per_class",
-                                     "confusion_matrix") if k in m8}
-    write_contract(proto, meta.with_updates(precision="int8", metrics={**m8_summary, "split": "test"},
-                                            extra={**meta.extra, "quantization": info, "master": fp32.name}))
+    m8_summary = {
+        k: m8[k]
+        for k in ("split", "n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "per_class", "confusion_matrix")
+        if k in m8
+    }
+    write_contract(
+        proto,
+        meta.with_updates(
+            precision="int8",
+            metrics={**m8_summary, "split": "test"},
+            extra={**meta.extra, "quantization": info, "master": fp32.name},
+        ),
+    )
     onnx.save(proto, str(out))
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return info
@@ -338,7 +395,9 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
         f"  normalised with mean {list(meta.mean)} and std {list(meta.std)} (ImageNet's).",
         f"- Weights: `{meta.extra.get('recipe', {}).get('weights', 'none')}` initialisation. The shipped model was trained "
         "from **random initialisation**: ImageNet weights could not be downloaded on the training machine.",
-        f"- Files: `{onnx_path.name}` (fp32, the master copy)" + (f", `{onnx_path.stem}-int8.onnx` (int8)" if int8 else "") + ".",
+        f"- Files: `{onnx_path.name}` (fp32, the master copy)"
+        + (f", `{onnx_path.stem}-int8.onnx` (int8)" if int8 else "")
+        + ".",
         f"- ONNX opset {meta.extra.get('opset')}; outputs {meta.outputs}. Parity with PyTorch on real images: "
         f"max |Δprob| = {meta.extra.get('parity_max_abs_prob_diff', float('nan')):.1e}.",
         f"- Created {meta.created}.",
@@ -369,19 +428,35 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, pc in m.get("per_class", {}).items():
-            lines.append(f"| {name} | {pc['support']} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
-                         f"{_fmt(pc['specificity'])} | {_fmt(pc['f1'])} | {_fmt(pc['roc_auc'])} |")
-        lines += ["", "Confusion matrix (rows true, columns predicted, order " + ", ".join(meta.labels) + "):",
-                  "", "```", *[" ".join(f"{v:5d}" for v in row) for row in m.get("confusion_matrix", [])], "```"]
+            lines.append(
+                f"| {name} | {pc['support']} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
+                f"{_fmt(pc['specificity'])} | {_fmt(pc['f1'])} | {_fmt(pc['roc_auc'])} |"
+            )
+        lines += [
+            "",
+            "Confusion matrix (rows true, columns predicted, order " + ", ".join(meta.labels) + "):",
+            "",
+            "```",
+            *[" ".join(f"{v:5d}" for v in row) for row in m.get("confusion_matrix", [])],
+            "```",
+        ]
     else:
         lines.append("No test metrics were recorded for this checkpoint.")
     if int8:
-        lines += ["", "## int8 model", "", f"{int8['scheme']}; calibrated on {int8['calibration_images']} training images.", "",
-                  "| | fp32 | int8 |", "| --- | ---: | ---: |",
-                  f"| test accuracy | {_fmt(int8['fp32_accuracy'])} | {_fmt(int8['int8_accuracy'])} |",
-                  f"| test macro-F1 | {_fmt(int8['fp32_macro_f1'])} | {_fmt(int8['int8_macro_f1'])} |", "",
-                  f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
-                  f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}."]
+        lines += [
+            "",
+            "## int8 model",
+            "",
+            f"{int8['scheme']}; calibrated on {int8['calibration_images']} training images.",
+            "",
+            "| | fp32 | int8 |",
+            "| --- | ---: | ---: |",
+            f"| test accuracy | {_fmt(int8['fp32_accuracy'])} | {_fmt(int8['int8_accuracy'])} |",
+            f"| test macro-F1 | {_fmt(int8['fp32_macro_f1'])} | {_fmt(int8['int8_macro_f1'])} |",
+            "",
+            f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
+            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}.",
+        ]
     lines += [
         "",
         "## Intended use",
@@ -404,9 +479,11 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
     return card
 
 
-def requantize_from_master(fp32: Path, data_dir: str, split_file: str, cfg: ExportConfig, console: Console) -> dict[str, Any]:
+def requantize_from_master(
+    fp32: Path, data_dir: str, split_file: str, cfg: ExportConfig, console: Console
+) -> dict[str, Any]:
     """Derive the int8 model again from the fp32 master (no checkpoint needed)."""
     return quantize_int8(fp32, Path(data_dir), Split.read(Path(split_file)), cfg, console)
 
 
-__all__ = ["ExportConfig", "export_checkpoint", "latest_checkpoint", "quantize_int8", "write_card", "os"]
+__all__ = ["ExportConfig", "export_checkpoint", "latest_checkpoint", "os", "quantize_int8", "write_card"]

@@ -121,7 +121,7 @@ def build_model(num_classes: int, weights: str = "none") -> torch.nn.Module:
                     f"--weights {path}: not a ResNet-18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
-    return model
+    return model  # type: ignore[no-any-return]
 
 
 def _load_cache(
@@ -223,8 +223,12 @@ def _bf16_ok() -> bool:
 
 @torch.no_grad()
 def evaluate_files(
-    model: torch.nn.Module, items: Sequence[tuple[Path, str]], labels: Sequence[str], spec: PreprocessSpec,
-    device: torch.device, batch_size: int = 32,
+    model: torch.nn.Module,
+    items: Sequence[tuple[Path, str]],
+    labels: Sequence[str],
+    spec: PreprocessSpec,
+    device: torch.device,
+    batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The final report's path: cxr_batch.preprocess.preprocess_file (what classify runs),
     then the model in fp32. Returns (y_true, probabilities, errors)."""
@@ -293,10 +297,21 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         raise DataError(f"the split has labels {sorted(unknown)} that are not among the classes {labels}")
     split.write(split_file)
     (out / "config.json").write_text(
-        json.dumps({**asdict(cfg), "labels": labels, "layout": data.layout, "ignored_folders": data.ignored,
-                    "device_resolved": str(device), "autocast": amp, "cxr_batch": __version__,
-                    "torch": torch.__version__, "torchvision": torchvision.__version__,
-                    "python": platform.python_version()}, indent=2)
+        json.dumps(
+            {
+                **asdict(cfg),
+                "labels": labels,
+                "layout": data.layout,
+                "ignored_folders": data.ignored,
+                "device_resolved": str(device),
+                "autocast": amp,
+                "cxr_batch": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "python": platform.python_version(),
+            },
+            indent=2,
+        )
     )
     root = Path(cfg.data_dir)
     train_items, val_items, test_items = (split.paths(root, s) for s in ("train", "val", "test"))
@@ -368,10 +383,14 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         vm = classification_metrics(y_val, softmax(logits), labels)
         val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
         row = {
-            "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
-            "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": vm["accuracy"],
+            "val_macro_f1": vm["macro_f1"],
             **{f"val_recall_{k}": v["recall"] for k, v in vm["per_class"].items()},
-            "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.time() - t0, 1),
             "images_per_s": round(seen / train_time, 1),
         }
         history.epochs.append(row)
@@ -383,8 +402,13 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         else:
             patience_left -= 1
         state = {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "history": asdict(history), "labels": labels, "config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "history": asdict(history),
+            "labels": labels,
+            "config": asdict(cfg),
             "arch": "resnet18",
         }
         torch.save(state, out / "last.ckpt.tmp")
@@ -402,8 +426,12 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
 
 
 def final_report(
-    out: Path, cfg: TrainConfig, labels: Sequence[str], test_items: Sequence[tuple[Path, str]],
-    device: torch.device, console: Console,
+    out: Path,
+    cfg: TrainConfig,
+    labels: Sequence[str],
+    test_items: Sequence[tuple[Path, str]],
+    device: torch.device,
+    console: Console,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split, once, through the shared numpy path."""
     ck = torch.load(out / "best.ckpt", map_location=device, weights_only=False)
@@ -427,18 +455,27 @@ def _epoch_table(rows: list[dict[str, Any]], labels: Sequence[str], show_header:
     for c in cols:
         t.add_column(c.replace("val_", "val ").replace("_", " "), justify="right", min_width=8)
     for r in rows:
-        t.add_row(*[f"{r[c]:.4f}" if isinstance(r[c], float) and c not in ("images_per_s", "seconds") else str(r[c]) for c in cols])
+        t.add_row(
+            *[
+                f"{r[c]:.4f}" if isinstance(r[c], float) and c not in ("images_per_s", "seconds") else str(r[c])
+                for c in cols
+            ]
+        )
     return t
 
 
 def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metrics") -> None:
     """Per-class table and confusion matrix as rich tables."""
-    t = Table(title=f"{title}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-              f"ECE {metrics['ece']:.4f}, n={metrics['n']}")
+    t = Table(
+        title=f"{title}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"ECE {metrics['ece']:.4f}, n={metrics['n']}"
+    )
     for c in ("class", "support", "precision", "recall", "specificity", "F1", "ROC AUC"):
         t.add_column(c, justify="right")
     for name, m in metrics["per_class"].items():
-        t.add_row(name, str(m["support"]), *[f"{m[k]:.4f}" for k in ("precision", "recall", "specificity", "f1", "roc_auc")])
+        t.add_row(
+            name, str(m["support"]), *[f"{m[k]:.4f}" for k in ("precision", "recall", "specificity", "f1", "roc_auc")]
+        )
     console.print(t)
     cm = Table(title="confusion matrix (rows: true, columns: predicted)")
     cm.add_column("")

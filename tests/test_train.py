@@ -127,9 +127,26 @@ def test_split_is_seeded_stratified_and_keeps_duplicates_together(tmp_path: Path
 
 def _train(pool: Path, out: Path, epochs: int = 1) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "train", str(pool), "--out", str(out), "--epochs", str(epochs),
-         "--image-size", "64", "--batch-size", "8", "--threads", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "train",
+            str(pool),
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -163,9 +180,20 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
 
     onnx_path = tmp_path / "smoke.onnx"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "export", str(trained_run / "best.ckpt"), "--out", str(onnx_path),
-         "--version", "0.0.1"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "export",
+            str(trained_run / "best.ckpt"),
+            "--out",
+            str(onnx_path),
+            "--version",
+            "0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ONNX parity" in proc.stderr
@@ -189,9 +217,23 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
     # ... and cxr-batch classify --model on the same files agree.
     out_csv = tmp_path / "out.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "classify", *[str(p) for p, _ in items], "--model", str(onnx_path),
-         "--out", str(out_csv), "--absolute-paths", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "classify",
+            *[str(p) for p, _ in items],
+            "--model",
+            str(onnx_path),
+            "--out",
+            str(out_csv),
+            "--absolute-paths",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     import csv
@@ -205,8 +247,9 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
 
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cxr_batch.cli", "export"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "export"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     assert "no checkpoint found" in proc.stderr and "cxr-batch export runs/NAME/best.ckpt" in proc.stderr
 
@@ -220,7 +263,7 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatch) 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.models, "resnet18", lambda weights=None: offline() if weights else offline())
+    monkeypatch.setattr(torchvision.models, "resnet18", lambda weights=None: offline())
     with pytest.raises(CxrBatchError, match="--weights none"):
         build_model(3, "imagenet")
 
@@ -243,9 +286,25 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
     assert _train(small_pool, full, epochs=3).returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr_batch.cli", "train", str(small_pool), "--out", str(cut), "--epochs", "3",
-         "--image-size", "64", "--batch-size", "8", "--threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "train",
+            str(small_pool),
+            "--out",
+            str(cut),
+            "--epochs",
+            "3",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--threads",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (cut / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
@@ -253,11 +312,31 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(json.loads((cut / "history.json").read_text())["epochs"]) if (cut / "history.json").exists() else 0
+    done_before = (
+        len(json.loads((cut / "history.json").read_text())["epochs"]) if (cut / "history.json").exists() else 0
+    )
     resumed = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "train", str(small_pool), "--out", str(cut), "--epochs", "3",
-         "--image-size", "64", "--batch-size", "8", "--threads", "2", "--resume"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "train",
+            str(small_pool),
+            "--out",
+            str(cut),
+            "--epochs",
+            "3",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--threads",
+            "2",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((full / "history.json").read_text())["epochs"]

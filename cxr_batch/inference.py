@@ -1,0 +1,563 @@
+"""The classify engine: model resolution, the onnxruntime session and :class:`Classifier`.
+
+Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.preprocess_file`
+ahead of the model (Pillow and numpy release the GIL), at most ``2 * batch_size + workers``
+files ahead, so memory stays flat whether the input holds 10 files or 1,000,000. Batches go
+through onnxruntime in the calling thread, and results come out in input order, one per file:
+a file that can't be decoded becomes an error result, never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
+from cxr_batch.inputs import InputFile
+from cxr_batch.meta import ModelMeta, file_sha256, read_contract
+from cxr_batch.metrics import softmax
+from cxr_batch.preprocess import PreprocessSpec, preprocess_file
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "int8"]
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
+
+#: The environment variable that names a model when ``--model`` is not given.
+MODEL_ENV = "CXR_BATCH_MODEL"
+#: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
+DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx"}
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+DEFAULT_BATCH_SIZE = 16
+
+CUDA_HELP = (
+    "To run on the GPU, install onnxruntime-gpu instead of onnxruntime "
+    "(pip uninstall onnxruntime && pip install onnxruntime-gpu) with the CUDA and cuDNN major versions "
+    "that onnxruntime-gpu release was built for (CUDA 12.x and cuDNN 9.x for current releases; "
+    "'pip install \"onnxruntime-gpu[cuda,cudnn]\"' installs them from PyPI), and check that the NVIDIA "
+    "driver works (nvidia-smi). Requirements: "
+    "https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements. "
+    "Or use --device cpu."
+)
+
+
+def default_workers() -> int:
+    """Decoder threads: one per CPU core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run the model; built from the ``classify`` options."""
+
+    model: str | None = None
+    device: Device = "auto"
+    precision: Precision = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    #: onnxruntime intra-op threads; 0 lets onnxruntime choose (one per physical core).
+    threads: int = 0
+    #: decoder threads; None means :func:`default_workers`.
+    decode_workers: int | None = None
+    #: extra model outputs to return with each result, by contract role ("features", "embedding").
+    extra_outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.threads < 0:
+            raise ValueError("threads must be 0 (automatic) or more")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ValueError("decode_workers must be at least 1")
+
+
+# --------------------------------------------------------------------------- model resolution
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model file to load, and why."""
+
+    path: Path
+    #: "--model", "$CXR_BATCH_MODEL" or "embedded default"
+    origin: str
+
+
+def default_model_dirs() -> list[Path]:
+    """Where the embedded default models may be: the installed ``cxr_batch.models`` package,
+    then ``<repo>/export/`` when running from a source tree."""
+    dirs: list[Path] = []
+    try:
+        from importlib.resources import files
+
+        found = files("cxr_batch.models")
+        if isinstance(found, Path):
+            dirs.append(found)
+        else:  # a MultiplexedPath (namespace package) or a zip; only real folders can be used
+            with contextlib.suppress(Exception):
+                candidate = Path(str(found))
+                if candidate.is_dir():
+                    dirs.append(candidate)
+    except ModuleNotFoundError:
+        pass
+    source_tree = Path(__file__).resolve().parent.parent / "export"
+    if source_tree.is_dir():
+        dirs.append(source_tree)
+    unique: list[Path] = []
+    for d in dirs:
+        if d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Path:
+    """The embedded default model file for ``precision``.
+
+    ``auto`` takes the int8 model on CPU when it is installed, the fp32 master otherwise.
+
+    Raises:
+        NoDefaultModelError: no default model is installed (or not the precision asked for).
+    """
+    for folder in default_model_dirs():
+        fp32 = folder / DEFAULT_MODEL_FILES["fp32"]
+        int8 = folder / DEFAULT_MODEL_FILES["int8"]
+        have = {"fp32": fp32.is_file(), "int8": int8.is_file()}
+        if not any(have.values()):
+            continue
+        if precision == "auto":
+            if have["int8"] and (not cuda or not have["fp32"]):
+                return int8
+            return fp32 if have["fp32"] else int8
+        if have[precision]:
+            return fp32 if precision == "fp32" else int8
+        raise NoDefaultModelError(
+            f"the embedded {precision} model ({DEFAULT_MODEL_FILES[precision]}) is not installed in {folder}; "
+            "use --precision auto, or pass a model with --model PATH"
+        )
+    raise NoDefaultModelError(
+        "no model given and no default model is installed: pass --model PATH (an ONNX model with the "
+        f"cxr-batch contract) or set {MODEL_ENV}=PATH. This build of cxr-batch ships without "
+        f"{DEFAULT_MODEL_FILES['fp32']}; 'cxr-batch export' creates one."
+    )
+
+
+def choose_model(model: str | os.PathLike[str] | None, precision: Precision = "auto", cuda: bool = False) -> ModelChoice:
+    """``model``, else ``$CXR_BATCH_MODEL``, else the embedded default.
+
+    Raises:
+        ModelError: the named file does not exist.
+        NoDefaultModelError: nothing named and no default installed.
+    """
+    if model is not None:
+        path, origin = Path(model), "--model"
+    elif os.environ.get(MODEL_ENV):
+        path, origin = Path(os.environ[MODEL_ENV]), f"${MODEL_ENV}"
+    else:
+        return ModelChoice(find_default_model(precision, cuda), "embedded default")
+    if not path.exists():
+        raise ModelError(f"model file not found: {path} (from {origin})")
+    if path.is_dir():
+        raise ModelError(f"{path} (from {origin}) is a folder; pass the .onnx file")
+    return ModelChoice(path, origin)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's exception classes (they derive from Exception directly), plus the Python ones."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+    return (*found, RuntimeError, ValueError, OSError)
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def create_session(
+    path: str | os.PathLike[str], device: Device = "auto", threads: int = 0
+) -> tuple[ort.InferenceSession, str]:
+    """Load ``path`` in onnxruntime on ``device``; returns the session and the provider that runs it.
+
+    onnxruntime silently falls back to CPU when the CUDA libraries don't load, so the providers
+    the session really got are checked after creating it.
+
+    Raises:
+        ModelError: the file is not a loadable ONNX model.
+        DeviceError: ``device="cuda"`` and CUDA is not really available.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the CUDA fallback is reported by us, in words
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    # No busy-waiting between batches: the decoder threads need those cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise DeviceError(
+            f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDA support "
+            f"(providers: {', '.join(available)}). {CUDA_HELP}"
+        )
+    providers = [CUDA, CPU] if device in ("cuda", "auto") and CUDA in available else [CPU]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except _ort_errors() as exc:
+        raise ModelError(f"{path}: cannot load the model: {exc}") from None
+    active = session.get_providers()
+    if device == "cuda" and (not active or active[0] != CUDA):
+        raise DeviceError(
+            "--device cuda: onnxruntime-gpu is installed but the CUDA provider failed to start "
+            "(usually CUDA or cuDNN libraries missing or of the wrong version), so onnxruntime fell back "
+            f"to {', '.join(active)}. {CUDA_HELP}"
+        )
+    return session, (active[0] if active else CPU)
+
+
+@dataclass
+class LoadedModel:
+    """A validated model, ready to run."""
+
+    session: ort.InferenceSession
+    meta: ModelMeta
+    path: Path
+    origin: str
+    provider: str
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Resolve, load and validate the model ``config`` names.
+
+    Raises:
+        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`.
+        DeviceError: see :func:`create_session`.
+    """
+    cuda_possible = config.device != "cpu" and CUDA in available_providers()
+    choice = choose_model(config.model, config.precision, cuda=cuda_possible)
+    session, provider = create_session(choice.path, config.device, config.threads)
+    if (
+        choice.origin == "embedded default"
+        and config.precision == "auto"
+        and provider != CUDA
+        and choice.path.name == DEFAULT_MODEL_FILES["fp32"]
+        and (choice.path.parent / DEFAULT_MODEL_FILES["int8"]).is_file()
+    ):
+        # CUDA was expected but did not start: on CPU the int8 model is the faster default.
+        choice = ModelChoice(choice.path.parent / DEFAULT_MODEL_FILES["int8"], choice.origin)
+        session, provider = create_session(choice.path, config.device, config.threads)
+    meta = read_contract(session, str(choice.path))
+    if choice.origin != "embedded default" and config.precision != "auto" and meta.precision != config.precision:
+        raise ModelError(
+            f"{choice.path} is a {meta.precision} model but --precision {config.precision} was asked; "
+            "--precision picks between the embedded default models, so leave it at auto with --model"
+        )
+    for role in config.extra_outputs:
+        if role not in meta.outputs:
+            raise ModelError(f"{choice.path}: the model has no '{role}' output (it has {sorted(meta.outputs)})")
+    return LoadedModel(session=session, meta=meta, path=choice.path, origin=choice.origin, provider=provider)
+
+
+def model_info(model: str | os.PathLike[str] | None = None, precision: Precision = "auto") -> dict[str, Any]:
+    """What ``cxr-batch info`` prints: the contract, sha256, graph inputs/outputs, providers.
+
+    Raises:
+        ModelError, NoDefaultModelError: the model can't be found, loaded or validated.
+    """
+    choice = choose_model(model, precision)
+    session, _ = create_session(choice.path, "cpu", threads=1)
+    meta = read_contract(session, str(choice.path))
+
+    def shape(s: Sequence[object]) -> list[object]:
+        return [d if isinstance(d, int) else str(d) for d in s]
+
+    return {
+        "path": str(choice.path),
+        "origin": choice.origin,
+        "sha256": file_sha256(choice.path),
+        "size_bytes": choice.path.stat().st_size,
+        "model": meta.ident,
+        "contract": meta_dict(meta),
+        "inputs": [{"name": i.name, "type": i.type, "shape": shape(i.shape)} for i in session.get_inputs()],
+        "outputs": [{"name": o.name, "type": o.type, "shape": shape(o.shape)} for o in session.get_outputs()],
+        "providers_available": available_providers(),
+    }
+
+
+def meta_dict(meta: ModelMeta) -> dict[str, Any]:
+    """The contract as a plain JSON-ready dict."""
+    import json
+
+    loaded: dict[str, Any] = json.loads(meta.to_json())
+    return loaded
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    """The outcome for one file. ``status`` is ``"ok"`` or ``"error"`` (then ``error`` says why).
+
+    ``fields`` holds the extra report columns a reader filled in (DICOM: ``modality``,
+    ``view_position``, ``sop_instance_uid``, ``study_instance_uid``); ``outputs`` the extra
+    model outputs asked for with ``extra_outputs`` (one row of each, by role).
+    """
+
+    path: str  #: the report's path (see :class:`cxr_batch.inputs.InputFile`)
+    file: str  #: the path that was opened
+    status: str
+    model: str
+    label: str | None = None
+    confidence: float | None = None
+    probs: dict[str, float] = field(default_factory=dict)
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def error_reason(self) -> str | None:
+        """The error without its details (the text before the first ': '): the summary's grouping key."""
+        if self.error is None:
+            return None
+        return self.error.split(": ", 1)[0]
+
+
+@dataclass
+class _Prepared:
+    item: InputFile
+    tensor: np.ndarray | None = None
+    width: int | None = None
+    height: int | None = None
+    notes: list[str] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
+    """Runs in a decoder thread. Never raises: any failure becomes the file's error message."""
+    try:
+        tensor, decoded = preprocess_file(item.path, spec)
+    except ImageError as exc:
+        return _Prepared(item, error=str(exc))
+    except MemoryError:
+        return _Prepared(item, error="out of memory while decoding the image")
+    except Exception as exc:  # a decoder bug must cost one row, never the whole run
+        return _Prepared(item, error=f"unexpected decoding error: {type(exc).__name__}: {exc}")
+    prepared = _Prepared(
+        item, tensor=tensor, width=decoded.width, height=decoded.height,
+        notes=list(decoded.notes), fields=dict(decoded.fields),
+    )
+    if decoded.not_radiograph:
+        prepared.tensor = None
+        prepared.error = f"not a chest radiograph: {decoded.not_radiograph}"
+    return prepared
+
+
+def _as_input(item: InputFile | str | os.PathLike[str]) -> InputFile:
+    if isinstance(item, InputFile):
+        return item
+    path = os.fspath(item)
+    return InputFile(path, path)
+
+
+class Classifier:
+    """Classify chest X-ray files with an ONNX model that carries the cxr-batch contract.
+
+    Example::
+
+        from cxr_batch import Classifier
+
+        clf = Classifier()  # the embedded default model, CUDA when it really works, else CPU
+        for r in clf.classify(["a.png", "b.dcm"]):
+            print(r.path, r.status, r.label, r.confidence, r.error)
+
+    Args:
+        model: an ONNX file; None takes ``$CXR_BATCH_MODEL``, else the embedded default.
+        device: "auto" (CUDA when it really starts, else CPU), "cpu" or "cuda".
+        precision: for the embedded default only: "auto" (int8 on CPU when installed), "fp32", "int8".
+        batch_size: images per onnxruntime call.
+        threads: onnxruntime intra-op threads; 0 lets onnxruntime choose.
+        decode_workers: decoder threads; None = one per core, at most 8.
+        extra_outputs: contract output roles to return in ``Result.outputs`` ("features", "embedding").
+
+    Raises:
+        ModelError: the model is missing, unloadable or breaks the contract.
+        NoDefaultModelError: no model named and none installed.
+        DeviceError: ``device="cuda"`` without a working CUDA provider.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        device: Device = "auto",
+        *,
+        precision: Precision = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        threads: int = 0,
+        decode_workers: int | None = None,
+        extra_outputs: Sequence[str] = (),
+    ) -> None:
+        config = EngineConfig(
+            model=None if model is None else os.fspath(model),
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            threads=threads,
+            decode_workers=decode_workers,
+            extra_outputs=tuple(extra_outputs),
+        )
+        self._init(config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Classifier:
+        """Build from an :class:`EngineConfig` (what the CLI does)."""
+        self = cls.__new__(cls)
+        self._init(config)
+        return self
+
+    def _init(self, config: EngineConfig) -> None:
+        self.config = config
+        self._loaded = load_model(config)
+        meta = self._loaded.meta
+        self._output_names = [meta.outputs["logits"], *(meta.outputs[r] for r in config.extra_outputs)]
+
+    @property
+    def meta(self) -> ModelMeta:
+        """The model's contract."""
+        return self._loaded.meta
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._loaded.meta.labels
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the model (e.g. ``CPUExecutionProvider``)."""
+        return self._loaded.provider
+
+    @property
+    def model_path(self) -> Path:
+        return self._loaded.path
+
+    @property
+    def model_origin(self) -> str:
+        """``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``."""
+        return self._loaded.origin
+
+    def classify(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[Result]:
+        """Yield one :class:`Result` per path, in input order. ``paths`` may be a lazy iterator."""
+        for batch in self.iter_batches(paths):
+            yield from batch
+
+    def classify_file(self, path: str | os.PathLike[str]) -> Result:
+        """Classify one file."""
+        return next(self.classify([path]))
+
+    def iter_batches(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[list[Result]]:
+        """Like :meth:`classify`, one list per model batch (what the CLI writes and flushes at once)."""
+        spec = self.meta.spec
+        workers = self.config.decode_workers or default_workers()
+        size = self.config.batch_size
+        ahead = 2 * size + workers  # the bound on files decoded (and held) ahead of the model
+        it = iter(paths)
+        pending: deque[Future[_Prepared]] = deque()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")
+        exhausted = False
+
+        def top_up() -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < ahead:
+                try:
+                    item = _as_input(next(it))
+                except StopIteration:
+                    exhausted = True
+                    return
+                pending.append(pool.submit(_prepare, item, spec))
+
+        try:
+            top_up()
+            while pending:
+                batch: list[_Prepared] = []
+                while pending and len(batch) < size:
+                    batch.append(pending.popleft().result())
+                    top_up()
+                yield self._run(batch)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, batch: list[_Prepared]) -> list[Result]:
+        meta = self.meta
+        ident = meta.ident
+        results = [
+            Result(path=p.item.display, file=p.item.path, status="error", model=ident, width=p.width,
+                   height=p.height, error=p.error, notes=p.notes, fields=p.fields)
+            for p in batch
+        ]
+        ready = [i for i, p in enumerate(batch) if p.tensor is not None]
+        if not ready:
+            return results
+        x = np.stack([batch[i].tensor for i in ready if batch[i].tensor is not None])
+        try:
+            outs = self._loaded.session.run(self._output_names, {meta.input_name: x})
+        except _ort_errors() as exc:
+            raise ModelError(f"{self.model_path}: inference failed: {exc}") from None
+        logits = np.asarray(outs[0])
+        if logits.shape != (len(ready), len(meta.labels)):
+            raise ModelError(
+                f"{self.model_path}: the logits output has shape {list(logits.shape)}, "
+                f"expected [{len(ready)}, {len(meta.labels)}]"
+            )
+        finite = np.isfinite(logits).all(axis=1)
+        probs = softmax(np.where(finite[:, None], logits, 0.0))
+        for row, i in enumerate(ready):
+            r = results[i]
+            if not finite[row]:
+                r.error = "the model returned non-finite scores (NaN or infinity) for this image"
+                continue
+            p = probs[row]
+            top = int(np.argmax(p))
+            r.status = "ok"
+            r.label = meta.labels[top]
+            r.confidence = float(p[top])
+            r.probs = {label: float(v) for label, v in zip(meta.labels, p, strict=True)}
+            r.outputs = {
+                role: np.asarray(out)[row] for role, out in zip(self.config.extra_outputs, outs[1:], strict=True)
+            }
+        return results
