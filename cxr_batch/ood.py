@@ -1,0 +1,158 @@
+"""Out-of-distribution guard: Mahalanobis distance of the pooled embedding to the class means.
+
+Fitted on a model's own training embeddings (through its ``embedding`` output, so no retraining),
+calibrated so that a chosen share (95%) of in-distribution validation images pass, and written
+into the ONNX graph as an extra ``ood_score`` output, with the threshold in the contract.
+Fitting needs the ``onnx`` package (``train`` extra); scoring needs only onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from cxr_batch.data import Split
+from cxr_batch.errors import CxrBatchError, ImageError
+from cxr_batch.meta import ModelMeta
+from cxr_batch.preprocess import PreprocessSpec, preprocess_file
+
+OOD_OUTPUT = "ood_score"
+METHOD = "mahalanobis_tied"
+
+
+def embeddings(
+    model_path: Path | str, items: Sequence[tuple[Path, str]], spec: PreprocessSpec, labels: Sequence[str],
+    output: str = "embedding", batch: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the model's embedding output over files (shared preprocessing). Returns (E, y)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    embs: list[np.ndarray] = []
+    ys: list[int] = []
+    buf: list[np.ndarray] = []
+    for path, label in items:
+        try:
+            x, _ = preprocess_file(path, spec)
+        except ImageError:
+            continue
+        buf.append(x)
+        ys.append(list(labels).index(label) if label in labels else -1)
+        if len(buf) == batch:
+            embs.append(sess.run([output], {name: np.stack(buf)})[0])
+            buf.clear()
+    if buf:
+        embs.append(sess.run([output], {name: np.stack(buf)})[0])
+    return (np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)), np.asarray(ys, np.int64)
+
+
+def fit(emb: np.ndarray, y: np.ndarray, n_classes: int, shrinkage: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the precision matrix of the shared (tied) covariance, with shrinkage."""
+    d = emb.shape[1]
+    means = np.stack([emb[y == c].mean(axis=0) for c in range(n_classes)]).astype(np.float64)
+    centred = emb.astype(np.float64) - means[y]
+    cov = centred.T @ centred / max(len(emb) - n_classes, 1)
+    cov += shrinkage * np.trace(cov) / d * np.eye(d)
+    return means, np.linalg.inv(cov)
+
+
+def score(emb: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Distance to the nearest class mean: min_c sqrt((e - mu_c)^T P (e - mu_c))."""
+    diff = emb[:, None, :].astype(np.float64) - means[None]
+    d2 = np.einsum("ncd,de,nce->nc", diff, precision, diff)
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+
+def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.ndarray) -> None:
+    """Append ``ood_score`` (N,) = min_c sqrt((e - mu_c) P (e - mu_c)) to an ONNX graph (opset >= 13)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    for node in list(g.node):
+        if node.name.startswith("ood/"):
+            g.node.remove(node)
+    for init in list(g.initializer):
+        if init.name.startswith("ood/"):
+            g.initializer.remove(init)
+    for out in list(g.output):
+        if out.name == OOD_OUTPUT:
+            g.output.remove(out)
+    g.initializer.extend([
+        numpy_helper.from_array(means.astype(np.float32), "ood/means"),
+        numpy_helper.from_array(precision.astype(np.float32), "ood/precision"),
+        numpy_helper.from_array(np.array([1], np.int64), "ood/axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), "ood/axis2"),
+    ])
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    nodes = [
+        helper.make_node("Unsqueeze", [embedding, "ood/axis1"], ["ood/e"], name="ood/unsqueeze"),
+        helper.make_node("Sub", ["ood/e", "ood/means"], ["ood/diff"], name="ood/sub"),
+        helper.make_node("MatMul", ["ood/diff", "ood/precision"], ["ood/pd"], name="ood/matmul"),
+        helper.make_node("Mul", ["ood/pd", "ood/diff"], ["ood/sq"], name="ood/mul"),
+        helper.make_node("ReduceSum", ["ood/sq", "ood/axis2"], ["ood/d2"], keepdims=0, name="ood/sum"),
+    ]
+    if opset >= 18:
+        nodes.append(helper.make_node("ReduceMin", ["ood/d2", "ood/axis1"], ["ood/min"], keepdims=0, name="ood/min"))
+    else:
+        nodes.append(helper.make_node("ReduceMin", ["ood/d2"], ["ood/min"], axes=[1], keepdims=0, name="ood/min"))
+    nodes += [
+        helper.make_node("Relu", ["ood/min"], ["ood/pos"], name="ood/relu"),
+        helper.make_node("Sqrt", ["ood/pos"], [OOD_OUTPUT], name="ood/sqrt"),
+    ]
+    g.node.extend(nodes)
+    g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, TensorProto.FLOAT, ["batch"]))
+
+
+def fit_model(
+    model_path: Path, root: Path, split: Split, out: Path | None = None, quantile: float = 0.95,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Fit the guard on a model's own train embeddings, calibrate on val, write it into the model.
+
+    Returns the guard's record (also stored as ``ood`` in the model's contract).
+    """
+    import onnx
+
+    from cxr_batch.export import read_contract_file, write_contract
+
+    console = console or Console(stderr=True)
+    proto, meta = read_contract_file(model_path)
+    if "embedding" not in meta.outputs:
+        raise CxrBatchError(f"{model_path}: the model has no 'embedding' output; re-export it with cxr-batch export")
+    labels = list(meta.labels)
+    e_train, y_train = embeddings(model_path, split.paths(root, "train"), meta.spec, labels, meta.outputs["embedding"])
+    e_val, _ = embeddings(model_path, split.paths(root, "val"), meta.spec, labels, meta.outputs["embedding"])
+    if len(e_train) == 0 or len(e_val) == 0:
+        raise CxrBatchError("fitting the OOD guard needs training and validation images")
+    means, precision = fit(e_train, y_train, len(labels))
+    val_scores = score(e_val, means, precision)
+    threshold = float(np.quantile(val_scores, quantile))
+    record: dict[str, Any] = {
+        "method": METHOD,
+        "description": "Mahalanobis distance of the pooled 512-d embedding to the nearest class mean, "
+        "tied covariance (shrinkage 1e-2), fitted on the training split",
+        "output": OOD_OUTPUT,
+        "threshold": threshold,
+        "calibration": f"{quantile:.0%} of validation images score at or below the threshold",
+        "n_fit": len(e_train),
+        "n_calibration": len(e_val),
+        "val_pass_rate": float((val_scores <= threshold).mean()),
+    }
+    add_to_graph(proto, meta.outputs["embedding"], means, precision)
+    write_contract(proto, meta.with_updates(ood=record, outputs={**meta.outputs, "ood_score": OOD_OUTPUT}))
+    onnx.checker.check_model(proto)
+    target = out or model_path
+    onnx.save(proto, str(target))
+    console.print(f"OOD guard: threshold {threshold:.3f} ({record['calibration']}); wrote {target}")
+    return record
+
+
+def _meta_of(path: Path) -> ModelMeta:  # pragma: no cover - small helper for notebooks
+    from cxr_batch.export import read_contract_file
+
+    return read_contract_file(path)[1]

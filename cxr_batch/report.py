@@ -1,0 +1,465 @@
+"""The report: CSV or JSON lines, one row per input file, plus the human summary.
+
+Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model order),
+``width, height, error, model``, then ``notes`` and the columns other features fill (empty
+until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
+``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``.
+
+Encoding: UTF-8 with ``surrogateescape``. A file name that is not valid UTF-8 is written
+with its original bytes (CSV), so reading the CSV back with
+``open(path, newline="", encoding="utf-8", errors="surrogateescape")`` gives back the exact
+name that ``os.fsencode`` turns into the original bytes. JSON lines are pure ASCII
+(``ensure_ascii``): such a byte ``0xNN`` appears as ``\\udcNN``, which ``json.loads`` returns
+as the same surrogate-escaped name. Commas, quotes and newlines are quoted by the csv module.
+
+No result is lost: rows are written, flushed and fsync'ed batch by batch, an existing report
+is never overwritten without ``overwrite``, and ``resume`` keeps the complete rows of an
+interrupted run (cutting a partial last row left by ``kill -9``) and appends the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Literal, Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+from cxr_batch.errors import OutputError
+from cxr_batch.inference import Result
+
+Format = Literal["csv", "jsonl"]
+FORMATS: tuple[str, ...] = ("csv", "jsonl")
+
+HEAD_COLUMNS = ("path", "status", "label", "confidence")
+TAIL_COLUMNS = ("width", "height", "error", "model")
+#: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
+FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
+EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
+
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
+
+def columns(labels: Sequence[str]) -> list[str]:
+    """The report's columns for a model with these labels."""
+    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS]
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.6g}")
+
+
+def row_values(result: Result, labels: Sequence[str]) -> dict[str, Any]:
+    """One report row with typed values (None for empty), keys in column order."""
+    row: dict[str, Any] = {
+        "path": result.path,
+        "status": result.status,
+        "label": result.label,
+        "confidence": _num(result.confidence),
+    }
+    for label in labels:
+        row[f"prob_{label}"] = _num(result.probs.get(label)) if result.probs else None
+    row.update(
+        width=result.width,
+        height=result.height,
+        error=result.error,
+        model=result.model,
+        notes="; ".join(result.notes) or None,
+    )
+    for key in FIELD_COLUMNS:
+        row[key] = result.fields.get(key) or None
+    row["ood_score"] = _num(result.ood_score)
+    row["in_distribution"] = result.in_distribution
+    return row
+
+
+def _csv_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def report_format(out: str, fmt: str | None = None) -> Format:
+    """``fmt`` when given, else by suffix: ``.jsonl``/``.ndjson`` → jsonl, anything else (and ``-``) → csv."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}")
+        return "jsonl" if fmt == "jsonl" else "csv"
+    return "jsonl" if Path(out).suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Where and how to write; built from the ``classify`` options."""
+
+    out: str  #: a file path, or "-" for stdout
+    format: Format = "csv"
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume exclude each other")
+        if self.out == "-" and self.resume:
+            raise ValueError("resume needs a report file, not stdout")
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.out == "-"
+
+
+class ReportWriter(Protocol):
+    """Writes batches of results; each ``write`` ends flushed (and fsync'ed for files)."""
+
+    def write(self, results: Sequence[Result]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Sink:
+    def __init__(self, stream: IO[str], sync: bool, detach: bool) -> None:
+        self.stream = stream
+        self.sync = sync
+        self.detach = detach
+
+    def commit(self) -> None:
+        self.stream.flush()
+        if self.sync:
+            os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        if self.stream.closed:
+            return
+        self.commit()
+        if self.detach and hasattr(self.stream, "detach"):
+            self.stream.detach()  # stdout: flush our wrapper but leave the real stream open
+        else:
+            self.stream.close()
+
+
+class CsvWriter:
+    """CSV rows (csv module, ``\\n`` line ends, minimal quoting)."""
+
+    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], header: bool) -> None:
+        self.sink = sink
+        self.labels = tuple(labels)
+        self.columns = list(cols)
+        self._csv = csv.writer(sink.stream, lineterminator="\n")
+        if header:
+            self._csv.writerow(self.columns)
+            sink.commit()
+
+    def write(self, results: Sequence[Result]) -> None:
+        for r in results:
+            row = row_values(r, self.labels)
+            self._csv.writerow([_csv_text(row[c]) for c in self.columns])
+        self.sink.commit()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class JsonlWriter:
+    """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
+
+    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str]) -> None:
+        self.sink = sink
+        self.labels = tuple(labels)
+        self.columns = list(cols)
+
+    def write(self, results: Sequence[Result]) -> None:
+        for r in results:
+            row = row_values(r, self.labels)
+            self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
+        self.sink.commit()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+# --------------------------------------------------------------------------- existing reports
+
+
+@dataclass
+class Existing:
+    """The complete rows already in a report (for ``resume``)."""
+
+    paths: set[str] = field(default_factory=set)
+    rows: int = 0
+    errors: int = 0
+    #: bytes of a partial last row that were cut off
+    truncated: int = 0
+    #: whether the file holds a complete header (CSV) and so needs none written
+    has_header: bool = False
+
+
+def check_output(config: ReportConfig) -> None:
+    """Refuse early what can be refused before loading anything.
+
+    Raises:
+        OutputError: the report exists without overwrite/resume, or is a folder.
+    """
+    if config.to_stdout:
+        return
+    path = Path(config.out)
+    if path.is_dir():
+        raise OutputError(f"--out {config.out} is a folder; give a file name such as {path / 'results.csv'}")
+    if path.exists() and not (config.overwrite or config.resume):
+        raise OutputError(
+            f"{config.out} already exists; pass --overwrite to replace it, or --resume to keep its rows "
+            "and classify only the files not in it yet"
+        )
+
+
+def _line_offsets(fh: BinaryIO, counter: list[int], complete: list[bool]) -> Iterator[str]:
+    """Lines of a binary file as text, keeping the byte offset reached and whether the line ended."""
+    for raw in fh:
+        counter[0] += len(raw)
+        complete[0] = raw.endswith(b"\n")
+        yield raw.decode(ENCODING, ERRORS)
+
+
+def _scan_csv(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, int]:
+    """Read the complete rows; returns them and the byte offset where the complete rows end."""
+    existing = Existing()
+    offset, ended = [0], [False]
+    good_end = 0
+    row_no = 0
+    with open(path, "rb") as fh:
+        reader = csv.reader(_line_offsets(fh, offset, ended), strict=True)
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    break  # a quoted field cut by the end of the file: a partial last row
+                raise OutputError(f"{path}: row {row_no + 1} is not valid CSV ({exc}); not resuming") from None
+            row_no += 1
+            if not ended[0] or (row_no > 1 and len(record) != len(cols)):
+                # Incomplete: must be the last row. Anything after it means the file is damaged.
+                if fh.read(1):
+                    raise OutputError(f"{path}: row {row_no} is incomplete but more data follows; not resuming")
+                break
+            if row_no == 1:
+                if record != list(cols):
+                    raise OutputError(
+                        f"{path}: its columns differ from this run's ({_describe_diff(record, cols)}); "
+                        "resume with the same model, or write a new report"
+                    )
+                existing.has_header = True
+            else:
+                _take_row(existing, dict(zip(cols, record, strict=True)), model, path, row_no)
+            good_end = offset[0]
+    return existing, good_end
+
+
+def _scan_jsonl(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, int]:
+    existing = Existing()
+    good_end = 0
+    with open(path, "rb") as fh:
+        for row_no, raw in enumerate(fh, start=1):
+            obj: Any = None
+            if raw.endswith(b"\n"):
+                try:
+                    obj = json.loads(raw.decode(ENCODING, ERRORS))
+                except ValueError:
+                    obj = None
+            if not isinstance(obj, dict):
+                if fh.read(1) or raw.endswith(b"\n"):
+                    raise OutputError(f"{path}: line {row_no} is not a JSON object; not resuming")
+                break  # a partial last line
+            if list(obj) != list(cols):
+                raise OutputError(
+                    f"{path}: line {row_no} has other columns than this run's "
+                    f"({_describe_diff(list(obj), cols)}); resume with the same model, or write a new report"
+                )
+            _take_row(existing, {k: "" if v is None else str(v) for k, v in obj.items()}, model, path, row_no)
+            good_end += len(raw)
+    return existing, good_end
+
+
+def _describe_diff(found: Sequence[str], wanted: Sequence[str]) -> str:
+    missing = [c for c in wanted if c not in found]
+    extra = [c for c in found if c not in wanted]
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing)}")
+    if extra:
+        parts.append(f"unexpected {', '.join(extra)}")
+    return "; ".join(parts) or "same columns in another order"
+
+
+def _take_row(existing: Existing, row: dict[str, str], model: str, path: Path, row_no: int) -> None:
+    if row["model"] != model:
+        raise OutputError(
+            f"{path}: row {row_no} was written by model {row['model']!r}, this run uses {model!r}; "
+            "resume with the same model, or write a new report"
+        )
+    existing.paths.add(row["path"])
+    existing.rows += 1
+    if row["status"] != "ok":
+        existing.errors += 1
+
+
+def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str) -> Existing:
+    """Read a report for ``resume`` and cut a partial last row (left by a killed run) off the file.
+
+    Raises:
+        OutputError: the columns or the model differ, or the file is damaged before its end.
+    """
+    p = Path(path)
+    scan = _scan_jsonl if fmt == "jsonl" else _scan_csv
+    existing, good_end = scan(p, cols, model)
+    size = p.stat().st_size
+    if good_end < size:
+        with open(p, "r+b") as fh:
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
+        existing.truncated = size - good_end
+    return existing
+
+
+def open_report(
+    config: ReportConfig, labels: Sequence[str], model: str, stdout: BinaryIO | None = None
+) -> tuple[ReportWriter, Existing]:
+    """Open the report for writing (after :func:`read_existing` when resuming).
+
+    Args:
+        config: where and how.
+        labels: the model's labels (they name the ``prob_`` columns).
+        model: ``name@version``; resume refuses a report written by another model.
+        stdout: the binary stream for ``--out -`` (default ``sys.stdout.buffer``).
+
+    Raises:
+        OutputError: see :func:`check_output` and :func:`read_existing`; or the file can't be opened.
+    """
+    import io
+
+    cols = columns(labels)
+    if config.to_stdout:
+        binary = stdout if stdout is not None else sys.stdout.buffer
+        text = io.TextIOWrapper(binary, encoding=ENCODING, errors=ERRORS, newline="", write_through=True)
+        sink = _Sink(text, sync=False, detach=True)
+        writer: ReportWriter = (
+            JsonlWriter(sink, cols, labels) if config.format == "jsonl" else CsvWriter(sink, cols, labels, header=True)
+        )
+        return writer, Existing()
+
+    check_output(config)
+    path = Path(config.out)
+    existing = Existing()
+    if config.resume and path.exists():
+        existing = read_existing(path, config.format, cols, model)
+        mode = "a"
+    else:
+        mode = "w" if config.overwrite else "x"
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        stream = open(path, mode, encoding=ENCODING, errors=ERRORS, newline="")  # noqa: SIM115 - closed by the writer
+    except FileExistsError:
+        raise OutputError(f"{config.out} already exists; pass --overwrite or --resume") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}") from None
+    sink = _Sink(stream, sync=True, detach=False)
+    if config.format == "jsonl":
+        return JsonlWriter(sink, cols, labels), existing
+    return CsvWriter(sink, cols, labels, header=not existing.has_header), existing
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass
+class RunStats:
+    """What the summary table shows; :meth:`add` every batch written."""
+
+    labels: tuple[str, ...]
+    model: str
+    provider: str
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    per_label: Counter[str] = field(default_factory=Counter)
+    confidence_sum: dict[str, float] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+    #: rows kept from an earlier run (resume) and how many of them are errors
+    kept: int = 0
+    kept_errors: int = 0
+
+    def add(self, results: Sequence[Result]) -> None:
+        for r in results:
+            self.total += 1
+            if r.ok and r.label is not None:
+                self.per_label[r.label] += 1
+                self.confidence_sum[r.label] = self.confidence_sum.get(r.label, 0.0) + (r.confidence or 0.0)
+            else:
+                self.errors[r.error_reason or "error"] += 1
+
+    def finish(self) -> None:
+        self.finished = time.perf_counter()
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def all_errors(self) -> int:
+        """Error rows in the whole report, kept ones included (decides the exit code)."""
+        return self.error_count + self.kept_errors
+
+    @property
+    def wall_s(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.total / self.wall_s if self.wall_s > 0 else math.nan
+
+
+def render_summary(stats: RunStats, console: Console) -> None:
+    """The rich summary table (per label, errors by reason, totals, speed, provider, model)."""
+    table = Table(title="cxr-batch classify", title_justify="left")
+    table.add_column("label / error")
+    table.add_column("images", justify="right")
+    table.add_column("%", justify="right")
+    table.add_column("mean confidence", justify="right")
+    total = stats.total
+    for label in stats.labels:
+        n = stats.per_label.get(label, 0)
+        mean = stats.confidence_sum.get(label, 0.0) / n if n else None
+        table.add_row(label, str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
+    for reason, n in stats.errors.most_common():
+        table.add_row(f"[red]error:[/] {reason}", str(n), _pct(n, total), "")
+    table.add_section()
+    table.add_row("total", str(total), _pct(total, total), "")
+    console.print(table)
+    lines = [
+        f"{total} images in {stats.wall_s:.1f} s ({stats.rate:.1f} images/s) on {stats.provider}",
+        f"model {stats.model}",
+    ]
+    if stats.kept:
+        lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100.0 * n / total:.1f}" if total else "-"
