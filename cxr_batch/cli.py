@@ -46,6 +46,159 @@ def main() -> None:
     """
 
 
+_DEVICES = ("auto", "cpu", "cuda")
+_PRECISIONS = ("auto", "fp32", "int8")
+
+
+def _model_options(func: F) -> F:
+    """--model, --precision: shared by the commands that load a model."""
+    func = click.option(
+        "--precision",
+        type=click.Choice(_PRECISIONS),
+        default="auto",
+        show_default=True,
+        help="Which embedded default model: auto = int8 on CPU when installed, else fp32. "
+        "With --model or $CXR_BATCH_MODEL the precision is the file's own (leave auto).",
+    )(func)
+    return func
+
+
+@main.command("classify")
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=str))
+@click.option(
+    "--out", "-o", required=True, metavar="FILE",
+    help="The report: .csv, or .jsonl for JSON lines; '-' writes CSV (or --format) to stdout.",
+)
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="Report format. Default: from --out's suffix (.jsonl → jsonl), else csv.")
+@click.option("--model", "-m", metavar="PATH", default=None,
+              help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.")
+@click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True,
+              help="auto uses CUDA only when it really starts, else CPU.")
+@_model_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnxruntime threads (0: one per physical core).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk folders recursively.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Only files matching GLOB (file name, or relative path if GLOB has a '/'). Repeatable.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files and folders matching GLOB (any path part, or the relative path if GLOB has a '/'). "
+              "Repeatable.")
+@click.option("--files-from", type=click.File("rb"), default=None, metavar="FILE",
+              help="Read more inputs from FILE, one path a line ('-' for stdin).")
+@click.option("--absolute-paths", is_flag=True, help="Write absolute paths instead of paths relative to each input.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
+@click.option("--resume", is_flag=True,
+              help="Keep an existing report's rows and classify only the files not in it yet (after an interruption).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@library_errors
+def classify_command(
+    inputs: tuple[str, ...],
+    out: str,
+    fmt: str | None,
+    model: str | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    threads: int,
+    recursive: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    files_from: Any,
+    absolute_paths: bool,
+    overwrite: bool,
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Classify chest X-rays (files and folders) into a CSV or JSON-lines report.
+
+    Every input file gets one row: status ok with the label, its confidence and one
+    probability per label, or status error with the reason. Exit status: 0 all files
+    classified, 3 finished with some error rows, 1 fatal error, 2 usage error.
+
+    Example: cxr-batch classify sample_images --out results.csv
+    """
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE")
+    if overwrite and resume:
+        raise click.UsageError("--overwrite and --resume exclude each other")
+    if resume and out == "-":
+        raise click.UsageError("--resume needs a report file, not --out -")
+
+    from cxr_batch.batch import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
+    from cxr_batch.inference import EngineConfig
+    from cxr_batch.inputs import InputSpec, read_path_list
+    from cxr_batch.report import ReportConfig, report_format
+
+    listed: tuple[str, ...] = ()
+    if files_from is not None:
+        listed = tuple(read_path_list(files_from))
+    config = ClassifyConfig(
+        inputs=InputSpec(
+            paths=inputs, recursive=recursive, include=include, exclude=exclude,
+            absolute_paths=absolute_paths, listed=listed,
+        ),
+        engine=EngineConfig(
+            model=model, device=device,  # type: ignore[arg-type]  # click.Choice checked it
+            precision=precision,  # type: ignore[arg-type]
+            batch_size=batch_size, threads=threads,
+        ),
+        report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
+        quiet=quiet,
+    )
+    try:
+        stats = run_classify(config)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the rows written so far are kept; rerun with --resume to finish.", err=True)
+        sys.exit(130)
+    if stats.all_errors:
+        sys.exit(EXIT_PARTIAL)
+
+
+@main.command("info")
+@click.argument("model", required=False, metavar="[MODEL]")
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@library_errors
+def info_command(model: str | None, precision: str, as_json: bool) -> None:
+    """Show a model's contract, sha256, graph inputs and outputs, and the available providers.
+
+    MODEL defaults to $CXR_BATCH_MODEL, else the embedded default model.
+
+    Example: cxr-batch info export/cxr-resnet18.onnx
+    """
+    import json
+
+    from cxr_batch.inference import model_info
+
+    info = model_info(model, precision)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    facts = Table(show_header=False, title="model", title_justify="left")
+    facts.add_column(style="bold")
+    facts.add_column()
+    for key in ("model", "path", "origin", "sha256", "size_bytes"):
+        facts.add_row(key, str(info[key]))
+    facts.add_row("providers available", ", ".join(info["providers_available"]))
+    console.print(facts)
+    graph = Table(title="graph", title_justify="left")
+    for col in ("", "name", "type", "shape"):
+        graph.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for io in info[kind]:
+            graph.add_row(kind[:-1], io["name"], io["type"], str(io["shape"]))
+    console.print(graph)
+    console.print("contract:", style="bold")
+    console.print_json(json.dumps(info["contract"], sort_keys=True))
+
+
 from cxr_batch.cli_train import export_command, train_command  # noqa: E402
 
 main.add_command(train_command)

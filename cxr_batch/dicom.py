@@ -15,14 +15,13 @@ luma as :func:`cxr_batch.preprocess.to_grey`. The result then takes the common p
 :mod:`cxr_batch.preprocess`, like any greyscale PNG.
 
 Protected health information stays out by construction: only the elements in :data:`_TAGS` (and
-the group 0028 pixel-description elements pydicom adds) are ever parsed, so no patient element
-can reach a report field, a note, an error message or a warning.
+the group 0028 pixel-description elements and the file meta that pydicom adds) are ever parsed,
+so no patient element can reach a report field, a note, an error message or a warning.
 """
 
 from __future__ import annotations
 
 import struct
-import warnings
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,16 +149,14 @@ def read_dicom(path: Path, target: tuple[int, int] | None = None) -> Decoded:
     """
     _require_pydicom()
     notes: list[str] = []
-    # pydicom reports odd-but-readable values as warnings; they would land on the user's
-    # stderr once per file, so keep them local (no patient element is parsed to warn about).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds, frame = _load_first_frame(Path(path))
-        fields = _report_fields(ds)
-        n_frames = _int(ds.get("NumberOfFrames"), 1)
-        if n_frames > 1:
-            notes.append(f"multi-frame DICOM: used frame 1 of {n_frames}")
-        grey = _to_grey(frame, ds, notes)
+    # pydicom's warnings (odd values of the elements read here) are left alone: they hold no
+    # patient data, and warnings.catch_warnings() is not thread-safe (decoding runs in threads).
+    ds, frame = _load_first_frame(Path(path))
+    fields = _report_fields(ds)
+    n_frames = _int(ds.get("NumberOfFrames"), 1)
+    if n_frames > 1:
+        notes.append(f"multi-frame DICOM: used frame 1 of {n_frames}")
+    grey = _to_grey(frame, ds, notes)
 
     rows, cols = grey.shape
     return Decoded(
@@ -303,6 +300,8 @@ def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.
         values = frame
 
     if ds.get("VOILUTSequence"):
+        if not np.issubdtype(values.dtype, np.integer):
+            values = np.rint(values).astype(np.int64)  # LUT inputs are integers (after a rescale)
         try:
             out = apply_voi(values, ds, index=0)
             top = _voi_lut_top(ds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +457,16 @@ class Classifier:
         self._loaded = load_model(config)
         meta = self._loaded.meta
         self._output_names = [meta.outputs["logits"], *(meta.outputs[r] for r in config.extra_outputs)]
+        # A model with an out-of-distribution guard in its graph (cxr_batch.ood) scores every
+        # image for free; the contract's ``ood.threshold`` decides ``in_distribution``.
+        self._ood_index: int | None = None
+        self._ood_threshold: float | None = None
+        if "ood_score" in meta.outputs:
+            self._ood_index = len(self._output_names)
+            self._output_names.append(meta.outputs["ood_score"])
+            threshold = (meta.ood or {}).get("threshold")
+            if isinstance(threshold, int | float):
+                self._ood_threshold = float(threshold)
 
     @property
     def meta(self) -> ModelMeta:
@@ -490,7 +500,9 @@ class Classifier:
         """Classify one file."""
         return next(self.classify([path]))
 
-    def iter_batches(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[list[Result]]:
+    def iter_batches(
+        self, paths: Iterable[InputFile | str | os.PathLike[str]]
+    ) -> Generator[list[Result], None, None]:
         """Like :meth:`classify`, one list per model batch (what the CLI writes and flushes at once)."""
         spec = self.meta.spec
         workers = self.config.decode_workers or default_workers()
@@ -533,7 +545,7 @@ class Classifier:
         ready = [i for i, p in enumerate(batch) if p.tensor is not None]
         if not ready:
             return results
-        x = np.stack([batch[i].tensor for i in ready if batch[i].tensor is not None])
+        x = np.stack([t for t in (batch[i].tensor for i in ready) if t is not None])
         try:
             outs = self._loaded.session.run(self._output_names, {meta.input_name: x})
         except _ort_errors() as exc:
@@ -558,6 +570,12 @@ class Classifier:
             r.confidence = float(p[top])
             r.probs = {label: float(v) for label, v in zip(meta.labels, p, strict=True)}
             r.outputs = {
-                role: np.asarray(out)[row] for role, out in zip(self.config.extra_outputs, outs[1:], strict=True)
+                role: np.asarray(out)[row]
+                for role, out in zip(self.config.extra_outputs, outs[1 : 1 + len(self.config.extra_outputs)], strict=True)
             }
+            if self._ood_index is not None:
+                score = float(np.asarray(outs[self._ood_index]).reshape(len(ready), -1)[row, 0])
+                r.ood_score = score
+                if self._ood_threshold is not None and np.isfinite(score):
+                    r.in_distribution = score <= self._ood_threshold
         return results

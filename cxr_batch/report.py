@@ -371,8 +371,10 @@ def open_report(
     else:
         mode = "w" if config.overwrite else "x"
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder for the report {config.out}: {exc.strerror or exc}") from None
+    try:
         stream = open(path, mode, encoding=ENCODING, errors=ERRORS, newline="")  # noqa: SIM115 - closed by the writer
     except FileExistsError:
         raise OutputError(f"{config.out} already exists; pass --overwrite or --resume") from None
