@@ -22,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.markup import escape
 from rich.text import Text
 
 from cxr_batch.errors import InputError
@@ -85,7 +86,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     check_output(config.report)  # fail fast, before the walk and the model load
     found = discover(config.inputs)
     for warning in found.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not found.files:
         where = ", ".join([*config.inputs.paths, *(["--files-from"] if config.inputs.listed else [])]) or "(none)"
         raise InputError(
@@ -104,13 +105,15 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             console.print(
                 f"resume: removed a partial last row ({existing.truncated} bytes) left by an interrupted run",
                 highlight=False,
+                soft_wrap=True,
             )
         stale = existing.rows - (len(found.files) - len(todo))
         if stale > 0:
             console.print(
-                f"[yellow]warning:[/] {stale} rows of {config.report.out} are not among this run's inputs "
+                f"[yellow]warning:[/] {stale} row(s) of {escape(config.report.out)} are not among this run's inputs "
                 "(resume with the same inputs and --absolute-paths setting as the first run)",
                 highlight=False,
+                soft_wrap=True,
             )
         show = console.is_terminal and not config.quiet
         with _progress(console, len(todo), show) as advance:

@@ -178,16 +178,14 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
         return
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
-    facts = Table(show_header=False, title="model", title_justify="left")
-    facts.add_column(style="bold")
-    facts.add_column()
-    for key in ("model", "path", "origin", "sha256", "size_bytes"):
-        facts.add_row(key, str(info[key]))
-    facts.add_row("providers available", ", ".join(info["providers_available"]))
-    console.print(facts)
+    facts = [(key, str(info[key])) for key in ("model", "path", "origin", "sha256", "size_bytes")]
+    facts.append(("providers available", ", ".join(info["providers_available"])))
+    for key, value in facts:  # plain lines: a hash or a path must never be wrapped or cut
+        console.print(f"[bold]{key}:[/] {escape(value)}", soft_wrap=True)
     graph = Table(title="graph", title_justify="left")
     for col in ("", "name", "type", "shape"):
         graph.add_column(col)

@@ -2,7 +2,7 @@
 
 The display pipeline follows DICOM PS3.4 N.2 for grey images:
 
-1. decode the first frame (only that frame is read from disk for uncompressed multi-frame files);
+1. decode the first frame (of a multi-frame file, only that frame is read and decoded);
 2. Modality LUT: the Modality LUT Sequence, or Rescale Slope/Intercept;
 3. VOI LUT: the first VOI LUT Sequence item, else the first Window Center/Width pair (with the
    VOI LUT Function), else the full range of the frame's own values (what a viewer shows when
@@ -14,9 +14,9 @@ Colour images (RGB, YBR converted by pydicom, PALETTE COLOR) become grey with th
 luma as :func:`cxr_batch.preprocess.to_grey`. The result then takes the common path in
 :mod:`cxr_batch.preprocess`, like any greyscale PNG.
 
-Protected health information stays out by construction: only the elements in :data:`_TAGS` (and
-the group 0028 pixel-description elements and the file meta that pydicom adds) are ever parsed,
-so no patient element can reach a report field, a note, an error message or a warning.
+Protected health information stays out by construction: only the file meta and the elements in
+:data:`_TAGS` and :data:`_PIXEL_TAGS` are ever parsed (pydicom skips the others unread), so no
+patient element can reach a report field, a note, an error message or a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from cxr_batch.errors import ImageError
 from cxr_batch.preprocess import LUMA, Decoded
@@ -60,8 +61,9 @@ _PLUGIN_PACKAGES: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
 }
 
-#: The only elements read besides group 0028 (pixel description, LUTs, windows) and the file
-#: meta. Keep patient, study-description and institution elements out of this list.
+#: Header elements read for the report and the modality check. With :data:`_PIXEL_TAGS` and the
+#: file meta, the only elements ever parsed: keep patient, study-description and institution
+#: elements out of both lists.
 _TAGS: tuple[int, ...] = (
     0x00080005,  # SpecificCharacterSet
     0x00080016,  # SOPClassUID
@@ -73,8 +75,8 @@ _TAGS: tuple[int, ...] = (
     0x52009230,  # PerFrameFunctionalGroupsSequence
 )
 
-#: Group 0028 elements needed when the dataset is read with ``dcmread`` (files without a file
-#: meta header, deflated files); the streaming path gets all of group 0028 from pydicom.
+#: Pixel description, Modality LUT, VOI LUT and palette elements, and the pixel data itself (read
+#: only for files that can't be streamed frame by frame: no file meta, or deflated).
 _PIXEL_TAGS: tuple[int, ...] = (
     0x00280002,  # SamplesPerPixel
     0x00280004,  # PhotometricInterpretation
@@ -111,6 +113,8 @@ _PIXEL_TAGS: tuple[int, ...] = (
 )
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Without a file meta header, a file is taken for a bare DICOM dataset only if it has one of these.
+_KNOWN_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns")
 
 #: pydicom and its plugins raise these for broken or unsupported files.
 _DECODE_ERRORS = (
@@ -184,35 +188,35 @@ def _require_pydicom() -> None:
 
 
 def _load_first_frame(path: Path) -> tuple[Dataset, np.ndarray]:
-    """The dataset (only the elements cxr-batch reads) and the first frame's stored values."""
-    from pydicom.errors import InvalidDicomError
-    from pydicom.filereader import read_file_meta_info
+    """The header (only the elements cxr-batch reads) and the first frame's stored values."""
+    header = _read_header(path)
+    tsyntax = header.file_meta.get("TransferSyntaxUID")
+    # pixel_array(path) needs a file meta header and can't inflate deflated datasets.
+    streamable = tsyntax is not None and not tsyntax.is_deflated
+    ds = header if streamable else _read_whole(path)
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    _check_frame_size(ds)
+    _check_decoder(tsyntax)
+    # From a path, pixel_array reads past the header to frame 1 and decodes only that frame, so
+    # memory stays about one frame whatever the number of frames.
+    return ds, _decode(path if streamable else ds, tsyntax)
+
+
+def _read_header(path: Path) -> Dataset:
+    from pydicom import dcmread
 
     try:
-        meta = read_file_meta_info(path)
-        tsyntax = meta.get("TransferSyntaxUID")
-    except InvalidDicomError:
-        # No 128-byte preamble and "DICM": maybe a bare dataset (older ACR-NEMA style export).
-        tsyntax = None
+        # force: also bare datasets without the preamble and "DICM" (older ACR-NEMA style exports)
+        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=[*_TAGS, *_PIXEL_TAGS])
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
-
-    if tsyntax is None or tsyntax.is_deflated:
-        ds = _read_whole(path)
-        tsyntax = ds.file_meta.TransferSyntaxUID
-        _check_decoder(tsyntax)
-        return ds, _decode(ds, tsyntax)
-
-    _check_decoder(tsyntax)
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    # Reads the header, then seeks to and decodes frame 1 only: memory stays ~one frame.
-    return ds, _decode(path, tsyntax, ds_out=ds)
+    if not ds.file_meta.get("TransferSyntaxUID") and not any(k in ds for k in _KNOWN_KEYWORDS):
+        raise ImageError("not a valid DICOM file (no file meta information and no known DICOM elements)")
+    return ds
 
 
 def _read_whole(path: Path) -> Dataset:
-    """Fallback for files ``pixel_array(path)`` can't stream: no file meta, or deflated."""
+    """Header and all pixel data, for the files ``pixel_array(path)`` can't stream."""
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -221,9 +225,7 @@ def _read_whole(path: Path) -> Dataset:
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        if "SOPClassUID" in ds or "Rows" in ds or "Modality" in ds:
-            raise ImageError("DICOM file has no pixel data")
-        raise ImageError("not a valid DICOM file (no DICOM preamble, file meta or known elements)")
+        raise ImageError("DICOM file has no pixel data")
     if not ds.file_meta.get("TransferSyntaxUID"):
         implicit, little = ds.original_encoding
         if implicit:
@@ -231,6 +233,16 @@ def _read_whole(path: Path) -> Dataset:
         else:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     return ds
+
+
+def _check_frame_size(ds: Dataset) -> None:
+    """The same decompression-bomb limit as Pillow's for other images, checked before decoding."""
+    limit = Image.MAX_IMAGE_PIXELS
+    rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+    if limit and rows * cols > 2 * limit:
+        raise ImageError(
+            f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {2 * limit}"
+        )
 
 
 def _check_decoder(tsyntax: Any) -> None:
@@ -249,20 +261,17 @@ def _missing_plugin_message(tsyntax: Any) -> str:
     packages = _PLUGIN_PACKAGES.get(str(tsyntax), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
     return (
         f"DICOM pixel data is compressed as {_ts_name(tsyntax)} and no installed plugin decodes it: "
-        f'pip install {packages} (or pip install "cxr-batch[dicom]")'
+        f"pip install {packages}"
     )
 
 
-def _decode(src: Path | Dataset, tsyntax: Any, ds_out: Dataset | None = None) -> np.ndarray:
+def _decode(src: Path | Dataset, tsyntax: Any) -> np.ndarray:
     from pydicom.pixels.utils import pixel_array
 
     try:
-        if isinstance(src, Path):
-            arr = pixel_array(src, ds_out=ds_out, specific_tags=list(_TAGS), index=0)
-        else:
-            arr = pixel_array(src, index=0)
+        arr = pixel_array(src, index=0)
     except AttributeError as exc:
-        if "no pixel data" in str(exc).lower() or "no 'pixel data'" in str(exc).lower():
+        if "no pixel data" in str(exc).lower():
             raise ImageError("DICOM file has no pixel data") from None
         raise ImageError(f"cannot decode DICOM pixel data: {_reason(exc)}") from None
     except _DECODE_ERRORS as exc:
@@ -281,12 +290,13 @@ def _to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
     elif frame.ndim == 2:
         grey = _monochrome_to_grey(frame, ds, notes)
         if photometric == "MONOCHROME1":
-            grey = 1.0 - grey
+            np.subtract(1.0, grey, out=grey)  # grey is a fresh float64 array
     else:
         raise ImageError(f"unexpected DICOM pixel array shape {frame.shape}")
     if not np.isfinite(grey).all():
         raise ImageError("DICOM image contains NaN or infinite pixel values")
-    return np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
+    grey = grey.astype(np.float32)  # a fresh array: clip it in place
+    return np.clip(grey, 0.0, 1.0, out=grey)
 
 
 def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
@@ -312,7 +322,9 @@ def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.
         try:
             y_min, y_max = _windowing_range(ds)
             out = apply_windowing(values, ds, index=0)
-            return (out - y_min) / (y_max - y_min)
+            out -= y_min  # apply_windowing returns a new float64 array
+            out /= y_max - y_min
+            return out
         except _DECODE_ERRORS as exc:
             notes.append(f"DICOM window ignored: {_reason(exc)}")
 
@@ -364,7 +376,9 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float64)
-    return (values - lo) / (hi - lo)
+    scaled = values - lo
+    scaled /= hi - lo
+    return scaled
 
 
 def _colour_to_grey(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:

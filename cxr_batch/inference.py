@@ -2,7 +2,8 @@
 
 Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.preprocess_file`
 ahead of the model (Pillow and numpy release the GIL), at most ``2 * batch_size + workers``
-files ahead, so memory stays flat whether the input holds 10 files or 1,000,000. Batches go
+files queued or decoded beyond the batch being run, so memory stays flat whether the input
+holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor). Batches go
 through onnxruntime in the calling thread, and results come out in input order, one per file:
 a file that can't be decoded becomes an error result, never an exception.
 """

@@ -12,7 +12,6 @@ model's input size (Pillow, on float32 data) → 3 identical channels → ``(x -
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,15 +129,20 @@ def decode(path: str | os.PathLike[str], target: tuple[int, int] | None = None) 
 
 def _decode_pillow(path: Path, target: tuple[int, int] | None) -> Decoded:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it
-            # becomes above 2x, so a huge image never eats the machine's memory.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return _from_pil(img, target)
+        with Image.open(path) as img:
+            # Pillow raises above twice MAX_IMAGE_PIXELS and only warns between 1x and 2x; refuse
+            # both, so a huge image never eats the machine's memory. (No warnings.catch_warnings():
+            # decoding runs in threads, and that context manager is not thread-safe.)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                raise ImageError(
+                    f"image too large (decompression-bomb guard): {img.width}x{img.height} = "
+                    f"{img.width * img.height} pixels, more than {limit}"
+                )
+            return _from_pil(img, target)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large (decompression-bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("not a recognised image file (PNG, JPEG, BMP, TIFF or DICOM)") from None

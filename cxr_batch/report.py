@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cxr_batch.errors import OutputError
@@ -152,13 +153,17 @@ class _Sink:
 
 
 class CsvWriter:
-    """CSV rows (csv module, ``\\n`` line ends, minimal quoting)."""
+    """CSV rows (csv module, RFC 4180: ``\\r\\n`` line ends, minimal quoting).
+
+    ``\\r\\n`` is not only for spreadsheets: Python's csv writer quotes a field holding a bare
+    ``\\r`` only when ``\\r`` is part of the line terminator, and a file name may hold one.
+    """
 
     def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], header: bool) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
-        self._csv = csv.writer(sink.stream, lineterminator="\n")
+        self._csv = csv.writer(sink.stream, lineterminator="\r\n")
         if header:
             self._csv.writerow(self.columns)
             sink.commit()
@@ -447,9 +452,9 @@ def render_summary(stats: RunStats, console: Console) -> None:
     for label in stats.labels:
         n = stats.per_label.get(label, 0)
         mean = stats.confidence_sum.get(label, 0.0) / n if n else None
-        table.add_row(label, str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
+        table.add_row(escape(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
     for reason, n in stats.errors.most_common():
-        table.add_row(f"[red]error:[/] {reason}", str(n), _pct(n, total), "")
+        table.add_row(f"[red]error:[/] {escape(reason)}", str(n), _pct(n, total), "")
     table.add_section()
     table.add_row("total", str(total), _pct(total, total), "")
     console.print(table)
@@ -460,7 +465,7 @@ def render_summary(stats: RunStats, console: Console) -> None:
     if stats.kept:
         lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _pct(n: int, total: int) -> str:

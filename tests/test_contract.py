@@ -1,0 +1,235 @@
+"""The model contract, model resolution, devices and ``cxr-batch info``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import LABELS, contract
+
+from cxr_batch import inference
+from cxr_batch.cli import main
+from cxr_batch.errors import DeviceError, ModelError, NoDefaultModelError
+from cxr_batch.inference import Classifier, EngineConfig, load_model, model_info
+from cxr_batch.meta import file_sha256
+
+
+@pytest.fixture(autouse=True)
+def _no_env_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
+
+
+def test_valid_model_loads_with_its_contract(tiny_onnx: Path) -> None:
+    clf = Classifier(tiny_onnx, device="cpu", threads=1)
+    assert clf.labels == LABELS
+    assert clf.meta.ident == "tiny@1"
+    assert clf.meta.input_size == (32, 32)
+    assert clf.provider == "CPUExecutionProvider"
+    assert clf.model_origin == "--model"
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("nometa.onnx", {"meta": None}, "has no 'cxr_batch' entry"),
+        ("badjson.onnx", {"meta": "{not json"}, "is not valid JSON"),
+        ("labels2.onnx", {"meta": contract(labels=["normal", "covid"])}, "2 labels ['normal', 'covid'] but its logits output has 3 classes"),
+        ("rank3.onnx", {"meta": contract(), "input_rank": 3}, "the input must have rank 4"),
+        ("nolabels.onnx", {"meta": contract(labels=None)}, "the model contract lacks labels"),
+        ("size.onnx", {"meta": contract(input_size=[64, 64])}, "input_size [64, 64] doesn't match the graph's [32, 32]"),
+        ("fixed.onnx", {"meta": contract(), "fixed_batch": 1}, "batch axis must be dynamic"),
+        ("noout.onnx", {"meta": contract(outputs={"logits": "scores"})}, "names output 'scores' (logits)"),
+    ],
+)
+def test_broken_models_are_refused_saying_why(
+    make_model: Callable[..., Path], runner: CliRunner, tmp_path: Path, name: str, kwargs: dict[str, object], message: str
+) -> None:
+    model = make_model(name, **kwargs)
+    with pytest.raises(ModelError) as info:
+        Classifier(model, device="cpu", threads=1)
+    assert message in str(info.value)
+    assert str(model) in str(info.value)
+    # The CLI: exit 1, the same message, and no report file left behind.
+    (tmp_path / "x.png").write_bytes(b"")
+    out = tmp_path / "out.csv"
+    result = runner.invoke(main, ["classify", str(tmp_path / "x.png"), "--model", str(model), "--out", str(out)])
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("hello")
+    with pytest.raises(ModelError, match="cannot load the model"):
+        Classifier(bogus, device="cpu")
+    with pytest.raises(ModelError, match="model file not found"):
+        Classifier(tmp_path / "missing.onnx", device="cpu")
+
+
+def test_info_prints_contract_sha_and_graph(runner: CliRunner, tiny_onnx: Path) -> None:
+    result = runner.invoke(main, ["info", str(tiny_onnx), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["sha256"] == file_sha256(tiny_onnx)
+    assert info["contract"]["labels"] == list(LABELS)
+    assert info["inputs"] == [{"name": "input", "type": "tensor(float)", "shape": ["batch", 3, 32, 32]}]
+    assert [o["name"] for o in info["outputs"]] == ["logits", "embedding"]
+    assert "CPUExecutionProvider" in info["providers_available"]
+
+    human = runner.invoke(main, ["info", str(tiny_onnx)])
+    assert human.exit_code == 0, human.output
+    assert file_sha256(tiny_onnx) in human.stdout
+    assert '"labels"' in human.stdout and "logits" in human.stdout and "tiny@1" in human.stdout
+
+
+def test_info_refuses_a_broken_model(runner: CliRunner, make_model: Callable[..., Path]) -> None:
+    model = make_model("info-nometa.onnx", meta=None)
+    result = runner.invoke(main, ["info", str(model)])
+    assert result.exit_code == 1
+    assert "not a cxr-batch model" in result.stderr
+
+
+# --------------------------------------------------------------------------- model resolution
+
+
+@pytest.fixture
+def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty embedded-models folder in place of the package's."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    monkeypatch.setattr(inference, "default_model_dirs", lambda: [folder])
+    return folder
+
+
+def test_no_default_model_is_a_clear_fatal_error(default_dir: Path, runner: CliRunner, image_dir: Path) -> None:
+    with pytest.raises(NoDefaultModelError, match="pass --model PATH"):
+        Classifier(device="cpu")
+    result = runner.invoke(main, ["classify", str(image_dir), "--out", str(image_dir.parent / "r.csv")])
+    assert result.exit_code == 1
+    assert "no default model is installed" in result.stderr and "CXR_BATCH_MODEL" in result.stderr
+    info = runner.invoke(main, ["info"])
+    assert info.exit_code == 1 and "no default model is installed" in info.stderr
+
+
+def _install_defaults(folder: Path, make_model: Callable[..., Path], fp32: bool, int8: bool) -> None:
+    if fp32:
+        src = make_model("default-fp32.onnx", meta=contract(name="default", precision="fp32"))
+        (folder / "cxr-resnet18.onnx").write_bytes(src.read_bytes())
+    if int8:
+        src = make_model("default-int8.onnx", meta=contract(name="default", precision="int8"))
+        (folder / "cxr-resnet18-int8.onnx").write_bytes(src.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("fp32", "int8", "precision", "expected"),
+    [
+        (True, True, "auto", "int8"),  # CPU: int8 when installed
+        (True, False, "auto", "fp32"),
+        (False, True, "auto", "int8"),
+        (True, True, "fp32", "fp32"),
+        (True, True, "int8", "int8"),
+    ],
+)
+def test_embedded_default_and_precision(
+    default_dir: Path, make_model: Callable[..., Path], fp32: bool, int8: bool, precision: str, expected: str
+) -> None:
+    _install_defaults(default_dir, make_model, fp32, int8)
+    clf = Classifier(device="cpu", precision=precision, threads=1)  # type: ignore[arg-type]
+    assert clf.meta.precision == expected
+    assert clf.model_origin == "embedded default"
+    assert clf.model_path.parent == default_dir
+
+
+def test_missing_precision_is_an_error(default_dir: Path, make_model: Callable[..., Path]) -> None:
+    _install_defaults(default_dir, make_model, fp32=True, int8=False)
+    with pytest.raises(NoDefaultModelError, match="int8 model"):
+        Classifier(device="cpu", precision="int8")
+
+
+def test_auto_on_cuda_prefers_fp32(default_dir: Path, make_model: Callable[..., Path]) -> None:
+    _install_defaults(default_dir, make_model, fp32=True, int8=True)
+    assert inference.find_default_model("auto", cuda=True).name == "cxr-resnet18.onnx"
+    assert inference.find_default_model("auto", cuda=False).name == "cxr-resnet18-int8.onnx"
+
+
+def test_env_variable_then_explicit_model(
+    default_dir: Path, monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path, other_onnx: Path
+) -> None:
+    monkeypatch.setenv("CXR_BATCH_MODEL", str(other_onnx))
+    assert Classifier(device="cpu", threads=1).meta.ident == "tiny@2"
+    assert Classifier(tiny_onnx, device="cpu", threads=1).meta.ident == "tiny@1"
+    monkeypatch.setenv("CXR_BATCH_MODEL", str(default_dir / "nope.onnx"))
+    with pytest.raises(ModelError, match=r"from \$CXR_BATCH_MODEL"):
+        Classifier(device="cpu")
+
+
+def test_precision_must_match_an_explicit_model(tiny_onnx: Path) -> None:
+    with pytest.raises(ModelError, match="is a fp32 model but --precision int8"):
+        Classifier(tiny_onnx, device="cpu", precision="int8")
+    assert Classifier(tiny_onnx, device="cpu", precision="fp32", threads=1).meta.precision == "fp32"
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_cuda_without_a_cuda_build_names_the_fix(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DeviceError) as info:
+        Classifier(tiny_onnx, device="cuda")
+    message = str(info.value)
+    assert "onnxruntime-gpu" in message and "CUDA 12" in message and "cuDNN 9" in message
+
+
+def test_silent_cpu_fallback_is_detected(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime claims CUDA but the session ends up on CPU (the CUDA libraries did not load)."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    class FallbackSession(ort.InferenceSession):
+        def __init__(self, path: str, sess_options: object = None, providers: list[str] | None = None) -> None:
+            self.asked = providers
+            super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", FallbackSession)
+    with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider") as info:
+        Classifier(tiny_onnx, device="cuda")
+    assert "onnxruntime-gpu" in str(info.value)
+    # auto: runs, on CPU, and says so.
+    clf = Classifier(tiny_onnx, device="auto", threads=1)
+    assert clf.provider == "CPUExecutionProvider"
+    assert clf._loaded.session.asked == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # type: ignore[attr-defined]
+
+
+def test_cli_device_cuda_on_this_machine(runner: CliRunner, tiny_onnx: Path, image_dir: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    out = image_dir.parent / "r.csv"
+    result = runner.invoke(
+        main, ["classify", str(image_dir), "--model", str(tiny_onnx), "--device", "cuda", "--out", str(out)]
+    )
+    assert result.exit_code == 1
+    assert "onnxruntime-gpu" in result.stderr
+    assert not out.exists()
+
+
+def test_engine_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        EngineConfig(batch_size=0)
+    with pytest.raises(ValueError, match="device"):
+        EngineConfig(device="tpu")  # type: ignore[arg-type]
+
+
+def test_model_info_and_load_model_agree(tiny_onnx: Path) -> None:
+    info = model_info(tiny_onnx)
+    loaded = load_model(EngineConfig(model=str(tiny_onnx), device="cpu", threads=1))
+    assert info["model"] == loaded.meta.ident
+    assert info["contract"]["outputs"] == loaded.meta.outputs
