@@ -66,31 +66,69 @@ def _model_options(func: F) -> F:
 @main.command("classify")
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=str))
 @click.option(
-    "--out", "-o", required=True, metavar="FILE",
+    "--out",
+    "-o",
+    required=True,
+    metavar="FILE",
     help="The report: .csv, or .jsonl for JSON lines; '-' writes CSV (or --format) to stdout.",
 )
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
-              help="Report format. Default: from --out's suffix (.jsonl → jsonl), else csv.")
-@click.option("--model", "-m", metavar="PATH", default=None,
-              help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.")
-@click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True,
-              help="auto uses CUDA only when it really starts, else CPU.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="Report format. Default: from --out's suffix (.jsonl → jsonl), else csv.",
+)
+@click.option(
+    "--model",
+    "-m",
+    metavar="PATH",
+    default=None,
+    help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(_DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto uses CUDA only when it really starts, else CPU.",
+)
 @_model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="onnxruntime threads (0: one per physical core).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="onnxruntime threads (0: one per physical core).",
+)
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk folders recursively.")
-@click.option("--include", multiple=True, metavar="GLOB",
-              help="Only files matching GLOB (file name, or relative path if GLOB has a '/'). Repeatable.")
-@click.option("--exclude", multiple=True, metavar="GLOB",
-              help="Skip files and folders matching GLOB (any path part, or the relative path if GLOB has a '/'). "
-              "Repeatable.")
-@click.option("--files-from", type=click.File("rb"), default=None, metavar="FILE",
-              help="Read more inputs from FILE, one path a line ('-' for stdin).")
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Only files matching GLOB (file name, or relative path if GLOB has a '/'). Repeatable.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="GLOB",
+    help="Skip files and folders matching GLOB (any path part, or the relative path if GLOB has a '/'). Repeatable.",
+)
+@click.option(
+    "--files-from",
+    type=click.File("rb"),
+    default=None,
+    metavar="FILE",
+    help="Read more inputs from FILE, one path a line ('-' for stdin).",
+)
 @click.option("--absolute-paths", is_flag=True, help="Write absolute paths instead of paths relative to each input.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
-@click.option("--resume", is_flag=True,
-              help="Keep an existing report's rows and classify only the files not in it yet (after an interruption).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep an existing report's rows and classify only the files not in it yet (after an interruption).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @library_errors
 def classify_command(
@@ -136,13 +174,19 @@ def classify_command(
         listed = tuple(read_path_list(files_from))
     config = ClassifyConfig(
         inputs=InputSpec(
-            paths=inputs, recursive=recursive, include=include, exclude=exclude,
-            absolute_paths=absolute_paths, listed=listed,
+            paths=inputs,
+            recursive=recursive,
+            include=include,
+            exclude=exclude,
+            absolute_paths=absolute_paths,
+            listed=listed,
         ),
         engine=EngineConfig(
-            model=model, device=device,  # type: ignore[arg-type]  # click.Choice checked it
+            model=model,
+            device=device,  # type: ignore[arg-type]  # click.Choice checked it
             precision=precision,  # type: ignore[arg-type]
-            batch_size=batch_size, threads=threads,
+            batch_size=batch_size,
+            threads=threads,
         ),
         report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,

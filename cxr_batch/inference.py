@@ -160,7 +160,9 @@ def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Pat
     )
 
 
-def choose_model(model: str | os.PathLike[str] | None, precision: Precision = "auto", cuda: bool = False) -> ModelChoice:
+def choose_model(
+    model: str | os.PathLike[str] | None, precision: Precision = "auto", cuda: bool = False
+) -> ModelChoice:
     """``model``, else ``$CXR_BATCH_MODEL``, else the embedded default.
 
     Raises:
@@ -187,8 +189,19 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's exception classes (they derive from Exception directly), plus the Python ones."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
     found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
     return (*found, RuntimeError, ValueError, OSError)
 
@@ -382,8 +395,12 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
     except Exception as exc:  # a decoder bug must cost one row, never the whole run
         return _Prepared(item, error=f"unexpected decoding error: {type(exc).__name__}: {exc}")
     prepared = _Prepared(
-        item, tensor=tensor, width=decoded.width, height=decoded.height,
-        notes=list(decoded.notes), fields=dict(decoded.fields),
+        item,
+        tensor=tensor,
+        width=decoded.width,
+        height=decoded.height,
+        notes=list(decoded.notes),
+        fields=dict(decoded.fields),
     )
     if decoded.not_radiograph:
         prepared.tensor = None
@@ -501,9 +518,7 @@ class Classifier:
         """Classify one file."""
         return next(self.classify([path]))
 
-    def iter_batches(
-        self, paths: Iterable[InputFile | str | os.PathLike[str]]
-    ) -> Generator[list[Result], None, None]:
+    def iter_batches(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Generator[list[Result], None, None]:
         """Like :meth:`classify`, one list per model batch (what the CLI writes and flushes at once)."""
         spec = self.meta.spec
         workers = self.config.decode_workers or default_workers()
@@ -539,8 +554,17 @@ class Classifier:
         meta = self.meta
         ident = meta.ident
         results = [
-            Result(path=p.item.display, file=p.item.path, status="error", model=ident, width=p.width,
-                   height=p.height, error=p.error, notes=p.notes, fields=p.fields)
+            Result(
+                path=p.item.display,
+                file=p.item.path,
+                status="error",
+                model=ident,
+                width=p.width,
+                height=p.height,
+                error=p.error,
+                notes=p.notes,
+                fields=p.fields,
+            )
             for p in batch
         ]
         ready = [i for i, p in enumerate(batch) if p.tensor is not None]
@@ -572,7 +596,9 @@ class Classifier:
             r.probs = {label: float(v) for label, v in zip(meta.labels, p, strict=True)}
             r.outputs = {
                 role: np.asarray(out)[row]
-                for role, out in zip(self.config.extra_outputs, outs[1 : 1 + len(self.config.extra_outputs)], strict=True)
+                for role, out in zip(
+                    self.config.extra_outputs, outs[1 : 1 + len(self.config.extra_outputs)], strict=True
+                )
             }
             if self._ood_index is not None:
                 score = float(np.asarray(outs[self._ood_index]).reshape(len(ready), -1)[row, 0])

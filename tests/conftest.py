@@ -123,8 +123,9 @@ def build_model(
         inits.append(numpy_helper.from_array(np.array([1], np.int64), "ood_axis"))
         nodes[-1].input.append("ood_axis")
         outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, [batch]))
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     if meta is None:

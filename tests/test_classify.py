@@ -41,7 +41,18 @@ def test_shared_xrays(runner: CliRunner, tiny_onnx: Path, shared_data: Path, tmp
     root = shared_data / "covid19-radiography"
     out = tmp_path / "r.csv"
     code, _, err = invoke(
-        runner, str(root), "--include", "*-1.png", "--include", "*-4.png", "--include", "Normal-3.png", "--model", str(tiny_onnx), "--out", str(out)
+        runner,
+        str(root),
+        "--include",
+        "*-1.png",
+        "--include",
+        "*-4.png",
+        "--include",
+        "Normal-3.png",
+        "--model",
+        str(tiny_onnx),
+        "--out",
+        str(out),
     )
     assert code == 0, err
     rows = read_csv(out)
@@ -157,7 +168,9 @@ def test_same_rows_and_probabilities_across_batch_sizes_threads_and_workers(tiny
                 assert abs(a.probs.get(label, 0.0) - b.probs.get(label, 0.0)) < 1e-5
 
 
-def test_cli_reports_match_across_batch_sizes(runner: CliRunner, tiny_onnx: Path, varied_dir: Path, tmp_path: Path) -> None:
+def test_cli_reports_match_across_batch_sizes(
+    runner: CliRunner, tiny_onnx: Path, varied_dir: Path, tmp_path: Path
+) -> None:
     reports = []
     for i, (bs, threads) in enumerate([("1", "1"), ("5", "2")]):
         out = tmp_path / f"r{i}.csv"
@@ -226,9 +239,12 @@ def test_quiet_and_summary(runner: CliRunner, tiny_onnx: Path, image_dir: Path, 
     code, out, err = invoke(runner, str(image_dir), "--model", str(tiny_onnx), "--out", str(tmp_path / "b.csv"))
     assert out == ""
     rows = read_csv(tmp_path / "b.csv")
+    table = [[cell.strip() for cell in line.split("│")[1:-1]] for line in err.splitlines() if "│" in line]
     for label in LABELS:
         n = sum(r["label"] == label for r in rows)
-        assert any(line.split("│")[1:3] == [f" {label} ", f" {n} "] for line in err.splitlines() if "│" in line), err
+        assert [label, str(n), f"{100 * n / 4:.1f}"] in [row[:3] for row in table], err
+    assert ["error: empty file (0 bytes)", "1", "25.0", ""] in table
+    assert ["total", "4", "100.0", ""] in table
     assert "error: empty file (0 bytes)" in err
     assert "4 images in" in err
 

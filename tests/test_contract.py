@@ -36,16 +36,29 @@ def test_valid_model_loads_with_its_contract(tiny_onnx: Path) -> None:
     [
         ("nometa.onnx", {"meta": None}, "has no 'cxr_batch' entry"),
         ("badjson.onnx", {"meta": "{not json"}, "is not valid JSON"),
-        ("labels2.onnx", {"meta": contract(labels=["normal", "covid"])}, "2 labels ['normal', 'covid'] but its logits output has 3 classes"),
+        (
+            "labels2.onnx",
+            {"meta": contract(labels=["normal", "covid"])},
+            "2 labels ['normal', 'covid'] but its logits output has 3 classes",
+        ),
         ("rank3.onnx", {"meta": contract(), "input_rank": 3}, "the input must have rank 4"),
         ("nolabels.onnx", {"meta": contract(labels=None)}, "the model contract lacks labels"),
-        ("size.onnx", {"meta": contract(input_size=[64, 64])}, "input_size [64, 64] doesn't match the graph's [32, 32]"),
+        (
+            "size.onnx",
+            {"meta": contract(input_size=[64, 64])},
+            "input_size [64, 64] doesn't match the graph's [32, 32]",
+        ),
         ("fixed.onnx", {"meta": contract(), "fixed_batch": 1}, "batch axis must be dynamic"),
         ("noout.onnx", {"meta": contract(outputs={"logits": "scores"})}, "names output 'scores' (logits)"),
     ],
 )
 def test_broken_models_are_refused_saying_why(
-    make_model: Callable[..., Path], runner: CliRunner, tmp_path: Path, name: str, kwargs: dict[str, object], message: str
+    make_model: Callable[..., Path],
+    runner: CliRunner,
+    tmp_path: Path,
+    name: str,
+    kwargs: dict[str, object],
+    message: str,
 ) -> None:
     model = make_model(name, **kwargs)
     with pytest.raises(ModelError) as info:

@@ -139,9 +139,7 @@ def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- through classify
 
 
-def test_bad_inputs_become_error_rows_and_the_run_goes_on(
-    runner: CliRunner, tiny_onnx: Path, tmp_path: Path
-) -> None:
+def test_bad_inputs_become_error_rows_and_the_run_goes_on(runner: CliRunner, tiny_onnx: Path, tmp_path: Path) -> None:
     d = tmp_path / "mixed"
     d.mkdir()
     (d / "empty.png").write_bytes(b"")

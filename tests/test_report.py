@@ -109,6 +109,11 @@ def test_odd_file_names_round_trip(
         assert (root / str(r["path"])).is_file()
     if suffix == ".jsonl":
         out.read_bytes().decode("ascii")  # pure ASCII: valid JSON for every reader
+    # Resume recognises every odd name as done: nothing is classified twice.
+    before = out.read_bytes()
+    code, _, err = classify(runner, tiny_onnx, str(root), "--out", str(out), "--resume")
+    assert code == 0, err
+    assert out.read_bytes() == before
 
 
 # --------------------------------------------------------------------------- overwrite / resume
@@ -216,7 +221,12 @@ def test_resume_of_a_complete_report_with_no_errors_exits_0(
 
 
 def test_resume_refuses_another_model_or_other_columns(
-    runner: CliRunner, tiny_onnx: Path, other_onnx: Path, make_model: Callable[..., Path], image_dir: Path, tmp_path: Path
+    runner: CliRunner,
+    tiny_onnx: Path,
+    other_onnx: Path,
+    make_model: Callable[..., Path],
+    image_dir: Path,
+    tmp_path: Path,
 ) -> None:
     out = tmp_path / "r.csv"
     assert classify(runner, tiny_onnx, str(image_dir / "a.png"), "--out", str(out))[0] == 0
@@ -250,7 +260,9 @@ def test_resume_of_an_empty_or_header_only_file(tmp_path: Path) -> None:
     assert read_csv(out)[0]["path"] == "x.png"
 
 
-def test_resume_after_kill_9(tiny_onnx: Path, make_model: Callable[..., Path], tmp_path: Path, png_factory: Callable[..., Path]) -> None:
+def test_resume_after_kill_9(
+    tiny_onnx: Path, make_model: Callable[..., Path], tmp_path: Path, png_factory: Callable[..., Path]
+) -> None:
     """A real ``kill -9`` in the middle of a run, then --resume: exactly one row per file."""
     slow = make_model("slow.onnx", meta=contract(), slow_layers=400)
     root = tmp_path / "kill"
@@ -283,3 +295,29 @@ def test_resume_after_kill_9(tiny_onnx: Path, make_model: Callable[..., Path], t
     assert [r["path"] for r in rows] == [f"img{i:03d}.png" for i in range(80)]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[: len(written)] == written
+
+
+def test_ctrl_c_keeps_written_rows_and_resume_finishes(
+    runner: CliRunner, tiny_onnx: Path, many_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxr_batch.inference import Classifier
+
+    real = Classifier.iter_batches
+
+    def interrupted(self: Classifier, paths: object) -> object:
+        batches = real(self, paths)  # type: ignore[arg-type]
+        yield next(batches)
+        batches.close()
+        raise KeyboardInterrupt
+
+    out = tmp_path / "r.csv"
+    with monkeypatch.context() as m:
+        m.setattr(Classifier, "iter_batches", interrupted)
+        result = runner.invoke(
+            main, ["classify", str(many_images), "--model", str(tiny_onnx), "--out", str(out), "--batch-size", "5"]
+        )
+    assert result.exit_code == 130
+    assert "rerun with --resume" in result.stderr
+    assert [r["path"] for r in read_csv(out)] == ["broken.png"] + [f"img{i:02d}.png" for i in range(4)]
+    assert classify(runner, tiny_onnx, str(many_images), "--out", str(out), "--resume")[0] == 3
+    assert len(read_csv(out)) == 13
