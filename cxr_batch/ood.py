@@ -65,7 +65,8 @@ def score(emb: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarr
     """Distance to the nearest class mean: min_c sqrt((e - mu_c)^T P (e - mu_c))."""
     diff = emb[:, None, :].astype(np.float64) - means[None]
     d2 = np.einsum("ncd,de,nce->nc", diff, precision, diff)
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    out: np.ndarray = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    return out
 
 
 def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.ndarray) -> None:
