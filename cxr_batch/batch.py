@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,10 +25,16 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from cxr_batch.errors import InputError
+from cxr_batch.cam import CAM_ROLE
+from cxr_batch.errors import InputError, OutputError
+from cxr_batch.heatmap import HeatmapWriter
 from cxr_batch.inference import Classifier, EngineConfig
 from cxr_batch.inputs import ACCEPTED_SUFFIXES, InputSpec, discover
 from cxr_batch.report import ReportConfig, RunStats, check_output, open_report, render_summary
+from cxr_batch.shard import Shard
+
+if TYPE_CHECKING:
+    from cxr_batch.ray_engine import RayConfig, RayEngine
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class ClassifyConfig:
     engine: EngineConfig
     report: ReportConfig
     quiet: bool = False
+    #: classify only this shard of the discovered files (``--shard K/N``)
+    shard: Shard | None = None
+    #: run the model in Ray Data (``--engine ray``); None runs it in this process
+    ray: RayConfig | None = None
+    #: write a class-activation heatmap PNG per classified image under this folder (``--heatmaps``)
+    heatmaps: str | None = None
 
 
 class _RateColumn(ProgressColumn):
@@ -80,10 +92,15 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     Raises:
         InputError: an input does not exist, or no input files were found.
         ModelError, NoDefaultModelError, DeviceError: the model can't be used.
-        OutputError: the report can't be written (or resumed).
+        OutputError: the report can't be written (or resumed; with a shard, it holds other shards' rows).
+        MissingExtraError: ``config.ray`` is set and Ray Data is not installed.
     """
     console = console or Console(stderr=True)
     check_output(config.report)  # fail fast, before the walk and the model load
+    if config.ray is not None:
+        from cxr_batch.ray_engine import require_ray
+
+        require_ray()  # MissingExtraError before a long walk, not after it
     found = discover(config.inputs)
     for warning in found.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
@@ -93,13 +110,38 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             f"no input files found in {where}: looked for {', '.join(sorted(ACCEPTED_SUFFIXES))} "
             "and DICOM files (hidden files and folders are skipped; check --include/--exclude/--no-recursive)"
         )
+    files = found.files
+    shard = config.shard
+    if shard is not None:
+        # An empty shard is not an error: with N larger than a folder, some shards get no files,
+        # and a job array task must still succeed (it writes a report with no rows).
+        files = [f for f in files if shard.owns(f.display)]
+        if not config.quiet:
+            console.print(f"shard {shard}: {len(files)} of {len(found.files)} files", highlight=False)
 
-    classifier = Classifier.from_config(config.engine)
+    classifier: Classifier | RayEngine
+    if config.ray is not None:
+        from cxr_batch.ray_engine import RayEngine
+
+        classifier = RayEngine(config.engine, config.ray)
+    else:
+        engine = config.engine
+        if config.heatmaps is not None and CAM_ROLE not in engine.extra_outputs:
+            engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
+        classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
+    heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider)
     try:
-        todo = [f for f in found.files if f.display not in existing.paths]
+        if shard is not None:
+            foreign = sorted(p for p in existing.paths if not shard.owns(p))
+            if foreign:
+                raise OutputError(
+                    f"{config.report.out} holds {len(foreign)} row(s) of other shards than {shard} "
+                    f"(first: {foreign[0]!r}); resume each shard into its own report"
+                )
+        todo = [f for f in files if f.display not in existing.paths]
         stats.kept, stats.kept_errors = existing.rows, existing.errors
         if existing.truncated:
             console.print(
@@ -107,7 +149,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 highlight=False,
                 soft_wrap=True,
             )
-        stale = existing.rows - (len(found.files) - len(todo))
+        stale = existing.rows - (len(files) - len(todo))
         if stale > 0:
             console.print(
                 f"[yellow]warning:[/] {stale} row(s) of {escape(config.report.out)} are not among this run's inputs "
@@ -122,10 +164,17 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 for batch in batches:
                     writer.write(batch)
                     stats.add(batch)
+                    if heatmaps is not None:
+                        heatmaps.write(batch)
                     advance(len(batch))
+        stats.provider = classifier.provider  # Ray: known once the workers have reported
     finally:
         writer.close()
+        if heatmaps is not None:
+            heatmaps.close()
         stats.finish()
     if not config.quiet:
         render_summary(stats, console)
+    if heatmaps is not None:
+        heatmaps.report(console)
     return stats

@@ -8,12 +8,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from cxr_batch import __version__
 from cxr_batch.errors import CxrBatchError
+from cxr_batch.shard import Shard  # hashlib and re only
+
+if TYPE_CHECKING:
+    from cxr_batch.ray_engine import RayConfig
 
 #: Exit codes (documented in the README).
 EXIT_OK = 0
@@ -61,6 +65,24 @@ def _model_options(func: F) -> F:
         "With --model or $CXR_BATCH_MODEL the precision is the file's own (leave auto).",
     )(func)
     return func
+
+
+def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Shard | None:
+    """``--shard K/N`` → :class:`Shard`; a bad value is a usage error (exit 2)."""
+    if value is None:
+        return None
+    try:
+        return Shard.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
+    if engine_kind != "ray":
+        return None
+    from cxr_batch.ray_engine import RayConfig  # ray itself is imported only when the run starts
+
+    return RayConfig(address=address)
 
 
 @main.command("classify")
@@ -129,7 +151,38 @@ def _model_options(func: F) -> F:
     is_flag=True,
     help="Keep an existing report's rows and classify only the files not in it yet (after an interruption).",
 )
+@click.option(
+    "--heatmaps",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="DIR",
+    help="Also write, per classified image, a PNG overlaying the class activation map of the predicted class: "
+    "DIR/<report path>.png. Needs a model with the 'cam' output.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option(
+    "--shard",
+    metavar="K/N",
+    default=None,
+    callback=_parse_shard,
+    help="Classify only shard K of N (numbered from 0), chosen by a stable hash of each file's report path: "
+    "for job arrays. Join the parts with 'cxr-batch merge'.",
+)
+@click.option(
+    "--engine",
+    "engine_kind",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help='local: this process. ray: Ray Data actors (pip install "cxr-batch[ray]"), on a Ray started here '
+    "or the cluster at --ray-address.",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    default=None,
+    help="With --engine ray: join this Ray cluster (auto, HOST:6379 or ray://HOST:10001) instead of starting Ray here.",
+)
 @library_errors
 def classify_command(
     inputs: tuple[str, ...],
@@ -147,7 +200,11 @@ def classify_command(
     absolute_paths: bool,
     overwrite: bool,
     resume: bool,
+    heatmaps: str | None,
     quiet: bool,
+    shard: Shard | None,
+    engine_kind: str,
+    ray_address: str | None,
 ) -> None:
     """Classify chest X-rays (files and folders) into a CSV or JSON-lines report.
 
@@ -163,6 +220,15 @@ def classify_command(
         raise click.UsageError("--overwrite and --resume exclude each other")
     if resume and out == "-":
         raise click.UsageError("--resume needs a report file, not --out -")
+    if shard is not None and absolute_paths:
+        raise click.UsageError(
+            "--shard works on the paths relative to each input (so the parts can be checked and merged "
+            "whatever the machine); leave out --absolute-paths"
+        )
+    if ray_address is not None and engine_kind != "ray":
+        raise click.UsageError("--ray-address needs --engine ray")
+    if heatmaps is not None and engine_kind == "ray":
+        raise click.UsageError("--heatmaps needs --engine local")
 
     from cxr_batch.batch import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.inference import EngineConfig
@@ -190,6 +256,9 @@ def classify_command(
         ),
         report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
+        shard=shard,
+        ray=_ray_config(engine_kind, ray_address),
+        heatmaps=heatmaps,
     )
     try:
         stats = run_classify(config)
@@ -197,6 +266,35 @@ def classify_command(
         click.echo("Interrupted: the rows written so far are kept; rerun with --resume to finish.", err=True)
         sys.exit(130)
     if stats.all_errors:
+        sys.exit(EXIT_PARTIAL)
+
+
+@main.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--out", "-o", required=True, metavar="FILE", help="The merged report (same format as the parts).")
+@click.option(
+    "--expect",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="The run had N shards: check that every part is one of them and none is missing.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing merged report.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@library_errors
+def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, quiet: bool) -> None:
+    """Merge the reports of a sharded classify run (--shard K/N) into one report.
+
+    Checks that the parts share columns and model, that no path appears twice and, with
+    --expect N, that all N shards are there; then writes the rows in the order an unsharded
+    run writes them and prints the summary of the whole. Exit status as for classify.
+
+    Example: cxr-batch merge part-*.csv --out results.csv --expect 16
+    """
+    from cxr_batch.merge import MergeConfig, merge_reports
+
+    merged = merge_reports(MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet))
+    if merged.stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
 
@@ -245,6 +343,10 @@ from cxr_batch.cli_train import export_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(export_command)
+
+from cxr_batch.cli_evaluate import evaluate_command  # noqa: E402
+
+main.add_command(evaluate_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,6 +140,8 @@ def train_command(
     help="With an .onnx CHECKPOINT: the split.csv to calibrate and test the int8 model on.",
 )
 @click.option("--force", is_flag=True, help="Write the int8 model even if it loses more than 1 macro-F1 point.")
+@click.option("--ood/--no-ood", default=True, show_default=True,
+              help="Fit the out-of-distribution guard on the run's training images (needs the data).")
 def export_command(
     checkpoint: Path | None,
     out: Path | None,
@@ -150,11 +152,14 @@ def export_command(
     data_dir: Path | None,
     split_file: Path | None,
     force: bool,
+    ood: bool,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
     With no CHECKPOINT, exports the best checkpoint of the most recent run under runs/.
-    With an .onnx CHECKPOINT and --quantize int8, derives the int8 model from that fp32 master.
+    With an exported fp32 .onnx instead of a checkpoint (the master copy), --ood fits the
+    out-of-distribution guard into it and --quantize int8 derives the int8 model from it;
+    both need --data and --split.
 
     \b
     Example:
@@ -164,18 +169,24 @@ def export_command(
         from cxr_batch.export import ExportConfig, export_checkpoint, latest_checkpoint, requantize_from_master
 
         if checkpoint is not None and checkpoint.suffix == ".onnx":
-            if quantize != "int8" or data_dir is None or split_file is None:
-                raise click.UsageError("an .onnx input needs --quantize int8 --data DIR --split FILE")
+            if data_dir is None or split_file is None:
+                raise click.UsageError("an .onnx input needs --data DIR and --split FILE")
             from rich.console import Console
 
-            cfg = ExportConfig(
-                checkpoint=str(checkpoint),
-                out=str(checkpoint),
-                quantize=quantize,
-                calibration_images=calibration_images,
-                force=force,
-            )
-            requantize_from_master(checkpoint, str(data_dir), str(split_file), cfg, Console(stderr=True))
+            from cxr_batch.data import Split
+            from cxr_batch.export import read_contract_file, write_card
+            from cxr_batch.ood import fit_model
+
+            console = Console(stderr=True)
+            split = Split.read(split_file)
+            if ood:
+                fit_model(checkpoint, data_dir, split, console=console)
+            int8 = None
+            if quantize == "int8":
+                cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
+                                   calibration_images=calibration_images, force=force)
+                int8 = requantize_from_master(checkpoint, str(data_dir), str(split_file), cfg, console)
+            write_card(checkpoint, read_contract_file(checkpoint)[1], int8)
             return
         ckpt = checkpoint or latest_checkpoint()
         target = out or Path("export") / f"{ckpt.parent.name}.onnx"

@@ -40,5 +40,9 @@ class DataError(CxrBatchError):
     """A training or evaluation data folder cannot be used."""
 
 
+class MergeError(CxrBatchError):
+    """The parts of a sharded run can't be merged (conflicting, damaged or missing parts)."""
+
+
 class ImageError(CxrBatchError):
     """One image cannot be decoded. Becomes an error row, never stops a run."""

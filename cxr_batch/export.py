@@ -40,6 +40,7 @@ class ExportConfig:
     force: bool = False
     data_dir: str | None = None  # where the run's images are (default: from the run's config.json)
     parity_images: int = 64
+    ood: bool = True  # fit the out-of-distribution guard when the run's data is available
 
 
 def _onnx() -> Any:
@@ -204,10 +205,16 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     onnx.save(proto, str(out))
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if cfg.ood and root is not None and split is not None:
+        from cxr_batch.ood import fit_model
+
+        fit_model(out, root, split, console=console)
+    elif cfg.ood:
+        console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
     int8_info: dict[str, Any] | None = None
     if cfg.quantize == "int8":
         int8_info = quantize_int8(out, root, split, cfg, console)
-    write_card(out, meta, int8_info)
+    write_card(out, read_contract_file(out)[1], int8_info)
     return out
 
 
@@ -373,6 +380,10 @@ def quantize_int8(
     )
     onnx.save(proto, str(out))
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
+        from cxr_batch.ood import fit_model
+
+        fit_model(out, root, split, console=console)
     return info
 
 
@@ -457,6 +468,19 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
             f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}.",
         ]
+    if meta.ood:
+        ood = meta.ood
+        lines += ["", "## Out-of-distribution guard", "",
+                  f"{ood.get('description')}. Output `{ood.get('output')}`; an image is flagged (`in_distribution=false`) "
+                  f"when its score is above {ood.get('threshold', float('nan')):.3f}, set so that "
+                  f"{ood.get('calibration')} (measured pass rate {_fmt(ood.get('val_pass_rate'))} on {ood.get('n_calibration')} images). "
+                  "DICOM files whose modality is not a projection radiograph (CT, MR, ...) are flagged whatever the score."]
+        ev = ood.get("evaluation")
+        if ev:
+            lines += ["", f"Measured with `{ev.get('command')}`:", "",
+                      "| group | images | flagged | AUROC vs test split |", "| --- | ---: | ---: | ---: |"]
+            for g in ev.get("groups", []):
+                lines.append(f"| {g['name']} | {g['n']} | {g['flagged']:.1%} | {_fmt(g.get('auroc'))} |")
     lines += [
         "",
         "## Intended use",

@@ -295,7 +295,13 @@ def load_model(config: EngineConfig) -> LoadedModel:
         )
     for role in config.extra_outputs:
         if role not in meta.outputs:
-            raise ModelError(f"{choice.path}: the model has no '{role}' output (it has {sorted(meta.outputs)})")
+            hint = (
+                ", so it can't make heatmaps (it still classifies without --heatmaps). Add the output to the "
+                "model file, no retraining needed (needs the train extra): python -m cxr_batch.cam MODEL.onnx"
+                if role == "cam"
+                else ""
+            )
+            raise ModelError(f"{choice.path}: the model has no '{role}' output (it has {sorted(meta.outputs)}){hint}")
     return LoadedModel(session=session, meta=meta, path=choice.path, origin=choice.origin, provider=provider)
 
 
@@ -382,6 +388,7 @@ class _Prepared:
     notes: list[str] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    not_radiograph: str | None = None
 
 
 def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
@@ -403,8 +410,10 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
         fields=dict(decoded.fields),
     )
     if decoded.not_radiograph:
-        prepared.tensor = None
-        prepared.error = f"not a chest radiograph: {decoded.not_radiograph}"
+        # Still classified (the row keeps its probabilities), but flagged out of distribution
+        # whatever the score: the header says it is not what the model knows.
+        prepared.not_radiograph = decoded.not_radiograph
+        prepared.notes.append(f"out of distribution: {decoded.not_radiograph}")
     return prepared
 
 
@@ -605,4 +614,6 @@ class Classifier:
                 r.ood_score = score
                 if self._ood_threshold is not None and np.isfinite(score):
                     r.in_distribution = score <= self._ood_threshold
+            if batch[i].not_radiograph:
+                r.in_distribution = False
         return results

@@ -55,6 +55,46 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
     return float(ece)
 
 
+def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> list[dict[str, Any]]:
+    """The reliability diagram behind :func:`expected_calibration_error` (same bins): per bin its
+    edges, the number of images, their mean top-1 confidence and their accuracy (None when empty)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    conf = probs.max(axis=1) if len(y) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == y).astype(np.float64) if len(y) else np.zeros(0)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out: list[dict[str, Any]] = []
+    for lo, hi in pairwise(edges):
+        mask = (conf > lo) & (conf <= hi)
+        n = int(mask.sum())
+        out.append(
+            {
+                "lower": float(lo),
+                "upper": float(hi),
+                "n": n,
+                "confidence": float(conf[mask].mean()) if n else None,
+                "accuracy": float(correct[mask].mean()) if n else None,
+            }
+        )
+    return out
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest ROC curve: (false positive rates, true positive rates), one point per distinct
+    score threshold from (0, 0) to (1, 1). Its trapezoid area equals :func:`roc_auc`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive).astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([math.nan, math.nan])
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], pos[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each run of equal scores
+    tps = np.cumsum(p)[last]
+    fps = np.cumsum(~p)[last]
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+
+
 def _ratio(a: int, b: int) -> float:
     return a / b if b else math.nan
 

@@ -410,10 +410,17 @@ class RunStats:
     #: rows kept from an earlier run (resume) and how many of them are errors
     kept: int = 0
     kept_errors: int = 0
+    #: ok rows the out-of-distribution guard flagged; with ``drop_ood`` they leave the label counts
+    flagged: int = 0
+    drop_ood: bool = False
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:
             self.total += 1
+            if r.ok and r.in_distribution is False:
+                self.flagged += 1
+                if self.drop_ood:
+                    continue
             if r.ok and r.label is not None:
                 self.per_label[r.label] += 1
                 self.confidence_sum[r.label] = self.confidence_sum.get(r.label, 0.0) + (r.confidence or 0.0)
@@ -441,9 +448,12 @@ class RunStats:
         return self.total / self.wall_s if self.wall_s > 0 else math.nan
 
 
-def render_summary(stats: RunStats, console: Console) -> None:
-    """The rich summary table (per label, errors by reason, totals, speed, provider, model)."""
-    table = Table(title="cxr-batch classify", title_justify="left")
+def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch classify", timing: bool = True) -> None:
+    """The rich summary table (per label, errors by reason, totals, speed, provider, model).
+
+    ``timing=False`` leaves out the speed line (``merge`` did not classify anything itself).
+    """
+    table = Table(title=title, title_justify="left")
     table.add_column("label / error")
     table.add_column("images", justify="right")
     table.add_column("%", justify="right")
@@ -455,6 +465,8 @@ def render_summary(stats: RunStats, console: Console) -> None:
         table.add_row(escape(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
     for reason, n in stats.errors.most_common():
         table.add_row(f"[red]error:[/] {escape(reason)}", str(n), _pct(n, total), "")
+    if stats.drop_ood and stats.flagged:
+        table.add_row("[yellow]out of distribution (dropped)[/]", str(stats.flagged), _pct(stats.flagged, total), "")
     table.add_section()
     table.add_row("total", str(total), _pct(total, total), "")
     console.print(table)
@@ -462,6 +474,13 @@ def render_summary(stats: RunStats, console: Console) -> None:
         f"{total} images in {stats.wall_s:.1f} s ({stats.rate:.1f} images/s) on {stats.provider}",
         f"model {stats.model}",
     ]
+    if not timing:
+        lines.pop(0)
+    if stats.flagged:
+        lines.append(
+            f"{stats.flagged} images flagged out of distribution (in_distribution=false)"
+            + (", left out of the label counts (--drop-ood)" if stats.drop_ood else "; --drop-ood leaves them out of the label counts")
+        )
     if stats.kept:
         lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")
     for line in lines:

@@ -35,6 +35,7 @@ from cxr_batch import __version__
 from cxr_batch.data import Split, find_labelled, make_split
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
 from cxr_batch.metrics import classification_metrics, softmax
+from cxr_batch.metrics_view import print_metrics
 from cxr_batch.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -462,28 +463,6 @@ def _epoch_table(rows: list[dict[str, Any]], labels: Sequence[str], show_header:
             ]
         )
     return t
-
-
-def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metrics") -> None:
-    """Per-class table and confusion matrix as rich tables."""
-    t = Table(
-        title=f"{title}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"ECE {metrics['ece']:.4f}, n={metrics['n']}"
-    )
-    for c in ("class", "support", "precision", "recall", "specificity", "F1", "ROC AUC"):
-        t.add_column(c, justify="right")
-    for name, m in metrics["per_class"].items():
-        t.add_row(
-            name, str(m["support"]), *[f"{m[k]:.4f}" for k in ("precision", "recall", "specificity", "f1", "roc_auc")]
-        )
-    console.print(t)
-    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
-    cm.add_column("")
-    for name in metrics["labels"]:
-        cm.add_column(name, justify="right")
-    for name, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True):
-        cm.add_row(name, *[str(v) for v in row])
-    console.print(cm)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,115 @@
+"""``cxr-batch evaluate``: thin; the work is in :mod:`cxr_batch.evaluate` (imported in the command body)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cxr_batch.errors import CxrBatchError
+
+#: As for classify (cxr_batch.cli.EXIT_PARTIAL): the run finished, but some files could not be read.
+EXIT_PARTIAL = 3
+
+
+@click.command("evaluate")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--out", "-o", required=True, metavar="FILE", help="The metrics JSON to write.")
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    metavar="FILE.csv",
+    help="Labels from a CSV with the columns path,label (paths relative to DATA_DIR) instead of class folders.",
+)
+@click.option(
+    "--predictions",
+    metavar="FILE",
+    default=None,
+    help="Also write the per-image results, as classify does (.csv, or .jsonl for JSON lines).",
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="DIR",
+    help='Write confusion_matrix.png, roc_curves.png and reliability.png into DIR (pip install "cxr-batch[plots]").',
+)
+@click.option(
+    "--model",
+    "-m",
+    metavar="PATH",
+    default=None,
+    help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto uses CUDA only when it really starts, else CPU.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "int8"]),
+    default="auto",
+    show_default=True,
+    help="Which embedded default model: auto = int8 on CPU when installed, else fp32.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
+@click.option(
+    "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime threads (0: automatic)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing metrics file (and predictions).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no tables.")
+def evaluate_command(
+    data_dir: str,
+    out: str,
+    labels_file: str | None,
+    predictions: str | None,
+    plots: str | None,
+    model: str | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    threads: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Measure a model on labelled chest X-rays: accuracy, macro-F1, per-class precision,
+    recall, specificity and F1 with 95% Wilson intervals, the confusion matrix, one-vs-rest
+    ROC AUC and the expected calibration error, written as JSON.
+
+    Labels come from class folders (recognised as train recognises them; folders the model
+    has no label for are listed and skipped) or from --labels FILE.csv. Images go through
+    the classify engine; unreadable files are counted and listed. Exit status: 0, 3 when
+    some files could not be read, 1 fatal error, 2 usage error.
+
+    Example: cxr-batch evaluate labelled/ --out metrics.json --predictions results.csv --plots plots/
+    """
+    from cxr_batch.evaluate import EvaluateConfig, run_evaluate  # numpy, onnxruntime
+    from cxr_batch.inference import EngineConfig
+
+    config = EvaluateConfig(
+        data_dir=data_dir,
+        out=out,
+        engine=EngineConfig(
+            model=model,
+            device=device,  # type: ignore[arg-type]  # click.Choice checked it
+            precision=precision,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            threads=threads,
+        ),
+        labels_file=labels_file,
+        predictions=predictions,
+        plots=plots,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    try:
+        evaluation = run_evaluate(config)
+    except CxrBatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if evaluation.error_count:
+        sys.exit(EXIT_PARTIAL)

@@ -1,0 +1,339 @@
+"""``evaluate``: measure a model on labelled X-rays with the classify engine, numpy and rich only.
+
+Ground truth comes from class folders, recognised by :func:`cxr_batch.data.find_labelled` (the
+same detection ``train`` uses), or from a ``path,label`` CSV. Folders and CSV labels that the
+model doesn't know are listed in ``skipped``, never guessed. The images go through
+:class:`cxr_batch.inference.Classifier` exactly as in ``classify`` (decoding, batching, error
+rows); unreadable files are counted and listed in ``errors``.
+
+The metrics are :func:`cxr_batch.metrics.classification_metrics` (train's test report) computed
+on the probabilities *as the report writes them* (:func:`cxr_batch.report.row_values`, 6
+significant digits), so recomputing from the ``--predictions`` CSV gives identical numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+
+from cxr_batch import __version__
+from cxr_batch.data import _canon, find_labelled
+from cxr_batch.errors import DataError, OutputError
+from cxr_batch.inference import Classifier, EngineConfig, Result
+from cxr_batch.inputs import InputFile
+from cxr_batch.meta import file_sha256
+from cxr_batch.metrics import classification_metrics, reliability_bins
+from cxr_batch.metrics_view import print_metrics
+from cxr_batch.report import ReportConfig, ReportWriter, check_output, open_report, report_format, row_values
+
+#: Unreadable files and skipped labels shown on stderr at most (all of them are in the JSON).
+SHOW = 10
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything one ``evaluate`` run needs."""
+
+    data_dir: str
+    #: the metrics JSON
+    out: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    #: a ``path,label`` CSV (paths relative to ``data_dir``) instead of class folders
+    labels_file: str | None = None
+    #: also write the per-image report (classify's CSV or JSON lines)
+    predictions: str | None = None
+    #: write PNG figures here (needs the ``plots`` extra)
+    plots: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class GroundTruth:
+    """The labelled files to evaluate, in order, and what was left out."""
+
+    files: list[InputFile]
+    #: report path → label (a label of the model)
+    labels: dict[str, str]
+    source: str
+    #: left out: {"label", "folder" (folders only), "files", "reason"}
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` measured: ``document`` is what the metrics JSON holds."""
+
+    document: dict[str, Any]
+    y_true: np.ndarray
+    probs: np.ndarray
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def error_count(self) -> int:
+        return int(self.document["error_count"])
+
+
+def _model_label(label: str, model_labels: tuple[str, ...]) -> str | None:
+    """A ground-truth label as the model names it (folder aliases such as 'COVID-19' included), or None."""
+    if label in model_labels:
+        return label
+    canon = _canon(label)
+    return canon if canon in model_labels else None
+
+
+def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) -> GroundTruth:
+    """Ground truth from class folders under ``root``, for the labels the model knows.
+
+    Raises:
+        DataError: no class folders, an empty class folder, or no folder the model has a label for.
+    """
+    root = Path(root)
+    found = find_labelled(root)  # the layout as train sees it; lists the folders it leaves out
+    candidates = [*found.labels, *(_canon(name) for name in found.ignored)]
+    use = [label for label in model_labels if label in candidates]
+    if not use:
+        raise DataError(
+            f"{root}: none of its class folders ({', '.join(sorted(candidates))}) is a label of the model "
+            f"({', '.join(model_labels)}); pass --labels FILE.csv to give labels another way"
+        )
+    data = find_labelled(root, classes=use)
+    files: list[InputFile] = []
+    labels: dict[str, str] = {}
+    for path, label in data.items:
+        rel = path.relative_to(root).as_posix()
+        files.append(InputFile(str(path), rel))
+        labels[rel] = label
+    skipped = []
+    for folder in data.ignored:
+        try:
+            n = len(find_labelled(root, classes=[folder]).items)
+        except DataError:
+            n = 0
+        skipped.append({"label": _canon(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
+    return GroundTruth(files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped)
+
+
+def csv_truth(
+    labels_file: str | os.PathLike[str], root: str | os.PathLike[str], model_labels: tuple[str, ...]
+) -> GroundTruth:
+    """Ground truth from a CSV with ``path`` and ``label`` columns (others are ignored).
+
+    Relative paths are under ``root``; the report shows each path as the CSV writes it. Rows
+    whose label the model doesn't know are skipped and counted; a missing file becomes an
+    error row when it is classified.
+
+    Raises:
+        DataError: the file can't be read, lacks the columns, has an incomplete or repeated row.
+    """
+    src = Path(labels_file)
+    files: list[InputFile] = []
+    labels: dict[str, str] = {}
+    unknown: Counter[str] = Counter()
+    try:
+        with open(src, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
+                raise DataError(f"{src}: a labels file needs a header with the columns path,label")
+            for row in reader:
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
+                path, label = row.get("path", ""), row.get("label", "")
+                if not path and not label:
+                    continue
+                if not path or not label:
+                    raise DataError(f"{src}: line {reader.line_num}: needs both a path and a label")
+                if path in labels:
+                    raise DataError(f"{src}: line {reader.line_num}: {path!r} is listed twice")
+                as_model = _model_label(label, model_labels)
+                if as_model is None:
+                    unknown[label] += 1
+                    continue
+                files.append(InputFile(path if os.path.isabs(path) else os.path.join(root, path), path))
+                labels[path] = as_model
+    except OSError as exc:
+        raise DataError(f"cannot read the labels file {src}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{src}: not a UTF-8 CSV file ({exc})") from None
+    skipped = [
+        {"label": label, "files": n, "reason": "the model has no such label"} for label, n in sorted(unknown.items())
+    ]
+    return GroundTruth(files=files, labels=labels, source=f"labels file {src}", skipped=skipped)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinity become None (null), so the document is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def report_probabilities(result: Result, labels: tuple[str, ...]) -> list[float]:
+    """The probabilities exactly as the report writes them (same rounding)."""
+    row = row_values(result, labels)
+    return [float(row[f"prob_{label}"]) for label in labels]
+
+
+def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
+    out = Path(config.out)
+    if out.is_dir():
+        raise OutputError(f"--out {config.out} is a folder; give a file name such as {out / 'metrics.json'}")
+    if out.exists() and not config.overwrite:
+        raise OutputError(f"{config.out} already exists; pass --overwrite to replace it")
+    if config.predictions is None:
+        return None
+    if config.predictions == "-":
+        raise OutputError("--predictions needs a file name ('-' is not supported: stdout is for data)")
+    report = ReportConfig(out=config.predictions, format=report_format(config.predictions), overwrite=config.overwrite)
+    check_output(report)
+    return report
+
+
+def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Evaluation:
+    """Classify the labelled images, compute the metrics, write the JSON (and predictions, plots).
+
+    Args:
+        config: data, outputs and engine settings.
+        console: where progress, the tables and the summary go (default: stderr).
+
+    Raises:
+        DataError: no usable labels (see :func:`folder_truth`, :func:`csv_truth`), or no images.
+        ModelError, NoDefaultModelError, DeviceError: the model can't be used.
+        OutputError: an output exists without ``overwrite`` or can't be written.
+        MissingExtraError: ``plots`` without matplotlib.
+    """
+    from cxr_batch.batch import _progress
+
+    console = console or Console(stderr=True)
+    report = _check_outputs(config)  # fail fast, before the model load and the walk
+    if config.plots is not None:
+        from cxr_batch.plots import require_matplotlib
+
+        require_matplotlib()
+    classifier = Classifier.from_config(config.engine)
+    labels = classifier.labels
+    if config.labels_file is not None:
+        truth = csv_truth(config.labels_file, config.data_dir, labels)
+    else:
+        truth = folder_truth(config.data_dir, labels)
+    if not truth.files:
+        raise DataError(f"{truth.source}: no labelled images with a label the model knows ({', '.join(labels)})")
+
+    writer: ReportWriter | None = None
+    if report is not None:
+        writer, _ = open_report(report, labels, classifier.meta.ident)
+    ys: list[int] = []
+    probs: list[list[float]] = []
+    errors: list[dict[str, Any]] = []
+    flagged = 0
+    try:
+        with _progress(console, len(truth.files), console.is_terminal and not config.quiet) as advance:
+            batches = classifier.iter_batches(truth.files)
+            with closing(batches):
+                for batch in batches:
+                    if writer is not None:
+                        writer.write(batch)
+                    for r in batch:
+                        label = truth.labels[r.path]
+                        if r.ok:
+                            ys.append(labels.index(label))
+                            probs.append(report_probabilities(r, labels))
+                            flagged += r.in_distribution is False
+                        else:
+                            errors.append({"path": r.path, "label": label, "error": r.error})
+                    advance(len(batch))
+    finally:
+        if writer is not None:
+            writer.close()
+
+    y = np.asarray(ys, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64).reshape(len(ys), len(labels))
+    metrics = classification_metrics(y, p, labels)
+    document: dict[str, Any] = {
+        **metrics,
+        "reliability": reliability_bins(p, y),
+        "files": len(truth.files),
+        "error_count": len(errors),
+        "errors": errors,
+        "skipped": truth.skipped,
+        "out_of_distribution": flagged if "ood_score" in classifier.meta.outputs else None,
+        "data": {"root": str(config.data_dir), "source": truth.source},
+        "model": classifier.meta.ident,
+        "model_path": str(classifier.model_path),
+        "model_sha256": file_sha256(classifier.model_path),
+        "model_origin": classifier.model_origin,
+        "provider": classifier.provider,
+        "predictions": config.predictions,
+        "cxr_batch_version": __version__,
+    }
+    document = json_safe(document)
+    written = [_write_json(Path(config.out), document)]
+    if config.plots is not None:
+        from cxr_batch.plots import write_plots
+
+        written += write_plots(config.plots, document, y, p)
+    evaluation = Evaluation(document=document, y_true=y, probs=p, written=written)
+    if not config.quiet:
+        print_summary(evaluation, console)
+    return evaluation
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def print_summary(evaluation: Evaluation, console: Console) -> None:
+    """The per-class table and confusion matrix, then unreadable files, skipped labels and outputs."""
+    doc = evaluation.document
+    nan = float("nan")
+    shown = {
+        **doc,
+        "accuracy": nan if doc["accuracy"] is None else doc["accuracy"],
+        "macro_f1": nan if doc["macro_f1"] is None else doc["macro_f1"],
+        "ece": nan if doc["ece"] is None else doc["ece"],
+    }
+    print_metrics(shown, console, title=f"evaluate {doc['model']}")
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+    say(
+        f"{doc['files']} labelled images ({escape(doc['data']['source'])}): {doc['n']} classified, "
+        f"{doc['error_count']} unreadable"
+    )
+    for e in doc["errors"][:SHOW]:
+        say(f"[red]unreadable:[/] {escape(e['path'])} ({escape(e['label'])}): {escape(str(e['error']))}")
+    if doc["error_count"] > SHOW:
+        say(f"[red]unreadable:[/] {doc['error_count'] - SHOW} more, listed in the metrics file")
+    for s in doc["skipped"]:
+        where = f"folder {s['folder']!r}" if "folder" in s else f"label {s['label']!r}"
+        say(
+            f"[yellow]skipped:[/] {escape(where)}, {s['files']} files: {escape(s['reason'])} ({', '.join(doc['labels'])})"
+        )
+    if doc.get("out_of_distribution"):
+        say(f"[yellow]note:[/] {doc['out_of_distribution']} classified images were flagged out of distribution")
+    for path in evaluation.written:
+        say(f"wrote {escape(str(path))}")
+    if doc.get("predictions"):
+        say(f"wrote {escape(doc['predictions'])}")

@@ -1,0 +1,216 @@
+"""Heatmaps: the class activation map of the predicted class, overlaid on the input X-ray.
+
+numpy and Pillow only. The map comes from the model's ``cam`` output (N×C×h×w, see
+:mod:`cxr_batch.cam`), computed by onnxruntime in the same call that gives the logits. Here it
+is min-max normalised to [0, 1], upsampled (bilinear) to the image with the original image's
+aspect (the model sees the image squashed to its square input, so stretching the map back puts
+each cell over the pixels it saw), coloured with a small built-in colormap, and blended over
+the grey image: the hotter a pixel, the more colour.
+
+Each heatmap keeps the report path of its image under the heatmap folder with ``.png`` added
+(``covid/a.jpg`` → ``DIR/covid/a.jpg.png``), so ``a.jpg`` and ``a.png`` never collide.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.markup import escape
+
+from cxr_batch.cam import CAM_ROLE
+from cxr_batch.errors import ImageError, OutputError
+from cxr_batch.preprocess import decode, resize_grey
+
+if TYPE_CHECKING:
+    from cxr_batch.inference import Result
+
+#: Heatmaps keep the image's aspect; the longer side is at most this many pixels (never upscaled).
+MAX_SIDE = 1024
+#: Colour opacity at the hottest pixel, and at the coldest (a faint tint shows the map's extent).
+ALPHA_MAX = 0.6
+ALPHA_MIN = 0.1
+#: The colormap's control points (value, R, G, B): indigo → blue → cyan → green → yellow → red.
+COLORMAP = (
+    (0.00, 0.19, 0.07, 0.23),
+    (0.15, 0.22, 0.35, 0.90),
+    (0.35, 0.10, 0.75, 0.85),
+    (0.50, 0.30, 0.90, 0.40),
+    (0.65, 0.85, 0.90, 0.20),
+    (0.80, 0.98, 0.55, 0.10),
+    (0.92, 0.90, 0.20, 0.05),
+    (1.00, 0.65, 0.03, 0.02),
+)
+#: A ``..`` in a report path becomes this folder name, so every heatmap stays under the folder.
+PARENT_DIR_NAME = "__parent__"
+
+
+def normalise(cam: np.ndarray) -> np.ndarray:
+    """Min-max scale one map (h×w) to [0, 1] in float32; a flat map becomes all zeros."""
+    m = np.asarray(cam, dtype=np.float64)
+    lo, hi = float(m.min()), float(m.max())
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(m.shape, dtype=np.float32)
+    return ((m - lo) / (hi - lo)).astype(np.float32)
+
+
+def class_map(cam: np.ndarray, index: int) -> np.ndarray:
+    """The normalised map of class ``index`` from one image's ``cam`` output (C×h×w)."""
+    cam = np.asarray(cam)
+    if cam.ndim != 3:
+        raise ValueError(f"a 'cam' output row must be C×h×w, not {list(cam.shape)}")
+    return normalise(cam[index])
+
+
+def upsample(m: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of a [0, 1] map to ``height``×``width`` (Pillow, pixel-centre aligned)."""
+    img = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32))
+    out = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 (shape ``values.shape + (3,)``) with :data:`COLORMAP`."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    stops = np.asarray(COLORMAP, dtype=np.float32)
+    channels = [np.interp(v, stops[:, 0], stops[:, c]) for c in (1, 2, 3)]
+    rgb = np.stack(channels, axis=-1)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def blend(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Colour the grey image (H×W in [0, 1]) by ``heat`` (H×W in [0, 1]); returns RGB uint8."""
+    base = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1) * 255.0
+    alpha = (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * heat)[..., None]
+    out = (1.0 - alpha) * base + alpha * colormap(heat).astype(np.float32)
+    return np.round(np.clip(out, 0.0, 255.0)).astype(np.uint8)
+
+
+def overlay_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """(width, height) with the same aspect and the longer side at most ``max_side``."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def render(path: str | os.PathLike[str], heat: np.ndarray, max_side: int = MAX_SIDE) -> Image.Image:
+    """Decode ``path`` (the same decoder classify uses) and overlay the normalised map ``heat`` (h×w).
+
+    Raises:
+        ImageError: the file can no longer be decoded.
+    """
+    decoded = decode(path, (max_side // 2, max_side // 2))  # JPEGs may decode smaller, >= max_side
+    width, height = overlay_size(decoded.width, decoded.height, max_side)
+    grey = resize_grey(decoded.grey, (height, width))
+    return Image.fromarray(blend(grey, upsample(heat, width, height)), "RGB")
+
+
+def heatmap_relpath(report_path: str) -> Path:
+    """Where an image's heatmap goes under the heatmap folder: its report path with ``.png`` added.
+
+    An absolute report path (``--absolute-paths``) loses its root; ``..`` becomes
+    :data:`PARENT_DIR_NAME` and ``.`` is dropped, so nothing is written outside the folder.
+    """
+    pure = PurePath(report_path)
+    parts = pure.parts[1:] if pure.anchor else pure.parts
+    safe = [PARENT_DIR_NAME if p == ".." else p for p in parts if p not in ("", ".")]
+    if not safe:
+        raise ValueError(f"no file name in {report_path!r}")
+    safe[-1] += ".png"
+    return Path(*safe)
+
+
+class HeatmapWriter:
+    """Write one heatmap PNG per classified result (results need the ``cam`` output).
+
+    A heatmap that can't be made (the file changed since it was classified, a write error) is
+    recorded in :attr:`failures`; the classification row stands.
+
+    Args:
+        folder: the heatmap folder (created when the first heatmap is written).
+        labels: the model's labels, in model order.
+        workers: rendering threads (decode, resize, PNG encode); default one per core, at most 8.
+        max_side: the longer side of a heatmap at most, in pixels.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        labels: Sequence[str],
+        workers: int | None = None,
+        max_side: int = MAX_SIDE,
+    ) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"--heatmaps {self.folder}: exists and is not a folder")
+        self.labels = tuple(labels)
+        self.max_side = max_side
+        self.written = 0
+        self.failures: list[tuple[str, str]] = []
+        self._claimed: dict[Path, str] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers or max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cxr-heatmap"
+        )
+
+    def target(self, report_path: str) -> Path:
+        """The heatmap file for a report path."""
+        return self.folder / heatmap_relpath(report_path)
+
+    def write(self, results: Sequence[Result]) -> None:
+        """Render the heatmaps of the ok results of one batch (in parallel); returns when written."""
+        jobs = []
+        for r in results:
+            if not r.ok or r.label is None:
+                continue
+            cam = r.outputs.get(CAM_ROLE)
+            if cam is None:
+                self.failures.append((r.path, f"the model returned no '{CAM_ROLE}' output"))
+                continue
+            target = self.target(r.path)
+            first = self._claimed.setdefault(target, r.path)
+            if first != r.path:
+                self.failures.append((r.path, f"its heatmap name {target} is taken by {first!r}"))
+                continue
+            heat = class_map(cam, self.labels.index(r.label))
+            jobs.append((r.path, self._pool.submit(self._render_one, r.file, heat, target)))
+        for path, job in jobs:
+            error = job.result()
+            if error is None:
+                self.written += 1
+            else:
+                self.failures.append((path, error))
+
+    def _render_one(self, file: str, heat: np.ndarray, target: Path) -> str | None:
+        """Runs in a rendering thread; returns the error message, or None when written."""
+        try:
+            image = render(file, heat, self.max_side)
+        except ImageError as exc:
+            return f"cannot decode the image again: {exc}"
+        except MemoryError:
+            return "out of memory while rendering the heatmap"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, format="PNG")
+        except OSError as exc:
+            return f"cannot write {target}: {exc.strerror or exc}"
+        return None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def report(self, console: Console, show: int = 10) -> None:
+        """One line for the heatmaps written, then a warning per heatmap that failed (the first ``show``)."""
+        console.print(
+            f"heatmaps: {self.written} written under {escape(str(self.folder))}", highlight=False, soft_wrap=True
+        )
+        for path, error in self.failures[:show]:
+            console.print(
+                f"[yellow]warning:[/] no heatmap for {escape(path)}: {escape(error)}", highlight=False, soft_wrap=True
+            )
+        if len(self.failures) > show:
+            console.print(f"[yellow]warning:[/] {len(self.failures) - show} more heatmaps failed", highlight=False)

@@ -1,0 +1,416 @@
+"""``merge``: join the reports of a sharded run (``classify --shard K/N``) into one.
+
+Checks, each an error that names the files (nothing is dropped silently):
+
+- every part is a complete report: a header, no partial last row (a shard interrupted mid-row
+  must be finished with ``classify --resume`` first), every row with all its columns;
+- all parts have the same columns, and every row names the same model;
+- no path appears twice, in one part or across parts;
+- with ``expect=N``: every row of a part hashes to the same shard of N (so a part written with
+  another N, or two parts mixed up, is caught), no two parts hold the same shard, and N parts
+  are given (a part with no rows, from a shard that got no files, counts for one of the shards
+  no row points at). The shard is recomputed from each row's ``path``, so parts need no extra
+  column and no naming convention.
+
+The merged report lists the rows in the order an unsharded run over one input folder writes
+them: the walk order, names sorted at each folder level, depth first. That is the order of the
+paths split at ``/`` and compared part by part (:func:`walk_key`). Each part is already in that
+order, so the parts are merged as streams (memory stays flat for millions of rows); a part that
+is not (several inputs, ``--files-from``) is sorted in memory instead. CSV rows are written back
+field by field with the writer ``classify`` uses, JSON lines byte for byte, so merging the parts
+gives the same file as one unsharded run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import heapq
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from cxr_batch.errors import MergeError, OutputError
+from cxr_batch.inference import Result
+from cxr_batch.report import ENCODING, ERRORS, Format, RunStats, _describe_diff, render_summary, report_format
+from cxr_batch.shard import shard_of
+
+#: Columns a part must have to be read as a cxr-batch report.
+REQUIRED = ("path", "status", "label", "confidence", "error", "model")
+
+
+def walk_key(path: str) -> tuple[str, ...]:
+    """Sort key reproducing the walk order from a report path: component by component.
+
+    The walk lists each folder's entries sorted by name and enters a folder where its name
+    falls, so ``a/z.png`` (folder ``a``) comes before ``a b.png`` and ``a.png``.
+    """
+    return tuple(path.split("/"))
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """What ``merge`` joins and where it writes."""
+
+    parts: tuple[str, ...]
+    out: str
+    #: the shard count N of the run; checks that all N shards are there and each part is one of them
+    expect: int | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("give at least one part")
+        if self.expect is not None and self.expect < 1:
+            raise ValueError("expect must be at least 1")
+
+
+@dataclass
+class MergeStats:
+    """What the merge found: the summary counts of the whole, and where each part's rows belong."""
+
+    stats: RunStats
+    parts: int
+    #: the shard of N each part holds (None: the part has no rows); only with ``expect``
+    shards: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    key: tuple[str, ...]
+    part: int  # index into the parts, so equal paths sort by part (stable error messages)
+    number: int  # row number in its part (1 = first row after the header)
+    path: str
+    model: str
+    values: dict[str, Any]  # typed enough for the summary: status, label, confidence, error, in_distribution
+    record: list[str] | str  # CSV fields, or the JSON line as read
+
+
+class _Unsorted(Exception):
+    """A part is not in walk order: merge in memory instead of as streams."""
+
+
+class _Part:
+    """One part: its header (or JSON keys), format, and a row reader that checks as it goes."""
+
+    def __init__(self, index: int, path: str, fmt: Format) -> None:
+        self.index = index
+        self.path = path
+        self.fmt = fmt
+        self.columns: list[str] | None = None
+        self.shard: int | None = None
+        self.rows = 0
+        size = os.path.getsize(path)
+        if size:
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    raise MergeError(
+                        f"{path} ends in a partial row: that shard's run was interrupted; "
+                        "finish it with 'cxr-batch classify ... --shard K/N --resume' and merge again"
+                    )
+        if fmt == "csv":
+            if not size:
+                raise MergeError(f"{path} is empty (not even a header): did that shard's run fail before it started?")
+            with open(path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
+                header = next(csv.reader(fh), None)
+            self.columns = header
+        else:
+            with open(path, "rb") as fh:
+                first = fh.readline()
+            if first:
+                self.columns = list(self._json(first.decode(ENCODING, ERRORS), 1))
+        if self.columns is not None:
+            missing = [c for c in REQUIRED if c not in self.columns]
+            if missing:
+                raise MergeError(f"{path} is not a cxr-batch report (no {', '.join(missing)} column)")
+
+    def _json(self, line: str, number: int) -> dict[str, Any]:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise MergeError(f"{self.path}: line {number} is not a JSON object")
+        return obj
+
+    def rows_iter(self) -> Iterator[_Row]:
+        if self.fmt == "csv":
+            yield from self._csv_rows()
+        else:
+            yield from self._jsonl_rows()
+
+    def _csv_rows(self) -> Iterator[_Row]:
+        assert self.columns is not None
+        cols = self.columns
+        with open(self.path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
+            reader = csv.reader(fh, strict=True)
+            next(reader)
+            number = 0
+            while True:
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    raise MergeError(f"{self.path}: row {number + 1} is not valid CSV ({exc})") from None
+                number += 1
+                if len(record) != len(cols):
+                    raise MergeError(
+                        f"{self.path}: row {number} has {len(record)} fields, the header {len(cols)}; the part is damaged"
+                    )
+                row = dict(zip(cols, record, strict=True))
+                values = {
+                    "status": row["status"],
+                    "label": row["label"] or None,
+                    "confidence": float(row["confidence"]) if row["confidence"] else None,
+                    "error": row["error"] or None,
+                    "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
+                }
+                yield _Row(walk_key(row["path"]), self.index, number, row["path"], row["model"], values, record)
+
+    def _jsonl_rows(self) -> Iterator[_Row]:
+        with open(self.path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                line = raw.decode(ENCODING, ERRORS)
+                obj = self._json(line, number)
+                if list(obj) != self.columns:
+                    raise MergeError(f"{self.path}: line {number} has other keys than line 1; the part is damaged")
+                if not isinstance(obj["path"], str):
+                    raise MergeError(f"{self.path}: line {number} has no path")
+                values = {k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution")}
+                yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], str(obj["model"]), values, line)
+
+
+def _check_output(config: MergeConfig, parts: Sequence[str]) -> None:
+    out = Path(config.out)
+    if out.is_dir():
+        raise OutputError(f"--out {config.out} is a folder; give a file name such as {out / 'results.csv'}")
+    for part in parts:
+        if os.path.abspath(part) == os.path.abspath(out) or (out.exists() and os.path.samefile(part, out)):
+            raise OutputError(f"--out {config.out} is also one of the parts; write the merged report elsewhere")
+    if out.exists() and not config.overwrite:
+        raise OutputError(f"{config.out} already exists; pass --overwrite to replace it")
+
+
+def _open_parts(config: MergeConfig) -> tuple[list[_Part], Format]:
+    seen: dict[tuple[int, int], str] = {}
+    for path in config.parts:
+        if not os.path.isfile(path):
+            raise MergeError(f"part {path} is not a file")
+        st = os.stat(path)
+        other = seen.get((st.st_dev, st.st_ino))
+        if other is not None:
+            shown = other if other == path else f"{other} and {path}"
+            raise MergeError(f"the same part is given twice: {shown}")
+        seen[(st.st_dev, st.st_ino)] = path
+    formats = {path: report_format(path) for path in config.parts}
+    fmt = formats[config.parts[0]]
+    for path, f in formats.items():
+        if f != fmt:
+            raise MergeError(f"{config.parts[0]} is {fmt} but {path} is {f}; merge parts of one format")
+    out_fmt = report_format(config.out)
+    if out_fmt != fmt:
+        raise MergeError(f"the parts are {fmt} but --out {config.out} names a {out_fmt} file; use a .{fmt} name")
+    parts = [_Part(i, path, fmt) for i, path in enumerate(config.parts)]
+    first = next((p for p in parts if p.columns is not None), None)
+    if first is not None and first.columns is not None:
+        for p in parts:
+            if p.columns is not None and p.columns != first.columns:
+                raise MergeError(
+                    f"{p.path} has other columns than {first.path} ({_describe_diff(p.columns, first.columns)}): "
+                    "parts of one run have the same columns; were they written by different models or versions?"
+                )
+    return parts, fmt
+
+
+class _Checker:
+    """Checks rows in merged order: model, duplicates, shards."""
+
+    def __init__(self, parts: Sequence[_Part], expect: int | None) -> None:
+        self.parts = parts
+        self.expect = expect
+        self.model: tuple[str, _Part] | None = None
+        self.previous: _Row | None = None
+
+    def check(self, row: _Row) -> None:
+        part = self.parts[row.part]
+        part.rows += 1
+        if self.model is None:
+            self.model = (row.model, part)
+        elif row.model != self.model[0]:
+            raise MergeError(
+                f"{part.path} row {row.number} was written by model {row.model!r}, "
+                f"{self.model[1].path} by {self.model[0]!r}: merge parts of one model only"
+            )
+        prev = self.previous
+        if prev is not None and prev.path == row.path:
+            a, b = self.parts[prev.part], part
+            where = (
+                f"twice in {a.path} (rows {prev.number} and {row.number})"
+                if a is b
+                else f"in both {a.path} (row {prev.number}) and {b.path} (row {row.number})"
+            )
+            raise MergeError(
+                f"path {row.path!r} appears {where}; a file belongs to one shard only: were parts of "
+                "different runs (or a part and an earlier merge) given together?"
+            )
+        self.previous = row
+        if self.expect is not None:
+            k = shard_of(row.path, self.expect)
+            if part.shard is None:
+                part.shard = k
+            elif k != part.shard:
+                raise MergeError(
+                    f"{part.path}: row {row.number} ({row.path!r}) belongs to shard {k}/{self.expect}, its earlier "
+                    f"rows to shard {part.shard}/{self.expect}: this part is not one shard of {self.expect} "
+                    "(written with another N, or parts mixed up?)"
+                )
+
+    def finish(self) -> None:
+        if self.expect is None:
+            return
+        n = self.expect
+        owners: dict[int, _Part] = {}
+        for p in self.parts:
+            if p.shard is None:
+                continue
+            other = owners.setdefault(p.shard, p)
+            if other is not p:
+                raise MergeError(f"{other.path} and {p.path} both hold shard {p.shard}/{n}; each shard has one part")
+        empty = [p.path for p in self.parts if p.shard is None]
+        if len(self.parts) != n:
+            missing = [k for k in range(n) if k not in owners]
+            detail = f"no part holds rows of shard(s) {_ranges(missing)}" if missing else "too many parts"
+            if empty:
+                detail += f"; {len(empty)} part(s) have no rows ({', '.join(empty)}), each may be one of those shards"
+            raise MergeError(f"--expect {n}: {len(self.parts)} part(s) given, {n} expected: {detail}")
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """[0, 1, 2, 5] → '0-2, 5'."""
+    out: list[str] = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(str(numbers[i]) if i == j else f"{numbers[i]}-{numbers[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _in_order(part: _Part) -> Iterator[_Row]:
+    previous: tuple[str, ...] | None = None
+    for row in part.rows_iter():
+        if previous is not None and row.key < previous:
+            raise _Unsorted(part.path)
+        previous = row.key
+        yield row
+
+
+def _merged(parts: Sequence[_Part], streaming: bool) -> Iterator[_Row]:
+    if streaming:
+        return heapq.merge(*(_in_order(p) for p in parts), key=lambda r: (r.key, r.part, r.number))
+    everything = [row for p in parts for row in p.rows_iter()]
+    everything.sort(key=lambda r: (r.key, r.part, r.number))
+    return iter(everything)
+
+
+def _labels(columns: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(c[len("prob_") :] for c in columns or () if c.startswith("prob_"))
+
+
+def _write(parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | None, streaming: bool) -> RunStats:
+    columns = next((p.columns for p in parts if p.columns is not None), None)
+    checker = _Checker(parts, expect)
+    stats: RunStats | None = None
+    writer = csv.writer(stream, lineterminator="\r\n")  # as report.CsvWriter writes
+    if fmt == "csv" and columns is not None:
+        writer.writerow(columns)
+    for p in parts:
+        p.rows, p.shard = 0, None
+    for row in _merged(parts, streaming):
+        checker.check(row)
+        if stats is None:
+            stats = RunStats(labels=_labels(columns), model=row.model, provider="")
+        if isinstance(row.record, str):
+            stream.write(row.record)
+        else:
+            writer.writerow(row.record)
+        v = row.values
+        stats.add(
+            [
+                Result(
+                    path=row.path,
+                    file=row.path,
+                    status=str(v["status"]),
+                    model=row.model,
+                    label=v["label"],
+                    confidence=v["confidence"],
+                    error=v["error"],
+                    in_distribution=v["in_distribution"],
+                )
+            ]
+        )
+    checker.finish()
+    return stats or RunStats(labels=_labels(columns), model="(no rows)", provider="")
+
+
+def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeStats:
+    """Check the parts and write them as one report (atomically: a temporary file, then a rename).
+
+    Args:
+        config: the parts, the output and the shard count to expect.
+        console: where the summary goes (default: stderr).
+
+    Returns:
+        The counts of the merged report (for the summary and the exit code) and each part's shard.
+
+    Raises:
+        MergeError: the parts conflict (columns, model, a path twice, shards), or one is damaged
+            or missing; the message names the files.
+        OutputError: ``out`` exists without ``overwrite``, is one of the parts, or can't be written.
+    """
+    console = console or Console(stderr=True)
+    _check_output(config, config.parts)
+    parts, fmt = _open_parts(config)
+    out = Path(config.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {config.out}: {exc.strerror or exc}") from None
+    try:
+        with open(fd, "w", encoding=ENCODING, errors=ERRORS, newline="") as stream:
+            try:
+                stats = _write(parts, fmt, stream, config.expect, streaming=True)
+            except _Unsorted:
+                stream.seek(0)
+                stream.truncate()
+                stats = _write(parts, fmt, stream, config.expect, streaming=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    stats.finish()
+    result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts})
+    if not config.quiet:
+        render_summary(stats, console, title="cxr-batch merge", timing=False)
+        line = f"merged {len(parts)} part(s), {stats.total} rows, into {config.out}"
+        if config.expect is not None:
+            line += f" (all {config.expect} shards)"
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    return result
+

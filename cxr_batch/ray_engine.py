@@ -1,0 +1,308 @@
+"""``classify --engine ray``: the same decoding, preprocessing and ONNX model, run by Ray Data actors.
+
+The file list becomes a dataset (one row per file: its index, the path to open and the report
+path); ``map_batches`` runs :class:`_Worker`, a class-based worker holding one onnxruntime
+session per actor (a :class:`cxr_batch.inference.Classifier`, so decoding, preprocessing, error
+rows and the out-of-distribution flag are exactly those of a local run). Results stream back
+to the driver in input order and go through the same report writer, so the report, ``--resume``
+and the summary are those of a local run.
+
+The model is resolved and its contract read on the driver (``--model``, ``$CXR_BATCH_MODEL`` or
+the embedded default), then its bytes are shipped to the actors: workers on other machines need
+cxr-batch installed but not the model file. The images are opened by the workers, so on a
+cluster every node must see them at the same path (a shared file system).
+
+Ray is an optional extra (``pip install "cxr-batch[ray]"``) imported only here, inside functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.inference import (
+    CPU,
+    CUDA,
+    Classifier,
+    EngineConfig,
+    Result,
+    available_providers,
+    choose_model,
+    create_session,
+)
+from cxr_batch.inputs import InputFile
+from cxr_batch.meta import ModelMeta, read_contract
+
+#: Model batches per Ray task: the worker's decoder threads then run ahead of the model within a
+#: task, as in a local run, instead of starting cold for every model batch.
+TASK_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide to run; built from ``--engine ray`` and ``--ray-address``."""
+
+    #: a Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); None starts Ray on this machine
+    address: str | None = None
+    #: actors to start; None: one per GPU with ``device="cuda"``, else one per ``cpus_per_actor`` CPUs
+    actors: int | None = None
+    #: CPUs a Ray started here may use (None: all of them); ignored with ``address``
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("actors must be at least 1")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError("num_cpus must be at least 1")
+
+
+def require_ray() -> None:
+    """Check that Ray Data is installed, without importing it (that takes a second).
+
+    Raises:
+        MissingExtraError: ray or pyarrow is missing.
+    """
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("pyarrow") is None:
+        raise MissingExtraError("--engine ray", "ray", "ray[data]")
+
+
+def _import_ray() -> Any:
+    require_ray()
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise MissingExtraError("--engine ray", "ray", "ray[data]") from None
+    return ray
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _dump(r: Result) -> str:
+    """A result as JSON (exact: floats by repr; names that are not UTF-8 as ``\\udcNN``).
+
+    Every field but ``outputs`` (extra model outputs, which classify doesn't ask for): a field
+    added to :class:`Result` later travels too, or fails loudly if it isn't JSON.
+    """
+    return json.dumps({f.name: getattr(r, f.name) for f in fields(r) if f.name != "outputs"}, ensure_ascii=True)
+
+
+def _load(text: str) -> Result:
+    return Result(**json.loads(text))
+
+
+def _encode(name: str) -> bytes:
+    """Arrow strings must be UTF-8; file names need not be, so they travel as bytes."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _decode(raw: bytes) -> str:
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+class _Worker:
+    """One Ray actor: one onnxruntime session, the local engine's decoder threads."""
+
+    def __init__(self, model_bytes: bytes, model_name: str, engine: EngineConfig) -> None:
+        folder = tempfile.mkdtemp(prefix="cxr-ray-")
+        try:
+            path = os.path.join(folder, model_name)
+            with open(path, "wb") as fh:
+                fh.write(model_bytes)
+            # onnxruntime holds the whole model in memory once the session exists; the driver
+            # already chose the file (and its precision), so load exactly this one.
+            self.classifier = Classifier.from_config(replace(engine, model=path, precision="auto"))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [InputFile(_decode(p), _decode(d)) for p, d in zip(batch["path"], batch["display"], strict=True)]
+        results = [r for chunk in self.classifier.iter_batches(items) for r in chunk]
+        return {
+            "index": np.asarray(batch["index"]),
+            "result": np.array([_dump(r) for r in results], dtype=object),
+            "provider": np.array([self.classifier.provider] * len(results), dtype=object),
+        }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _library_error(exc: BaseException) -> CxrBatchError | None:
+    """The package error behind a Ray task failure (Ray wraps it, sometimes twice)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CxrBatchError):
+            # RayTaskError(ModelError) is a ModelError too, but its text is a traceback.
+            cause = getattr(current, "cause", None)
+            return cause if isinstance(cause, CxrBatchError) else current
+        current = getattr(current, "cause", None) or current.__cause__
+    return None
+
+
+class RayEngine:
+    """Runs :class:`Classifier` in Ray Data actors; same interface as the local engine for ``run_classify``.
+
+    Args:
+        engine: the model and how to run it (``batch_size`` is the model batch in each actor;
+            ``threads`` the onnxruntime threads, and CPUs reserved, per actor; 0 means 1).
+        config: the cluster to join (or none) and the number of actors.
+
+    Raises:
+        MissingExtraError: Ray Data is not installed.
+        ModelError, NoDefaultModelError: the model can't be found, loaded or validated.
+    """
+
+    def __init__(self, engine: EngineConfig, config: RayConfig) -> None:
+        require_ray()
+        self.engine = engine
+        self.config = config
+        # The workers load what is chosen here. With device auto, the choice (int8 default on CPU,
+        # fp32 with CUDA) follows this machine; use --device cuda for a GPU cluster.
+        cuda = engine.device == "cuda" or (engine.device == "auto" and CUDA in available_providers())
+        choice = choose_model(engine.model, engine.precision, cuda=cuda)
+        session, _ = create_session(choice.path, "cpu", threads=1)  # the contract, and a load check
+        self._meta: ModelMeta = read_contract(session, str(choice.path))
+        del session
+        if choice.origin != "embedded default" and engine.precision != "auto" and self._meta.precision != engine.precision:
+            raise ModelError(
+                f"{choice.path} is a {self._meta.precision} model but --precision {engine.precision} was asked; "
+                "--precision picks between the embedded default models, so leave it at auto with --model"
+            )
+        self.model_path = choice.path
+        self.cpus_per_actor = max(1, engine.threads)
+        self.actors = 0
+        self._providers: set[str] = set()
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self._meta
+
+    @property
+    def provider(self) -> str:
+        """The execution providers the actors ran, e.g. ``CPUExecutionProvider on Ray (2 actors)``."""
+        used = ", ".join(sorted(self._providers)) or (CUDA if self.engine.device == "cuda" else CPU)
+        return f"{used} on Ray ({self.actors} actor{'s' if self.actors != 1 else ''})" if self.actors else f"{used} on Ray"
+
+    def _actor_count(self, ray: Any, files: int) -> int:
+        if self.config.actors is not None:
+            wanted = self.config.actors
+        else:
+            resources = ray.cluster_resources()
+            if self.engine.device == "cuda":
+                wanted = int(resources.get("GPU", 0))
+                if wanted < 1:
+                    raise DeviceError(
+                        "--device cuda with --engine ray: the Ray cluster has no GPUs; "
+                        "join a cluster with GPUs (--ray-address) or use --device cpu"
+                    )
+            else:
+                wanted = max(1, int(resources.get("CPU", 1)) // self.cpus_per_actor)
+        per_task = self.engine.batch_size * TASK_BATCHES
+        return max(1, min(wanted, math.ceil(files / per_task)))
+
+    def _start(self, ray: Any) -> bool:
+        """Start or join Ray unless this process already did; returns whether to shut it down after."""
+        if ray.is_initialized():
+            return False
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            # Ray's own notices (token authentication, progress bars off, "execution finished")
+            # would bury the summary; errors still show, and failures raise.
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,  # worker log lines would break the report on --out - and the summary
+        }
+        if self.config.address:
+            ray.init(address=self.config.address, **kwargs)
+        else:
+            # "local" always starts a new Ray here, even when $RAY_ADDRESS names a cluster.
+            ray.init(address="local", num_cpus=self.config.num_cpus, **kwargs)
+        return True
+
+    def iter_batches(self, files: Sequence[InputFile]) -> Generator[list[Result], None, None]:
+        """Yield the results in input order, a list per finished Ray batch (each written and flushed).
+
+        Starts (or joins) Ray on the first ``next`` and shuts it down at the end, unless Ray was
+        already running in this process.
+
+        Raises:
+            ModelError, DeviceError: a worker could not load or run the model.
+            CxrBatchError: the Ray run failed for another reason.
+        """
+        ray = _import_ray()
+        data_log = logging.getLogger("ray.data")
+        level = data_log.level
+        data_log.setLevel(logging.ERROR)
+        started = False
+        try:
+            started = self._start(ray)
+            if not files:
+                return
+            yield from self._run(ray, files)
+        finally:
+            if started:
+                ray.shutdown()
+            data_log.setLevel(level)
+
+    def _run(self, ray: Any, files: Sequence[InputFile]) -> Iterable[list[Result]]:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the reorder buffer below stays small
+        for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False)):
+            if hasattr(ctx, name):
+                setattr(ctx, name, value)
+        self.actors = self._actor_count(ray, len(files))
+        ds = ray.data.from_items(
+            [{"index": i, "path": _encode(f.path), "display": _encode(f.display)} for i, f in enumerate(files)]
+        )
+        remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        if self.engine.device == "cuda":
+            remote["num_gpus"] = 1
+        worker_engine = replace(
+            self.engine, threads=self.cpus_per_actor, decode_workers=self.engine.decode_workers or self.cpus_per_actor
+        )
+        ds = ds.map_batches(
+            _Worker,
+            fn_constructor_kwargs={
+                "model_bytes": self.model_path.read_bytes(),
+                "model_name": self.model_path.name,
+                "engine": worker_engine,
+            },
+            batch_size=self.engine.batch_size * TASK_BATCHES,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            **remote,
+        )
+        pending: dict[int, Result] = {}
+        next_index = 0
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                self._providers.update(str(p) for p in out["provider"])
+                for index, text in zip(out["index"], out["result"], strict=True):
+                    pending[int(index)] = _load(str(text))
+                ready: list[Result] = []
+                while next_index in pending:
+                    ready.append(pending.pop(next_index))
+                    next_index += 1
+                if ready:
+                    yield ready
+        except Exception as exc:
+            cause = _library_error(exc)
+            if cause is not None:
+                raise cause from None
+            raise CxrBatchError(f"the Ray run failed: {type(exc).__name__}: {exc}") from exc
+        if next_index != len(files):
+            raise CxrBatchError(f"the Ray run returned {next_index} of {len(files)} results")
