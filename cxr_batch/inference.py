@@ -4,8 +4,10 @@ Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.prepr
 ahead of the model (Pillow and numpy release the GIL), at most ``2 * batch_size + workers``
 files queued or decoded beyond the batch being run, so memory stays flat whether the input
 holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor). Batches go
-through onnxruntime in the calling thread, and results come out in input order, one per file:
-a file that can't be decoded becomes an error result, never an exception.
+through onnxruntime in one inference thread, one batch ahead of the caller, so whatever the caller
+does with a batch (writing and syncing the report) overlaps the next batch's inference. Results come
+out in input order, one per file: a file that can't be decoded becomes an error result, never an
+exception. Measurements behind these choices: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -57,9 +59,33 @@ CUDA_HELP = (
 )
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask: a container's cpuset, taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_cores() -> int | None:
+    """Physical cores among :func:`usable_cpus` (SMT siblings counted once); None when unknown."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux: onnxruntime's own default counts physical cores
+        return None
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return len(cores) or None
+
+
 def default_workers() -> int:
-    """Decoder threads: one per CPU core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoder threads: one per CPU this process may use, at most 8."""
+    return max(1, min(8, usable_cpus()))
 
 
 @dataclass(frozen=True)
@@ -229,10 +255,14 @@ def create_session(
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: the CUDA fallback is reported by us, in words
+    # One graph, run op after op on all physical cores: ResNet-18 has no parallel branches worth
+    # an inter-op pool, and SMT siblings add nothing to these convolution kernels.
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = threads
-    # No busy-waiting between batches: the decoder threads need those cores.
+    opts.intra_op_num_threads = threads or physical_cores() or 0
+    # No busy-waiting between ops and batches: the decoder threads need those cycles
+    # (measured: spinning lowers classify's throughput; benchmarks/RESULTS.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     available = ort.get_available_providers()
