@@ -29,6 +29,7 @@ The results, the machine and the command go to benchmarks/RESULTS.md, between th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -313,10 +314,8 @@ def machine() -> dict[str, str]:
     flags = fields.get("Flags", "").split()
     info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags)
     for pkg in ("cxr-batch", "onnxruntime", "onnxruntime-gpu", "numpy", "pillow", "torch", "torchvision"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             info[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return info
 
 

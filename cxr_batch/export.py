@@ -393,6 +393,9 @@ def _fmt(v: Any) -> str:
 
 def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> Path:
     """A human-readable model card next to the ONNX file (``NAME.md``)."""
+    sibling = onnx_path.with_name(onnx_path.stem + "-int8.onnx")
+    if int8 is None and sibling.exists():  # keep the int8 section when only the fp32 master changed
+        int8 = read_contract_file(sibling)[1].extra.get("quantization")
     m = meta.metrics
     lines = [
         f"# Model card: {meta.name} {meta.version}",

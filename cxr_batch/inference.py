@@ -447,6 +447,16 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
     return prepared
 
 
+def _stack(tensors: list[np.ndarray], buffer: list[np.ndarray] | None) -> np.ndarray:
+    """``np.stack(tensors)``, into the array ``buffer`` holds when there is one (grown as needed)."""
+    if buffer is None:
+        return np.stack(tensors)
+    shape = (len(tensors), *tensors[0].shape)
+    if not buffer or buffer[0].shape[1:] != shape[1:] or buffer[0].shape[0] < shape[0]:
+        buffer[:] = [np.empty(shape, dtype=np.float32)]
+    return np.stack(tensors, out=buffer[0][: shape[0]])
+
+
 def _as_input(item: InputFile | str | os.PathLike[str]) -> InputFile:
     if isinstance(item, InputFile):
         return item
@@ -578,18 +588,33 @@ class Classifier:
                     return
                 pending.append(pool.submit(_prepare, item, spec))
 
+        # One inference thread, one batch ahead: while the caller writes batch k, batch k+1 runs
+        # (onnxruntime releases the GIL). ``buffer`` keeps the batch input array between batches:
+        # a fresh 10-20 MB array per batch costs thousands of page faults.
+        runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-infer")
+        buffer: list[np.ndarray] = []
+        running: Future[list[Result]] | None = None
         try:
             top_up()
             while pending:
                 batch: list[_Prepared] = []
                 while pending and len(batch) < size:
+                    if running is not None and running.done():  # a slow input never holds back a result
+                        yield running.result()
+                        running = None
                     batch.append(pending.popleft().result())
                     top_up()
-                yield self._run(batch)
+                submitted = runner.submit(self._run, batch, buffer)
+                if running is not None:
+                    yield running.result()
+                running = submitted
+            if running is not None:
+                yield running.result()
         finally:
+            runner.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, batch: list[_Prepared]) -> list[Result]:
+    def _run(self, batch: list[_Prepared], buffer: list[np.ndarray] | None = None) -> list[Result]:
         meta = self.meta
         ident = meta.ident
         results = [
@@ -609,9 +634,12 @@ class Classifier:
         ready = [i for i, p in enumerate(batch) if p.tensor is not None]
         if not ready:
             return results
-        x = np.stack([t for t in (batch[i].tensor for i in ready) if t is not None])
+        x = _stack([t for t in (batch[i].tensor for i in ready) if t is not None], buffer)
         try:
-            outs = self._loaded.session.run(self._output_names, {meta.input_name: x})
+            if self._loaded.provider == CUDA:
+                outs = self._run_bound(x)
+            else:
+                outs = self._loaded.session.run(self._output_names, {meta.input_name: x})
         except _ort_errors() as exc:
             raise ModelError(f"{self.model_path}: inference failed: {exc}") from None
         logits = np.asarray(outs[0])
@@ -647,3 +675,14 @@ class Classifier:
             if batch[i].not_radiograph:
                 r.in_distribution = False
         return results
+
+    def _run_bound(self, x: np.ndarray) -> list[np.ndarray]:
+        """CUDA only: run through IO binding. The input goes to the GPU in one copy and only the
+        outputs we read come back; the model's other outputs (layer4 maps) never leave the GPU."""
+        session = self._loaded.session
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.meta.input_name, x)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
