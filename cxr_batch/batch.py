@@ -176,5 +176,5 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     if not config.quiet:
         render_summary(stats, console)
     if heatmaps is not None:
-        heatmaps.report(console)
+        heatmaps.report(console, quiet=config.quiet)
     return stats

@@ -203,11 +203,13 @@ class HeatmapWriter:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def report(self, console: Console, show: int = 10) -> None:
-        """One line for the heatmaps written, then a warning per heatmap that failed (the first ``show``)."""
-        console.print(
-            f"heatmaps: {self.written} written under {escape(str(self.folder))}", highlight=False, soft_wrap=True
-        )
+    def report(self, console: Console, show: int = 10, quiet: bool = False) -> None:
+        """One line for the heatmaps written (unless ``quiet``), then a warning per heatmap that
+        failed (the first ``show``; warnings are printed even when quiet)."""
+        if not quiet:
+            console.print(
+                f"heatmaps: {self.written} written under {escape(str(self.folder))}", highlight=False, soft_wrap=True
+            )
         for path, error in self.failures[:show]:
             console.print(
                 f"[yellow]warning:[/] no heatmap for {escape(path)}: {escape(error)}", highlight=False, soft_wrap=True

@@ -305,3 +305,22 @@ def test_cam_added_to_a_copy(tiny_onnx: Path, tmp_path: Path) -> None:
     assert add_cam_to_file(copy) == copy
     assert CAM_ROLE in Classifier(copy, "cpu").meta.outputs
     assert CAM_ROLE not in Classifier(tiny_onnx, "cpu").meta.outputs
+
+
+def test_a_heatmap_that_cannot_be_made_is_recorded(tmp_path: Path) -> None:
+    from cxr_batch.heatmap import HeatmapWriter
+    from cxr_batch.inference import Result
+
+    def result(name: str, **outputs: np.ndarray) -> Result:
+        return Result(path=name, file=str(tmp_path / name), status="ok", model="m", label="viral", outputs=outputs)
+
+    writer = HeatmapWriter(tmp_path / "heat", LABELS)
+    try:
+        writer.write([result("gone.png", cam=np.ones((3, 2, 2))), result("no-cam.png")])
+    finally:
+        writer.close()
+    assert writer.written == 0
+    assert writer.failures == [
+        ("no-cam.png", "the model returned no 'cam' output"),
+        ("gone.png", "cannot decode the image again: cannot open file: No such file or directory"),
+    ]
