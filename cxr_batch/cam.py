@@ -23,7 +23,6 @@ Adding the output needs the ``onnx`` package (``train`` extra); using it needs o
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, MissingExtraError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"model": str(written), "outputs": "logits + cam"}))
+    print(f"{written}: has the '{CAM_ROLE}' output (heatmaps: cxr-batch classify ... --heatmaps DIR --model {written})")
     return 0
 
 

@@ -201,6 +201,9 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
         precision="fp32",
         extra={"arch": "resnet18", "opset": OPSET, "parity_max_abs_prob_diff": parity, "recipe": _recipe(tcfg)},
     )
+    from cxr_batch.cam import add_cam_output
+
+    meta = add_cam_output(proto, meta, source=str(out))  # the 'cam' output for heatmaps, checked with onnxruntime
     write_contract(proto, meta)
     onnx.save(proto, str(out))
     tmp.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """The classify engine: model resolution, the onnxruntime session and :class:`Classifier`.
 
 Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.preprocess_file`
-ahead of the model (Pillow and numpy release the GIL), at most ``2 * batch_size + workers``
-files queued or decoded beyond the batch being run, so memory stays flat whether the input
+ahead of the model (Pillow and numpy release the GIL), at most ``3 * batch_size + workers``
+files queued, decoded or in a batch not yet returned, so memory stays flat whether the input
 holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor). Batches go
 through onnxruntime in one inference thread, one batch ahead of the caller, so whatever the caller
 does with a batch (writing and syncing the report) overlaps the next batch's inference. Results come
@@ -572,7 +572,9 @@ class Classifier:
         spec = self.meta.spec
         workers = self.config.decode_workers or default_workers()
         size = self.config.batch_size
-        ahead = 2 * size + workers  # the bound on files decoded (and held) ahead of the model
+        # Files queued or decoded beyond the batch being collected. With one batch running and
+        # one waiting for the caller, at most 3 * size + workers files are held at any time.
+        ahead = size + workers
         it = iter(paths)
         pending: deque[Future[_Prepared]] = deque()
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")

@@ -324,3 +324,45 @@ def test_a_heatmap_that_cannot_be_made_is_recorded(tmp_path: Path) -> None:
         ("no-cam.png", "the model returned no 'cam' output"),
         ("gone.png", "cannot decode the image again: cannot open file: No such file or directory"),
     ]
+
+
+def test_cam_added_to_an_int8_model(models_dir: Path, tmp_path: Path) -> None:
+    """A shipped int8 model (QDQ) gets the output too: the head is found through the Q/DQ pairs."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = build_model(models_dir / "tiny-fp32-for-int8.onnx", meta=contract(), seed=2)
+    rng = np.random.default_rng(0)
+    batches = iter([{"input": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
+
+    class Reader:
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(batches, None)
+
+    int8 = tmp_path / "int8.onnx"
+    quantize_static(
+        str(src),
+        str(int8),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    proto = onnx.load(str(int8))
+    assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "cxr_batch", ModelMeta.from_dict(contract(precision="int8")).to_json()
+    onnx.save(proto, str(int8))
+
+    add_cam_to_file(int8)
+    clf = Classifier(int8, "cpu", extra_outputs=[CAM_ROLE])
+    r = clf.classify_file(str(real_xrays()[0]))
+    assert r.ok and r.outputs[CAM_ROLE].shape == (3, 16, 16)
+
+
+def test_heatmaps_need_the_local_engine(tiny_cam: Path, image_dir: Path, runner: CliRunner, tmp_path: Path) -> None:
+    args = ["classify", str(image_dir), "--model", str(tiny_cam), "--out", str(tmp_path / "r.csv")]
+    result = runner.invoke(main, [*args, "--heatmaps", str(tmp_path / "h"), "--engine", "ray"])
+    assert result.exit_code == 2 and "--heatmaps needs --engine local" in result.stderr

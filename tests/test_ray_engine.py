@@ -85,7 +85,7 @@ def test_ray_resume_and_shard(tiny_onnx: Path, xray_folder: Path, tmp_path: Path
     lines = local.read_bytes().split(b"\r\n")
     part = tmp_path / "part.csv"
     part.write_bytes(b"\r\n".join(lines[:3]) + b"\r\n" + lines[3][:12])
-    stats = run_classify(config(part, RayConfig(num_cpus=2, actors=2), resume=True))
+    stats = run_classify(config(part, RayConfig(num_cpus=2, actors=2, task_size=3), resume=True))
     assert stats.kept == 2 and stats.total == len([x for x in lines[1:] if x]) - 2
     assert stats.provider == "CPUExecutionProvider on Ray (2 actors)"
     assert_same_rows(read_rows(part), read_rows(local))
