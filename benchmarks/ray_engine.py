@@ -1,23 +1,25 @@
 """``classify --engine ray`` against the local engine on this machine: throughput and Ray's fixed cost.
 
     nice -n 15 python benchmarks/ray_engine.py                 # tiny and ResNet-18, real X-rays
-    nice -n 15 python benchmarks/ray_engine.py --models tiny --n 3000 --repeat 3
+    nice -n 15 python benchmarks/ray_engine.py --models tiny --n 3000 --repeat 5
 
-Every run is the CLI in its own process (``cxr-batch classify DIR --model M --out X -q``,
-``--engine ray`` for Ray: a local Ray started and shut down by the run), on hard links to real
-X-rays from ../shared/data. Two folder sizes per model, ``--warm`` and ``--n`` images (the
-automatic actor count, one per CPU, and the task size, 256 files, are the CLI's defaults):
+Every run is the CLI in its own process (``cxr-batch classify DIR --model M --out X -q``) on
+hard links to real X-rays from ../shared/data, four ways (``VARIANTS``): the local engine with
+its default threads; with ``--threads 1``; as two ``--shard K/2 --threads 1`` processes at once,
+then ``merge``; and ``--engine ray`` (a local Ray started and shut down by the run, with the CLI's
+default actor count, one per CPU, and task size, 256 files). Each model runs on a folder of one
+image and on one of ``--n`` images:
 
-- *end to end* = n / wall time of the whole process (imports, Ray start, model load included);
-- *steady* = (n - warm) / (T_n - T_warm): the rate once everything is started;
-- *fixed cost* = T_warm - warm / steady: the seconds a run costs before its first image
-  (the intercept); Ray's start-up cost is the difference between the two engines' intercepts.
+- *fixed cost* = the wall time of the one-image run: interpreter, imports, model load and, for
+  Ray, starting Ray, its actors (one model load each) and shutting it down;
+- *end to end* = n / wall time of the n-image run;
+- *steady* = (n - 1) / (T_n - T_1): the rate once everything is started.
 
 ``ray start-up alone`` times ``import ray; ray.init(); ray.shutdown()`` in a fresh process.
 
 Models: ``tiny`` (Conv 3→4 + pool + linear at 32×32: decoding dominates) and ``resnet18``
 (torchvision ResNet-18, random weights, exported to ONNX at 224×224: the model dominates).
-Local and Ray runs alternate, so a load change on the machine hits both; the medians of
+The variants alternate (reversed every other round), so a load change on the machine hits both; the medians of
 ``--repeat`` rounds are printed as a Markdown table.
 """
 
@@ -124,15 +126,34 @@ def link_images(n: int, dest: Path) -> Path:
     return dest
 
 
-def run(folder: Path, model: Path, engine: str, out: Path) -> float:
-    cmd = [sys.executable, "-m", "cxr_batch.cli", "classify", str(folder), "--model", str(model),
-           "--out", str(out), "--overwrite", "-q", "--engine", engine]  # fmt: skip
+#: What runs the folder: the local engine (default threads, or one onnxruntime thread), the
+#: local engine as two shards in parallel processes (one thread each) then merge, or Ray.
+VARIANTS = {
+    "local": ["--engine", "local"],
+    "local --threads 1": ["--engine", "local", "--threads", "1"],
+    "2 shards in parallel, --threads 1, + merge": ["--threads", "1"],
+    "ray": ["--engine", "ray"],
+}
+
+
+def run(folder: Path, model: Path, variant: str, out: Path) -> float:
+    base = [sys.executable, "-m", "cxr_batch.cli", "classify", str(folder), "--model", str(model), "--overwrite", "-q"]
+    extra = VARIANTS[variant]
+    if variant.startswith("2 shards"):
+        parts = [out.with_name(f"{out.stem}-{k}.csv") for k in range(2)]
+        cmds = [[*base, *extra, "--shard", f"{k}/2", "--out", str(part)] for k, part in enumerate(parts)]
+        merge = [sys.executable, "-m", "cxr_batch.cli", "merge", *map(str, parts), "--out", str(out), "--overwrite", "-q"]
+    else:
+        cmds, merge = [[*base, *extra, "--out", str(out)]], None
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
-    return wall
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
+    for cmd, proc in zip(cmds, procs, strict=True):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
+    if merge is not None:
+        subprocess.run(merge, check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def ray_startup() -> float:
@@ -147,34 +168,34 @@ def ray_startup() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "resnet18"], choices=["tiny", "resnet18"])
-    ap.add_argument("--n", type=int, default=1500, help="images in the big folder, tiny model")
+    ap.add_argument("--n", type=int, default=5000, help="images in the big folder, tiny model")
     ap.add_argument("--n-resnet", type=int, default=600, help="images in the big folder, resnet18")
-    # 300: more than one Ray task (256 files), so both folders run on the same number of actors
-    ap.add_argument("--warm", type=int, default=300, help="images in the small folder")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cxr-bench-ray-") as tmp:
         root = Path(tmp)
-        print(f"ray start-up alone (import, init, shutdown): {statistics.median(ray_startup() for _ in range(args.repeat)):.1f} s")
+        startup = statistics.median(ray_startup() for _ in range(args.repeat))
+        print(f"ray start-up alone (import, init, shutdown): {startup:.1f} s")
         print(f"os.cpu_count() = {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
-        print("\n| model | engine | images | end to end img/s | steady img/s | fixed cost s |")
+        print("\n| model | run | images | fixed cost s | end to end img/s | steady img/s |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
         for name in args.models:
             model = tiny_model(root / "tiny.onnx") if name == "tiny" else resnet18_model(root / "r18.onnx")
             n = args.n if name == "tiny" else args.n_resnet
             big = link_images(n, root / f"{name}-big")
-            small = link_images(args.warm, root / f"{name}-small")
-            times: dict[str, dict[str, list[float]]] = {e: {"small": [], "big": []} for e in ("local", "ray")}
+            one = link_images(1, root / f"{name}-one")
+            times: dict[str, dict[str, list[float]]] = {e: {"one": [], "big": []} for e in VARIANTS}
             for i in range(args.repeat):
-                for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
-                    times[engine]["small"].append(run(small, model, engine, root / "s.csv"))
+                for engine in list(VARIANTS) if i % 2 == 0 else list(reversed(VARIANTS)):
+                    times[engine]["one"].append(run(one, model, engine, root / "s.csv"))
                     times[engine]["big"].append(run(big, model, engine, root / "b.csv"))
-            for engine in ("local", "ray"):
-                t_small = statistics.median(times[engine]["small"])
+            for engine in VARIANTS:
+                t_one = statistics.median(times[engine]["one"])
                 t_big = statistics.median(times[engine]["big"])
-                steady = (n - args.warm) / (t_big - t_small)
-                fixed = t_small - args.warm / steady
-                print(f"| {name} | {engine} | {n} | {n / t_big:.1f} | {steady:.1f} | {fixed:.1f} |")
+                steady = (n - 1) / (t_big - t_one)
+                print(f"| {name} | {engine} | {n} | {t_one:.1f} | {n / t_big:.1f} | {steady:.1f} |", flush=True)
+            raw = {e: {k: [round(t, 2) for t in v] for k, v in d.items()} for e, d in times.items()}
+            print(f"<!-- {name} wall times s: {json.dumps(raw)} -->", flush=True)
         print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -233,11 +233,18 @@ class RayEngine:
             "logging_level": logging.ERROR,
             "log_to_driver": False,  # worker log lines would break the report on --out - and the summary
         }
-        if self.config.address:
-            ray.init(address=self.config.address, **kwargs)
-        else:
-            # "local" always starts a new Ray here, even when $RAY_ADDRESS names a cluster.
-            ray.init(address="local", num_cpus=self.config.num_cpus, **kwargs)
+        try:
+            if self.config.address:
+                ray.init(address=self.config.address, **kwargs)
+            else:
+                # "local" always starts a new Ray here, even when $RAY_ADDRESS names a cluster.
+                ray.init(address="local", num_cpus=self.config.num_cpus, **kwargs)
+        except Exception as exc:  # Ray raises plain Exception, ConnectionError, RuntimeError, ...
+            where = f"join the Ray cluster at {self.config.address}" if self.config.address else "start Ray on this machine"
+            raise CxrBatchError(
+                f"could not {where}: {exc} (check the address and that the cluster runs the same Ray "
+                "version; a busy machine can time out starting Ray: retry, or use --engine local)"
+            ) from exc
         return True
 
     def iter_batches(self, files: Sequence[InputFile]) -> Generator[list[Result], None, None]:
