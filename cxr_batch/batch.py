@@ -51,6 +51,8 @@ class ClassifyConfig:
     ray: RayConfig | None = None
     #: write a class-activation heatmap PNG per classified image under this folder (``--heatmaps``)
     heatmaps: str | None = None
+    #: leave out-of-distribution rows out of the summary's label counts (``--drop-ood``)
+    drop_ood: bool = False
 
 
 class _RateColumn(ProgressColumn):
@@ -132,7 +134,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     meta = classifier.meta
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
-    stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider)
+    stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     try:
         if shard is not None:
             foreign = sorted(p for p in existing.paths if not shard.owns(p))

@@ -159,6 +159,12 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     help="Also write, per classified image, a PNG overlaying the class activation map of the predicted class: "
     "DIR/<report path>.png. Needs a model with the 'cam' output.",
 )
+@click.option(
+    "--drop-ood",
+    is_flag=True,
+    help="Leave images the out-of-distribution guard flags out of the summary's label counts "
+    "(their rows stay in the report, with in_distribution=false).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option(
     "--shard",
@@ -201,6 +207,7 @@ def classify_command(
     overwrite: bool,
     resume: bool,
     heatmaps: str | None,
+    drop_ood: bool,
     quiet: bool,
     shard: Shard | None,
     engine_kind: str,
@@ -259,6 +266,7 @@ def classify_command(
         shard=shard,
         ray=_ray_config(engine_kind, ray_address),
         heatmaps=heatmaps,
+        drop_ood=drop_ood,
     )
     try:
         stats = run_classify(config)

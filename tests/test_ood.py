@@ -110,3 +110,27 @@ def test_ct_and_mr_are_flagged_whatever_the_score(guarded: tuple[Path, dict[str,
         assert r["status"] == "ok" and r["in_distribution"] == "false"
         assert "is not a radiograph" in r["notes"]
         assert r["modality"] in ("CT", "MR")
+
+
+@pytest.mark.skipif(not (DICOM / "pydicom-testfiles").is_dir(), reason="the shared DICOM files are not here")
+def test_drop_ood_leaves_flagged_rows_out_of_the_label_counts(
+    guarded: tuple[Path, dict[str, object], Path], labelled: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("pydicom")
+    folder = tmp_path / "in"
+    shutil.copytree(DICOM / "pydicom-testfiles", folder / "dicom")
+    for src in sorted((labelled / "viral").iterdir())[:2]:
+        shutil.copy(src, folder / src.name)
+    runs = {}
+    for flag in ([], ["--drop-ood"]):
+        out = tmp_path / f"r{len(flag)}.csv"
+        result = CliRunner().invoke(
+            main, ["classify", str(folder), "--model", str(guarded[0]), "--out", str(out), *flag], terminal_width=200
+        )
+        assert result.exit_code == 0, result.output
+        runs[bool(flag)] = (result.stderr, list(csv.DictReader(out.open(newline="", encoding="utf-8"))))
+    (plain_err, plain_rows), (drop_err, drop_rows) = runs[False], runs[True]
+    assert len(plain_rows) == len(drop_rows) == 4  # the flagged rows stay in the report
+    assert "2 images flagged out of distribution" in plain_err
+    assert "out of distribution (dropped)" in drop_err and "left out of the label counts" in drop_err
+    assert "out of distribution (dropped)" not in plain_err
