@@ -202,36 +202,42 @@ def worker_notebook(args: argparse.Namespace) -> None:
 
 
 def worker_ort(args: argparse.Namespace) -> None:
-    """(d): the model alone on preprocessed tensors, with the session classify creates."""
+    """(d): the model alone on preprocessed tensors, in the batches, streams and sessions classify uses."""
     import numpy as np
 
-    from cxr_batch.inference import EngineConfig, load_model
+    from cxr_batch.inference import Classifier, create_session
     from cxr_batch.preprocess import preprocess_file
 
-    loaded = load_model(EngineConfig(model=args.model, device=args.device, threads=args.threads))
-    meta = loaded.meta
-    names = [meta.outputs["logits"], *([meta.outputs["ood_score"]] if "ood_score" in meta.outputs else [])]
+    clf = Classifier(args.model, args.device, batch_size=args.batch_size, threads=args.threads)
+    meta = clf.meta
     root = Path(args.root)
     rels = Path(args.list).read_text(encoding="utf-8").splitlines()
     t = time.thread_time()
     x = np.stack([preprocess_file(root / rel, meta.spec)[0] for rel in rels])
     preprocess_ms = 1e3 * (time.thread_time() - t) / len(rels)
-    b = args.batch_size
-    batches = [x[i : i + b] for i in range(0, len(x), b)]
-    loaded.session.run(names, {meta.input_name: batches[0]})  # warm-up: arena, thread pool
+    clf.logits(x[: args.batch_size * 4])  # warm-up: every stream's session, arenas, thread pools
     rates: list[float] = []
     top: list[int] = []
     for rep in range(args.passes):
         t0 = time.perf_counter()
-        outs = [loaded.session.run(names, {meta.input_name: xb})[0] for xb in batches]
+        logits = clf.logits(x)
         rates.append(len(x) / (time.perf_counter() - t0))
         if rep == 0:
-            top = np.concatenate(outs).argmax(1).tolist()
+            top = logits.argmax(1).tolist()
+    # For reference: one session with all the threads, batches one after the other.
+    session, _ = create_session(args.model, args.device, args.threads)
+    b = args.batch_size
+    session.run(None, {meta.input_name: x[:b]})
+    t0 = time.perf_counter()
+    for i in range(0, len(x), b):
+        session.run([meta.outputs["logits"]], {meta.input_name: x[i : i + b]})
     out = {
         "rate": max(rates),
         "rates": rates,
+        "rate_one_session": len(x) / (time.perf_counter() - t0),
+        "streams": clf._streams,
         "preprocess_ms_per_image_cpu": preprocess_ms,
-        "provider": loaded.provider,
+        "provider": clf.provider,
         "pred": {rel: meta.labels[p] for rel, p in zip(rels, top, strict=True)},
     }
     Path(args.result).write_text(json.dumps(out), encoding="utf-8")
@@ -371,8 +377,10 @@ def report(
         f"(b) vs (d) fp32: {100 * agreement(pipes['d32'].pred, pipes['b'].pred):.2f}%.",
         f"- Preprocessing (cxr_batch.preprocess.preprocess_file), one thread: "
         f"{pipes['d32'].extra.get('preprocess_ms_per_image_cpu', float('nan')):.2f} ms CPU per image.",
-        f"- Threads: torch {pipes['a0'].extra.get('threads')}; onnxruntime as classify sets it "
-        f"(provider {pipes['d32'].extra.get('provider')}).",
+        f"- Threads: torch {pipes['a0'].extra.get('threads')}; onnxruntime as classify sets it: "
+        f"{pipes['d32'].extra.get('streams')} stream(s) (provider {pipes['d32'].extra.get('provider')}). "
+        f"(d) with one session of all threads instead: fp32 {pipes['d32'].extra.get('rate_one_session', float('nan')):.1f}, "
+        f"int8 {pipes['d8'].extra.get('rate_one_session', float('nan')):.1f} img/s.",
         "- Peak RSS is the process's own `ru_maxrss`; (tree …) adds its children (DataLoader workers), sampled. "
         "(d) holds all preprocessed tensors in memory, so its RSS is not comparable.",
         *[f"- {note}" for note in notes],
@@ -383,12 +391,15 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace the text between the markers, or append the section; the rest stays as it is."""
+def write_results(path: Path, section: str, mark_begin: str = MARK_BEGIN, mark_end: str = MARK_END) -> None:
+    """Replace the text between the markers, or append the section; the rest stays as it is.
+
+    ``section`` starts with ``mark_begin`` and ends with ``mark_end``.
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
+    begin, end = text.find(mark_begin), text.find(mark_end)
     if begin != -1 and end > begin:
-        text = text[:begin] + section + text[end + len(MARK_END) :].lstrip("\n")
+        text = text[:begin] + section + text[end + len(mark_end) :].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")

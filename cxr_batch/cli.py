@@ -51,7 +51,7 @@ def main() -> None:
 
 
 _DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("auto", "fp32", "int8")
+_PRECISIONS = ("auto", "fp32", "int8", "fp16")
 
 
 def _model_options(func: F) -> F:
@@ -61,7 +61,7 @@ def _model_options(func: F) -> F:
         type=click.Choice(_PRECISIONS),
         default="auto",
         show_default=True,
-        help="Which embedded default model: auto = int8 on CPU when installed, else fp32. "
+        help="Which embedded default model: auto = int8 on CPU, fp16 on CUDA (when installed), else fp32. "
         "With --model or $CXR_BATCH_MODEL the precision is the file's own (leave auto).",
     )(func)
     return func

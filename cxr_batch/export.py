@@ -26,6 +26,11 @@ from cxr_batch.preprocess import PreprocessSpec, preprocess_file
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
+#: The int8 model is written only when it is this close to the fp32 master on the test split.
+INT8_MAX_F1_DROP = 0.005
+INT8_MIN_AGREEMENT = 0.995
+#: The fp16 model (for CUDA) is written only when no probability moves more than this.
+FP16_TOLERANCE = 1e-2
 OUTPUTS = {"logits": "logits", "features": "features", "embedding": "embedding"}
 
 
@@ -41,6 +46,7 @@ class ExportConfig:
     data_dir: str | None = None  # where the run's images are (default: from the run's config.json)
     parity_images: int = 64
     ood: bool = True  # fit the out-of-distribution guard when the run's data is available
+    fp16: bool = False  # also write NAME-fp16.onnx, the model classify prefers on CUDA
 
 
 def _onnx() -> Any:
@@ -217,6 +223,8 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     int8_info: dict[str, Any] | None = None
     if cfg.quantize == "int8":
         int8_info = quantize_int8(out, root, split, cfg, console)
+    if cfg.fp16:
+        export_fp16(out, x, console)
     write_card(out, read_contract_file(out)[1], int8_info)
     return out
 
@@ -314,7 +322,8 @@ def quantize_int8(
     fp32: Path, root: Path | None, split: Split | None, cfg: ExportConfig, console: Console
 ) -> dict[str, Any]:
     """Static QDQ int8 (uint8 activations, int8 per-channel weights), calibrated on training
-    images; refused when test macro-F1 drops by more than 1 point (unless forced)."""
+    images; refused (unless forced) when test macro-F1 drops by more than 0.5 points or top-1
+    agreement with fp32 is under 99.5%."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -364,9 +373,15 @@ def quantize_int8(
         f"int8 on the test split: macro-F1 {m8['macro_f1']:.4f} vs fp32 {m32['macro_f1']:.4f} "
         f"({100 * drop:+.2f} points drop), top-1 agreement {agree:.4f}"
     )
-    if drop > 0.01 and not cfg.force:
+    # classify runs the int8 file by default on CPU whenever it is installed, so it is written only
+    # when it is as good as the master: macro-F1 within 0.5 points, top-1 agreement >= 99.5%.
+    if (drop > INT8_MAX_F1_DROP or not agree >= INT8_MIN_AGREEMENT) and not cfg.force:
         out.unlink(missing_ok=True)
-        raise ModelError(f"int8 model loses {100 * drop:.2f} macro-F1 points (> 1); not written (use --force)")
+        raise ModelError(
+            f"int8 model loses {100 * drop:.2f} macro-F1 points (limit {100 * INT8_MAX_F1_DROP:.1f}) and agrees with "
+            f"fp32 on {100 * agree:.2f}% of test images (limit {100 * INT8_MIN_AGREEMENT:.1f}%); not written "
+            "(use --force to write it anyway)"
+        )
     proto = onnx.load(str(out))
     m8_summary = {
         k: m8[k]
@@ -388,6 +403,48 @@ def quantize_int8(
 
         fit_model(out, root, split, console=console)
     return info
+
+
+def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None = None) -> Path:
+    """Derive ``NAME-fp16.onnx`` from the fp32 master: the model ``classify`` prefers on CUDA.
+
+    Weights and activations in float16 with float32 input and outputs, so the contract and the
+    preprocessing are unchanged; the out-of-distribution guard stays in float32 (its squared
+    distances can overflow float16). Checked against the master on ``x`` (preprocessed images;
+    random tensors when None) with onnxruntime on the CPU.
+
+    Raises:
+        ModelError: a probability moves by more than :data:`FP16_TOLERANCE`; nothing is written.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    console = console or Console(stderr=True)
+    onnx = _onnx()
+    proto, meta = read_contract_file(fp32)
+    keep = [n.name for n in proto.graph.node if n.name.startswith("ood/")]
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep or None))
+    half.topological_sort()  # the converter appends its Cast nodes at the end of the graph
+    onnx.checker.check_model(half.model)
+    out = fp32.with_name(fp32.stem + "-fp16.onnx")
+    tmp = out.with_suffix(".tmp.onnx")
+    onnx.save(half.model, str(tmp))
+    if x is None or len(x) == 0:
+        x = np.random.default_rng(0).standard_normal((8, 3, *meta.input_size)).astype(np.float32)
+    p32, p16 = softmax(ort_logits(fp32, x)), softmax(ort_logits(tmp, x))
+    diff = float(np.abs(p32 - p16).max())
+    agree = float((p32.argmax(1) == p16.argmax(1)).mean())
+    console.print(f"fp16 parity on {len(x)} images: max |Δprob| = {diff:.2e} (limit {FP16_TOLERANCE:.0e}), top-1 agreement {agree:.4f}")
+    if diff > FP16_TOLERANCE:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"the fp16 model differs from fp32 by {diff:.2e} > {FP16_TOLERANCE:.0e}; not written")
+    extra = {**meta.extra, "master": fp32.name, "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree}}
+    proto16 = onnx.load(str(tmp))
+    write_contract(proto16, meta.with_updates(precision="fp16", extra=extra))
+    onnx.save(proto16, str(out))
+    tmp.unlink(missing_ok=True)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -413,7 +470,12 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
         f"- Weights: `{meta.extra.get('recipe', {}).get('weights', 'none')}` initialisation. The shipped model was trained "
         "from **random initialisation**: ImageNet weights could not be downloaded on the training machine.",
         f"- Files: `{onnx_path.name}` (fp32, the master copy)"
-        + (f", `{onnx_path.stem}-int8.onnx` (int8)" if int8 else "")
+        + (f", `{onnx_path.stem}-int8.onnx` (int8, the CPU default)" if int8 else "")
+        + (
+            f", `{onnx_path.stem}-fp16.onnx` (fp16, preferred on CUDA)"
+            if onnx_path.with_name(onnx_path.stem + "-fp16.onnx").exists()
+            else ""
+        )
         + ".",
         f"- ONNX opset {meta.extra.get('opset')}; outputs {meta.outputs}. Parity with PyTorch on real images: "
         f"max |Δprob| = {meta.extra.get('parity_max_abs_prob_diff', float('nan')):.1e}.",
@@ -444,7 +506,8 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             "| class | support | precision | recall (sensitivity) | specificity | F1 | ROC AUC |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for name, pc in m.get("per_class", {}).items():
+        per_class = m.get("per_class", {})
+        for name, pc in ((n, per_class[n]) for n in meta.labels if n in per_class):
             lines.append(
                 f"| {name} | {pc['support']} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
                 f"{_fmt(pc['specificity'])} | {_fmt(pc['f1'])} | {_fmt(pc['roc_auc'])} |"
@@ -457,6 +520,19 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             *[" ".join(f"{v:5d}" for v in row) for row in m.get("confusion_matrix", [])],
             "```",
         ]
+        covid = m.get("per_class", {}).get("covid")
+        if covid is not None and meta.labels == ("normal", "viral", "covid"):
+            checks = [
+                ("accuracy ≥ 0.97", m.get("accuracy", 0.0) >= 0.97, m.get("accuracy")),
+                ("macro-F1 ≥ 0.96", m.get("macro_f1", 0.0) >= 0.96, m.get("macro_f1")),
+                ("COVID-19 sensitivity ≥ 0.96", covid["recall"] >= 0.96, covid["recall"]),
+            ]
+            lines += ["", "Project targets on the test split: " + "; ".join(
+                f"{name}: {_fmt(value)} ({'met' if ok else 'missed'})" for name, ok, value in checks) + "."]
+            if not all(ok for _, ok, _ in checks):
+                lines += ["Training from ImageNet weights (`--weights imagenet`), more epochs, and the full database "
+                          "(about 3,600 COVID images instead of 2,200) are the obvious ways to close the gap; none was "
+                          "possible in the CPU time this model had."]
     else:
         lines.append("No test metrics were recorded for this checkpoint.")
     if int8:
@@ -486,7 +562,13 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             lines += ["", f"Measured with `{ev.get('command')}`:", "",
                       "| group | images | flagged | AUROC vs test split |", "| --- | ---: | ---: | ---: |"]
             for g in ev.get("groups", []):
-                lines.append(f"| {g['name']} | {g['n']} | {g['flagged']:.1%} | {_fmt(g.get('auroc'))} |")
+                auroc = "-" if g.get("auroc") is None else _fmt(g["auroc"])
+                lines.append(f"| {g['name']} | {g['n']} | {g['flagged']:.1%} | {auroc} |")
+            first = (ev.get("groups") or [{}])[0]
+            if first.get("flagged", 0.0) > 0.05:
+                lines += ["", f"The test split is flagged at {first['flagged']:.1%}, above the 5% target: the threshold "
+                          "was set on the validation split (where 5% are flagged) and deliberately not re-tuned on test. "
+                          "Lateral chest views were not available to measure."]
     lines += [
         "",
         "## Intended use",
@@ -516,4 +598,4 @@ def requantize_from_master(
     return quantize_int8(fp32, Path(data_dir), Split.read(Path(split_file)), cfg, console)
 
 
-__all__ = ["ExportConfig", "export_checkpoint", "latest_checkpoint", "os", "quantize_int8", "write_card"]
+__all__ = ["ExportConfig", "export_checkpoint", "export_fp16", "latest_checkpoint", "os", "quantize_int8", "write_card"]

@@ -1,12 +1,13 @@
 """The classify engine: model resolution, the onnxruntime session and :class:`Classifier`.
 
 Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.preprocess_file`
-ahead of the model (Pillow and numpy release the GIL), at most ``3 * batch_size + workers``
-files queued, decoded or in a batch not yet returned, so memory stays flat whether the input
-holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor). Batches go
-through onnxruntime in one inference thread, one batch ahead of the caller, so whatever the caller
-does with a batch (writing and syncing the report) overlaps the next batch's inference. Results come
-out in input order, one per file: a file that can't be decoded becomes an error result, never an
+ahead of the model (Pillow and numpy release the GIL), at most ``(streams + 2) * batch_size +
+workers`` files queued, decoded or in a batch not yet returned, so memory stays flat whether the
+input holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor).
+Batches go through onnxruntime in inference threads, ahead of the caller, so whatever the caller
+does with a batch (writing and syncing the report) overlaps the next batches' inference. On a CPU,
+two batches ("streams") run at once, each in its own session with half the cores. Results come out
+in input order, one per file: a file that can't be decoded becomes an error result, never an
 exception. Measurements behind these choices: ``benchmarks/RESULTS.md``.
 """
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,15 +36,18 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "int8"]
+Precision = Literal["auto", "fp32", "int8", "fp16"]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
 
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
 #: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
-DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx"}
+DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx", "fp16": "cxr-resnet18-fp16.onnx"}
+#: What ``--precision auto`` takes, first installed wins: int8 runs 3x faster than fp32 on CPUs
+#: with VNNI, fp16 uses the GPU's tensor cores; fp16 on a CPU is emulated, so it comes last there.
+AUTO_ORDER = {"cpu": ("int8", "fp32", "fp16"), "cuda": ("fp16", "fp32", "int8")}
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -88,6 +94,13 @@ def default_workers() -> int:
     return max(1, min(8, usable_cpus()))
 
 
+def default_streams(threads: int, cuda: bool) -> int:
+    """Batches in onnxruntime at once: 1 on CUDA (one GPU, one queue); on a CPU, 2 when there are
+    at least 2 threads. Two half-size sessions keep every core busy through each other's serial
+    stretches and never wait at a parallel-for barrier for a core a decoder thread took."""
+    return 1 if cuda or threads < 2 else 2
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run the model; built from the ``classify`` options."""
@@ -96,14 +109,19 @@ class EngineConfig:
     device: Device = "auto"
     precision: Precision = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
-    #: onnxruntime intra-op threads; 0 lets onnxruntime choose (one per physical core).
+    #: onnxruntime threads in all; 0 means one per physical core.
     threads: int = 0
     #: decoder threads; None means :func:`default_workers`.
     decode_workers: int | None = None
     #: extra model outputs to return with each result, by contract role ("features", "embedding").
     extra_outputs: tuple[str, ...] = ()
+    #: batches run at once, each in its own session with ``threads // streams`` threads;
+    #: 0 means :func:`default_streams`.
+    streams: int = 0
 
     def __post_init__(self) -> None:
+        if self.streams < 0:
+            raise ValueError("streams must be 0 (automatic) or more")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -158,23 +176,21 @@ def default_model_dirs() -> list[Path]:
 def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Path:
     """The embedded default model file for ``precision``.
 
-    ``auto`` takes the int8 model on CPU when it is installed, the fp32 master otherwise.
+    ``auto`` takes the int8 model on CPU when it is installed, the fp16 model on CUDA when it is
+    installed, the fp32 master otherwise (see :data:`AUTO_ORDER`).
 
     Raises:
         NoDefaultModelError: no default model is installed (or not the precision asked for).
     """
     for folder in default_model_dirs():
-        fp32 = folder / DEFAULT_MODEL_FILES["fp32"]
-        int8 = folder / DEFAULT_MODEL_FILES["int8"]
-        have = {"fp32": fp32.is_file(), "int8": int8.is_file()}
-        if not any(have.values()):
+        files = {p: folder / name for p, name in DEFAULT_MODEL_FILES.items()}
+        have = [p for p, f in files.items() if f.is_file()]
+        if not have:
             continue
         if precision == "auto":
-            if have["int8"] and (not cuda or not have["fp32"]):
-                return int8
-            return fp32 if have["fp32"] else int8
-        if have[precision]:
-            return fp32 if precision == "fp32" else int8
+            return files[next(p for p in AUTO_ORDER["cuda" if cuda else "cpu"] if p in have)]
+        if precision in have:
+            return files[precision]
         raise NoDefaultModelError(
             f"the embedded {precision} model ({DEFAULT_MODEL_FILES[precision]}) is not installed in {folder}; "
             "use --precision auto, or pass a model with --model PATH"
@@ -307,16 +323,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     cuda_possible = config.device != "cpu" and CUDA in available_providers()
     choice = choose_model(config.model, config.precision, cuda=cuda_possible)
     session, provider = create_session(choice.path, config.device, config.threads)
-    if (
-        choice.origin == "embedded default"
-        and config.precision == "auto"
-        and provider != CUDA
-        and choice.path.name == DEFAULT_MODEL_FILES["fp32"]
-        and (choice.path.parent / DEFAULT_MODEL_FILES["int8"]).is_file()
-    ):
-        # CUDA was expected but did not start: on CPU the int8 model is the faster default.
-        choice = ModelChoice(choice.path.parent / DEFAULT_MODEL_FILES["int8"], choice.origin)
-        session, provider = create_session(choice.path, config.device, config.threads)
+    if choice.origin == "embedded default" and config.precision == "auto" and provider != CUDA and cuda_possible:
+        # CUDA was expected but did not start: take the CPU's default (int8) instead.
+        on_cpu = find_default_model("auto", cuda=False)
+        if on_cpu != choice.path:
+            choice = ModelChoice(on_cpu, choice.origin)
+            session, provider = create_session(choice.path, config.device, config.threads)
     meta = read_contract(session, str(choice.path))
     if choice.origin != "embedded default" and config.precision != "auto" and meta.precision != config.precision:
         raise ModelError(
@@ -478,11 +490,13 @@ class Classifier:
     Args:
         model: an ONNX file; None takes ``$CXR_BATCH_MODEL``, else the embedded default.
         device: "auto" (CUDA when it really starts, else CPU), "cpu" or "cuda".
-        precision: for the embedded default only: "auto" (int8 on CPU when installed), "fp32", "int8".
+        precision: for the embedded default only: "auto" (int8 on CPU, fp16 on CUDA, when installed),
+            "fp32", "int8", "fp16".
         batch_size: images per onnxruntime call.
-        threads: onnxruntime intra-op threads; 0 lets onnxruntime choose.
+        threads: onnxruntime threads in all; 0 = one per physical core.
         decode_workers: decoder threads; None = one per core, at most 8.
         extra_outputs: contract output roles to return in ``Result.outputs`` ("features", "embedding").
+        streams: batches run at once, each in its own session; 0 = :func:`default_streams`.
 
     Raises:
         ModelError: the model is missing, unloadable or breaks the contract.
@@ -500,6 +514,7 @@ class Classifier:
         threads: int = 0,
         decode_workers: int | None = None,
         extra_outputs: Sequence[str] = (),
+        streams: int = 0,
     ) -> None:
         config = EngineConfig(
             model=None if model is None else os.fspath(model),
@@ -509,6 +524,7 @@ class Classifier:
             threads=threads,
             decode_workers=decode_workers,
             extra_outputs=tuple(extra_outputs),
+            streams=streams,
         )
         self._init(config)
 
@@ -521,7 +537,19 @@ class Classifier:
 
     def _init(self, config: EngineConfig) -> None:
         self.config = config
-        self._loaded = load_model(config)
+        total = config.threads or physical_cores() or usable_cpus()
+        cuda = config.device != "cpu" and CUDA in available_providers()
+        #: batches run at once, each in its own session of ``_threads`` threads (see default_streams)
+        self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
+        self._threads = total // self._streams if self._streams > 1 else config.threads
+        self._loaded = load_model(replace(config, threads=self._threads))
+        if self._loaded.provider == CUDA:
+            self._streams = 1
+        # Sessions not running a batch. The first is the one load_model made; the others are
+        # made on first use, in the inference thread that needs one, overlapping the first batch.
+        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        self._made = 0
+        self._made_lock = threading.Lock()
         meta = self._loaded.meta
         self._output_names = [meta.outputs["logits"], *(meta.outputs[r] for r in config.extra_outputs)]
         # A model with an out-of-distribution guard in its graph (cxr_batch.ood) scores every
@@ -567,13 +595,33 @@ class Classifier:
         """Classify one file."""
         return next(self.classify([path]))
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The logits for already preprocessed tensors (N, 3, H, W), run in the batches, streams and
+        sessions :meth:`classify` uses, with no decoding: the ceiling for classify's throughput."""
+
+        def run(chunk: np.ndarray) -> np.ndarray:
+            session = self._acquire()
+            try:
+                if self._loaded.provider == CUDA:
+                    return np.asarray(self._run_bound(session, chunk)[0])
+                return np.asarray(session.run(self._output_names, {self.meta.input_name: chunk})[0])
+            finally:
+                self._idle.put(session)
+
+        size = self.config.batch_size
+        chunks = [x[i : i + size] for i in range(0, len(x), size)]
+        with ThreadPoolExecutor(max_workers=self._streams, thread_name_prefix="cxr-infer") as runner:
+            outs = list(runner.map(run, chunks))
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.meta.labels)), np.float32)
+
     def iter_batches(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Generator[list[Result], None, None]:
         """Like :meth:`classify`, one list per model batch (what the CLI writes and flushes at once)."""
         spec = self.meta.spec
         workers = self.config.decode_workers or default_workers()
         size = self.config.batch_size
-        # Files queued or decoded beyond the batch being collected. With one batch running and
-        # one waiting for the caller, at most 3 * size + workers files are held at any time.
+        # Files queued or decoded beyond the batch being collected. With ``streams`` batches
+        # running and one waiting for the caller, at most (streams + 2) * size + workers files
+        # are held at any time.
         ahead = size + workers
         it = iter(paths)
         pending: deque[Future[_Prepared]] = deque()
@@ -590,33 +638,46 @@ class Classifier:
                     return
                 pending.append(pool.submit(_prepare, item, spec))
 
-        # One inference thread, one batch ahead: while the caller writes batch k, batch k+1 runs
-        # (onnxruntime releases the GIL). ``buffer`` keeps the batch input array between batches:
-        # a fresh 10-20 MB array per batch costs thousands of page faults.
-        runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-infer")
-        buffer: list[np.ndarray] = []
-        running: Future[list[Result]] | None = None
+        # Inference threads (one per stream), ahead of the caller: while the caller writes batch k,
+        # the next batches run (onnxruntime releases the GIL). Each thread keeps its batch input
+        # array in ``buffers``: a fresh 10-20 MB array per batch costs thousands of page faults.
+        streams = self._streams
+        runner = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="cxr-infer")
+        buffers = threading.local()
+        running: deque[Future[list[Result]]] = deque()
         try:
             top_up()
             while pending:
                 batch: list[_Prepared] = []
                 while pending and len(batch) < size:
-                    if running is not None and running.done():  # a slow input never holds back a result
-                        yield running.result()
-                        running = None
+                    while running and running[0].done():  # a slow input never holds back a result
+                        yield running.popleft().result()
                     batch.append(pending.popleft().result())
                     top_up()
-                submitted = runner.submit(self._run, batch, buffer)
-                if running is not None:
-                    yield running.result()
-                running = submitted
-            if running is not None:
-                yield running.result()
+                running.append(runner.submit(self._run, batch, buffers))
+                while len(running) > streams:
+                    yield running.popleft().result()
+            while running:
+                yield running.popleft().result()
         finally:
             runner.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, batch: list[_Prepared], buffer: list[np.ndarray] | None = None) -> list[Result]:
+    def _acquire(self) -> ort.InferenceSession:
+        """An idle session; the streams' extra sessions are created on first use."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._made_lock:
+            index, self._made = self._made, min(self._made + 1, self._streams)
+        if index == 0:
+            return self._loaded.session
+        if index < self._streams:
+            return create_session(self._loaded.path, self.config.device, self._threads)[0]
+        return self._idle.get()
+
+    def _run(self, batch: list[_Prepared], buffers: threading.local | None = None) -> list[Result]:
         meta = self.meta
         ident = meta.ident
         results = [
@@ -636,12 +697,17 @@ class Classifier:
         ready = [i for i, p in enumerate(batch) if p.tensor is not None]
         if not ready:
             return results
+        buffer = None if buffers is None else buffers.__dict__.setdefault("array", [])
         x = _stack([t for t in (batch[i].tensor for i in ready) if t is not None], buffer)
         try:
-            if self._loaded.provider == CUDA:
-                outs = self._run_bound(x)
-            else:
-                outs = self._loaded.session.run(self._output_names, {meta.input_name: x})
+            session = self._acquire()
+            try:
+                if self._loaded.provider == CUDA:
+                    outs = self._run_bound(session, x)
+                else:
+                    outs = session.run(self._output_names, {meta.input_name: x})
+            finally:
+                self._idle.put(session)
         except _ort_errors() as exc:
             raise ModelError(f"{self.model_path}: inference failed: {exc}") from None
         logits = np.asarray(outs[0])
@@ -678,10 +744,9 @@ class Classifier:
                 r.in_distribution = False
         return results
 
-    def _run_bound(self, x: np.ndarray) -> list[np.ndarray]:
+    def _run_bound(self, session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
         """CUDA only: run through IO binding. The input goes to the GPU in one copy and only the
         outputs we read come back; the model's other outputs (layer4 maps) never leave the GPU."""
-        session = self._loaded.session
         binding = session.io_binding()
         binding.bind_cpu_input(self.meta.input_name, x)
         for name in self._output_names:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -48,6 +49,8 @@ from cxr_batch.meta import ModelMeta, read_contract
 #: tiny model ran 257 images/s on two actors against 158 with 4 (1,500 X-rays, this 2-core
 #: machine), and the worker's decoder threads run ahead of the model within a task as in a local run.
 TASK_BATCHES = 16
+#: Ray Data settings turned off during a run: its progress bars would fight ours on stderr.
+_QUIET = ("enable_progress_bars", "print_on_execution_start")
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,23 @@ class _Worker:
 # --------------------------------------------------------------------------- driver
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``HOST:PORT`` (or ``ray://HOST:PORT``) nobody listens on: Ray retries for minutes.
+
+    ``auto`` and other forms are left to Ray.
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise CxrBatchError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; check --ray-address "
+            "(the head node's HOST:6379, or ray://HOST:10001 for Ray Client)"
+        ) from None
+
+
 def _library_error(exc: BaseException) -> CxrBatchError | None:
     """The package error behind a Ray task failure (Ray wraps it, sometimes twice)."""
     seen: set[int] = set()
@@ -233,6 +253,8 @@ class RayEngine:
             "logging_level": logging.ERROR,
             "log_to_driver": False,  # worker log lines would break the report on --out - and the summary
         }
+        if self.config.address:
+            _check_reachable(self.config.address)
         try:
             if self.config.address:
                 ray.init(address=self.config.address, **kwargs)
@@ -261,23 +283,28 @@ class RayEngine:
         data_log = logging.getLogger("ray.data")
         level = data_log.level
         data_log.setLevel(logging.ERROR)
+        # Ray Data's settings are global to the process: set ours for this run, then put them back.
+        ctx = ray.data.DataContext.get_current()
+        saved = {name: getattr(ctx, name) for name in _QUIET if hasattr(ctx, name)}
+        saved_order = ctx.execution_options.preserve_order
         started = False
         try:
             started = self._start(ray)
             if not files:
                 return
+            for name in saved:
+                setattr(ctx, name, False)
+            ctx.execution_options.preserve_order = True  # the reorder buffer in _run stays small
             yield from self._run(ray, files)
         finally:
             if started:
                 ray.shutdown()
+            for name, value in saved.items():
+                setattr(ctx, name, value)
+            ctx.execution_options.preserve_order = saved_order
             data_log.setLevel(level)
 
     def _run(self, ray: Any, files: Sequence[InputFile]) -> Iterable[list[Result]]:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the reorder buffer below stays small
-        for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False)):
-            if hasattr(ctx, name):
-                setattr(ctx, name, value)
         self.actors = self._actor_count(ray, len(files))
         ds = ray.data.from_items(
             [{"index": i, "path": _encode(f.path), "display": _encode(f.display)} for i, f in enumerate(files)]
