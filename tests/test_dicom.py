@@ -572,5 +572,7 @@ def test_patient_data_never_reaches_the_classify_report(
     assert rows["ok.dcm"]["study_instance_uid"] == header.StudyInstanceUID
     assert (rows["IMG0001"]["status"], rows["IMG0001"]["view_position"]) == ("ok", "AP")
     assert rows["nopix.dcm"]["error"] == "DICOM file has no pixel data"
-    assert "DICOM modality CT" in rows["ct.dcm"]["error"]
+    # a CT is classified, but flagged out of distribution from its header, and says why
+    assert (rows["ct.dcm"]["status"], rows["ct.dcm"]["in_distribution"]) == ("ok", "false")
+    assert "DICOM modality CT" in rows["ct.dcm"]["notes"]
     _assert_no_phi(out.read_text(encoding="utf-8"), result.stdout, result.stderr)

@@ -202,9 +202,13 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     meta = read_contract(sess, str(onnx_path))
     assert meta.labels == ("normal", "viral", "covid") and meta.input_size == (64, 64)
-    assert meta.outputs == {"logits": "logits", "features": "features", "embedding": "embedding"}
+    assert meta.outputs == {
+        "logits": "logits", "features": "features", "embedding": "embedding", "cam": "cam", "ood_score": "ood_score"
+    }
     assert meta.training_data["files"] == 36 and len(meta.training_data["split_sha256"]) == 64
-    assert [o.shape[1:] for o in sess.get_outputs()] == [[3], [512, 2, 2], [512]]
+    shapes = {o.name: o.shape[1:] for o in sess.get_outputs()}
+    assert shapes == {"logits": [3], "features": [512, 2, 2], "embedding": [512], "cam": [3, 2, 2], "ood_score": []}
+    assert meta.ood is not None and meta.ood["n_fit"] == len(Split.read(trained_run / "split.csv").paths(small_pool, "train"))
 
     # The torch evaluation path (train's test report) on the test files ...
     split = Split.read(trained_run / "split.csv")
