@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cxr_batch import __version__
+from cxr_batch.cli_options import _DEVICES, _model_options, engine_options  # noqa: F401
 from cxr_batch.errors import CxrBatchError
 from cxr_batch.shard import Shard  # hashlib and re only
 
@@ -50,23 +51,6 @@ def main() -> None:
     """
 
 
-_DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("auto", "fp32", "int8", "fp16")
-
-
-def _model_options(func: F) -> F:
-    """--model, --precision: shared by the commands that load a model."""
-    func = click.option(
-        "--precision",
-        type=click.Choice(_PRECISIONS),
-        default="auto",
-        show_default=True,
-        help="Which embedded default model: auto = int8 on CPU, fp16 on CUDA (when installed), else fp32. "
-        "With --model or $CXR_BATCH_MODEL the precision is the file's own (leave auto).",
-    )(func)
-    return func
-
-
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> Shard | None:
     """``--shard K/N`` → :class:`Shard`; a bad value is a usage error (exit 2)."""
     if value is None:
@@ -101,29 +85,7 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     default=None,
     help="Report format. Default: from --out's suffix (.jsonl → jsonl), else csv.",
 )
-@click.option(
-    "--model",
-    "-m",
-    metavar="PATH",
-    default=None,
-    help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(_DEVICES),
-    default="auto",
-    show_default=True,
-    help="auto uses CUDA only when it really starts, else CPU.",
-)
-@_model_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="onnxruntime threads (0: one per physical core).",
-)
+@engine_options
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk folders recursively.")
 @click.option(
     "--include",

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from cxr_batch.cli_options import engine_options
 from cxr_batch.errors import CxrBatchError
 
 #: As for classify (cxr_batch.cli.EXIT_PARTIAL): the run finished, but some files could not be read.
@@ -36,31 +37,7 @@ EXIT_PARTIAL = 3
     metavar="DIR",
     help='Write confusion_matrix.png, roc_curves.png and reliability.png into DIR (pip install "cxr-batch[plots]").',
 )
-@click.option(
-    "--model",
-    "-m",
-    metavar="PATH",
-    default=None,
-    help="ONNX model with the cxr-batch contract. Default: $CXR_BATCH_MODEL, else the embedded model.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto uses CUDA only when it really starts, else CPU.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "int8"]),
-    default="auto",
-    show_default=True,
-    help="Which embedded default model: auto = int8 on CPU when installed, else fp32.",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per model call.")
-@click.option(
-    "--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime threads (0: automatic)."
-)
+@engine_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing metrics file (and predictions).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no tables.")
 def evaluate_command(

@@ -168,7 +168,7 @@ def test_two_streams_give_the_same_results_in_order(tiny_onnx: Path, image_dir: 
     assert one._streams == 1 and two._streams == 2 and two._threads == 1
     got = [(r.file, r.probs) for r in two.classify(files)]
     assert got == [(r.file, r.probs) for r in one.classify(files)]
-    assert two._made == 2  # the second session was made when a second batch needed it
+    assert 1 <= two._made <= 2  # a second session only when two batches overlapped
 
 
 def test_streams_follow_the_threads(tiny_onnx: Path) -> None:

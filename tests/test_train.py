@@ -125,29 +125,30 @@ def test_split_is_seeded_stratified_and_keeps_duplicates_together(tmp_path: Path
 # ---------------------------------------------------------------- train → export → classify
 
 
-def _train(pool: Path, out: Path, epochs: int = 1) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxr_batch.cli",
-            "train",
-            str(pool),
-            "--out",
-            str(out),
-            "--epochs",
-            str(epochs),
-            "--image-size",
-            "64",
-            "--batch-size",
-            "8",
-            "--threads",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _train_args(pool: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    """``cxr-batch train`` at 64×64 in a subprocess (a real process, so it can be killed)."""
+    return [
+        sys.executable,
+        "-m",
+        "cxr_batch.cli",
+        "train",
+        str(pool),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--threads",
+        "2",
+        *extra,
+    ]
+
+
+def _train(pool: Path, out: Path, epochs: int = 1, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_train_args(pool, out, epochs, *extra), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +204,18 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
     meta = read_contract(sess, str(onnx_path))
     assert meta.labels == ("normal", "viral", "covid") and meta.input_size == (64, 64)
     assert meta.outputs == {
-        "logits": "logits", "features": "features", "embedding": "embedding", "cam": "cam", "ood_score": "ood_score"
+        "logits": "logits",
+        "features": "features",
+        "embedding": "embedding",
+        "cam": "cam",
+        "ood_score": "ood_score",
     }
     assert meta.training_data["files"] == 36 and len(meta.training_data["split_sha256"]) == 64
     shapes = {o.name: o.shape[1:] for o in sess.get_outputs()}
     assert shapes == {"logits": [3], "features": [512, 2, 2], "embedding": [512], "cam": [3, 2, 2], "ood_score": []}
-    assert meta.ood is not None and meta.ood["n_fit"] == len(Split.read(trained_run / "split.csv").paths(small_pool, "train"))
+    assert meta.ood is not None and meta.ood["n_fit"] == len(
+        Split.read(trained_run / "split.csv").paths(small_pool, "train")
+    )
 
     # The torch evaluation path (train's test report) on the test files ...
     split = Split.read(trained_run / "split.csv")
@@ -290,23 +297,7 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
     assert _train(small_pool, full, epochs=3).returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cxr_batch.cli",
-            "train",
-            str(small_pool),
-            "--out",
-            str(cut),
-            "--epochs",
-            "3",
-            "--image-size",
-            "64",
-            "--batch-size",
-            "8",
-            "--threads",
-            "2",
-        ],
+        _train_args(small_pool, cut, 3),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -319,29 +310,7 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
     done_before = (
         len(json.loads((cut / "history.json").read_text())["epochs"]) if (cut / "history.json").exists() else 0
     )
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxr_batch.cli",
-            "train",
-            str(small_pool),
-            "--out",
-            str(cut),
-            "--epochs",
-            "3",
-            "--image-size",
-            "64",
-            "--batch-size",
-            "8",
-            "--threads",
-            "2",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = _train(small_pool, cut, 3, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((full / "history.json").read_text())["epochs"]
     b = json.loads((cut / "history.json").read_text())["epochs"]
