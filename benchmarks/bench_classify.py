@@ -11,14 +11,16 @@ own peak RSS and none warms another's caches or thread pools:
        + PyTorch eager fp32, with the weights of ``--checkpoint``;
   (b)  ``cxr-batch classify DIR --out results.csv --model FP32``, end to end through the CLI;
   (c)  the same with the int8 model;
-  (d)  the model alone in onnxruntime on preprocessed tensors in memory, fp32 and int8 (the
-       session cxr-batch creates, the batch size it uses): the ceiling for (b) and (c).
+  (d)  the model alone in onnxruntime on preprocessed tensors in memory, fp32 and int8, run
+       by ``Classifier.logits`` in the sessions, streams and batch size classify uses: the
+       ceiling for (b) and (c). Each (d) runs right after the classify run it bounds.
 
 Rates. *end to end* is images / wall time of the whole process (imports, model load, first
 batch included). *steady* removes those fixed costs the same way for (a), (b) and (c): each
 pipeline also runs on the first ``--warm`` images alone, and steady = (N - warm) / (T_N - T_warm).
-(d) times ``session.run`` after one warm-up batch. The ratios use the steady rates; they are
-what counts, since absolute numbers move with whatever else the machine is doing.
+(d) is timed after a warm-up. The ratios use the steady rates; they are what counts, since
+absolute numbers move with whatever else the machine is doing. ``--repeat 3`` runs the whole
+round three times and keeps medians.
 
 Agreement: the share of images whose top-1 label from (b) and (c) equals the notebook's.
 
@@ -212,18 +214,20 @@ def worker_ort(args: argparse.Namespace) -> None:
     meta = clf.meta
     root = Path(args.root)
     rels = Path(args.list).read_text(encoding="utf-8").splitlines()
+    # One thread's preprocessing cost, measured apart: holding all the tensors (below) would add
+    # the page faults of a fresh 300 MB to it.
+    sample = rels[: min(len(rels), 100)]
+    for rel in sample[:10]:
+        preprocess_file(root / rel, meta.spec)
     t = time.thread_time()
+    for rel in sample:
+        preprocess_file(root / rel, meta.spec)
+    preprocess_ms = 1e3 * (time.thread_time() - t) / len(sample)
     x = np.stack([preprocess_file(root / rel, meta.spec)[0] for rel in rels])
-    preprocess_ms = 1e3 * (time.thread_time() - t) / len(rels)
     clf.logits(x[: args.batch_size * 4])  # warm-up: every stream's session, arenas, thread pools
-    rates: list[float] = []
-    top: list[int] = []
-    for rep in range(args.passes):
-        t0 = time.perf_counter()
-        logits = clf.logits(x)
-        rates.append(len(x) / (time.perf_counter() - t0))
-        if rep == 0:
-            top = logits.argmax(1).tolist()
+    t0 = time.perf_counter()
+    top = clf.logits(x).argmax(1).tolist()
+    rate = len(x) / (time.perf_counter() - t0)
     # For reference: one session with all the threads, batches one after the other.
     session, _ = create_session(args.model, args.device, args.threads)
     b = args.batch_size
@@ -232,8 +236,7 @@ def worker_ort(args: argparse.Namespace) -> None:
     for i in range(0, len(x), b):
         session.run([meta.outputs["logits"]], {meta.input_name: x[i : i + b]})
     out = {
-        "rate": max(rates),
-        "rates": rates,
+        "rate": rate,
         "rate_one_session": len(x) / (time.perf_counter() - t0),
         "streams": clf._streams,
         "preprocess_ms_per_image_cpu": preprocess_ms,
@@ -417,6 +420,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     n_warm = min(args.warm, n // 2)
     load_before = os.getloadavg()
     notes: list[str] = []
+    if n < 8 * n_warm:
+        notes.append(f"only {n} images for a {n_warm}-image start-up run: the steady rates are rough; use --n 500 or more")
     if load_before[0] > 0.5:
         notes.append(
             f"load average {load_before[0]:.2f} when the run started: something else was using the CPU, "
@@ -466,29 +471,33 @@ def run_benchmark(args: argparse.Namespace) -> None:
                     notes.append(f"{p.title}: {n - len(p.pred)} file(s) were error rows")
             return run
 
-        def alone(p: Pipeline, model: str) -> None:
-            out = work / f"{p.key}.json"
+        def alone(p: Pipeline, model: str, rep: int) -> None:
+            out = work / f"{p.key}-{rep}.json"
             cmd = [*py, "--worker", "ort", "--root", str(work / "images"), "--list", str(work / "all.txt")]
             cmd += ["--model", model, "--batch-size", str(bs or DEFAULT_BATCH_SIZE), "--result", str(out), *common]
-            cmd += ["--passes", str(args.repeat)]
             p.full.append(_check(run_measured(cmd), p.title))
             res = json.loads(out.read_text(encoding="utf-8"))
             p.pred = res.pop("pred")
+            for key in ("rate", "rate_one_session"):
+                p.extra.setdefault(f"{key}_runs", []).append(res.pop(key))
+                p.extra[key] = statistics.median(p.extra[f"{key}_runs"])
             p.extra.update(res)
 
-        for rep in range(args.repeat):  # round robin, so a slow spell hits every pipeline
-            for which in ("warm", "all"):
-                for key in ("a0", "a2", "b", "c"):
-                    p = pipes[key]
-                    print(f"[{rep + 1}/{args.repeat}] {p.title}: {which}", file=sys.stderr, flush=True)
+        # Round robin, so a slow spell hits every pipeline; each pipeline's runs are back to back,
+        # and (d) runs right after the classify run it is the ceiling of.
+        for rep in range(args.repeat):
+            for key in ("a0", "a2", "b", "d32", "c", "d8"):
+                p = pipes[key]
+                print(f"[{rep + 1}/{args.repeat}] {p.title}", file=sys.stderr, flush=True)
+                if key.startswith("d"):
+                    alone(p, args.model if key == "d32" else args.int8_model, rep)
+                    continue
+                for which in ("warm", "all"):
                     if key in ("a0", "a2"):
                         run = notebook(p, 0 if key == "a0" else 2, which, rep)
                     else:
                         run = classify(p, args.model if key == "b" else args.int8_model, which, rep)
                     (p.warm if which == "warm" else p.full).append(run)
-        for key, model in (("d32", args.model), ("d8", args.int8_model)):
-            print(f"{pipes[key].title}", file=sys.stderr, flush=True)
-            alone(pipes[key], model)
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
@@ -528,7 +537,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--list", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker == "notebook":
         worker_notebook(args)

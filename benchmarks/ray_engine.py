@@ -142,7 +142,17 @@ def run(folder: Path, model: Path, variant: str, out: Path) -> float:
     if variant.startswith("2 shards"):
         parts = [out.with_name(f"{out.stem}-{k}.csv") for k in range(2)]
         cmds = [[*base, *extra, "--shard", f"{k}/2", "--out", str(part)] for k, part in enumerate(parts)]
-        merge = [sys.executable, "-m", "cxr_batch.cli", "merge", *map(str, parts), "--out", str(out), "--overwrite", "-q"]
+        merge = [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "merge",
+            *map(str, parts),
+            "--out",
+            str(out),
+            "--overwrite",
+            "-q",
+        ]
     else:
         cmds, merge = [[*base, *extra, "--out", str(out)]], None
     t0 = time.perf_counter()

@@ -413,4 +413,3 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
             line += f" (all {config.expect} shards)"
         console.print(escape(line), highlight=False, soft_wrap=True)
     return result
-

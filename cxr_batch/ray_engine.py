@@ -203,7 +203,11 @@ class RayEngine:
         session, _ = create_session(choice.path, "cpu", threads=1)  # the contract, and a load check
         self._meta: ModelMeta = read_contract(session, str(choice.path))
         del session
-        if choice.origin != "embedded default" and engine.precision != "auto" and self._meta.precision != engine.precision:
+        if (
+            choice.origin != "embedded default"
+            and engine.precision != "auto"
+            and self._meta.precision != engine.precision
+        ):
             raise ModelError(
                 f"{choice.path} is a {self._meta.precision} model but --precision {engine.precision} was asked; "
                 "--precision picks between the embedded default models, so leave it at auto with --model"
@@ -221,7 +225,9 @@ class RayEngine:
     def provider(self) -> str:
         """The execution providers the actors ran, e.g. ``CPUExecutionProvider on Ray (2 actors)``."""
         used = ", ".join(sorted(self._providers)) or (CUDA if self.engine.device == "cuda" else CPU)
-        return f"{used} on Ray ({self.actors} actor{'s' if self.actors != 1 else ''})" if self.actors else f"{used} on Ray"
+        return (
+            f"{used} on Ray ({self.actors} actor{'s' if self.actors != 1 else ''})" if self.actors else f"{used} on Ray"
+        )
 
     @property
     def task_size(self) -> int:
@@ -262,7 +268,9 @@ class RayEngine:
                 # "local" always starts a new Ray here, even when $RAY_ADDRESS names a cluster.
                 ray.init(address="local", num_cpus=self.config.num_cpus, **kwargs)
         except Exception as exc:  # Ray raises plain Exception, ConnectionError, RuntimeError, ...
-            where = f"join the Ray cluster at {self.config.address}" if self.config.address else "start Ray on this machine"
+            where = (
+                f"join the Ray cluster at {self.config.address}" if self.config.address else "start Ray on this machine"
+            )
             raise CxrBatchError(
                 f"could not {where}: {exc} (check the address and that the cluster runs the same Ray "
                 "version; a busy machine can time out starting Ray: retry, or use --engine local)"

@@ -54,7 +54,9 @@ def build_folder(root: Path, images: Sequence[Path]) -> Path:
 def folder(tmp_path: Path) -> Path:
     """30 small synthetic PNGs (two class folders) in the layout of :func:`build_folder`."""
     src = tmp_path / "src"
-    images = [write_png(src / ("pos" if i % 2 else "neg") / f"img-{i:02d}.png", i, size=(40 + i, 36)) for i in range(30)]
+    images = [
+        write_png(src / ("pos" if i % 2 else "neg") / f"img-{i:02d}.png", i, size=(40 + i, 36)) for i in range(30)
+    ]
     return build_folder(tmp_path / "folder", images)
 
 
@@ -100,7 +102,13 @@ def test_shard_of_is_stable_and_spreads() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("3/3", "K must be 0…2"), ("1/0", "at least 1"), ("x", "is not K/N"), ("-1/3", "is not K/N"), ("1/2/3", "is not K/N")],
+    [
+        ("3/3", "K must be 0…2"),
+        ("1/0", "at least 1"),
+        ("x", "is not K/N"),
+        ("-1/3", "is not K/N"),
+        ("1/2/3", "is not K/N"),
+    ],
 )
 def test_bad_shard_is_a_usage_error(
     runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path, text: str, message: str
@@ -163,7 +171,9 @@ def test_walk_key_reproduces_the_walk(folder: Path) -> None:
     assert sorted(found) != found  # a plain string sort would not do
 
 
-def test_parts_in_another_order_are_sorted_in_memory(runner: CliRunner, tiny_onnx: Path, folder: Path, tmp_path: Path) -> None:
+def test_parts_in_another_order_are_sorted_in_memory(
+    runner: CliRunner, tiny_onnx: Path, folder: Path, tmp_path: Path
+) -> None:
     """A part not in walk order (files listed by hand) still merges into walk order."""
     whole = tmp_path / "whole.csv"
     classify(runner, tiny_onnx, str(folder), "--out", str(whole), "-q")
@@ -207,9 +217,8 @@ def test_empty_shard_succeeds_and_merges(runner: CliRunner, tiny_onnx: Path, ima
         code, _, err = classify(runner, tiny_onnx, str(image_dir), "--shard", f"{k}/{n}", "--out", str(part))
         assert code == 0, err
         parts.append(part)
-    assert f"shard {empty}/{n}: 0 of 3 files" in classify(
-        runner, tiny_onnx, str(image_dir), "--shard", f"{empty}/{n}", "--out", str(tmp_path / "again.csv")
-    )[2]
+    again = classify(runner, tiny_onnx, str(image_dir), "--shard", f"{empty}/{n}", "--out", str(tmp_path / "again.csv"))
+    assert again[0] == 0 and f"shard {empty}/{n}: 0 of 3 files" in again[2]
     assert len(read_rows(parts[empty])) == 0 and parts[empty].read_bytes().startswith(b"path,status,")
     merged = tmp_path / "merged.csv"
     code, _, err = merge(runner, *map(str, parts), "--out", str(merged), "--expect", str(n))
@@ -238,7 +247,9 @@ def test_merge_missing_shard(runner: CliRunner, three_parts: list[Path], tmp_pat
     assert merge(runner, str(three_parts[0]), str(three_parts[2]), "--out", str(out))[0] == 3
 
 
-def test_merge_duplicate_path(runner: CliRunner, tiny_onnx: Path, folder: Path, three_parts: list[Path], tmp_path: Path) -> None:
+def test_merge_duplicate_path(
+    runner: CliRunner, tiny_onnx: Path, folder: Path, three_parts: list[Path], tmp_path: Path
+) -> None:
     whole = tmp_path / "whole.csv"
     classify(runner, tiny_onnx, str(folder), "--out", str(whole), "-q")
     out = tmp_path / "m.csv"
@@ -275,7 +286,9 @@ def test_merge_different_columns(
     assert code == 1 and f"{other} has other columns than {three_parts[0]}" in err and "prob_viral" in err
 
 
-def test_merge_mixed_up_parts(runner: CliRunner, tiny_onnx: Path, folder: Path, three_parts: list[Path], tmp_path: Path) -> None:
+def test_merge_mixed_up_parts(
+    runner: CliRunner, tiny_onnx: Path, folder: Path, three_parts: list[Path], tmp_path: Path
+) -> None:
     halves = run_shards(runner, tiny_onnx, folder, tmp_path / "halves", 2)
     out = str(tmp_path / "m.csv")
     # Parts of N=2 merged as N=3: a part's rows fall in several shards of 3.
@@ -309,7 +322,9 @@ def test_merge_refuses_damaged_parts_and_outputs(runner: CliRunner, three_parts:
 
 
 def test_merge_library_api(three_parts: list[Path], tmp_path: Path) -> None:
-    merged = merge_reports(MergeConfig(parts=tuple(map(str, three_parts)), out=str(tmp_path / "m.csv"), expect=3, quiet=True))
+    merged = merge_reports(
+        MergeConfig(parts=tuple(map(str, three_parts)), out=str(tmp_path / "m.csv"), expect=3, quiet=True)
+    )
     assert merged.parts == 3 and sorted(v for v in merged.shards.values() if v is not None) == [0, 1, 2]
     assert merged.stats.total == 33 and merged.stats.all_errors == 3
     with pytest.raises(MergeError, match="2 part"):
