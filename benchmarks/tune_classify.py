@@ -134,7 +134,7 @@ def make_classifier(model: str, opts: dict[str, Any]) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="export/cxr-resnet18-int8.onnx")
+    ap.add_argument("--model", default=str(REPO / "export" / "cxr-resnet18-int8.onnx"))
     ap.add_argument("--images", metavar="DIR", help="folder of X-rays (default: 480 sampled from the shared pool)")
     ap.add_argument("--n", type=int, default=480)
     ap.add_argument("--chunk", type=int, default=96, help="images per round and variant")

@@ -4,6 +4,7 @@ CUDA, and the fast normalisation (bit for bit the old formula)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -193,3 +194,35 @@ def test_memory_stays_bounded_with_two_streams(tiny_onnx: Path, image_dir: Path)
     for done, _ in enumerate(clf.classify(lazy()), start=1):
         gap = max(gap, pulled - done)
     assert gap <= (streams + 2) * size + workers
+
+
+def _labelled(root: Path, per_class: int = 4) -> Path:
+    from conftest import LABELS, write_png
+
+    for k, label in enumerate(LABELS):
+        for i in range(per_class):
+            write_png(root / label / f"{i}.png", seed=100 * k + i, size=(32, 32))
+    return root
+
+
+def test_int8_is_written_only_when_it_agrees_with_fp32(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnx")
+    from rich.console import Console
+
+    from cxr_batch import export
+    from cxr_batch.data import find_labelled, make_split
+
+    root = _labelled(tmp_path / "data")
+    split = make_split(find_labelled(root), val=0.25, test=0.5)
+    master = tmp_path / "m.onnx"
+    master.write_bytes(tiny_onnx.read_bytes())
+    cfg = export.ExportConfig(checkpoint=str(master), out=str(master), calibration_images=8)
+    console = Console(file=None, quiet=True)
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # no model can agree on more than 100%
+    with pytest.raises(export.ModelError, match=r"agrees with fp32 on .*not written"):
+        export.quantize_int8(master, root, split, cfg, console)
+    assert not (tmp_path / "m-int8.onnx").exists()
+    info = export.quantize_int8(master, root, split, dataclasses.replace(cfg, force=True), console)
+    assert (tmp_path / "m-int8.onnx").is_file() and 0.0 <= info["top1_agreement_with_fp32"] <= 1.0
