@@ -6,41 +6,25 @@ Keep this module light: ``cxr-batch --help`` imports it, so no torch and no onnx
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cxr_batch import __version__
-from cxr_batch.cli_options import _DEVICES, _model_options, engine_options  # noqa: F401
-from cxr_batch.errors import CxrBatchError
+from cxr_batch.cli_options import (  # noqa: F401  (the exit codes are part of this module's API)
+    EXIT_FATAL,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    _model_options,
+    engine_config,
+    engine_options,
+    library_errors,
+)
 from cxr_batch.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
     from cxr_batch.ray_engine import RayConfig
-
-#: Exit codes (documented in the README).
-EXIT_OK = 0
-EXIT_FATAL = 1  # bad model, unwritable output, no inputs, missing extra: nothing (more) was done
-EXIT_USAGE = 2  # Click's usage errors
-EXIT_PARTIAL = 3  # the run finished, but some files could not be classified (see the error rows)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def library_errors(func: F) -> F:
-    """Turn the package's exceptions into ``Error: ...`` on stderr and exit code 1."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CxrBatchError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper  # type: ignore[return-value]
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cxr-batch")
@@ -200,7 +184,6 @@ def classify_command(
         raise click.UsageError("--heatmaps needs --engine local")
 
     from cxr_batch.batch import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
-    from cxr_batch.inference import EngineConfig
     from cxr_batch.inputs import InputSpec, read_path_list
     from cxr_batch.report import ReportConfig, report_format
 
@@ -216,13 +199,7 @@ def classify_command(
             absolute_paths=absolute_paths,
             listed=listed,
         ),
-        engine=EngineConfig(
-            model=model,
-            device=device,  # type: ignore[arg-type]  # click.Choice checked it
-            precision=precision,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            threads=threads,
-        ),
+        engine=engine_config(model, device, precision, batch_size, threads),
         report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
         shard=shard,

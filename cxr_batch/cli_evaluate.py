@@ -6,11 +6,7 @@ import sys
 
 import click
 
-from cxr_batch.cli_options import engine_options
-from cxr_batch.errors import CxrBatchError
-
-#: As for classify (cxr_batch.cli.EXIT_PARTIAL): the run finished, but some files could not be read.
-EXIT_PARTIAL = 3
+from cxr_batch.cli_options import EXIT_PARTIAL, engine_config, engine_options, library_errors
 
 
 @click.command("evaluate")
@@ -40,6 +36,7 @@ EXIT_PARTIAL = 3
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing metrics file (and predictions).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no tables.")
+@library_errors
 def evaluate_command(
     data_dir: str,
     out: str,
@@ -66,27 +63,17 @@ def evaluate_command(
     Example: cxr-batch evaluate labelled/ --out metrics.json --predictions results.csv --plots plots/
     """
     from cxr_batch.evaluate import EvaluateConfig, run_evaluate  # numpy, onnxruntime
-    from cxr_batch.inference import EngineConfig
 
     config = EvaluateConfig(
         data_dir=data_dir,
         out=out,
-        engine=EngineConfig(
-            model=model,
-            device=device,  # type: ignore[arg-type]  # click.Choice checked it
-            precision=precision,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            threads=threads,
-        ),
+        engine=engine_config(model, device, precision, batch_size, threads),
         labels_file=labels_file,
         predictions=predictions,
         plots=plots,
         overwrite=overwrite,
         quiet=quiet,
     )
-    try:
-        evaluation = run_evaluate(config)
-    except CxrBatchError as exc:
-        raise click.ClickException(str(exc)) from exc
+    evaluation = run_evaluate(config)
     if evaluation.error_count:
         sys.exit(EXIT_PARTIAL)

@@ -1,13 +1,40 @@
-"""Click options shared by several commands (classify, evaluate, info). Light: no numpy, no onnxruntime."""
+"""What the commands share: exit codes, error mapping, the model/engine options. Light: no numpy,
+no onnxruntime (``cxr-batch --help`` imports this)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from cxr_batch.errors import CxrBatchError
+
+if TYPE_CHECKING:
+    from cxr_batch.inference import EngineConfig
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_FATAL = 1  # bad model, unwritable output, no inputs, missing extra: nothing (more) was done
+EXIT_USAGE = 2  # Click's usage errors
+EXIT_PARTIAL = 3  # the run finished, but some files could not be classified (see the error rows)
+
+
+def library_errors(func: F) -> F:
+    """Turn the package's exceptions into ``Error: ...`` on stderr and exit code 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CxrBatchError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
 
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "fp32", "int8", "fp16")
@@ -61,3 +88,14 @@ def engine_options(func: F) -> F:
     return func
 
 
+def engine_config(model: str | None, device: str, precision: str, batch_size: int, threads: int) -> EngineConfig:
+    """The :class:`~cxr_batch.inference.EngineConfig` for the values of :func:`engine_options`."""
+    from cxr_batch.inference import EngineConfig  # numpy, onnxruntime: only once a command runs
+
+    return EngineConfig(
+        model=model,
+        device=device,  # type: ignore[arg-type]  # click.Choice checked it
+        precision=precision,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        threads=threads,
+    )

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import click
 
-from cxr_batch.errors import CxrBatchError
-
-
-def _lib_error(exc: CxrBatchError) -> click.ClickException:
-    return click.ClickException(str(exc))
+from cxr_batch.cli_options import library_errors
 
 
 @click.command("train")
@@ -65,6 +61,7 @@ def _lib_error(exc: CxrBatchError) -> click.ClickException:
 )
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --out from its last checkpoint.")
+@library_errors
 def train_command(
     data_dir: Path,
     out: Path,
@@ -90,30 +87,27 @@ def train_command(
     Example:
       cxr-batch train ../data/COVID-19_Radiography_Dataset --out runs/r18 --epochs 20
     """
-    try:
-        from cxr_batch.train import TrainConfig, train_model
+    from cxr_batch.train import TrainConfig, train_model
 
-        cfg = TrainConfig(
-            data_dir=str(data_dir),
-            out=str(out),
-            classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
-            split=str(split_file) if split_file else None,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            image_size=image_size,
-            seed=seed,
-            device=device,
-            workers=workers,
-            weights=weights,
-            hflip=hflip,
-            patience=patience,
-            threads=threads,
-        )
-        train_model(cfg, resume=resume)
-    except CxrBatchError as exc:
-        raise _lib_error(exc) from exc
+    cfg = TrainConfig(
+        data_dir=str(data_dir),
+        out=str(out),
+        classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
+        split=str(split_file) if split_file else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        image_size=image_size,
+        seed=seed,
+        device=device,
+        workers=workers,
+        weights=weights,
+        hflip=hflip,
+        patience=patience,
+        threads=threads,
+    )
+    train_model(cfg, resume=resume)
 
 
 @click.command("export")
@@ -151,6 +145,7 @@ def train_command(
 )
 @click.option("--ood/--no-ood", default=True, show_default=True,
               help="Fit the out-of-distribution guard on the run's training images (needs the data).")
+@library_errors
 def export_command(
     checkpoint: Path | None,
     out: Path | None,
@@ -175,46 +170,43 @@ def export_command(
     Example:
       cxr-batch export runs/r18/best.ckpt --out export/cxr-resnet18.onnx --quantize int8
     """
-    try:
-        from cxr_batch.export import ExportConfig, export_checkpoint, latest_checkpoint, requantize_from_master
+    from cxr_batch.export import ExportConfig, export_checkpoint, latest_checkpoint, quantize_int8
 
-        if checkpoint is not None and checkpoint.suffix == ".onnx":
-            if data_dir is None or split_file is None:
-                raise click.UsageError("an .onnx input needs --data DIR and --split FILE")
-            from rich.console import Console
+    if checkpoint is not None and checkpoint.suffix == ".onnx":
+        if data_dir is None or split_file is None:
+            raise click.UsageError("an .onnx input needs --data DIR and --split FILE")
+        from rich.console import Console
 
-            from cxr_batch.data import Split
-            from cxr_batch.export import read_contract_file, write_card
-            from cxr_batch.ood import fit_model
+        from cxr_batch.data import Split
+        from cxr_batch.export import read_contract_file, write_card
+        from cxr_batch.ood import fit_model
 
-            console = Console(stderr=True)
-            split = Split.read(split_file)
-            if ood:
-                fit_model(checkpoint, data_dir, split, console=console)
-            int8 = None
-            if quantize == "int8":
-                cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
-                                   calibration_images=calibration_images, force=force)
-                int8 = requantize_from_master(checkpoint, str(data_dir), str(split_file), cfg, console)
-            if fp16:
-                from cxr_batch.export import export_fp16
+        console = Console(stderr=True)
+        split = Split.read(split_file)
+        if ood:
+            fit_model(checkpoint, data_dir, split, console=console)
+        int8 = None
+        if quantize == "int8":
+            cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
+                               calibration_images=calibration_images, force=force)
+            int8 = quantize_int8(checkpoint, data_dir, split, cfg, console)
+        if fp16:
+            from cxr_batch.export import export_fp16
 
-                export_fp16(checkpoint, console=console)
-            write_card(checkpoint, read_contract_file(checkpoint)[1], int8)
-            return
-        ckpt = checkpoint or latest_checkpoint()
-        target = out or Path("export") / f"{ckpt.parent.name}.onnx"
-        cfg = ExportConfig(
-            checkpoint=str(ckpt),
-            out=str(target),
-            name=name,
-            version=model_version,
-            quantize=quantize,
-            calibration_images=calibration_images,
-            force=force,
-            data_dir=str(data_dir) if data_dir else None,
-            fp16=fp16,
-        )
-        export_checkpoint(cfg)
-    except CxrBatchError as exc:
-        raise _lib_error(exc) from exc
+            export_fp16(checkpoint, console=console)
+        write_card(checkpoint, read_contract_file(checkpoint)[1], int8)
+        return
+    ckpt = checkpoint or latest_checkpoint()
+    target = out or Path("export") / f"{ckpt.parent.name}.onnx"
+    cfg = ExportConfig(
+        checkpoint=str(ckpt),
+        out=str(target),
+        name=name,
+        version=model_version,
+        quantize=quantize,
+        calibration_images=calibration_images,
+        force=force,
+        data_dir=str(data_dir) if data_dir else None,
+        fp16=fp16,
+    )
+    export_checkpoint(cfg)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ import numpy as np
 from rich.console import Console
 
 from cxr_batch.data import Split
-from cxr_batch.errors import CxrBatchError, ImageError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
 from cxr_batch.meta import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.metrics import classification_metrics, softmax
-from cxr_batch.preprocess import PreprocessSpec, preprocess_file
+from cxr_batch.preprocess import PreprocessSpec, preprocess_labelled
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -83,17 +82,10 @@ def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any],
 def _tensors(
     items: Sequence[tuple[Path, str]], spec: PreprocessSpec, labels: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for path, label in items:
-        try:
-            x, _ = preprocess_file(path, spec)
-        except ImageError:
-            continue
-        xs.append(x)
-        ys.append(list(labels).index(label))
-    if not xs:
+    pairs = list(preprocess_labelled(items, spec))
+    if not pairs:
         return np.zeros((0, 3, *spec.input_size), np.float32), np.zeros(0, np.int64)
-    return np.stack(xs), np.asarray(ys, np.int64)
+    return np.stack([x for x, _ in pairs]), np.asarray([list(labels).index(label) for _, label in pairs], np.int64)
 
 
 def ort_logits(model_path: Path | str, x: np.ndarray, threads: int | None = None, batch: int = 32) -> np.ndarray:
@@ -591,11 +583,4 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
     return card
 
 
-def requantize_from_master(
-    fp32: Path, data_dir: str, split_file: str, cfg: ExportConfig, console: Console
-) -> dict[str, Any]:
-    """Derive the int8 model again from the fp32 master (no checkpoint needed)."""
-    return quantize_int8(fp32, Path(data_dir), Split.read(Path(split_file)), cfg, console)
-
-
-__all__ = ["ExportConfig", "export_checkpoint", "export_fp16", "latest_checkpoint", "os", "quantize_int8", "write_card"]
+__all__ = ["ExportConfig", "export_checkpoint", "export_fp16", "latest_checkpoint", "quantize_int8", "write_card"]

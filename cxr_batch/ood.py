@@ -16,9 +16,8 @@ import numpy as np
 from rich.console import Console
 
 from cxr_batch.data import Split
-from cxr_batch.errors import CxrBatchError, ImageError
-from cxr_batch.meta import ModelMeta
-from cxr_batch.preprocess import PreprocessSpec, preprocess_file
+from cxr_batch.errors import CxrBatchError
+from cxr_batch.preprocess import PreprocessSpec, preprocess_labelled
 
 OOD_OUTPUT = "ood_score"
 METHOD = "mahalanobis_tied"
@@ -36,11 +35,7 @@ def embeddings(
     embs: list[np.ndarray] = []
     ys: list[int] = []
     buf: list[np.ndarray] = []
-    for path, label in items:
-        try:
-            x, _ = preprocess_file(path, spec)
-        except ImageError:
-            continue
+    for x, label in preprocess_labelled(items, spec):
         buf.append(x)
         ys.append(list(labels).index(label) if label in labels else -1)
         if len(buf) == batch:
@@ -151,9 +146,3 @@ def fit_model(
     onnx.save(proto, str(target))
     console.print(f"OOD guard: threshold {threshold:.3f} ({record['calibration']}); wrote {target}")
     return record
-
-
-def _meta_of(path: Path) -> ModelMeta:  # pragma: no cover - small helper for notebooks
-    from cxr_batch.export import read_contract_file
-
-    return read_contract_file(path)[1]

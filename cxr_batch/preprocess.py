@@ -12,10 +12,9 @@ model's input size (Pillow, on float32 data) → 3 identical channels → ``(x -
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -92,13 +91,13 @@ def is_dicom(path: Path, head: bytes) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM"
 
 
-def _read_dicom_unavailable(path: Path, target: tuple[int, int] | None) -> Decoded:
+def _read_dicom(path: Path, target: tuple[int, int] | None) -> Decoded:
     from cxr_batch.dicom import read_dicom  # the DICOM reader imports pydicom lazily
 
     return read_dicom(path, target)
 
 
-register_reader("dicom", is_dicom, _read_dicom_unavailable)
+register_reader("dicom", is_dicom, _read_dicom)
 
 
 def decode(path: str | os.PathLike[str], target: tuple[int, int] | None = None) -> Decoded:
@@ -293,6 +292,13 @@ def preprocess_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> tuple
     return prepare(decoded.grey, spec), decoded
 
 
-def open_bytes(data: BinaryIO) -> Image.Image:  # pragma: no cover - convenience for notebooks
-    """Open an in-memory image with the same Pillow settings."""
-    return Image.open(data)
+def preprocess_labelled(
+    items: Iterable[tuple[Path, str]], spec: PreprocessSpec
+) -> Iterator[tuple[np.ndarray, str]]:
+    """(model input, label) for each labelled file that decodes; unreadable files are skipped."""
+    for path, label in items:
+        try:
+            x, _ = preprocess_file(path, spec)
+        except ImageError:
+            continue
+        yield x, label
