@@ -152,7 +152,7 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None, timeout:
 
 def cxr_batch_command() -> list[str]:
     script = Path(sys.executable).with_name("cxr-batch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cxr_batch.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cxr_batch.cli.main"]
 
 
 # --------------------------------------------------------------------------- workers (subprocesses)
@@ -208,8 +208,8 @@ def worker_ort(args: argparse.Namespace) -> None:
     """(d): the model alone on preprocessed tensors, in the batches, streams and sessions classify uses."""
     import numpy as np
 
-    from cxr_batch.inference import Classifier, create_session
-    from cxr_batch.preprocess import preprocess_file
+    from cxr_batch.engine.classifier import Classifier, create_session
+    from cxr_batch.io.preprocess import preprocess_file
 
     clf = Classifier(args.model, args.device, batch_size=args.batch_size, threads=args.threads)
     meta = clf.meta
@@ -382,7 +382,7 @@ def report(
         f"- int8 vs fp32 top-1 agreement, model alone on the same tensors: "
         f"{100 * agreement(pipes['d32'].pred, pipes['d8'].pred):.2f}%; "
         f"(b) vs (d) fp32: {100 * agreement(pipes['d32'].pred, pipes['b'].pred):.2f}%.",
-        f"- Preprocessing (cxr_batch.preprocess.preprocess_file), one thread: "
+        f"- Preprocessing (cxr_batch.io.preprocess.preprocess_file), one thread: "
         f"{pipes['d32'].extra.get('preprocess_ms_per_image_cpu', float('nan')):.2f} ms CPU per image.",
         f"- Threads: torch {pipes['a0'].extra.get('threads')}; onnxruntime as classify sets it: "
         f"{pipes['d32'].extra.get('streams')} stream(s) (provider {pipes['d32'].extra.get('provider')}). "
@@ -444,7 +444,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         common = ["--threads", str(args.threads), "--device", args.device]
         bs = args.batch_size
         cli_extra = [*(["--batch-size", str(bs)] if bs else []), *(["--threads", str(args.threads)] if args.threads else [])]
-        from cxr_batch.inference import DEFAULT_BATCH_SIZE
+        from cxr_batch.engine.classifier import DEFAULT_BATCH_SIZE
 
         pipes = {
             "a0": Pipeline("a0", "(a) notebook: PIL + torchvision + DataLoader(0 workers) + PyTorch fp32"),

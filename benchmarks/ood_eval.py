@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr_batch.data import Split
-from cxr_batch.inference import Classifier
-from cxr_batch.metrics import roc_auc
+from cxr_batch.engine.classifier import Classifier
+from cxr_batch.evaluation.metrics import roc_auc
+from cxr_batch.io.labelled import Split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def main() -> None:
     if args.write_contract:
         import onnx
 
-        from cxr_batch.export import read_contract_file, write_card, write_contract
+        from cxr_batch.training.export import read_contract_file, write_card, write_contract
 
         proto, meta = read_contract_file(args.model)
         ood = dict(meta.ood or {})

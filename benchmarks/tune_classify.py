@@ -4,7 +4,7 @@
     python benchmarks/tune_classify.py --variants base spin batch=32 workers=1 processes --rounds 12
 
 For every variant, each round classifies one chunk of real X-rays through
-:func:`cxr_batch.batch.run_classify` (decoding, batching, the CSV written and fsync'ed per batch,
+:func:`cxr_batch.classify.run_classify` (decoding, batching, the CSV written and fsync'ed per batch,
 exactly as ``cxr-batch classify``) and runs the same variant's session alone on that chunk's
 preprocessed tensors. The ratio of the two, per round, is what is compared: rounds alternate
 between variants, so a slow spell on a shared machine lowers both sides of a ratio. CPU time per
@@ -78,7 +78,7 @@ def swap(module: Any, name: str, value: Any) -> Any:
 @contextmanager
 def patched(opts: dict[str, Any]) -> Iterator[None]:
     """Swap the decode pool for processes, or the inference thread for the caller, for one call."""
-    import cxr_batch.inference as inference
+    import cxr_batch.engine.classifier as inference
 
     original = vars(inference)["ThreadPoolExecutor"]
 
@@ -112,7 +112,7 @@ class _Inline(Executor):
 def make_classifier(model: str, opts: dict[str, Any]) -> Any:
     import onnxruntime as ort
 
-    from cxr_batch.inference import DEFAULT_BATCH_SIZE, Classifier
+    from cxr_batch.engine.classifier import DEFAULT_BATCH_SIZE, Classifier
 
     clf = Classifier(
         model,
@@ -149,12 +149,12 @@ def main() -> None:
     import numpy as np
     from rich.console import Console
 
-    import cxr_batch.batch as batch_module
-    from cxr_batch.batch import ClassifyConfig, run_classify
-    from cxr_batch.inference import EngineConfig
-    from cxr_batch.inputs import InputSpec
-    from cxr_batch.preprocess import IMAGE_SUFFIXES, preprocess_file
-    from cxr_batch.report import ReportConfig
+    import cxr_batch.classify as batch_module
+    from cxr_batch.classify import ClassifyConfig, run_classify
+    from cxr_batch.engine.classifier import EngineConfig
+    from cxr_batch.io.inputs import InputSpec
+    from cxr_batch.io.preprocess import IMAGE_SUFFIXES, preprocess_file
+    from cxr_batch.report.writer import ReportConfig
 
     source = Path(args.images) if args.images else POOL
     found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

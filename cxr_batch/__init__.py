@@ -15,11 +15,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
-    from cxr_batch.inference import Classifier, Result
+    from cxr_batch.engine.classifier import Classifier, Result
 
 __all__ = ["Classifier", "Result", "__version__"]
 
-_LAZY = {"Classifier": "cxr_batch.inference", "Result": "cxr_batch.inference"}
+_LAZY = {"Classifier": "cxr_batch.engine.classifier", "Result": "cxr_batch.engine.classifier"}
 
 
 def __getattr__(name: str) -> Any:

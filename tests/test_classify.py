@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from conftest import LABELS, REPO, contract
 from rich.console import Console
 
-from cxr_batch.batch import ClassifyConfig, run_classify
-from cxr_batch.cli import main
-from cxr_batch.inference import Classifier, EngineConfig
-from cxr_batch.inputs import InputSpec
-from cxr_batch.report import ReportConfig
+from cxr_batch.classify import ClassifyConfig, run_classify
+from cxr_batch.cli.main import main
+from cxr_batch.engine.classifier import Classifier, EngineConfig
+from cxr_batch.io.inputs import InputSpec
+from cxr_batch.report.writer import ReportConfig
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -292,7 +292,7 @@ def test_import_help_and_classify_never_import_torch(tiny_onnx: Path, image_dir:
 import sys
 import cxr_batch
 assert "torch" not in sys.modules and "onnxruntime" not in sys.modules and "numpy" not in sys.modules
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
 try:
     main(["--help"])
 except SystemExit as exc:

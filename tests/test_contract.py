@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import LABELS, contract
 
-from cxr_batch import inference
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
+from cxr_batch.contract import file_sha256
+from cxr_batch.engine import classifier as inference
+from cxr_batch.engine.classifier import Classifier, EngineConfig, load_model, model_info
 from cxr_batch.errors import DeviceError, ModelError, NoDefaultModelError
-from cxr_batch.inference import Classifier, EngineConfig, load_model, model_info
-from cxr_batch.meta import file_sha256
 
 
 @pytest.fixture(autouse=True)

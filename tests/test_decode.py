@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
 from cxr_batch.errors import ImageError
-from cxr_batch.preprocess import decode
+from cxr_batch.io.preprocess import decode
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

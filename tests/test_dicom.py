@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cxr_batch.dicom import read_dicom
 from cxr_batch.errors import ImageError
-from cxr_batch.preprocess import PreprocessSpec, decode, prepare, to_grey
+from cxr_batch.io.dicom import read_dicom
+from cxr_batch.io.preprocess import PreprocessSpec, decode, prepare, to_grey
 
 DICOM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 RG1_UNCI = DICOM_DIR / "pydicom-data" / "other" / "RG1_UNCI.dcm"
@@ -519,7 +519,7 @@ def test_patient_data_never_reaches_error_messages(pydicom: Any, tmp_path: Path,
 
 def _classify(runner: CliRunner, model: Path, folder: Path, out: Path) -> tuple[dict[str, dict[str, str]], Any]:
     """Run ``cxr-batch classify`` in-process; the report's rows by file name, and the result."""
-    from cxr_batch.cli import main
+    from cxr_batch.cli.main import main
 
     result = runner.invoke(main, ["classify", str(folder), "--model", str(model), "--out", str(out)])
     assert out.exists(), result.output

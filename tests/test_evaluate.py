@@ -19,18 +19,18 @@ from conftest import LABELS, REPO, contract
 from PIL import Image
 from rich.console import Console
 
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
+from cxr_batch.engine.classifier import EngineConfig
 from cxr_batch.errors import MissingExtraError
-from cxr_batch.evaluate import EvaluateConfig, json_safe, run_evaluate
-from cxr_batch.inference import EngineConfig
-from cxr_batch.metrics import (
+from cxr_batch.evaluation.evaluate import EvaluateConfig, json_safe, run_evaluate
+from cxr_batch.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
     reliability_bins,
     roc_auc,
     roc_curve,
 )
-from cxr_batch.metrics_view import print_metrics
+from cxr_batch.evaluation.tables import print_metrics
 
 PER_CLASS = 8
 #: The keys of classification_metrics: evaluate's JSON must hold exactly what it returns.
@@ -252,7 +252,7 @@ def test_plots_without_matplotlib(
 
 def test_evaluate_imports_neither_torch_nor_matplotlib() -> None:
     code = (
-        "import sys, cxr_batch.evaluate, cxr_batch.heatmap, cxr_batch.cli; "
+        "import sys, cxr_batch.evaluation.evaluate, cxr_batch.report.heatmap, cxr_batch.cli.main; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'onnx')]; "
         "assert not bad, bad"
     )

@@ -1,7 +1,7 @@
 """Heatmaps: the ONNX class activation map equals torch's, it follows the image, files and errors.
 
 The ResNet-18 tests need the train extra (torch, torchvision, onnx) to build a checkpoint; the
-rest use the tiny onnx.helper models with the ``cam`` output added by :mod:`cxr_batch.cam`.
+rest use the tiny onnx.helper models with the ``cam`` output added by :mod:`cxr_batch.training.cam`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from conftest import LABELS, SAMPLE_IMAGES, SHARED, build_model, contract
 from PIL import Image
 
-from cxr_batch.cam import CAM_ROLE, add_cam_output, add_cam_to_file, verify_cam
-from cxr_batch.cam import main as cam_main
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
+from cxr_batch.contract import ModelMeta
+from cxr_batch.engine.classifier import Classifier, find_default_model
 from cxr_batch.errors import ModelError
-from cxr_batch.heatmap import (
+from cxr_batch.io.preprocess import preprocess_file
+from cxr_batch.report.heatmap import (
     PARENT_DIR_NAME,
     blend,
     class_map,
@@ -31,9 +32,8 @@ from cxr_batch.heatmap import (
     overlay_size,
     upsample,
 )
-from cxr_batch.inference import Classifier, find_default_model
-from cxr_batch.meta import ModelMeta
-from cxr_batch.preprocess import preprocess_file
+from cxr_batch.training.cam import CAM_ROLE, add_cam_output, add_cam_to_file, verify_cam
+from cxr_batch.training.cam import main as cam_main
 
 POOL = SHARED / "covid19-radiography"
 
@@ -118,7 +118,7 @@ def test_model_without_cam_says_so_before_the_run(
     assert result.exit_code == 1
     assert "the model has no 'cam' output" in result.stderr
     assert "so it can't make heatmaps (it still classifies without --heatmaps)" in result.stderr
-    assert "python -m cxr_batch.cam MODEL.onnx" in result.stderr
+    assert "python -m cxr_batch.training.cam MODEL.onnx" in result.stderr
     assert not out.exists() and not heat.exists()
     assert runner.invoke(main, args).exit_code == 0  # it still classifies
 
@@ -153,8 +153,8 @@ def _export_resnet(folder: Path, size: int, symmetric: bool) -> tuple[Path, dict
     """A random-weight ResNet-18 checkpoint (train's format) exported by ``cxr-batch export``'s code."""
     torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
     pytest.importorskip("onnx", reason="the train extra (onnx) is not installed")
-    from cxr_batch.export import ExportConfig, export_checkpoint
-    from cxr_batch.train import build_model as build_resnet
+    from cxr_batch.training.export import ExportConfig, export_checkpoint
+    from cxr_batch.training.train import build_model as build_resnet
 
     torch.manual_seed(0)
     state = build_resnet(len(LABELS)).state_dict()
@@ -197,7 +197,7 @@ def _torch_cams(ckpt: dict[str, Any], x: np.ndarray) -> tuple[np.ndarray, np.nda
     """Logits and CAMs straight from the checkpoint in torch: layer4's maps weighted by fc.weight."""
     import torch
 
-    from cxr_batch.train import build_model as build_resnet
+    from cxr_batch.training.train import build_model as build_resnet
 
     model = build_resnet(len(LABELS))
     model.load_state_dict(ckpt["model"])
@@ -308,8 +308,8 @@ def test_cam_added_to_a_copy(tiny_onnx: Path, tmp_path: Path) -> None:
 
 
 def test_a_heatmap_that_cannot_be_made_is_recorded(tmp_path: Path) -> None:
-    from cxr_batch.heatmap import HeatmapWriter
-    from cxr_batch.inference import Result
+    from cxr_batch.engine.classifier import Result
+    from cxr_batch.report.heatmap import HeatmapWriter
 
     def result(name: str, **outputs: np.ndarray) -> Result:
         return Result(path=name, file=str(tmp_path / name), status="ok", model="m", label="viral", outputs=outputs)

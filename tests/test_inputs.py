@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
 from cxr_batch.errors import InputError
-from cxr_batch.inputs import InputSpec, discover, read_path_list
+from cxr_batch.io.inputs import InputSpec, discover, read_path_list
 
 
 def shown(spec: InputSpec) -> list[str]:

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import SHARED, build_model, contract
 
-from cxr_batch.cli import main
-from cxr_batch.data import find_labelled, make_split
-from cxr_batch.meta import read_contract
-from cxr_batch.ood import embeddings, fit, fit_model, score
+from cxr_batch.cli.main import main
+from cxr_batch.contract import read_contract
+from cxr_batch.io.labelled import find_labelled, make_split
+from cxr_batch.training.ood import embeddings, fit, fit_model, score
 
 pytest.importorskip("onnx", reason="fitting the guard needs onnx (train or test extra)")
 POOL = SHARED / "covid19-radiography"
@@ -45,7 +45,7 @@ def guarded(labelled: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 
 
 def test_graph_score_equals_numpy(guarded: tuple[Path, dict[str, object], Path], labelled: Path) -> None:
-    from cxr_batch.data import Split
+    from cxr_batch.io.labelled import Split
 
     model, record, split_file = guarded
     split = Split.read(split_file)
@@ -59,7 +59,7 @@ def test_graph_score_equals_numpy(guarded: tuple[Path, dict[str, object], Path],
     items = split.paths(labelled, "test")
     e_test, _ = embeddings(model, items, meta.spec, labels)
     ref = score(e_test, means, precision)
-    from cxr_batch.preprocess import preprocess_file
+    from cxr_batch.io.preprocess import preprocess_file
 
     x = np.stack([preprocess_file(p, meta.spec)[0] for p, _ in items])
     got = sess.run(["ood_score"], {"input": x})[0]

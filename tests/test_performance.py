@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import contract
 
-from cxr_batch import inference
-from cxr_batch.inference import CPU, CUDA, Classifier
-from cxr_batch.preprocess import normalise
+from cxr_batch.engine import classifier as inference
+from cxr_batch.engine.classifier import CPU, CUDA, Classifier
+from cxr_batch.io.preprocess import normalise
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_threads_follow_the_cpus_this_process_may_use() -> None:
 
 def test_fp16_export_keeps_the_contract_and_float32_io(tiny_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
-    from cxr_batch.export import export_fp16
+    from cxr_batch.training.export import export_fp16
 
     master = tmp_path / "m.onnx"
     master.write_bytes(tiny_onnx.read_bytes())
@@ -211,8 +211,8 @@ def test_int8_is_written_only_when_it_agrees_with_fp32(
     pytest.importorskip("onnx")
     from rich.console import Console
 
-    from cxr_batch import export
-    from cxr_batch.data import find_labelled, make_split
+    from cxr_batch.io.labelled import find_labelled, make_split
+    from cxr_batch.training import export
 
     root = _labelled(tmp_path / "data")
     split = make_split(find_labelled(root), val=0.25, test=0.5)

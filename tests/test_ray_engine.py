@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from conftest import LABELS, REPO
 from test_shard_merge import build_folder, classify, merge, read_rows, run_shards
 
-from cxr_batch.batch import ClassifyConfig, run_classify
-from cxr_batch.cli import main
-from cxr_batch.inference import EngineConfig
-from cxr_batch.inputs import InputSpec
-from cxr_batch.report import ReportConfig
+from cxr_batch.classify import ClassifyConfig, run_classify
+from cxr_batch.cli.main import main
+from cxr_batch.engine.classifier import EngineConfig
+from cxr_batch.io.inputs import InputSpec
+from cxr_batch.report.writer import ReportConfig
 
 PROBS = [f"prob_{label}" for label in LABELS]
 
@@ -67,8 +67,8 @@ def test_local_shards_and_ray_give_the_same_rows(
 def test_ray_resume_and_shard(tiny_onnx: Path, xray_folder: Path, tmp_path: Path) -> None:
     """A killed Ray run (complete rows and a partial one) resumed with --engine ray, on one shard."""
     pytest.importorskip("ray")
-    from cxr_batch.ray_engine import RayConfig
-    from cxr_batch.shard import Shard
+    from cxr_batch.engine.ray import RayConfig
+    from cxr_batch.io.shard import Shard
 
     def config(out: Path, ray: RayConfig | None, resume: bool = False) -> ClassifyConfig:
         return ClassifyConfig(
@@ -104,7 +104,7 @@ def test_missing_ray_extra(
 def test_local_classify_never_imports_ray(tiny_onnx: Path, image_dir: Path, tmp_path: Path) -> None:
     script = f"""
 import sys
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
 for args in (["--help"], ["classify", "--help"], ["merge", "--help"],
              ["classify", {str(image_dir)!r}, "--model", {str(tiny_onnx)!r}, "--out", {str(tmp_path / "r.csv")!r},
               "--threads", "1", "--shard", "0/1", "-q"]):

@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import LABELS, contract
 
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
+from cxr_batch.engine.classifier import Result
 from cxr_batch.errors import OutputError
-from cxr_batch.inference import Result
-from cxr_batch.report import ReportConfig, columns, open_report, read_existing
+from cxr_batch.report.writer import ReportConfig, columns, open_report, read_existing
 
 EXPECTED_COLUMNS = [
     "path", "status", "label", "confidence", "prob_normal", "prob_viral", "prob_covid",
@@ -269,7 +269,7 @@ def test_resume_after_kill_9(
     for i in range(80):
         png_factory(root / f"img{i:03d}.png", i)
     out = tmp_path / "r.csv"
-    cmd = [sys.executable, "-m", "cxr_batch.cli", "classify", str(root), "--model", str(slow), "--out", str(out),
+    cmd = [sys.executable, "-m", "cxr_batch.cli.main", "classify", str(root), "--model", str(slow), "--out", str(out),
            "--batch-size", "1", "--threads", "1", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -300,7 +300,7 @@ def test_resume_after_kill_9(
 def test_ctrl_c_keeps_written_rows_and_resume_finishes(
     runner: CliRunner, tiny_onnx: Path, many_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cxr_batch.inference import Classifier
+    from cxr_batch.engine.classifier import Classifier
 
     real = Classifier.iter_batches
 

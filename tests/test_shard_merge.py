@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import contract, write_png
 
-from cxr_batch.cli import main
+from cxr_batch.cli.main import main
 from cxr_batch.errors import MergeError
-from cxr_batch.inputs import InputSpec, discover
-from cxr_batch.merge import MergeConfig, merge_reports, walk_key
-from cxr_batch.shard import Shard, shard_of
+from cxr_batch.io.inputs import InputSpec, discover
+from cxr_batch.io.shard import Shard, shard_of
+from cxr_batch.report.merge import MergeConfig, merge_reports, walk_key
 
 #: Names that put a folder between files a plain string sort would order differently
 #: ("x-1.png" < "x.png" < "x/a.png" as strings; the walk gives x/a.png, x/sub/b.png, x-1.png, x.png).

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_batch.data import find_labelled, make_split
 from cxr_batch.errors import DataError
+from cxr_batch.io.labelled import find_labelled, make_split
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
 pytest.importorskip("onnx", reason="the train extra (onnx) is not installed")
@@ -130,7 +130,7 @@ def _train_args(pool: Path, out: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "cxr_batch.cli",
+        "cxr_batch.cli.main",
         "train",
         str(pool),
         "--out",
@@ -175,16 +175,16 @@ def test_train_writes_the_run_folder(trained_run: Path) -> None:
 def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from cxr_batch.data import Split
-    from cxr_batch.meta import read_contract
-    from cxr_batch.train import build_model, evaluate_files
+    from cxr_batch.contract import read_contract
+    from cxr_batch.io.labelled import Split
+    from cxr_batch.training.train import build_model, evaluate_files
 
     onnx_path = tmp_path / "smoke.onnx"
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "cxr_batch.cli",
+            "cxr_batch.cli.main",
             "export",
             str(trained_run / "best.ckpt"),
             "--out",
@@ -231,7 +231,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         [
             sys.executable,
             "-m",
-            "cxr_batch.cli",
+            "cxr_batch.cli.main",
             "classify",
             *[str(p) for p, _ in items],
             "--model",
@@ -259,7 +259,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "export"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cxr_batch.cli.main", "export"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 1
     assert "no checkpoint found" in proc.stderr and "cxr-batch export runs/NAME/best.ckpt" in proc.stderr
@@ -269,7 +269,7 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatch) 
     import torchvision
 
     from cxr_batch.errors import CxrBatchError
-    from cxr_batch.train import build_model
+    from cxr_batch.training.train import build_model
 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("[Errno -3] Temporary failure in name resolution")
@@ -282,7 +282,7 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatch) 
 def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     import torchvision
 
-    from cxr_batch.train import build_model
+    from cxr_batch.training.train import build_model
 
     src = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"

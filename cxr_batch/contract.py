@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr_batch.errors import ModelError
-from cxr_batch.preprocess import RESAMPLE, PreprocessSpec
+from cxr_batch.io.preprocess import RESAMPLE, PreprocessSpec
 
 if TYPE_CHECKING:  # onnxruntime is a runtime dependency, but keep imports of this module cheap
     import onnxruntime as ort
@@ -23,7 +23,11 @@ if TYPE_CHECKING:  # onnxruntime is a runtime dependency, but keep imports of th
 CONTRACT_KEY = "cxr_batch"
 CONTRACT_VERSION = 1
 
-#: The preprocessing recipe written into every model we export; see cxr_batch.preprocess.
+#: Contract role names of the graph outputs beyond the logits.
+CAM_ROLE = "cam"
+OOD_ROLE = "ood_score"
+
+#: The preprocessing recipe written into every model we export; see cxr_batch.io.preprocess.
 DEFAULT_PREPROCESSING: dict[str, Any] = {
     "grey": "bt601_luma",  # colour → grey: 0.299 R + 0.587 G + 0.114 B
     "alpha": "composite_over_black",
@@ -59,7 +63,7 @@ class ModelMeta:
 
     @property
     def spec(self) -> PreprocessSpec:
-        """The preprocessing settings :func:`cxr_batch.preprocess.prepare` needs."""
+        """The preprocessing settings :func:`cxr_batch.io.preprocess.prepare` needs."""
         return PreprocessSpec(
             input_size=self.input_size,
             mean=self.mean,

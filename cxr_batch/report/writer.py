@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cxr_batch.engine.classifier import Result
 from cxr_batch.errors import OutputError
-from cxr_batch.inference import Result
 
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[str, ...] = ("csv", "jsonl")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cxr_batch.cli_options import library_errors
+from cxr_batch.cli.options import library_errors
 
 
 @click.command("train")
@@ -87,7 +87,7 @@ def train_command(
     Example:
       cxr-batch train ../data/COVID-19_Radiography_Dataset --out runs/r18 --epochs 20
     """
-    from cxr_batch.train import TrainConfig, train_model
+    from cxr_batch.training.train import TrainConfig, train_model
 
     cfg = TrainConfig(
         data_dir=str(data_dir),
@@ -170,16 +170,16 @@ def export_command(
     Example:
       cxr-batch export runs/r18/best.ckpt --out export/cxr-resnet18.onnx --quantize int8
     """
-    from cxr_batch.export import ExportConfig, export_checkpoint, latest_checkpoint, quantize_int8
+    from cxr_batch.training.export import ExportConfig, export_checkpoint, latest_checkpoint, quantize_int8
 
     if checkpoint is not None and checkpoint.suffix == ".onnx":
         if data_dir is None or split_file is None:
             raise click.UsageError("an .onnx input needs --data DIR and --split FILE")
         from rich.console import Console
 
-        from cxr_batch.data import Split
-        from cxr_batch.export import read_contract_file, write_card
-        from cxr_batch.ood import fit_model
+        from cxr_batch.io.labelled import Split
+        from cxr_batch.training.export import read_contract_file, write_card
+        from cxr_batch.training.ood import fit_model
 
         console = Console(stderr=True)
         split = Split.read(split_file)
@@ -191,7 +191,7 @@ def export_command(
                                calibration_images=calibration_images, force=force)
             int8 = quantize_int8(checkpoint, data_dir, split, cfg, console)
         if fp16:
-            from cxr_batch.export import export_fp16
+            from cxr_batch.training.export import export_fp16
 
             export_fp16(checkpoint, console=console)
         write_card(checkpoint, read_contract_file(checkpoint)[1], int8)

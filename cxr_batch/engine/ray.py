@@ -2,7 +2,7 @@
 
 The file list becomes a dataset (one row per file: its index, the path to open and the report
 path); ``map_batches`` runs :class:`_Worker`, a class-based worker holding one onnxruntime
-session per actor (a :class:`cxr_batch.inference.Classifier`, so decoding, preprocessing, error
+session per actor (a :class:`cxr_batch.engine.classifier.Classifier`, so decoding, preprocessing, error
 rows and the out-of-distribution flag are exactly those of a local run). Results stream back
 to the driver in input order and go through the same report writer, so the report, ``--resume``
 and the summary are those of a local run.
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
-from cxr_batch.inference import (
+from cxr_batch.contract import ModelMeta, read_contract
+from cxr_batch.engine.classifier import (
     CPU,
     CUDA,
     Classifier,
@@ -42,8 +42,8 @@ from cxr_batch.inference import (
     choose_model,
     create_session,
 )
-from cxr_batch.inputs import InputFile
-from cxr_batch.meta import ModelMeta, read_contract
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.io.inputs import InputFile
 
 #: Model batches per Ray task (by default). Each task has a fixed cost in Ray Data; with 16 the
 #: tiny model ran 257 images/s on two actors against 158 with 4 (1,500 X-rays, this 2-core

@@ -37,10 +37,10 @@ from typing import IO, Any
 from rich.console import Console
 from rich.markup import escape
 
+from cxr_batch.engine.classifier import Result
 from cxr_batch.errors import MergeError, OutputError
-from cxr_batch.inference import Result
-from cxr_batch.report import ENCODING, ERRORS, Format, RunStats, _describe_diff, render_summary, report_format
-from cxr_batch.shard import shard_of
+from cxr_batch.io.shard import shard_of
+from cxr_batch.report.writer import ENCODING, ERRORS, Format, RunStats, _describe_diff, render_summary, report_format
 
 #: Columns a part must have to be read as a cxr-batch report.
 REQUIRED = ("path", "status", "label", "confidence", "error", "model")

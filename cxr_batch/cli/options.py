@@ -12,7 +12,7 @@ import click
 from cxr_batch.errors import CxrBatchError
 
 if TYPE_CHECKING:
-    from cxr_batch.inference import EngineConfig
+    from cxr_batch.engine.classifier import EngineConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,8 +89,8 @@ def engine_options(func: F) -> F:
 
 
 def engine_config(model: str | None, device: str, precision: str, batch_size: int, threads: int) -> EngineConfig:
-    """The :class:`~cxr_batch.inference.EngineConfig` for the values of :func:`engine_options`."""
-    from cxr_batch.inference import EngineConfig  # numpy, onnxruntime: only once a command runs
+    """The :class:`~cxr_batch.engine.classifier.EngineConfig` for the values of :func:`engine_options`."""
+    from cxr_batch.engine.classifier import EngineConfig  # numpy, onnxruntime: only once a command runs
 
     return EngineConfig(
         model=model,

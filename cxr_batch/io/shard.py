@@ -8,7 +8,7 @@ not valid UTF-8 hashes by its original bytes). The shard therefore depends neith
 is in exactly one shard for a given N.
 
 Because the shard can be computed again from any row's ``path``, a part needs no extra column
-or side file to say which shard it is: :mod:`cxr_batch.merge` re-hashes every row.
+or side file to say which shard it is: :mod:`cxr_batch.report.merge` re-hashes every row.
 """
 
 from __future__ import annotations

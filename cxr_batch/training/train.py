@@ -32,11 +32,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cxr_batch import __version__
-from cxr_batch.data import Split, find_labelled, make_split
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
-from cxr_batch.metrics import classification_metrics, softmax
-from cxr_batch.metrics_view import print_metrics
-from cxr_batch.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.evaluation.metrics import classification_metrics, softmax
+from cxr_batch.evaluation.tables import print_metrics
+from cxr_batch.io.labelled import Split, find_labelled, make_split
+from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,7 +137,7 @@ def _load_cache(
     """Decode and resize every file once (the first half of the shared preprocessing), in threads.
 
     Stored as float16 to halve the memory; validation during training reads this cache, the final
-    test report goes through :func:`cxr_batch.preprocess.preprocess_file` itself.
+    test report goes through :func:`cxr_batch.io.preprocess.preprocess_file` itself.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -204,7 +204,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
 
 
 def normalise_torch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(N, 1, H, W) grey → (N, 3, H, W), ``(x - mean) / std``: cxr_batch.preprocess.normalise in torch."""
+    """(N, 1, H, W) grey → (N, 3, H, W), ``(x - mean) / std``: cxr_batch.io.preprocess.normalise in torch."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x.expand(-1, 3, -1, -1) - m) / s
@@ -248,7 +248,7 @@ def evaluate_files(
     device: torch.device,
     batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The final report's path: cxr_batch.preprocess.preprocess_file (what classify runs),
+    """The final report's path: cxr_batch.io.preprocess.preprocess_file (what classify runs),
     then the model in fp32. Returns (y_true, probabilities, errors)."""
     model.eval()
     ys, probs, errors = [], [], []

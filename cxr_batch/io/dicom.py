@@ -11,8 +11,8 @@ The display pipeline follows DICOM PS3.4 N.2 for grey images:
 5. invert MONOCHROME1 (after windowing: its windows are given in stored-value terms).
 
 Colour images (RGB, YBR converted by pydicom, PALETTE COLOR) become grey with the same BT.601
-luma as :func:`cxr_batch.preprocess.to_grey`. The result then takes the common path in
-:mod:`cxr_batch.preprocess`, like any greyscale PNG.
+luma as :func:`cxr_batch.io.preprocess.to_grey`. The result then takes the common path in
+:mod:`cxr_batch.io.preprocess`, like any greyscale PNG.
 
 Protected health information stays out by construction: only the file meta and the elements in
 :data:`_TAGS` and :data:`_PIXEL_TAGS` are ever parsed (pydicom skips the others unread), so no
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_batch.errors import ImageError
-from cxr_batch.preprocess import LUMA, Decoded
+from cxr_batch.io.preprocess import LUMA, Decoded
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

@@ -25,16 +25,16 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from cxr_batch.cam import CAM_ROLE
+from cxr_batch.contract import CAM_ROLE
+from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
-from cxr_batch.heatmap import HeatmapWriter
-from cxr_batch.inference import Classifier, EngineConfig
-from cxr_batch.inputs import ACCEPTED_SUFFIXES, InputSpec, discover
-from cxr_batch.report import ReportConfig, RunStats, check_output, open_report, render_summary
-from cxr_batch.shard import Shard
+from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputSpec, discover
+from cxr_batch.io.shard import Shard
+from cxr_batch.report.heatmap import HeatmapWriter
+from cxr_batch.report.writer import ReportConfig, RunStats, check_output, open_report, render_summary
 
 if TYPE_CHECKING:
-    from cxr_batch.ray_engine import RayConfig, RayEngine
+    from cxr_batch.engine.ray import RayConfig, RayEngine
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     console = console or Console(stderr=True)
     check_output(config.report)  # fail fast, before the walk and the model load
     if config.ray is not None:
-        from cxr_batch.ray_engine import require_ray
+        from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
     found = discover(config.inputs)
@@ -123,7 +123,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
     classifier: Classifier | RayEngine
     if config.ray is not None:
-        from cxr_batch.ray_engine import RayEngine
+        from cxr_batch.engine.ray import RayEngine
 
         classifier = RayEngine(config.engine, config.ray)
     else:

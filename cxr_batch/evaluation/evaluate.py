@@ -1,13 +1,13 @@
 """``evaluate``: measure a model on labelled X-rays with the classify engine, numpy and rich only.
 
-Ground truth comes from class folders, recognised by :func:`cxr_batch.data.find_labelled` (the
+Ground truth comes from class folders, recognised by :func:`cxr_batch.io.labelled.find_labelled` (the
 same detection ``train`` uses), or from a ``path,label`` CSV. Folders and CSV labels that the
 model doesn't know are listed in ``skipped``, never guessed. The images go through
-:class:`cxr_batch.inference.Classifier` exactly as in ``classify`` (decoding, batching, error
+:class:`cxr_batch.engine.classifier.Classifier` exactly as in ``classify`` (decoding, batching, error
 rows); unreadable files are counted and listed in ``errors``.
 
-The metrics are :func:`cxr_batch.metrics.classification_metrics` (train's test report) computed
-on the probabilities *as the report writes them* (:func:`cxr_batch.report.row_values`, 6
+The metrics are :func:`cxr_batch.evaluation.metrics.classification_metrics` (train's test report) computed
+on the probabilities *as the report writes them* (:func:`cxr_batch.report.writer.row_values`, 6
 significant digits), so recomputing from the ``--predictions`` CSV gives identical numbers.
 """
 
@@ -28,14 +28,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxr_batch import __version__
-from cxr_batch.data import _canon, find_labelled
+from cxr_batch.contract import file_sha256
+from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.errors import DataError, OutputError
-from cxr_batch.inference import Classifier, EngineConfig, Result
-from cxr_batch.inputs import InputFile
-from cxr_batch.meta import file_sha256
-from cxr_batch.metrics import classification_metrics, reliability_bins
-from cxr_batch.metrics_view import print_metrics
-from cxr_batch.report import ReportConfig, ReportWriter, check_output, open_report, report_format, row_values
+from cxr_batch.evaluation.metrics import classification_metrics, reliability_bins
+from cxr_batch.evaluation.tables import print_metrics
+from cxr_batch.io.inputs import InputFile
+from cxr_batch.io.labelled import _canon, find_labelled
+from cxr_batch.report.writer import ReportConfig, ReportWriter, check_output, open_report, report_format, row_values
 
 #: Unreadable files and skipped labels shown on stderr at most (all of them are in the JSON).
 SHOW = 10
@@ -216,12 +216,12 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         OutputError: an output exists without ``overwrite`` or can't be written.
         MissingExtraError: ``plots`` without matplotlib.
     """
-    from cxr_batch.batch import _progress
+    from cxr_batch.classify import _progress
 
     console = console or Console(stderr=True)
     report = _check_outputs(config)  # fail fast, before the model load and the walk
     if config.plots is not None:
-        from cxr_batch.plots import require_matplotlib
+        from cxr_batch.evaluation.plots import require_matplotlib
 
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
@@ -283,7 +283,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     document = json_safe(document)
     written = [_write_json(Path(config.out), document)]
     if config.plots is not None:
-        from cxr_batch.plots import write_plots
+        from cxr_batch.evaluation.plots import write_plots
 
         written += write_plots(config.plots, document, y, p)
     evaluation = Evaluation(document=document, y_true=y, probs=p, written=written)

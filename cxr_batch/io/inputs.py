@@ -2,7 +2,7 @@
 
 The walk is deterministic (entries sorted by name, depth first), skips hidden names, follows
 symbolic links to folders but never enters the same real folder twice (so a link loop ends),
-and picks up the image suffixes of :mod:`cxr_batch.preprocess` plus DICOM files recognised by
+and picks up the image suffixes of :mod:`cxr_batch.io.preprocess` plus DICOM files recognised by
 their ``DICM`` marker whatever their name (DICOM files are often named by UID: ``1.2.840.113.504``).
 
 Each :class:`InputFile` carries the path the report shows: relative to the folder it was found
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from cxr_batch.errors import InputError
-from cxr_batch.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 #: Suffixes the walk takes without looking inside the file.
 ACCEPTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
@@ -241,7 +241,7 @@ def discover(spec: InputSpec) -> Discovery:
     """All the files :func:`iter_inputs` yields, as a list (the progress bar needs the total).
 
     Memory grows by one small record per file (two short strings); image data never
-    accumulates (see :class:`cxr_batch.inference.Classifier`).
+    accumulates (see :class:`cxr_batch.engine.classifier.Classifier`).
 
     Raises:
         InputError: see :func:`iter_inputs`.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cxr_batch import __version__
-from cxr_batch.cli_options import (  # noqa: F401  (the exit codes are part of this module's API)
+from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
     EXIT_FATAL,
     EXIT_OK,
     EXIT_PARTIAL,
@@ -21,10 +21,10 @@ from cxr_batch.cli_options import (  # noqa: F401  (the exit codes are part of t
     engine_options,
     library_errors,
 )
-from cxr_batch.shard import Shard  # hashlib and re only
+from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
-    from cxr_batch.ray_engine import RayConfig
+    from cxr_batch.engine.ray import RayConfig
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cxr-batch")
@@ -48,7 +48,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     if engine_kind != "ray":
         return None
-    from cxr_batch.ray_engine import RayConfig  # ray itself is imported only when the run starts
+    from cxr_batch.engine.ray import RayConfig  # ray itself is imported only when the run starts
 
     return RayConfig(address=address)
 
@@ -183,9 +183,9 @@ def classify_command(
     if heatmaps is not None and engine_kind == "ray":
         raise click.UsageError("--heatmaps needs --engine local")
 
-    from cxr_batch.batch import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
-    from cxr_batch.inputs import InputSpec, read_path_list
-    from cxr_batch.report import ReportConfig, report_format
+    from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
+    from cxr_batch.io.inputs import InputSpec, read_path_list
+    from cxr_batch.report.writer import ReportConfig, report_format
 
     listed: tuple[str, ...] = ()
     if files_from is not None:
@@ -238,7 +238,7 @@ def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrit
 
     Example: cxr-batch merge part-*.csv --out results.csv --expect 16
     """
-    from cxr_batch.merge import MergeConfig, merge_reports
+    from cxr_batch.report.merge import MergeConfig, merge_reports
 
     merged = merge_reports(MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet))
     if merged.stats.all_errors:
@@ -259,7 +259,7 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     """
     import json
 
-    from cxr_batch.inference import model_info
+    from cxr_batch.engine.classifier import model_info
 
     info = model_info(model, precision)  # type: ignore[arg-type]
     if as_json:
@@ -286,12 +286,12 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     console.print_json(json.dumps(info["contract"], sort_keys=True))
 
 
-from cxr_batch.cli_train import export_command, train_command  # noqa: E402
+from cxr_batch.cli.train import export_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(export_command)
 
-from cxr_batch.cli_evaluate import evaluate_command  # noqa: E402
+from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
 

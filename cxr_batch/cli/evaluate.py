@@ -1,4 +1,4 @@
-"""``cxr-batch evaluate``: thin; the work is in :mod:`cxr_batch.evaluate` (imported in the command body)."""
+"""``cxr-batch evaluate``: thin; the work is in :mod:`cxr_batch.evaluation.evaluate` (imported in the command body)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cxr_batch.cli_options import EXIT_PARTIAL, engine_config, engine_options, library_errors
+from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, library_errors
 
 
 @click.command("evaluate")
@@ -62,7 +62,7 @@ def evaluate_command(
 
     Example: cxr-batch evaluate labelled/ --out metrics.json --predictions results.csv --plots plots/
     """
-    from cxr_batch.evaluate import EvaluateConfig, run_evaluate  # numpy, onnxruntime
+    from cxr_batch.evaluation.evaluate import EvaluateConfig, run_evaluate  # numpy, onnxruntime
 
     config = EvaluateConfig(
         data_dir=data_dir,

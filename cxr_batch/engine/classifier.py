@@ -1,6 +1,6 @@
 """The classify engine: model resolution, the onnxruntime session and :class:`Classifier`.
 
-Pipeline: a small pool of decoder threads runs :func:`cxr_batch.preprocess.preprocess_file`
+Pipeline: a small pool of decoder threads runs :func:`cxr_batch.io.preprocess.preprocess_file`
 ahead of the model (Pillow and numpy release the GIL), at most ``(streams + 2) * batch_size +
 workers`` files queued, decoded or in a batch not yet returned, so memory stays flat whether the
 input holds 10 files or 1,000,000 (each decoded file is held as one small model-sized tensor).
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from cxr_batch.contract import ModelMeta, file_sha256, read_contract
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
-from cxr_batch.inputs import InputFile
-from cxr_batch.meta import ModelMeta, file_sha256, read_contract
-from cxr_batch.metrics import softmax
-from cxr_batch.preprocess import PreprocessSpec, preprocess_file
+from cxr_batch.evaluation.metrics import softmax
+from cxr_batch.io.inputs import InputFile
+from cxr_batch.io.preprocess import PreprocessSpec, preprocess_file
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -339,7 +339,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         if role not in meta.outputs:
             hint = (
                 ", so it can't make heatmaps (it still classifies without --heatmaps). Add the output to the "
-                "model file, no retraining needed (needs the train extra): python -m cxr_batch.cam MODEL.onnx"
+                "model file, no retraining needed (needs the train extra): python -m cxr_batch.training.cam MODEL.onnx"
                 if role == "cam"
                 else ""
             )
@@ -393,7 +393,7 @@ class Result:
     model outputs asked for with ``extra_outputs`` (one row of each, by role).
     """
 
-    path: str  #: the report's path (see :class:`cxr_batch.inputs.InputFile`)
+    path: str  #: the report's path (see :class:`cxr_batch.io.inputs.InputFile`)
     file: str  #: the path that was opened
     status: str
     model: str
@@ -552,7 +552,7 @@ class Classifier:
         self._made_lock = threading.Lock()
         meta = self._loaded.meta
         self._output_names = [meta.outputs["logits"], *(meta.outputs[r] for r in config.extra_outputs)]
-        # A model with an out-of-distribution guard in its graph (cxr_batch.ood) scores every
+        # A model with an out-of-distribution guard in its graph (cxr_batch.training.ood) scores every
         # image for free; the contract's ``ood.threshold`` decides ``in_distribution``.
         self._ood_index: int | None = None
         self._ood_threshold: float | None = None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cxr_batch.errors import MissingExtraError, OutputError
-from cxr_batch.metrics import roc_curve
+from cxr_batch.evaluation.metrics import roc_curve
 
 #: The files written, in this order.
 FILES = ("confusion_matrix.png", "roc_curves.png", "reliability.png")

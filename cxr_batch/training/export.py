@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from cxr_batch.data import Split
+from cxr_batch.contract import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
-from cxr_batch.meta import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
-from cxr_batch.metrics import classification_metrics, softmax
-from cxr_batch.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.evaluation.metrics import classification_metrics, softmax
+from cxr_batch.io.labelled import Split
+from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -107,7 +107,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     try:
         import torch
 
-        from cxr_batch.train import build_model
+        from cxr_batch.training.train import build_model
     except ImportError as exc:
         raise MissingExtraError("export", "train", "torch, torchvision") from exc
     onnx = _onnx()
@@ -199,7 +199,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
         precision="fp32",
         extra={"arch": "resnet18", "opset": OPSET, "parity_max_abs_prob_diff": parity, "recipe": _recipe(tcfg)},
     )
-    from cxr_batch.cam import add_cam_output
+    from cxr_batch.training.cam import add_cam_output
 
     meta = add_cam_output(proto, meta, source=str(out))  # the 'cam' output for heatmaps, checked with onnxruntime
     write_contract(proto, meta)
@@ -207,7 +207,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if cfg.ood and root is not None and split is not None:
-        from cxr_batch.ood import fit_model
+        from cxr_batch.training.ood import fit_model
 
         fit_model(out, root, split, console=console)
     elif cfg.ood:
@@ -391,7 +391,7 @@ def quantize_int8(
     onnx.save(proto, str(out))
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
-        from cxr_batch.ood import fit_model
+        from cxr_batch.training.ood import fit_model
 
         fit_model(out, root, split, console=console)
     return info

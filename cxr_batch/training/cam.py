@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from cxr_batch.contract import CAM_ROLE, CONTRACT_KEY, ModelMeta
 from cxr_batch.errors import MissingExtraError, ModelError
-from cxr_batch.meta import CONTRACT_KEY, ModelMeta
 
-#: The contract role (and graph output name) of the class activation maps.
-CAM_ROLE = "cam"
+__all__ = ["CAM_ROLE", "add_cam_output"]
 #: Nodes between the pooled features and the classifier that don't change the values.
 _PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "QuantizeLinear", "DequantizeLinear"}
 #: The decomposition check: |(logits - mean cam)[i] - (logits - mean cam)[j]| relative to the logits' scale.
@@ -84,7 +83,7 @@ def _pooled_source(tensor: str, producer: dict[str, Any], source: str) -> str:
 def add_cam_output(proto: Any, meta: ModelMeta, verify: bool = True, source: str = "model") -> ModelMeta:
     """Add the ``cam`` output (N×C×h×w) to an ONNX ModelProto, in place; return the updated contract.
 
-    The caller writes the returned contract into the file (``cxr_batch.export.write_contract``).
+    The caller writes the returned contract into the file (``cxr_batch.training.export.write_contract``).
     A model whose contract already names a ``cam`` output is left as it is.
 
     Args:
@@ -227,10 +226,10 @@ def add_cam_to_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cxr_batch.cam MODEL.onnx [OUT.onnx]``: add the ``cam`` output to a model file."""
+    """``python -m cxr_batch.training.cam MODEL.onnx [OUT.onnx]``: add the ``cam`` output to a model file."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 2) or args[0] in ("-h", "--help"):
-        print("usage: python -m cxr_batch.cam MODEL.onnx [OUT.onnx]  (adds the 'cam' output for heatmaps)")
+        print("usage: python -m cxr_batch.training.cam MODEL.onnx [OUT.onnx]  (adds the 'cam' output for heatmaps)")
         return 2
     try:
         written = add_cam_to_file(args[0], args[1] if len(args) == 2 else None)

@@ -1,7 +1,7 @@
 """Heatmaps: the class activation map of the predicted class, overlaid on the input X-ray.
 
 numpy and Pillow only. The map comes from the model's ``cam`` output (N×C×h×w, see
-:mod:`cxr_batch.cam`), computed by onnxruntime in the same call that gives the logits. Here it
+:mod:`cxr_batch.training.cam`), computed by onnxruntime in the same call that gives the logits. Here it
 is min-max normalised to [0, 1], upsampled (bilinear) to the image with the original image's
 aspect (the model sees the image squashed to its square input, so stretching the map back puts
 each cell over the pixels it saw), coloured with a small built-in colormap, and blended over
@@ -24,12 +24,12 @@ from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
-from cxr_batch.cam import CAM_ROLE
+from cxr_batch.contract import CAM_ROLE
 from cxr_batch.errors import ImageError, OutputError
-from cxr_batch.preprocess import decode, resize_grey
+from cxr_batch.io.preprocess import decode, resize_grey
 
 if TYPE_CHECKING:
-    from cxr_batch.inference import Result
+    from cxr_batch.engine.classifier import Result
 
 #: Heatmaps keep the image's aspect; the longer side is at most this many pixels (never upscaled).
 MAX_SIDE = 1024

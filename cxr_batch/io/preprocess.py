@@ -92,7 +92,7 @@ def is_dicom(path: Path, head: bytes) -> bool:
 
 
 def _read_dicom(path: Path, target: tuple[int, int] | None) -> Decoded:
-    from cxr_batch.dicom import read_dicom  # the DICOM reader imports pydicom lazily
+    from cxr_batch.io.dicom import read_dicom  # the DICOM reader imports pydicom lazily
 
     return read_dicom(path, target)
 

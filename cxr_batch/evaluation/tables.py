@@ -1,4 +1,4 @@
-"""Rich tables for :func:`cxr_batch.metrics.classification_metrics` (train's test report and evaluate).
+"""Rich tables for :func:`cxr_batch.evaluation.metrics.classification_metrics` (train's test report and evaluate).
 
 No torch and no onnxruntime here: both ``train`` and ``evaluate`` import it.
 """

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from cxr_batch.data import Split
 from cxr_batch.errors import CxrBatchError
-from cxr_batch.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.io.labelled import Split
+from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 
 OOD_OUTPUT = "ood_score"
 METHOD = "mahalanobis_tied"
@@ -114,7 +114,7 @@ def fit_model(
     """
     import onnx
 
-    from cxr_batch.export import read_contract_file, write_contract
+    from cxr_batch.training.export import read_contract_file, write_contract
 
     console = console or Console(stderr=True)
     proto, meta = read_contract_file(model_path)

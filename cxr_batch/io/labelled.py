@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_batch.errors import DataError
-from cxr_batch.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 #: The three classes of the COVID-19 Radiography Database, in model order.
 DATABASE_LABELS = ("normal", "viral", "covid")

@@ -1,0 +1,3 @@
+from cxr_batch.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""onnxruntime inference: no torch, no click."""

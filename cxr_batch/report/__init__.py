@@ -1,0 +1,1 @@
+"""Reports: the CSV/JSONL writer and resume reading, summaries, merge, heatmaps."""
