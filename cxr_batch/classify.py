@@ -103,7 +103,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
-    found = discover(config.inputs)
+    # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
+    outputs = tuple(p for p in (config.report.out, config.heatmaps) if p is not None and p != "-")
+    found = discover(replace(config.inputs, outputs=(*config.inputs.outputs, *outputs)))
     for warning in found.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not found.files:

@@ -136,7 +136,10 @@ class _Worker:
             shutil.rmtree(folder, ignore_errors=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [InputFile(_decode(p), _decode(d)) for p, d in zip(batch["path"], batch["display"], strict=True)]
+        items = [
+            InputFile(_decode(p), _decode(d), error=_decode(e) or None)
+            for p, d, e in zip(batch["path"], batch["display"], batch["error"], strict=True)
+        ]
         results = [r for chunk in self.classifier.iter_batches(items) for r in chunk]
         return {
             "index": np.asarray(batch["index"]),
@@ -315,7 +318,10 @@ class RayEngine:
     def _run(self, ray: Any, files: Sequence[InputFile]) -> Iterable[list[Result]]:
         self.actors = self._actor_count(ray, len(files))
         ds = ray.data.from_items(
-            [{"index": i, "path": _encode(f.path), "display": _encode(f.display)} for i, f in enumerate(files)]
+            [
+                {"index": i, "path": _encode(f.path), "display": _encode(f.display), "error": _encode(f.error or "")}
+                for i, f in enumerate(files)
+            ]
         )
         remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
         if self.engine.device == "cuda":

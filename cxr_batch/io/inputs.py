@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from cxr_batch.errors import InputError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.safe_open import open_regular
 
 #: Suffixes the walk takes without looking inside the file.
 ACCEPTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
@@ -34,6 +35,8 @@ class InputFile:
 
     path: str  #: the path to open (as found; symbolic links are not resolved)
     display: str  #: the report's ``path`` column
+    #: Set when discovery already knows the row is an error (a folder that can't be listed).
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class InputSpec:
     absolute_paths: bool = False
     #: One path a line (already read from ``--files-from``); files or folders.
     listed: tuple[str, ...] = ()
+    #: What the run writes (the report, the heatmap folder): never taken as inputs, even when
+    #: they lie inside an input folder (compared by device and inode, so any spelling or link).
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,7 +92,7 @@ def _include_name(rel: str, include: Sequence[str]) -> bool:
 
 def _sniff_dicom(path: str) -> bool:
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(132)
     except OSError:
         return False
@@ -102,6 +108,25 @@ class _Walker:
         self.spec = spec
         self.warnings: list[str] = []
         self._visited_dirs: set[tuple[int, int]] = set()
+        self.output_dirs: set[tuple[int, int]] = set()
+        self.output_files: set[tuple[int, int]] = set()
+        for out in spec.outputs:
+            try:
+                st = os.stat(out)
+            except OSError:
+                continue  # not there yet: created after discovery, so it can't be found by it
+            (self.output_dirs if stat.S_ISDIR(st.st_mode) else self.output_files).add((st.st_dev, st.st_ino))
+        self._output_inodes = {ino for _, ino in self.output_files}
+
+    def is_output(self, path: str) -> bool:
+        """Whether ``path`` is (or links to) one of the run's outputs."""
+        if not self.output_files and not self.output_dirs:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self.output_files | self.output_dirs
 
     def display(self, path: str, rel: str) -> str:
         return os.path.abspath(path) if self.spec.absolute_paths else rel
@@ -113,11 +138,15 @@ class _Walker:
         except OSError as exc:
             self.warnings.append(f"cannot read folder {root}: {exc.strerror or exc}")
             return
+        if (st.st_dev, st.st_ino) in self.output_dirs:
+            self.warnings.append(f"skipped folder {root}: it is where this run writes its output")
+            return
         self._visited_dirs.add((st.st_dev, st.st_ino))
         # A stack of (folder path, its relative path, sorted entries, next index): no recursion limit.
         stack: list[tuple[str, str, list[os.DirEntry[str]], int]] = []
-        entries = self._list(root)
+        entries, error = self._list(root)
         if entries is None:
+            yield InputFile(root, os.path.abspath(root) if self.spec.absolute_paths else root, error=error)
             return
         stack.append((root, "", entries, 0))
         while stack:
@@ -134,25 +163,37 @@ class _Walker:
                 if not self.spec.recursive or self._excluded(rel):
                     continue
                 key = self._dir_key(entry.path)
-                if key is None or key in self._visited_dirs:
-                    continue  # a link back to a folder already walked: a loop, or a second way in
+                if key is None or key in self._visited_dirs or key in self.output_dirs:
+                    continue  # a loop, a second way in, or the run's own output folder
                 self._visited_dirs.add(key)
-                sub = self._list(entry.path)
+                sub, error = self._list(entry.path)
                 if sub is not None:
                     stack.append((entry.path, rel + "/", sub, 0))
+                else:  # a row naming the folder: its files are missing from the report (exit 3)
+                    yield InputFile(entry.path, self.display(entry.path, rel + "/"), error=error)
                 continue
             if self._excluded(rel) or not _include_name(rel, self.spec.include):
                 continue
-            if self._is_candidate(entry):
+            if self._is_candidate(entry) and not self._is_output_entry(entry):
                 yield InputFile(entry.path, self.display(entry.path, rel))
 
-    def _list(self, folder: str) -> list[os.DirEntry[str]] | None:
+    def _is_output_entry(self, entry: os.DirEntry[str]) -> bool:
+        if not self.output_files:
+            return False
+        try:
+            if not entry.is_symlink() and entry.inode() not in self._output_inodes:
+                return False  # the common case, without a system call
+        except OSError:
+            return False
+        return self.is_output(entry.path)
+
+    def _list(self, folder: str) -> tuple[list[os.DirEntry[str]] | None, str]:
+        """The sorted entries, or None and why the folder (or part of it) can't be listed."""
         try:
             with os.scandir(folder) as it:
-                return sorted(it, key=lambda e: e.name)
+                return sorted(it, key=lambda e: e.name), ""
         except OSError as exc:
-            self.warnings.append(f"cannot list folder {folder}: {exc.strerror or exc}")
-            return None
+            return None, f"cannot list folder: {exc.strerror or exc}; its files were not classified"
 
     @staticmethod
     def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -175,12 +216,18 @@ class _Walker:
     @staticmethod
     def _is_candidate(entry: os.DirEntry[str]) -> bool:
         try:
-            is_file = entry.is_file()
+            is_file = entry.is_file()  # follows links; from the directory entry's type for others
         except OSError:
             is_file = False
         if not is_file:
-            # A broken link named like an image is still an input the user expects a row for.
-            return entry.is_symlink() and _wanted_suffix(entry.name)
+            try:
+                st = entry.stat()
+            except OSError:
+                # A broken link named like an image is still an input the user expects a row for.
+                return entry.is_symlink() and _wanted_suffix(entry.name)
+            # A FIFO, socket or device (or a link to one): an error row ("not a regular file"),
+            # never skipped without a word and never opened.
+            return not stat.S_ISDIR(st.st_mode)
         if _wanted_suffix(entry.name):
             return True
         return _sniff_dicom(entry.path)
@@ -222,6 +269,8 @@ def iter_inputs(spec: InputSpec, warnings: list[str] | None = None) -> Iterator[
     for arg, from_list in [(a, False) for a in spec.paths] + [(a, True) for a in spec.listed]:
         if _is_dir_path(arg):
             yield from emit(walker.walk(arg))
+        elif walker.is_output(arg):
+            walker.warnings.append(f"skipped {arg}: it is this run's own output")
         elif from_list or os.path.lexists(arg):
             shown_as = os.path.abspath(arg) if spec.absolute_paths else arg
             yield from emit([InputFile(arg, shown_as)])
