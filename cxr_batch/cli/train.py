@@ -207,6 +207,7 @@ def export_command(
         calibration_images=calibration_images,
         force=force,
         data_dir=str(data_dir) if data_dir else None,
+        ood=ood,
         fp16=fp16,
     )
     export_checkpoint(cfg)

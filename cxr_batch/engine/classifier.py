@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, file_sha256, read_contract
+from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, read_contract
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.evaluation.metrics import softmax
 from cxr_batch.io.inputs import InputFile
@@ -344,6 +344,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 else ""
             )
             raise ModelError(f"{choice.path}: the model has no '{role}' output (it has {sorted(meta.outputs)}){hint}")
+    check_output_shapes(session, meta, config.extra_outputs, str(choice.path))  # one tiny run (issue 12)
     return LoadedModel(session=session, meta=meta, path=choice.path, origin=choice.origin, provider=provider)
 
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -323,24 +324,33 @@ class RayEngine:
                 for i, f in enumerate(files)
             ]
         )
-        remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        # No actor restarts: Ray Data passes each actor its transformer and context as object-store
+        # references, and with restarts on (its default) Ray's core worker logs an error line about
+        # "constructor arguments in the object store" on every run (ray-project/ray#53727). A
+        # crashed actor now ends the run with an error, like a crash of a local run; the rows
+        # written so far are kept (--resume).
+        remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor, "max_restarts": 0}
         if self.engine.device == "cuda":
             remote["num_gpus"] = 1
         worker_engine = replace(
             self.engine, threads=self.cpus_per_actor, decode_workers=self.engine.decode_workers or self.cpus_per_actor
         )
-        ds = ds.map_batches(
-            _Worker,
-            fn_constructor_kwargs={
-                "model_bytes": self.model_path.read_bytes(),
-                "model_name": self.model_path.name,
-                "engine": worker_engine,
-            },
-            batch_size=self.task_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.actors),
-            **remote,
-        )
+        with warnings.catch_warnings():  # the driver's main thread, before any decoding starts
+            # Recent Ray deprecates passing remote options such as max_restarts as keywords, with
+            # no replacement for them yet.
+            warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(
+                _Worker,
+                fn_constructor_kwargs={
+                    "model_bytes": self.model_path.read_bytes(),
+                    "model_name": self.model_path.name,
+                    "engine": worker_engine,
+                },
+                batch_size=self.task_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.actors),
+                **remote,
+            )
         pending: dict[int, Result] = {}
         next_index = 0
         try:
