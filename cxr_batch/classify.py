@@ -6,7 +6,6 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -203,26 +202,23 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
 
 def _in_report_style(files: list[InputFile], existing: Existing, config: ClassifyConfig, console: Console) -> list[InputFile]:
-    """With ``resume``, name the files as the report already does (relative or absolute paths).
+    """``--resume --absolute-paths`` on a report written with relative paths: name the files as
+    the report does.
 
-    A report written with relative paths resumed with ``--absolute-paths`` (or the other way
-    round) would otherwise match none of its rows and get a second row for every file. The
-    inputs are walked again in the report's style (the walk is deterministic) and each file
-    takes the name it has there; the new rows keep the report's style.
+    Without this, none of the report's rows would match and every file would get a second row.
+    The inputs are walked again without ``--absolute-paths`` (the walk is deterministic) and each
+    file takes its relative name; the new rows keep the report's relative style, so the report
+    stays one style (and can still be resumed, sharded and merged). The other way round (a
+    report of absolute paths resumed without the flag) can't be told apart from a first run
+    that named files by absolute paths, so it is left as it is and the stale-rows warning says so.
     """
-    if not existing.rows:
+    if not (config.inputs.absolute_paths and existing.rows and existing.absolute_rows < existing.rows):
         return files
-    report_absolute = existing.absolute_rows == existing.rows
-    run_absolute = config.inputs.absolute_paths
-    if report_absolute == run_absolute or (report_absolute and all(os.path.isabs(f.display) for f in files)):
-        return files
-    other = discover(replace(config.inputs, absolute_paths=report_absolute))
+    other = discover(replace(config.inputs, absolute_paths=False))
     names = {f.path: f.display for f in other.files}
-    style = "absolute" if report_absolute else "relative"
-    flag = "without --absolute-paths" if run_absolute else "with --absolute-paths"
     console.print(
-        f"resume: {markup(config.report.out)} was written with {style} paths ({flag}); "
-        f"matching its rows and writing the new ones with {style} paths too",
+        f"resume: {markup(config.report.out)} was written with relative paths (without --absolute-paths); "
+        "matching its rows by file and writing the new rows with relative paths too",
         highlight=False,
         soft_wrap=True,
     )
