@@ -100,9 +100,13 @@ def read_path_list(stream: BinaryIO, name: str = "--files-from") -> list[str]:
     while True:
         lines = pending.split(b"\n")
         pending = lines.pop()  # after the last newline: the start of the next line (or b"")
-        for line in lines:
-            number += 1
-            take(line)
+        if lines and (max(map(len, lines)) > MAX_LISTED_PATH + 1 or any(b"\0" in line for line in lines)):
+            for line in lines:  # slow path, to name the bad line
+                number += 1
+                take(line)
+        else:
+            number += len(lines)
+            out.extend(os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip())
         if len(pending) > MAX_LISTED_PATH + 1:
             number += 1
             take(pending)  # raises: too long

@@ -457,9 +457,13 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a part that can't be read: a message, not a traceback
+            if exc.filename is not None and exc.filename != tmp:
+                raise MergeError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot write {config.out}: {exc.strerror or exc} (nothing was written)") from None
         raise
     stats.finish()
     result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts})
