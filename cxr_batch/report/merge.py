@@ -249,6 +249,8 @@ def _check_output(config: MergeConfig, parts: Sequence[str]) -> None:
     for part in parts:
         if os.path.abspath(part) == os.path.abspath(out) or (out.exists() and os.path.samefile(part, out)):
             raise OutputError(f"--out {config.out} is also one of the parts; write the merged report elsewhere")
+    if out.exists() and not out.is_file():  # the rename would replace a device node or a FIFO
+        raise OutputError(f"--out {config.out} is not a regular file; the merged report is written to a file")
     if out.exists() and not config.overwrite:
         raise OutputError(f"{config.out} already exists; pass --overwrite to replace it")
 
