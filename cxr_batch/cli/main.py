@@ -13,12 +13,14 @@ import click
 from cxr_batch import __version__
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
     EXIT_FATAL,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
     _model_options,
     engine_config,
     engine_options,
+    interruptible,
     library_errors,
 )
 from cxr_batch.io.shard import Shard  # hashlib and re only
@@ -135,6 +137,7 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     default=None,
     help="With --engine ray: join this Ray cluster (auto, HOST:6379 or ray://HOST:10001) instead of starting Ray here.",
 )
+@interruptible("the rows written so far are kept; rerun with --resume to finish.")
 @library_errors
 def classify_command(
     inputs: tuple[str, ...],
@@ -207,11 +210,7 @@ def classify_command(
         heatmaps=heatmaps,
         drop_ood=drop_ood,
     )
-    try:
-        stats = run_classify(config)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: the rows written so far are kept; rerun with --resume to finish.", err=True)
-        sys.exit(130)
+    stats = run_classify(config)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -228,6 +227,7 @@ def classify_command(
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merged report.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@interruptible("nothing was written (the merged report is written only when complete).")
 @library_errors
 def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, quiet: bool) -> None:
     """Merge the reports of a sharded classify run (--shard K/N) into one report.

@@ -63,17 +63,91 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_path_list(stream: BinaryIO) -> list[str]:
-    """One path a line (bytes, so any file name but one containing a newline can be listed).
+#: The longest path ``--files-from`` takes (Linux's PATH_MAX): a longer "line" is not a path list.
+MAX_LISTED_PATH = 4096
+_CHUNK = 1 << 16
 
-    Blank lines are skipped; a trailing carriage return is dropped.
+
+def read_path_list(stream: BinaryIO, name: str = "--files-from") -> list[str]:
+    """Paths from a list: one a line, or NUL-separated (``find -print0``, ``xargs -0`` style).
+
+    Bytes, so any file name can be listed (NUL-separated: even one containing a newline). The
+    list is NUL-separated when its first 64 KiB hold a NUL byte. One path a line: blank lines
+    are skipped and a trailing carriage return is dropped. NUL-separated: nothing is stripped
+    and an empty record (two NULs in a row, as ``/dev/zero`` gives) is an error. Memory stays
+    bounded by the records themselves: a record longer than :data:`MAX_LISTED_PATH` bytes
+    (a binary file, ``/dev/zero`` read as lines) is an error, not an ever-growing buffer.
+
+    Raises:
+        InputError: a record too long or empty (NUL mode), or a NUL byte inside a line.
     """
+    head = stream.read(_CHUNK)
+    if b"\0" in head:
+        return _read_nul_separated(stream, head, name)
     out: list[str] = []
-    for raw in stream:
-        line = raw.rstrip(b"\n").rstrip(b"\r")
+    number = 0
+
+    def take(line: bytes) -> None:
+        if len(line) > MAX_LISTED_PATH + 1:
+            raise InputError(
+                f"{name}: line {number} is longer than {MAX_LISTED_PATH} bytes, which no path is: "
+                "is it a list of paths, one a line (or NUL-separated)?"
+            )
+        if b"\0" in line:
+            raise InputError(
+                f"{name}: line {number} holds a NUL byte, which no path can; for NUL-separated lists "
+                "(find -print0) every path must end in NUL"
+            )
+        line = line.rstrip(b"\r")
         if line.strip():
             out.append(os.fsdecode(line))
-    return out
+
+    pending = head
+    while True:
+        lines = pending.split(b"\n")
+        pending = lines.pop()  # after the last newline: the start of the next line (or b"")
+        if lines and (max(map(len, lines)) > MAX_LISTED_PATH + 1 or any(b"\0" in line for line in lines)):
+            for line in lines:  # slow path, to name the bad line
+                number += 1
+                take(line)
+        else:
+            number += len(lines)
+            out.extend(os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip())
+        if len(pending) > MAX_LISTED_PATH + 1:
+            number += 1
+            take(pending)  # raises: too long
+        more = stream.read(_CHUNK)
+        if not more:
+            if pending:
+                number += 1
+                take(pending)
+            return out
+        pending += more
+
+
+def _read_nul_separated(stream: BinaryIO, head: bytes, name: str) -> list[str]:
+    out: list[str] = []
+    pending = head
+    while True:
+        records = pending.split(b"\0")
+        pending = records.pop()  # after the last NUL: the start of the next record (or b"")
+        for record in records:
+            if not record:
+                raise InputError(
+                    f"{name}: empty record after path {len(out)} (two NUL bytes in a row): "
+                    "not a NUL-separated list of paths (find -print0)?"
+                )
+            if len(record) > MAX_LISTED_PATH:
+                raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")
+            out.append(os.fsdecode(record))
+        if len(pending) > MAX_LISTED_PATH:
+            raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")
+        more = stream.read(_CHUNK)
+        if not more:
+            if pending:
+                out.append(os.fsdecode(pending))  # the last path without its NUL
+            return out
+        pending += more
 
 
 def _matches(glob: str, rel: str) -> bool:
