@@ -132,9 +132,12 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
         classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
+    for notice in classifier.notices:  # once, whatever --quiet says: the model in use changed
+        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
+    stats.precision_note = classifier.precision_reason
     try:
         if shard is not None:
             foreign = sorted(p for p in existing.paths if not shard.owns(p))
