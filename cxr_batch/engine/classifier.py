@@ -28,7 +28,7 @@ import numpy as np
 
 from cxr_batch.contract import ModelMeta, file_sha256, read_contract
 from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
-from cxr_batch.engine.selfcheck import SELF_CHECK_KEY, CheckResult, run_self_check
+from cxr_batch.engine.selfcheck import CheckResult, run_self_check
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.evaluation.metrics import softmax
 from cxr_batch.io.inputs import InputFile

@@ -41,7 +41,7 @@ from cxr_batch.engine.classifier import (
     available_providers,
     open_model,
 )
-from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 
 #: Model batches per Ray task (by default). Each task has a fixed cost in Ray Data; with 16 the
