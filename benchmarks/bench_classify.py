@@ -443,8 +443,8 @@ def write_results(path: Path, section: str, mark_begin: str = MARK_BEGIN, mark_e
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
-    notebook = not args.no_notebook
-    checked = [(args.model, "--model"), (args.int8_model, "--int8-model")] + ([(args.checkpoint, "--checkpoint")] if notebook else [])
+    with_notebook = not args.no_notebook
+    checked = [(args.model, "--model"), (args.int8_model, "--int8-model")] + ([(args.checkpoint, "--checkpoint")] if with_notebook else [])
     for needed, flag in checked:
         if not Path(needed).is_file():
             raise SystemExit(f"{flag} {needed}: no such file (export the model first, or pass the path)")
@@ -521,7 +521,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
         # Round robin, so a slow spell hits every pipeline; each pipeline's runs are back to back,
         # and (d) runs right after the classify run it is the ceiling of.
-        if not notebook:
+        if not with_notebook:
             del pipes["a0"], pipes["a2"]
         for rep in range(args.repeat):
             for key in [k for k in ("a0", "a2", "b", "d32", "c", "d8") if k in pipes]:

@@ -45,7 +45,8 @@ WORK=$(mktemp -d /tmp/cxr-gpu-check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 export GPU_CHECK_DEVICE="$DEVICE" GPU_CHECK_N="$N" GPU_CHECK_POOL="$POOL" GPU_CHECK_WORK="$WORK" GPU_CHECK_REPO="$REPO"
 # The measurement is one Python program (below); the whole run stays under 5 minutes.
-timeout $(( 290 - ($(date +%s) - START) )) python - <<'PY'
+rc=0
+timeout $(( 290 - ($(date +%s) - START) )) python - <<'PY' || rc=$?
 import os, re, subprocess, sys, time
 from pathlib import Path
 
@@ -123,4 +124,6 @@ if failed:
     sys.exit("gpu_check: " + "; ".join(failed))
 print(f"gpu_check: ok ({n} images, device {device})")
 PY
+if [ "$rc" = 124 ]; then echo "gpu_check: ran past the 5-minute budget; nothing more measured" >&2; exit 1; fi
+if [ "$rc" != 0 ]; then echo "gpu_check: the measurement failed (exit $rc; its message is above)" >&2; exit 1; fi
 echo "gpu_check took $(( $(date +%s) - START )) s"

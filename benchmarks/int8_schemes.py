@@ -93,7 +93,8 @@ def main() -> None:
 
     models: dict[str, Path] = {"fp32": args.fp32}
     if args.old:
-        models["shipped int8 (U8S8 per-channel, ood quantised too)"] = args.old
+        scheme = read_contract_file(args.old)[1].extra.get("quantization", {}).get("scheme", "int8")
+        models[f"{args.old.name} ({scheme})"] = args.old
     work = Path(tempfile.mkdtemp(prefix="cxr-int8-"))
     for name in args.schemes:
         out = work / (name.split()[0] + f"-{len(models)}.onnx")

@@ -660,7 +660,7 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
         f"- Weights: `{meta.extra.get('recipe', {}).get('weights', 'none')}` initialisation. The shipped model was trained "
         "from **random initialisation**: ImageNet weights could not be downloaded on the training machine.",
         f"- Files: `{onnx_path.name}` (fp32, the master copy)"
-        + (f", `{onnx_path.stem}-int8.onnx` (int8, the CPU default)" if int8 else "")
+        + (f", `{onnx_path.stem}-int8.onnx` (int8, the default on CPUs with VNNI, AMX or ARM dot product)" if int8 else "")
         + (
             f", `{onnx_path.stem}-fp16.onnx` (fp16, preferred on CUDA)"
             if onnx_path.with_name(onnx_path.stem + "-fp16.onnx").exists()
@@ -738,7 +738,12 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             f"| test macro-F1 | {_fmt(int8['fp32_macro_f1'])} | {_fmt(int8['int8_macro_f1'])} |",
             "",
             f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
-            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}.",
+            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}."
+            + (
+                f" Measured on {int8['measured_on'].get('model')} (flags: {', '.join(int8['measured_on'].get('flags', [])) or 'none relevant'})."
+                if isinstance(int8.get("measured_on"), dict)
+                else ""
+            ),
         ]
     if meta.ood:
         ood = meta.ood
