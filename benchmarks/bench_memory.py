@@ -115,8 +115,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     try:
-        print(f"linking {args.large} files under {work}", file=sys.stderr, flush=True)
-        folders = build_folder(source, work / "large", args.large, args.small)
+        large_n = args.small if args.startup_only else args.large  # only the first folder is used then
+        print(f"linking {large_n} files under {work}", file=sys.stderr, flush=True)
+        folders = build_folder(source, work / "large", large_n, args.small)
         help_times = time_help(args.help_runs)
         print("time to the first row", file=sys.stderr, flush=True)
         first_rows = [time_first_row(folders[0], work / f"first-{i}.csv", args.model) for i in range(3)]
