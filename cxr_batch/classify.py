@@ -143,6 +143,8 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
     identity = RunIdentity(meta.ident, file_sha256(classifier.model_path), meta.precision)
+    for notice in classifier.notices:  # once, whatever --quiet says: the model in use changed
+        console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     try:
         writer, existing = open_report(config.report, meta.labels, identity, stdout)
@@ -151,6 +153,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             heatmaps.close()
         raise
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
+    stats.precision_note = classifier.precision_reason
     try:
         files = _in_report_style(files, existing, config, console)
         if shard is not None:

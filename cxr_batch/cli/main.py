@@ -273,6 +273,12 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     console = Console(highlight=False)
     facts = [(key, str(info[key])) for key in ("model", "path", "origin", "sha256", "size_bytes")]
     facts.append(("providers available", ", ".join(info["providers_available"])))
+    cpu = info["cpu"]
+    facts.append(("cpu", f"{cpu['model']} ({cpu['arch']}; flags: {', '.join(cpu['flags']) or 'none relevant'})"))
+    facts.append(("precision", info["precision"]["why"]))
+    facts.append(("--precision auto on this cpu", info["precision"]["auto_on_this_cpu"]))
+    check = info["self_check"]
+    facts.append(("self-check", check["summary"] if check else "none (the contract has no reference images)"))
     for key, value in facts:  # plain lines: a hash or a path must never be wrapped or cut
         console.print(f"[bold]{key}:[/] {escape(value)}", soft_wrap=True)
     graph = Table(title="graph", title_justify="left")
@@ -283,7 +289,11 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
             graph.add_row(kind[:-1], io["name"], io["type"], str(io["shape"]))
     console.print(graph)
     console.print("contract:", style="bold")
-    console.print_json(json.dumps(info["contract"], sort_keys=True))
+    contract = info["contract"]
+    images = contract.get("extra", {}).get("self_check", {}).get("images")
+    if isinstance(images, dict) and "data" in images:  # a blob nobody reads; --json has it whole
+        images["data"] = f"<{len(images['data'])} characters>"
+    console.print_json(json.dumps(contract, sort_keys=True))
 
 
 from cxr_batch.cli.train import export_command, train_command  # noqa: E402

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, read_contract
+from cxr_batch.contract import ModelMeta
 from cxr_batch.engine.classifier import (
     CPU,
     CUDA,
@@ -40,10 +40,9 @@ from cxr_batch.engine.classifier import (
     EngineConfig,
     Result,
     available_providers,
-    choose_model,
-    create_session,
+    open_model,
 )
-from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 
 #: Model batches per Ray task (by default). Each task has a fixed cost in Ray Data; with 16 the
@@ -200,23 +199,18 @@ class RayEngine:
         require_ray()
         self.engine = engine
         self.config = config
-        # The workers load what is chosen here. With device auto, the choice (int8 default on CPU,
-        # fp32 with CUDA) follows this machine; use --device cuda for a GPU cluster.
+        # The workers load what is chosen here. With device auto, the choice (int8 or fp32 on CPU,
+        # by its flags; fp16 with CUDA) follows this machine; use --device cuda for a GPU cluster.
         cuda = engine.device == "cuda" or (engine.device == "auto" and CUDA in available_providers())
-        choice = choose_model(engine.model, engine.precision, cuda=cuda)
-        session, _ = create_session(choice.path, "cpu", threads=1)  # the contract, and a load check
-        self._meta: ModelMeta = read_contract(session, str(choice.path))
-        del session
-        if (
-            choice.origin != "embedded default"
-            and engine.precision != "auto"
-            and self._meta.precision != engine.precision
-        ):
-            raise ModelError(
-                f"{choice.path} is a {self._meta.precision} model but --precision {engine.precision} was asked; "
-                "--precision picks between the embedded default models, so leave it at auto with --model"
-            )
-        self.model_path = choice.path
+        # The same resolution, checks and load-time self-check as a local run (fallback to fp32
+        # included), on this machine's CPU; the workers then load exactly the file chosen here.
+        loaded = open_model(replace(engine, threads=1), session_device="cpu", cuda=cuda)
+        self._meta: ModelMeta = loaded.meta
+        #: the precision in use and why; what the user must be told once
+        self.precision_reason = loaded.reason
+        self.notices = loaded.notices
+        self.model_path = loaded.path
+        del loaded  # the driver's session: the workers make their own
         self.cpus_per_actor = max(1, engine.threads)
         self.actors = 0
         self._providers: set[str] = set()

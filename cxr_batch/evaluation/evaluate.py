@@ -261,6 +261,8 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
 
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
+    for notice in classifier.notices:  # once: the model in use is not the one asked for by default
+        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     labels = classifier.labels
     if config.labels_file is not None:
         truth = csv_truth(config.labels_file, config.data_dir, labels)
@@ -315,6 +317,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         "model_sha256": model_sha256,
         "model_origin": classifier.model_origin,
         "provider": classifier.provider,
+        "precision_reason": classifier.precision_reason,
         "predictions": config.predictions,
         "cxr_batch_version": __version__,
     }

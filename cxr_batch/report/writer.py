@@ -550,6 +550,8 @@ class RunStats:
     #: ok rows the out-of-distribution guard flagged; with ``drop_ood`` they leave the label counts
     flagged: int = 0
     drop_ood: bool = False
+    #: the precision in use and why (the engine's ``precision_reason``); empty: not shown
+    precision_note: str = ""
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:
@@ -611,6 +613,8 @@ def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch
         f"{total} images in {stats.wall_s:.1f} s ({stats.rate:.1f} images/s) on {stats.provider}",
         f"model {stats.model}",
     ]
+    if stats.precision_note:
+        lines.append(f"precision {stats.precision_note}")
     if not timing:
         lines.pop(0)
     if stats.flagged:
