@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
@@ -30,6 +31,7 @@ from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
 from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputSpec, discover
 from cxr_batch.io.shard import Shard
+from cxr_batch.report import provenance
 from cxr_batch.report.heatmap import HeatmapWriter
 from cxr_batch.report.writer import ReportConfig, RunStats, check_output, open_report, render_summary
 
@@ -53,6 +55,10 @@ class ClassifyConfig:
     heatmaps: str | None = None
     #: leave out-of-distribution rows out of the summary's label counts (``--drop-ood``)
     drop_ood: bool = False
+    #: the provenance record (``--provenance``); None: ``<report>.provenance.json``, none for stdout
+    provenance: str | None = None
+    #: False writes no provenance record (and leaves the ``run_id`` column empty)
+    record_provenance: bool = True
 
 
 class _RateColumn(ProgressColumn):
@@ -98,7 +104,13 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         MissingExtraError: ``config.ray`` is set and Ray Data is not installed.
     """
     console = console or Console(stderr=True)
+    started = datetime.now(timezone.utc)
     check_output(config.report)  # fail fast, before the walk and the model load
+    record = provenance.record_path(config.report.out, config.provenance) if config.record_provenance else None
+    if record is not None:
+        provenance.check_record_output(
+            record, report=config.report.out, resume=config.report.resume, overwrite=config.report.overwrite
+        )
     if config.ray is not None:
         from cxr_batch.engine.ray import require_ray
 
@@ -133,8 +145,10 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
-    writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
+    run_id = provenance.new_run_id() if record is not None else None
+    writer, existing = open_report(config.report, meta.labels, meta.ident, stdout, run_id=run_id)
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
+    recorder: provenance.RunRecorder | None = None
     try:
         if shard is not None:
             foreign = sorted(p for p in existing.paths if not shard.owns(p))
@@ -145,6 +159,23 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 )
         todo = [f for f in files if f.display not in existing.paths]
         stats.kept, stats.kept_errors = existing.rows, existing.errors
+        if record is not None and run_id is not None:
+            recorder = provenance.RunRecorder.start(
+                record,
+                run_id=run_id,
+                report=config.report.out,
+                report_format=config.report.format,
+                model=provenance.model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None)),
+                provider=classifier.provider,
+                settings=provenance.engine_settings(classifier, config.engine, ray=config.ray is not None),
+                preprocessing=provenance.preprocessing_facts(meta),
+                ood=provenance.ood_facts(meta),
+                inputs=(f.display for f in files),
+                shard=shard,
+                resume=config.report.resume,
+                kept_rows=existing.rows,
+                started=started,
+            )
         if existing.truncated:
             console.print(
                 f"resume: removed a partial last row ({existing.truncated} bytes) left by an interrupted run",
@@ -166,15 +197,26 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 for batch in batches:
                     writer.write(batch)
                     stats.add(batch)
+                    if recorder is not None:
+                        recorder.add(batch)
                     if heatmaps is not None:
                         heatmaps.write(batch)
                     advance(len(batch))
         stats.provider = classifier.provider  # Ray: known once the workers have reported
+    except BaseException as exc:
+        if recorder is not None:
+            recorder.note_exception(exc)
+        raise
     finally:
         writer.close()
         if heatmaps is not None:
             heatmaps.close()
         stats.finish()
+        if recorder is not None:
+            recorder.set_provider(classifier.provider)
+            problem = recorder.close()  # after the report is closed: the record counts synced rows
+            if problem is not None:
+                console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console)
     if heatmaps is not None:

@@ -586,6 +586,18 @@ class Classifier:
         """``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``."""
         return self._loaded.origin
 
+    @property
+    def run_settings(self) -> dict[str, Any]:
+        """The batch and thread settings as they really run (for the provenance record)."""
+        cfg = self.config
+        return {
+            "batch_size": cfg.batch_size,
+            "threads_requested": cfg.threads,
+            "streams": self._streams,
+            "threads_per_stream": self._threads or physical_cores() or None,  # None: onnxruntime's default
+            "decode_workers": cfg.decode_workers or default_workers(),
+        }
+
     def classify(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[Result]:
         """Yield one :class:`Result` per path, in input order. ``paths`` may be a lazy iterator."""
         for batch in self.iter_batches(paths):

@@ -3,7 +3,8 @@
 Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model order),
 ``width, height, error, model``, then ``notes`` and the columns other features fill (empty
 until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
-``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``.
+``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``; last ``run_id``,
+the run that wrote the row (its entry in the provenance record).
 
 Encoding: UTF-8 with ``surrogateescape``. A file name that is not valid UTF-8 is written
 with its original bytes (CSV), so reading the CSV back with
@@ -46,6 +47,8 @@ TAIL_COLUMNS = ("width", "height", "error", "model")
 #: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
 FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
 EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
+#: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
+RUN_COLUMNS = ("run_id",)
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -53,14 +56,14 @@ ERRORS = "surrogateescape"
 
 def columns(labels: Sequence[str]) -> list[str]:
     """The report's columns for a model with these labels."""
-    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS]
+    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS, *RUN_COLUMNS]
 
 
 def _num(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-def row_values(result: Result, labels: Sequence[str]) -> dict[str, Any]:
+def row_values(result: Result, labels: Sequence[str], run_id: str | None = None) -> dict[str, Any]:
     """One report row with typed values (None for empty), keys in column order."""
     row: dict[str, Any] = {
         "path": result.path,
@@ -81,6 +84,7 @@ def row_values(result: Result, labels: Sequence[str]) -> dict[str, Any]:
         row[key] = result.fields.get(key) or None
     row["ood_score"] = _num(result.ood_score)
     row["in_distribution"] = result.in_distribution
+    row["run_id"] = run_id
     return row
 
 
@@ -159,10 +163,13 @@ class CsvWriter:
     ``\\r`` only when ``\\r`` is part of the line terminator, and a file name may hold one.
     """
 
-    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], header: bool) -> None:
+    def __init__(
+        self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], header: bool, run_id: str | None = None
+    ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
+        self.run_id = run_id
         self._csv = csv.writer(sink.stream, lineterminator="\r\n")
         if header:
             self._csv.writerow(self.columns)
@@ -170,7 +177,7 @@ class CsvWriter:
 
     def write(self, results: Sequence[Result]) -> None:
         for r in results:
-            row = row_values(r, self.labels)
+            row = row_values(r, self.labels, self.run_id)
             self._csv.writerow([_csv_text(row[c]) for c in self.columns])
         self.sink.commit()
 
@@ -181,14 +188,15 @@ class CsvWriter:
 class JsonlWriter:
     """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
 
-    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str]) -> None:
+    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], run_id: str | None = None) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
+        self.run_id = run_id
 
     def write(self, results: Sequence[Result]) -> None:
         for r in results:
-            row = row_values(r, self.labels)
+            row = row_values(r, self.labels, self.run_id)
             self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
         self.sink.commit()
 
@@ -342,7 +350,11 @@ def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str]
 
 
 def open_report(
-    config: ReportConfig, labels: Sequence[str], model: str, stdout: BinaryIO | None = None
+    config: ReportConfig,
+    labels: Sequence[str],
+    model: str,
+    stdout: BinaryIO | None = None,
+    run_id: str | None = None,
 ) -> tuple[ReportWriter, Existing]:
     """Open the report for writing (after :func:`read_existing` when resuming).
 
@@ -351,6 +363,7 @@ def open_report(
         labels: the model's labels (they name the ``prob_`` columns).
         model: ``name@version``; resume refuses a report written by another model.
         stdout: the binary stream for ``--out -`` (default ``sys.stdout.buffer``).
+        run_id: the ``run_id`` column of every row written (the run's provenance record entry).
 
     Raises:
         OutputError: see :func:`check_output` and :func:`read_existing`; or the file can't be opened.
@@ -363,7 +376,9 @@ def open_report(
         text = io.TextIOWrapper(binary, encoding=ENCODING, errors=ERRORS, newline="", write_through=True)
         sink = _Sink(text, sync=False, detach=True)
         writer: ReportWriter = (
-            JsonlWriter(sink, cols, labels) if config.format == "jsonl" else CsvWriter(sink, cols, labels, header=True)
+            JsonlWriter(sink, cols, labels, run_id)
+            if config.format == "jsonl"
+            else CsvWriter(sink, cols, labels, header=True, run_id=run_id)
         )
         return writer, Existing()
 
@@ -387,8 +402,8 @@ def open_report(
         raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}") from None
     sink = _Sink(stream, sync=True, detach=False)
     if config.format == "jsonl":
-        return JsonlWriter(sink, cols, labels), existing
-    return CsvWriter(sink, cols, labels, header=not existing.has_header), existing
+        return JsonlWriter(sink, cols, labels, run_id), existing
+    return CsvWriter(sink, cols, labels, header=not existing.has_header, run_id=run_id), existing
 
 
 # --------------------------------------------------------------------------- summary
