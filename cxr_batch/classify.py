@@ -6,6 +6,7 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -147,6 +148,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     run_id = provenance.new_run_id() if record is not None else None
     writer, existing = open_report(config.report, meta.labels, meta.ident, stdout, run_id=run_id)
+    offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     recorder: provenance.RunRecorder | None = None
     try:
@@ -175,6 +177,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 resume=config.report.resume,
                 kept_rows=existing.rows,
                 started=started,
+                report_offset=offset,
             )
         if existing.truncated:
             console.print(

@@ -335,14 +335,17 @@ class Counts:
 
     def add(self, results: Iterable[Result]) -> None:
         for r in results:
-            self.rows += 1
-            self.status[r.status] += 1
-            if r.ok and r.label is not None:
-                self.labels[r.label] += 1
-                if r.in_distribution is False:
-                    self.flagged += 1
-            elif not r.ok:
-                self.errors[r.error_reason or "error"] += 1
+            self.add_row(r.status, r.label, r.error, r.in_distribution)
+
+    def add_row(self, status: str, label: str | None, error: str | None, in_distribution: bool | None) -> None:
+        self.rows += 1
+        self.status[status] += 1
+        if status == "ok" and label:
+            self.labels[label] += 1
+            if in_distribution is False:
+                self.flagged += 1
+        elif status != "ok":
+            self.errors[error.split(": ", 1)[0] if error else "error"] += 1
 
     def to_dict(self, labels: Sequence[str] = ()) -> dict[str, Any]:
         by_label = {label: self.labels.get(label, 0) for label in labels}
@@ -356,6 +359,51 @@ class Counts:
             "out_of_distribution": self.flagged,
             "errors": dict(self.errors.most_common()),
         }
+
+
+def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offset: int = 0) -> Counts:
+    """Count the complete rows of run ``run_id`` in a report file, from byte ``offset`` on.
+
+    What a run that stopped early (Ctrl-C can land between writing a batch and counting it) really
+    left in the report. A partial last row (its ``run_id`` cut or missing) is not counted.
+    """
+    import csv
+    import io
+
+    from cxr_batch.report.writer import ENCODING, ERRORS
+
+    counts = Counts()
+    with open(path, "rb") as fh:
+        if fmt == "csv":
+            header = next(csv.reader([fh.readline().decode(ENCODING, ERRORS)]), [])
+            if "run_id" not in header:
+                return counts
+            fh.seek(max(offset, fh.tell()))
+            text = io.TextIOWrapper(fh, encoding=ENCODING, errors=ERRORS, newline="")
+            reader = csv.reader(text, strict=True)
+            while True:
+                try:
+                    record = next(reader)
+                except (StopIteration, csv.Error):  # the end, or a quoted field cut by it
+                    break
+                if len(record) != len(header):
+                    continue
+                row = dict(zip(header, record, strict=True))
+                if row["run_id"] == run_id:
+                    flag = {"true": True, "false": False}.get(row.get("in_distribution", ""))
+                    counts.add_row(row["status"], row["label"] or None, row["error"] or None, flag)
+        else:
+            fh.seek(offset)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    obj = json.loads(raw.decode(ENCODING, ERRORS))
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and obj.get("run_id") == run_id:
+                    counts.add_row(str(obj.get("status")), obj.get("label"), obj.get("error"), obj.get("in_distribution"))
+    return counts
 
 
 # --------------------------------------------------------------------------- reading and writing
@@ -483,6 +531,8 @@ class RunRecorder:
         self._last_write = time.monotonic()
         self._outcome = _Outcome()
         self._closed = False
+        #: (report file, format, byte offset where this run's rows start): recount from there on an early stop
+        self._recount: tuple[str, str, int] | None = None
 
     @property
     def run_id(self) -> str:
@@ -509,6 +559,7 @@ class RunRecorder:
         argv: Sequence[str] | None = None,
         command: str = "classify",
         started: datetime | None = None,
+        report_offset: int | None = None,
     ) -> RunRecorder:
         """Open (or, with ``resume``, read) the record at ``path``, add this run and write it.
 
@@ -527,6 +578,9 @@ class RunRecorder:
             argv: the command line (default ``sys.argv``); always passed through :func:`redact_argv`.
             command: the cxr-batch command (``classify``).
             started: when the run began (default now), timezone-aware.
+            report_offset: the report file's size before this run's first row. When given and the run
+                stops early (Ctrl-C, a fatal error), the counts are taken from the rows that really
+                reached the report (:func:`count_report_rows`), not from what :meth:`add` was given.
 
         Raises:
             OutputError: the record can't be read (resume) or written.
@@ -574,6 +628,8 @@ class RunRecorder:
         recorder = cls(path, doc, run, model.get("labels") or ())
         if started is not None:
             recorder._started = started
+        if report_offset is not None and report != "-":
+            recorder._recount = (report, report_format, report_offset)
         recorder._write()
         return recorder
 
@@ -615,6 +671,10 @@ class RunRecorder:
         if self._closed:
             return None
         self._closed = True
+        if self._outcome.status != "finished" and self._recount is not None:
+            with contextlib.suppress(OSError, UnicodeError):
+                report, fmt, offset = self._recount
+                self.counts = count_report_rows(report, fmt, self.run_id, offset)
         ended = datetime.now(timezone.utc)
         self.run.update(
             status=self._outcome.status,
