@@ -167,7 +167,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 run_id=run_id,
                 report=config.report.out,
                 report_format=config.report.format,
-                model=provenance.model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None)),
+                model=provenance.model_facts(
+                    meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False
+                ),
                 provider=classifier.provider,
                 settings=provenance.engine_settings(classifier, config.engine, ray=config.ray is not None),
                 preprocessing=provenance.preprocessing_facts(meta),
