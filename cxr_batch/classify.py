@@ -162,24 +162,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         todo = [f for f in files if f.display not in existing.paths]
         stats.kept, stats.kept_errors = existing.rows, existing.errors
         if record is not None and run_id is not None:
-            recorder = provenance.RunRecorder.start(
-                record,
-                run_id=run_id,
-                report=config.report.out,
-                report_format=config.report.format,
-                model=provenance.model_facts(
-                    meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False
-                ),
-                provider=classifier.provider,
-                settings=provenance.engine_settings(classifier, config.engine, ray=config.ray is not None),
-                preprocessing=provenance.preprocessing_facts(meta),
-                ood=provenance.ood_facts(meta),
-                inputs=(f.display for f in files),
-                shard=shard,
-                resume=config.report.resume,
-                kept_rows=existing.rows,
-                started=started,
-                report_offset=offset,
+            recorder = provenance.start_classifier_run(
+                record, run_id, classifier, config.engine, config.report, (f.display for f in files),
+                shard=shard, kept_rows=existing.rows, started=started, report_offset=offset, ray=config.ray is not None,
             )
         if existing.truncated:
             console.print(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cxr-batch")
 def main() -> None:
@@ -54,7 +55,6 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     from cxr_batch.engine.ray import RayConfig  # ray itself is imported only when the run starts
 
     return RayConfig(address=address)
-
 
 
 def _provenance_option(default_help: str) -> Callable[[FC], FC]:

@@ -59,8 +59,10 @@ from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.classifier import EngineConfig, Result
+    from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
+    from cxr_batch.engine.ray import RayEngine
     from cxr_batch.io.shard import Shard
+    from cxr_batch.report.writer import ReportConfig
 
 #: The version of the record's layout (``schema_version``); see docs/provenance.schema.json.
 SCHEMA_VERSION = 1
@@ -849,3 +851,46 @@ def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = Fal
         settings["cpus_per_actor"] = getattr(classifier, "cpus_per_actor", None)
     settings.update(device=engine.device, engine="ray" if ray else "local", precision_requested=engine.precision)
     return settings
+
+
+def start_classifier_run(
+    path: str,
+    run_id: str,
+    classifier: Classifier | RayEngine,
+    engine: EngineConfig,
+    report: ReportConfig,
+    inputs: Iterable[str],
+    *,
+    shard: Shard | None = None,
+    kept_rows: int = 0,
+    started: datetime | None = None,
+    report_offset: int | None = None,
+    ray: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> RunRecorder:
+    """:meth:`RunRecorder.start` with every fact taken from a loaded classifier (what ``classify`` does).
+
+    The model file is hashed in a thread, so the first batch is not held up by it.
+
+    Raises:
+        OutputError: the record can't be read (resume) or written.
+    """
+    meta = classifier.meta
+    return RunRecorder.start(
+        path,
+        run_id=run_id,
+        report=report.out,
+        report_format=report.format,
+        model=model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False),
+        provider=classifier.provider,
+        settings=engine_settings(classifier, engine, ray=ray),
+        preprocessing=preprocessing_facts(meta),
+        ood=ood_facts(meta),
+        inputs=inputs,
+        shard=shard,
+        resume=report.resume,
+        kept_rows=kept_rows,
+        started=started,
+        report_offset=report_offset,
+        source=source,
+    )
