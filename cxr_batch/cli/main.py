@@ -6,7 +6,8 @@ Keep this module light: ``cxr-batch --help`` imports it, so no torch and no onnx
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -27,6 +28,9 @@ from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig
+
+FC = TypeVar("FC", bound=Callable[..., Any])
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cxr-batch")
@@ -53,6 +57,17 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     from cxr_batch.engine.ray import RayConfig  # ray itself is imported only when the run starts
 
     return RayConfig(address=address)
+
+
+def _provenance_option(default_help: str) -> Callable[[FC], FC]:
+    return click.option(
+        "--provenance",
+        type=click.Path(dir_okay=False, path_type=str),
+        default=None,
+        metavar="FILE",
+        help=f"Write the provenance record (what produced the report: model and its sha256, versions, "
+        f"machine, settings, inputs, counts) to FILE. {default_help}",
+    )
 
 
 @main.command("classify")
@@ -113,6 +128,7 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     help="Leave images the out-of-distribution guard flags out of the summary's label counts "
     "(their rows stay in the report, with in_distribution=false).",
 )
+@_provenance_option("Default: <report>.provenance.json beside the report; with --out -, none unless given.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option(
     "--shard",
@@ -157,6 +173,7 @@ def classify_command(
     resume: bool,
     heatmaps: str | None,
     drop_ood: bool,
+    provenance: str | None,
     quiet: bool,
     shard: Shard | None,
     engine_kind: str,
@@ -209,6 +226,7 @@ def classify_command(
         ray=_ray_config(engine_kind, ray_address),
         heatmaps=heatmaps,
         drop_ood=drop_ood,
+        provenance=provenance,
     )
     stats = run_classify(config)
     if stats.all_errors:
@@ -226,10 +244,13 @@ def classify_command(
     help="The run had N shards: check that every part is one of them and none is missing.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merged report.")
+@_provenance_option("Default: <merged report>.provenance.json; it combines the parts' <part>.provenance.json records.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @interruptible("nothing was written (the merged report is written only when complete).")
 @library_errors
-def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, quiet: bool) -> None:
+def merge_command(
+    parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, provenance: str | None, quiet: bool
+) -> None:
     """Merge the reports of a sharded classify run (--shard K/N) into one report.
 
     Checks that the parts share columns and model, that no path appears twice and, with
@@ -240,7 +261,9 @@ def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrit
     """
     from cxr_batch.report.merge import MergeConfig, merge_reports
 
-    merged = merge_reports(MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet))
+    merged = merge_reports(
+        MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet, provenance=provenance)
+    )
     if merged.stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 

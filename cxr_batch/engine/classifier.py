@@ -709,6 +709,17 @@ class Classifier:
         """The load-time self-check's result (None: the model's contract has no reference images)."""
         return self._loaded.check
 
+    def run_settings(self) -> dict[str, Any]:
+        """The batch and thread settings as they really run (for the provenance record)."""
+        cfg = self.config
+        return {
+            "batch_size": cfg.batch_size,
+            "threads_requested": cfg.threads,
+            "streams": self._streams,
+            "threads_per_stream": self._threads or physical_cores() or None,  # None: onnxruntime's default
+            "decode_workers": cfg.decode_workers or default_workers(),
+        }
+
     def classify(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[Result]:
         """Yield one :class:`Result` per path, in input order. ``paths`` may be a lazy iterator."""
         for batch in self.iter_batches(paths):
