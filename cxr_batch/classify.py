@@ -35,6 +35,8 @@ from cxr_batch.report.writer import ReportConfig, RunStats, check_output, open_r
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig, RayEngine
+    from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
+    from cxr_batch.report.sr import SRWriter
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class ClassifyConfig:
     heatmaps: str | None = None
     #: leave out-of-distribution rows out of the summary's label counts (``--drop-ood``)
     drop_ood: bool = False
+    #: classify the instances a DICOMweb service finds instead of ``inputs`` (``--dicomweb``)
+    dicomweb: DicomwebConfig | None = None
+    #: write a DICOM SR per classified DICOM image under this folder (``--sr``)
+    sr: str | None = None
+    #: store the SRs back by STOW-RS (``--stow``; needs ``dicomweb`` and ``sr``)
+    stow: bool = False
 
 
 class _RateColumn(ProgressColumn):
@@ -103,9 +111,21 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
-    found = discover(config.inputs)
+    source: DicomwebSource | None = None
+    if config.dicomweb is not None:
+        from cxr_batch.io.dicomweb import DicomwebSource
+
+        source = DicomwebSource(config.dicomweb)
+        found = source.discover()
+        # TODO(provenance, issue 14 item 1): record source.describe() (URL, studies, series, query;
+        # never credentials) and source.retrieved in this run's provenance entry.
+    else:
+        found = discover(config.inputs)
     for warning in found.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if not found.files and source is not None:
+        source.close()
+        raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
     if not found.files:
         where = ", ".join([*config.inputs.paths, *(["--files-from"] if config.inputs.listed else [])]) or "(none)"
         raise InputError(
@@ -133,6 +153,15 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
+    srs: SRWriter | None = None
+    if config.sr is not None:
+        from cxr_batch.contract import file_sha256
+        from cxr_batch.report.sr import ModelIdent, SRWriter
+
+        if not isinstance(classifier, Classifier):
+            raise InputError("--sr needs --engine local")
+        store = source.store if (config.stow and source is not None) else None
+        srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
     writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     try:
@@ -161,22 +190,34 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             )
         show = console.is_terminal and not config.quiet
         with _progress(console, len(todo), show) as advance:
-            batches = classifier.iter_batches(todo)
+            batches = classifier.iter_batches(source.retrieve(todo) if source is not None else todo)
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
+                    if srs is not None:
+                        srs.write(batch)  # first: its notes go into the rows
                     writer.write(batch)
                     stats.add(batch)
                     if heatmaps is not None:
                         heatmaps.write(batch)
+                    if source is not None:
+                        source.release(batch)
                     advance(len(batch))
         stats.provider = classifier.provider  # Ray: known once the workers have reported
     finally:
         writer.close()
         if heatmaps is not None:
             heatmaps.close()
+        if source is not None:
+            source.close()
         stats.finish()
     if not config.quiet:
         render_summary(stats, console)
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
+    if srs is not None:
+        srs.report(console, quiet=config.quiet)
+    if source is not None and source.fatal is not None:
+        from cxr_batch.io.dicomweb import DicomwebError
+
+        raise DicomwebError(source.fatal)
     return stats

@@ -21,6 +21,7 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     engine_options,
     library_errors,
 )
+from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
 from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     "(their rows stay in the report, with in_distribution=false).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@dicomweb_options
 @click.option(
     "--shard",
     metavar="K/N",
@@ -158,6 +160,7 @@ def classify_command(
     shard: Shard | None,
     engine_kind: str,
     ray_address: str | None,
+    **dicomweb: Any,
 ) -> None:
     """Classify chest X-rays (files and folders) into a CSV or JSON-lines report.
 
@@ -167,8 +170,9 @@ def classify_command(
 
     Example: cxr-batch classify sample_images --out results.csv
     """
-    if not inputs and files_from is None:
-        raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE")
+    web, sr, stow = dicomweb_settings(inputs, files_from, engine_kind, dicomweb)
+    if not inputs and files_from is None and web is None:
+        raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE, or --dicomweb URL")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume exclude each other")
     if resume and out == "-":
@@ -206,6 +210,9 @@ def classify_command(
         ray=_ray_config(engine_kind, ray_address),
         heatmaps=heatmaps,
         drop_ood=drop_ood,
+        dicomweb=web,
+        sr=sr,
+        stow=stow,
     )
     try:
         stats = run_classify(config)
@@ -294,6 +301,7 @@ main.add_command(export_command)
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
+main.add_command(dicomweb_list_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -435,6 +435,8 @@ class _Prepared:
 
 def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
     """Runs in a decoder thread. Never raises: any failure becomes the file's error message."""
+    if item.error is not None:
+        return _Prepared(item, error=item.error)
     try:
         tensor, decoded = preprocess_file(item.path, spec)
     except ImageError as exc:

@@ -34,6 +34,8 @@ class InputFile:
 
     path: str  #: the path to open (as found; symbolic links are not resolved)
     display: str  #: the report's ``path`` column
+    #: set by a source that could not fetch the file (e.g. DICOMweb): the row is this error
+    error: str | None = None
 
 
 @dataclass(frozen=True)
