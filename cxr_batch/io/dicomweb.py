@@ -352,29 +352,36 @@ class DicomwebSource:
     def retrieve(self, items: Iterable[InputFile]) -> Iterator[InputFile]:
         """Fetch each instance when the engine asks for it; a failed fetch is an input with an error.
 
-        Stops early (setting :attr:`fatal`) after ``max_failures`` consecutive transport failures.
+        Transport failures (no answer, broken connection, 5xx) are held back until the next
+        retrieval succeeds: after ``max_failures`` of them in a row the server is taken for gone,
+        retrieval stops (setting :attr:`fatal`) and the held-back instances get no row, so
+        ``--resume`` retries them. Other failures (404, not DICOM) are error rows at once.
         """
-        failures = 0
+        held: list[InputFile] = []
         for item in items:
             ref = InstanceRef.parse(item.display)
             if ref is None:
                 yield item
                 continue
             path, error, transport = self._fetch(ref)
-            if error is None:
-                failures = 0
-                self.retrieved += 1
-                self._files[item.display] = path
-                yield InputFile(path, item.display)
+            if error is not None and transport:
+                held.append(InputFile("", item.display, error=f"DICOMweb retrieve failed: {error}"))
+                if len(held) >= self.config.max_failures:
+                    self.fatal = (
+                        f"{self.url} stopped answering ({len(held)} retrievals in a row failed; last: {error}); "
+                        "the rows written so far are kept: rerun with --resume once the server is back"
+                    )
+                    return
                 continue
-            failures = failures + 1 if transport else 0
-            yield InputFile("", item.display, error=f"DICOMweb retrieve failed: {error}")
-            if failures >= self.config.max_failures:
-                self.fatal = (
-                    f"{self.url} stopped answering ({failures} retrievals in a row failed; last: {error}); "
-                    "the rows written so far are kept: rerun with --resume once the server is back"
-                )
-                return
+            yield from held
+            held.clear()
+            if error is not None:
+                yield InputFile("", item.display, error=f"DICOMweb retrieve failed: {error}")
+                continue
+            self.retrieved += 1
+            self._files[item.display] = path
+            yield InputFile(path, item.display)
+        yield from held
 
     def _fetch(self, ref: InstanceRef) -> tuple[str, str | None, bool]:
         """(spool path, error, is_transport_failure)."""

@@ -383,8 +383,11 @@ def describe_sr(ds: Dataset) -> dict[str, str]:
         for item in find_content_items(group[0], recursive=True):
             meaning = item.name.meaning
             if meaning in ("Algorithm Name", "Algorithm Version", "Algorithm Parameters"):
-                key = meaning.lower()
-                out[key] = f"{out[key]}; {item.value}" if key in out else str(item.value)
+                key, value = meaning.lower(), str(item.value)
+                if key not in out:
+                    out[key] = value
+                elif value not in out[key].split("; "):  # the group's and each measurement's: the same model
+                    out[key] = f"{out[key]}; {value}"
     source = group.source_images
     if source:
         out["source image"] = str(source[0].referenced_sop_instance_uid)
