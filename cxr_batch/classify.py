@@ -190,7 +190,12 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             )
         show = console.is_terminal and not config.quiet
         with _progress(console, len(todo), show) as advance:
-            batches = classifier.iter_batches(source.retrieve(todo) if source is not None else todo)
+            if source is None:
+                batches = classifier.iter_batches(todo)
+            elif isinstance(classifier, Classifier):
+                batches = classifier.iter_batches(source.retrieve(todo))
+            else:
+                raise InputError("--dicomweb needs --engine local")
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
                     if srs is not None:

@@ -20,6 +20,7 @@ from orthanc_server import PASSWORD, USER, Orthanc, start_orthanc
 from cxr_batch.cli import main
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier
+from cxr_batch.errors import InputError
 from cxr_batch.io.dicomweb import (
     DicomwebConfig,
     DicomwebSource,
@@ -29,7 +30,6 @@ from cxr_batch.io.dicomweb import (
     parse_query,
 )
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_DIR = REPO.parent / "shared" / "data" / "dicom"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cxr_batch import __version__
+from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
     EXIT_FATAL,
     EXIT_OK,
@@ -21,7 +22,6 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     engine_options,
     library_errors,
 )
-from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
 from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:

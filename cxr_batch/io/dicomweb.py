@@ -24,6 +24,7 @@ with credentials in it is refused. Messages name the URL and HTTP status, never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -296,7 +297,7 @@ class DicomwebSource:
         try:
             result: list[dict[str, Any]] = self.client.search_for_instances(
                 study_instance_uid=study,
-                fields=list(_QIDO_FIELDS) + ["SeriesDescription"],
+                fields=[*_QIDO_FIELDS, "SeriesDescription"],
                 search_filters=filters or None,
                 get_remaining=True,
             )
@@ -309,10 +310,10 @@ class DicomwebSource:
         """Every image instance the study/series/query options name, each once, in server order."""
         base = dict(self.config.query)
         searches: list[tuple[str | None, dict[str, str]]] = []
-        for study in self.config.studies:
-            searches.append((study, base))
-        for series in self.config.series:
-            searches.append((None, {**base, "SeriesInstanceUID": series}))
+        for study_uid in self.config.studies:
+            searches.append((study_uid, base))
+        for series_uid in self.config.series:
+            searches.append((None, {**base, "SeriesInstanceUID": series_uid}))
         if not searches:
             searches.append((None, base))
         found = Found(refs=[], warnings=list(self.warnings))
@@ -460,10 +461,8 @@ class DicomwebSource:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _boundary(content_type: str) -> bytes | None:

@@ -167,6 +167,7 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not str(source.get(keyword, "")).strip():
             raise ValueError(f"the source image has no {keyword}")
+    source = _with_type2_elements(source)
     series_uid, sop_uid = sr_uids(source, model.sha256)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
@@ -254,10 +255,37 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
     scheme.CodingSchemeDesignator = SCHEME
     scheme.CodingSchemeName = SCHEME_NAME
     scheme.CodingSchemeResponsibleOrganization = "cxr-batch"
-    sr.CodingSchemeIdentificationSequence = DicomSequence([scheme])
+    sr.add_new(0x00080110, "SQ", DicomSequence([scheme]))  # Coding Scheme Identification Sequence
     if "SpecificCharacterSet" in source:
         sr.SpecificCharacterSet = source.SpecificCharacterSet
     return sr
+
+
+#: Type 2 Patient and General Study elements: present in every SR, empty when the source lacks them.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2_elements(source: Dataset) -> Dataset:
+    """A copy of ``source`` with each missing :data:`_TYPE2` element added empty (never made up)."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataset import Dataset as PydicomDataset
+
+    out = PydicomDataset()
+    out.update(source)
+    for keyword in _TYPE2:
+        if keyword not in out:
+            out.add_new(keyword, dictionary_VR(keyword), None)
+    return out
 
 
 def sr_relpath(report_path: str) -> Path:
@@ -365,7 +393,8 @@ def describe_sr(ds: Dataset) -> dict[str, str]:
 
     require_highdicom()
     sr = hd.sr.ComprehensiveSR.from_dataset(ds, copy=True)
-    groups = sr.content.get_image_measurement_groups()
+    content: Any = sr.content  # a MeasurementReport (TID 1500) for the SRs written here
+    groups = content.get_image_measurement_groups()
     if not groups:
         raise ValueError("not a measurement report with a measurement group")
     group = groups[0]
