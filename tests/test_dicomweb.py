@@ -240,6 +240,28 @@ def test_a_missing_instance_is_an_error_row(orthanc: Orthanc, creds: None) -> No
     assert results[1].status == "ok"
 
 
+def test_the_spool_stays_bounded_and_is_removed(orthanc: Orthanc, creds: None, tmp_path: Path) -> None:
+    """Retrieved instances wait on disk only until their row is written: never more than the
+    engine's look-ahead, however many instances there are."""
+    clf = Classifier(MODEL, "cpu", batch_size=2, threads=2, decode_workers=1)
+    bound = (2 + 2) * 2 + 1  # (streams + 2) * batch_size + workers
+    config = DicomwebConfig(url=orthanc.dicomweb, query=(("Modality", "CR"),), spool_parent=str(tmp_path))
+    peak = 0
+    with DicomwebSource(config) as source:
+        items = source.discover().files
+        assert len(items) == len(CHEST)
+        rows = 0
+        for batch in clf.iter_batches(source.retrieve(items)):
+            spools = [p for p in tmp_path.iterdir() if p.name.startswith("cxr-batch-dicomweb-")]
+            peak = max(peak, *(len(list(p.iterdir())) for p in spools))
+            source.release(batch)
+            rows += len(batch)
+            assert all(r.ok for r in batch)
+    assert rows == len(CHEST)
+    assert 0 < peak <= bound
+    assert list(tmp_path.iterdir()) == []  # the spool folder is gone
+
+
 def test_wrong_credentials_are_a_clear_fatal_error(
     orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -252,6 +274,9 @@ def test_wrong_credentials_are_a_clear_fatal_error(
     monkeypatch.delenv("CXR_BATCH_DICOMWEB_PASSWORD")
     code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv"))
     assert code == 1 and "HTTP 401" in output
+    monkeypatch.setenv("CXR_BATCH_DICOMWEB_TOKEN", "tok-secret-9876")  # Orthanc knows no tokens: 401
+    code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv"))
+    assert code == 1 and "HTTP 401" in output and "tok-secret-9876" not in output
 
 
 def test_credentials_from_an_auth_file(
