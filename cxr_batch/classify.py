@@ -46,6 +46,8 @@ from cxr_batch.text import markup
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig, RayEngine
+    from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
+    from cxr_batch.report.sr import SRWriter
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class ClassifyConfig:
     provenance: str | None = None
     #: False writes no provenance record (and leaves the ``run_id`` column empty)
     record_provenance: bool = True
+    #: classify the instances a DICOMweb service finds instead of ``inputs`` (``--dicomweb``)
+    dicomweb: DicomwebConfig | None = None
+    #: write a DICOM SR per classified DICOM image under this folder (``--sr``)
+    sr: str | None = None
+    #: store the SRs back by STOW-RS (``--stow``; needs ``dicomweb`` and ``sr``)
+    stow: bool = False
 
 
 class _RateColumn(ProgressColumn):
@@ -124,11 +132,21 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
-    # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
-    outputs = tuple(p for p in (config.report.out, config.heatmaps) if p is not None and p != "-")
-    found = discover(replace(config.inputs, outputs=(*config.inputs.outputs, *outputs)))
+    source: DicomwebSource | None = None
+    if config.dicomweb is not None:
+        from cxr_batch.io.dicomweb import DicomwebSource
+
+        source = DicomwebSource(config.dicomweb)
+        found = source.discover()
+    else:
+        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
+        outputs = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
+        found = discover(replace(config.inputs, outputs=(*config.inputs.outputs, *outputs)))
     for warning in found.warnings:
         console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+    if not found.files and source is not None:
+        source.close()
+        raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
     if not found.files:
         where = ", ".join([*config.inputs.paths, *(["--files-from"] if config.inputs.listed else [])]) or "(none)"
         raise InputError(
@@ -161,6 +179,14 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     run_id = provenance.new_run_id() if record is not None else None
     recorder: provenance.RunRecorder | None = None
+    srs: SRWriter | None = None
+    if config.sr is not None:
+        from cxr_batch.report.sr import ModelIdent, SRWriter
+
+        if not isinstance(classifier, Classifier):
+            raise InputError("--sr needs --engine local")
+        store = source.store if (config.stow and source is not None) else None
+        srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
     try:
         writer, existing = open_report(config.report, meta.labels, identity, stdout, run_id=run_id)
         offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
@@ -185,6 +211,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             recorder = provenance.start_classifier_run(
                 record, run_id, classifier, config.engine, config.report, (f.display for f in files),
                 shard=shard, kept_rows=existing.rows, started=started, report_offset=offset, ray=config.ray is not None,
+                source=source.describe() if source is not None else None,
             )
         if existing.truncated:
             console.print(
@@ -202,15 +229,24 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             )
         show = console.is_terminal and not config.quiet
         with _progress(console, len(todo), show) as advance:
-            batches = classifier.iter_batches(todo)
+            if source is None:
+                batches = classifier.iter_batches(todo)
+            elif isinstance(classifier, Classifier):
+                batches = classifier.iter_batches(source.retrieve(todo))
+            else:
+                raise InputError("--dicomweb needs --engine local")
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
+                    if srs is not None:
+                        srs.write(batch)  # first: its notes go into the rows
                     writer.write(batch)
                     stats.add(batch)
                     if recorder is not None:
                         recorder.add(batch)
                     if heatmaps is not None:
                         heatmaps.write(batch)
+                    if source is not None:
+                        source.release(batch)
                     advance(len(batch))
         if heatmaps is not None and existing.rows:
             _redo_heatmaps(classifier, heatmaps, files, existing, console, config.quiet)
@@ -225,6 +261,8 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         finally:
             if heatmaps is not None:
                 heatmaps.close()
+            if source is not None:
+                source.close()
             stats.finish()
             if recorder is not None:
                 recorder.set_provider(classifier.provider)
@@ -235,6 +273,12 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         render_summary(stats, console)
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
+    if srs is not None:
+        srs.report(console, quiet=config.quiet)
+    if source is not None and source.fatal is not None:
+        from cxr_batch.io.dicomweb import DicomwebError
+
+        raise DicomwebError(source.fatal)
     return stats
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cxr_batch import __version__
+from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
     EXIT_FATAL,
     EXIT_INTERRUPTED,
@@ -130,6 +131,7 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
 )
 @_provenance_option("Default: <report>.provenance.json beside the report; with --out -, none unless given.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@dicomweb_options
 @click.option(
     "--shard",
     metavar="K/N",
@@ -178,6 +180,7 @@ def classify_command(
     shard: Shard | None,
     engine_kind: str,
     ray_address: str | None,
+    **dicomweb: Any,
 ) -> None:
     """Classify chest X-rays (files and folders) into a CSV or JSON-lines report.
 
@@ -187,8 +190,9 @@ def classify_command(
 
     Example: cxr-batch classify sample_images --out results.csv
     """
-    if not inputs and files_from is None:
-        raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE")
+    web, sr, stow = dicomweb_settings(inputs, files_from, engine_kind, dicomweb)
+    if not inputs and files_from is None and web is None:
+        raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE, or --dicomweb URL")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume exclude each other")
     if resume and out == "-":
@@ -227,6 +231,9 @@ def classify_command(
         heatmaps=heatmaps,
         drop_ood=drop_ood,
         provenance=provenance,
+        dicomweb=web,
+        sr=sr,
+        stow=stow,
     )
     stats = run_classify(config)
     if stats.all_errors:
@@ -327,6 +334,7 @@ main.add_command(export_command)
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
+main.add_command(dicomweb_list_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
