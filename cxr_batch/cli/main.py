@@ -21,6 +21,7 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     engine_options,
     library_errors,
 )
+from cxr_batch.cli.report import check_html_dir, html_after_classify, report_command
 from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
@@ -111,6 +112,14 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     help="Leave images the out-of-distribution guard flags out of the summary's label counts "
     "(their rows stay in the report, with in_distribution=false).",
 )
+@click.option(
+    "--html",
+    "html_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="OUT_DIR",
+    help="Also write the HTML report of the run into OUT_DIR (as 'cxr-batch report --html' does).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option(
     "--shard",
@@ -154,6 +163,7 @@ def classify_command(
     resume: bool,
     heatmaps: str | None,
     drop_ood: bool,
+    html_dir: str | None,
     quiet: bool,
     shard: Shard | None,
     engine_kind: str,
@@ -182,6 +192,7 @@ def classify_command(
         raise click.UsageError("--ray-address needs --engine ray")
     if heatmaps is not None and engine_kind == "ray":
         raise click.UsageError("--heatmaps needs --engine local")
+    check_html_dir(html_dir, out)
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
@@ -212,6 +223,7 @@ def classify_command(
     except KeyboardInterrupt:
         click.echo("Interrupted: the rows written so far are kept; rerun with --resume to finish.", err=True)
         sys.exit(130)
+    html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -294,6 +306,7 @@ main.add_command(export_command)
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
+main.add_command(report_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
