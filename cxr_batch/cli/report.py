@@ -108,5 +108,5 @@ def html_after_classify(html_dir: str | None, out: str, inputs: Sequence[str], h
         return
     from cxr_batch.report.html import HtmlConfig, build_html
 
-    roots = tuple(p for p in inputs if os.path.isdir(p)) + (".",)
+    roots = (*(p for p in inputs if os.path.isdir(p)), ".")
     build_html(HtmlConfig(reports=(out,), out_dir=html_dir, images=roots, heatmaps=heatmaps, quiet=quiet))

@@ -1132,7 +1132,7 @@ def _reliability_svg(bins: Any) -> str:
         if not isinstance(b, dict):
             continue
         lo, hi, n, acc, conf = (b.get(k) for k in ("lower", "upper", "n", "accuracy", "confidence"))
-        if not all(isinstance(v, int | float) for v in (lo, hi, n)):
+        if not (isinstance(lo, int | float) and isinstance(hi, int | float) and isinstance(n, int | float)):
             continue
         rows.append(f"<tr><td class=n>{lo:.2f}-{hi:.2f}</td><td class=n>{int(n)}</td><td class=n>{_fmt(conf)}</td>"
                     f"<td class=n>{_fmt(acc)}</td></tr>")
