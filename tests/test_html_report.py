@@ -485,3 +485,34 @@ def test_rerun_updates_the_folder_and_reuses_thumbnails(tmp_path: Path, sample_i
     res = invoke(runner, *args)
     assert "0 thumbnails made (9 reused)" in res.output
     assert not (site / "label-2-covid-2.html").exists()  # the old pages went, the new ones came
+
+
+def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample_images: Path) -> None:
+    """Columns other features add (read by name) and a provenance file are shown, escaped; a CSV
+    cell neutralised with a leading "'" (a name starting with = + - @) still finds its file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(sample_images / "viral" / "person1612_virus_2797.jpeg", images / "=1+2.jpeg")
+    shutil.copyfile(sample_images / "viral" / "person1669_virus_2884.jpeg", images / "plain.jpeg")
+    report = tmp_path / "r.csv"
+    assert invoke(CliRunner(), "classify", str(images), "--out", str(report), "-q").exit_code == 0
+    rows = read_csv(report)
+    assert {r["path"] for r in rows} >= {"plain.jpeg"}
+    extended = tmp_path / "x.csv"
+    with open(extended, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, [*rows[0], "model_sha256", "precision", "run_id"], lineterminator="\r\n")
+        writer.writeheader()
+        for r in rows:
+            if r["path"].startswith("="):
+                r["path"] = "'" + r["path"]
+            writer.writerow({**r, "model_sha256": "ab" * 32, "precision": "int8", "run_id": "run-<b>7</b>"})
+    (tmp_path / "x.csv.provenance.json").write_text(json.dumps({"host": "<i>node1</i>", "argv": ["classify", "x"]}))
+    res = invoke(CliRunner(), "report", str(extended), "--images", str(images), "--html", str(tmp_path / "site"))
+    assert res.exit_code == 0, res.output
+    assert "could not be shown" not in res.output  # the neutralised name found its file
+    index = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    assert "ab" * 32 in index and ">int8<" in index
+    assert "run-&lt;b&gt;7&lt;/b&gt;" in index and "<b>7" not in index
+    assert "&lt;i&gt;node1&lt;/i&gt;" in index and "<i>" not in index
+    gallery = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "site").glob("label-*.html"))
+    assert "&#x27;=1+2.jpeg" in gallery and "unavailable.png" not in gallery

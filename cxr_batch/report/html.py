@@ -1012,7 +1012,7 @@ def _flatten(doc: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, 
         yield prefix.rstrip("."), "" if doc is None else str(doc)
 
 
-def _facts(run: RunReport, metrics: dict[str, Any] | None, config: HtmlConfig) -> str:
+def _facts(run: RunReport, metrics: dict[str, Any] | None) -> str:
     rows = [("report", ", ".join(run.sources)), ("rows", str(len(run.rows)))]
     for column in FACT_COLUMNS:
         values = run.facts.get(column)
@@ -1184,7 +1184,7 @@ def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlCon
     body = _summary_tables(run, galleries) + _gallery_links(galleries, config.per_page)
     if metrics is not None:
         body += _metrics_section(metrics)
-    body += _facts(run, metrics, config)
+    body += _facts(run, metrics)
     write("index.html", _page("cxr-batch report", _nav(galleries, "index"), body))
     wide = config.heatmaps is not None
     for g in galleries:
