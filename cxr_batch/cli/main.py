@@ -25,6 +25,7 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     interruptible,
     library_errors,
 )
+from cxr_batch.cli.report import check_html_dir, html_after_classify, report_command
 from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
@@ -130,6 +131,14 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     "(their rows stay in the report, with in_distribution=false).",
 )
 @_provenance_option("Default: <report>.provenance.json beside the report; with --out -, none unless given.")
+@click.option(
+    "--html",
+    "html_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="OUT_DIR",
+    help="Also write the HTML report of the run into OUT_DIR (as 'cxr-batch report --html' does).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @dicomweb_options
 @click.option(
@@ -176,6 +185,7 @@ def classify_command(
     heatmaps: str | None,
     drop_ood: bool,
     provenance: str | None,
+    html_dir: str | None,
     quiet: bool,
     shard: Shard | None,
     engine_kind: str,
@@ -206,6 +216,7 @@ def classify_command(
         raise click.UsageError("--ray-address needs --engine ray")
     if heatmaps is not None and engine_kind == "ray":
         raise click.UsageError("--heatmaps needs --engine local")
+    check_html_dir(html_dir, out)
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
@@ -236,6 +247,7 @@ def classify_command(
         stow=stow,
     )
     stats = run_classify(config)
+    html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -335,6 +347,7 @@ from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
 main.add_command(dicomweb_list_command)
+main.add_command(report_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
