@@ -262,7 +262,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
     for notice in classifier.notices:  # once: the model in use is not the one asked for by default
-        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
     labels = classifier.labels
     if config.labels_file is not None:
         truth = csv_truth(config.labels_file, config.data_dir, labels)

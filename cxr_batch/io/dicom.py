@@ -285,7 +285,7 @@ def _meta_end(head: bytes) -> int | None:
     if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or len(head) < 144:
         return None
     explicit = head[136:138] == b"UL"
-    length = struct.unpack("<I", head[140:144] if explicit else head[136:140])[0]
+    length = int(struct.unpack("<I", head[140:144] if explicit else head[136:140])[0])
     return 132 + (12 if explicit else 8) + length
 
 

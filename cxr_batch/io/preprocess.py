@@ -290,7 +290,8 @@ def to_grey(img: Image.Image) -> np.ndarray:
             del raw
         else:
             arr = (raw.astype(np.float64) / top).astype(np.float32)
-        return np.clip(arr, 0.0, 1.0, out=arr)
+        clipped: np.ndarray = np.clip(arr, 0.0, 1.0, out=arr)
+        return clipped
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         return scale_to_unit(arr)

@@ -536,7 +536,7 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
     result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts}, record=record)
     if record is not None:
         for warning in _write_record(config, parts, fmt, record, paths, started):
-            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console, title="cxr-batch merge", timing=False)
         line = f"merged {len(parts)} part(s), {stats.total} rows, into {config.out}"

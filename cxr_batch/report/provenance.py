@@ -200,7 +200,8 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
 def cpu_facts() -> dict[str, Any]:
     """The CPU: model, inference-relevant ISA flags (:mod:`cxr_batch.engine.cpu`, read once),
     architecture, the logical CPUs this process may use, physical cores."""
-    from cxr_batch.engine.cpu import cpu_facts as host, physical_cores, usable_cpus
+    from cxr_batch.engine.cpu import cpu_facts as host
+    from cxr_batch.engine.cpu import physical_cores, usable_cpus
 
     facts = host()
     return {
