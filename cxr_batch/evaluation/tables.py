@@ -53,3 +53,20 @@ def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metri
     for name, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True):
         cm.add_row(name, *[str(v) for v in row])
     console.print(cm)
+
+
+def print_by_source(by_source: dict[str, dict[str, Any]], console: Console, title: str = "per source") -> None:
+    """One line per source: n, accuracy with its 95% interval, macro-F1 and each class's recall."""
+    if not by_source:
+        return
+    labels = next(iter(by_source.values()))["labels"]
+    t = Table(title=title, caption="recall: images of the class called that class; 95% CI: Wilson")
+    for col in ("source", "n", "accuracy", "95% CI", "macro-F1", *[f"recall {x}" for x in labels]):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    for name, m in by_source.items():
+        recalls = []
+        for x in labels:
+            pc = m["per_class"][x]
+            recalls.append(f"{_num(pc['recall'])} ({pc['support']})" if pc["support"] else "-")
+        t.add_row(name, str(m["n"]), _num(m["accuracy"]), _ci(m.get("accuracy_ci95")), _num(m["macro_f1"]), *recalls)
+    console.print(t)
