@@ -31,10 +31,10 @@ from cxr_batch import __version__
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.errors import DataError, OutputError
-from cxr_batch.evaluation.metrics import classification_metrics, reliability_bins
-from cxr_batch.evaluation.tables import print_metrics
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, reliability_bins
+from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.labelled import _canon, find_labelled
+from cxr_batch.io.labelled import _canon, find_labelled, roots_by_source
 from cxr_batch.report.writer import ReportConfig, ReportWriter, check_output, open_report, report_format, row_values
 
 #: Unreadable files and skipped labels shown on stderr at most (all of them are in the JSON).
@@ -48,6 +48,10 @@ class EvaluateConfig:
     data_dir: str
     #: the metrics JSON
     out: str
+    #: more labelled roots after ``data_dir``; each root is a source, with metrics of its own
+    extra_data_dirs: tuple[str, ...] = ()
+    #: with ``labels_file``: keep only its rows whose ``split`` column says this (e.g. ``test`` of a split.csv)
+    part: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     #: a ``path,label`` CSV (paths relative to ``data_dir``) instead of class folders
     labels_file: str | None = None
@@ -69,6 +73,8 @@ class GroundTruth:
     source: str
     #: left out: {"label", "folder" (folders only), "files", "reason"}
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: report path → the source (data root name) it belongs to
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,8 +99,13 @@ def _model_label(label: str, model_labels: tuple[str, ...]) -> str | None:
     return canon if canon in model_labels else None
 
 
-def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) -> GroundTruth:
+def folder_truth(
+    root: str | os.PathLike[str], model_labels: tuple[str, ...], source: str | None = None, prefix: bool = False
+) -> GroundTruth:
     """Ground truth from class folders under ``root``, for the labels the model knows.
+
+    ``source`` names the root in per-source metrics (default: its folder name); ``prefix`` writes
+    report paths as ``SOURCE/relative path`` (several roots in one report).
 
     Raises:
         DataError: no class folders, an empty class folder, or no folder the model has a label for.
@@ -109,12 +120,17 @@ def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) ->
             f"({', '.join(model_labels)}); pass --labels FILE.csv to give labels another way"
         )
     data = find_labelled(root, classes=use)
+    name = source or data.source
     files: list[InputFile] = []
     labels: dict[str, str] = {}
+    sources: dict[str, str] = {}
     for path, label in data.items:
         rel = path.relative_to(root).as_posix()
+        if prefix:
+            rel = f"{name}/{rel}"
         files.append(InputFile(str(path), rel))
         labels[rel] = label
+        sources[rel] = name
     skipped = []
     for folder in data.ignored:
         try:
@@ -122,17 +138,37 @@ def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) ->
         except DataError:
             n = 0
         skipped.append({"label": _canon(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
-    return GroundTruth(files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped)
+    return GroundTruth(
+        files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
+    )
+
+
+def merge_truths(truths: list[GroundTruth]) -> GroundTruth:
+    """Several roots' ground truth as one (report paths are already unique: see ``prefix``)."""
+    if len(truths) == 1:
+        return truths[0]
+    out = GroundTruth(files=[], labels={}, source=" + ".join(t.source for t in truths))
+    for t in truths:
+        out.files.extend(t.files)
+        out.labels.update(t.labels)
+        out.sources.update(t.sources)
+        out.skipped.extend({**s, "source": next(iter(t.sources.values()), "")} for s in t.skipped)
+    return out
 
 
 def csv_truth(
-    labels_file: str | os.PathLike[str], root: str | os.PathLike[str], model_labels: tuple[str, ...]
+    labels_file: str | os.PathLike[str],
+    root: str | os.PathLike[str] | dict[str, Path],
+    model_labels: tuple[str, ...],
+    part: str | None = None,
 ) -> GroundTruth:
     """Ground truth from a CSV with ``path`` and ``label`` columns (others are ignored).
 
     Relative paths are under ``root``; the report shows each path as the CSV writes it. Rows
     whose label the model doesn't know are skipped and counted; a missing file becomes an
-    error row when it is classified.
+    error row when it is classified. ``root`` may map source names to roots: then a ``source``
+    column (as train's split.csv has) says which root each row is under, and the report path is
+    ``SOURCE/path``. ``part`` keeps only the rows whose ``split`` column equals it.
 
     Raises:
         DataError: the file can't be read, lacks the columns, has an incomplete or repeated row.
@@ -140,6 +176,7 @@ def csv_truth(
     src = Path(labels_file)
     files: list[InputFile] = []
     labels: dict[str, str] = {}
+    sources: dict[str, str] = {}
     unknown: Counter[str] = Counter()
     try:
         with open(src, newline="", encoding="utf-8-sig") as fh:
@@ -151,6 +188,9 @@ def csv_truth(
                 path, label = row.get("path", ""), row.get("label", "")
                 if not path and not label:
                     continue
+                if part is not None and row.get("split", "") != part:
+                    continue
+                base, shown, src_name = _csv_root(root, row.get("source", ""), src, reader.line_num, path)
                 if not path or not label:
                     raise DataError(f"{src}: line {reader.line_num}: needs both a path and a label")
                 if path in labels:
@@ -159,8 +199,9 @@ def csv_truth(
                 if as_model is None:
                     unknown[label] += 1
                     continue
-                files.append(InputFile(path if os.path.isabs(path) else os.path.join(root, path), path))
-                labels[path] = as_model
+                files.append(InputFile(path if os.path.isabs(path) else os.path.join(base, path), shown))
+                labels[shown] = as_model
+                sources[shown] = src_name
     except OSError as exc:
         raise DataError(f"cannot read the labels file {src}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -168,7 +209,23 @@ def csv_truth(
     skipped = [
         {"label": label, "files": n, "reason": "the model has no such label"} for label, n in sorted(unknown.items())
     ]
-    return GroundTruth(files=files, labels=labels, source=f"labels file {src}", skipped=skipped)
+    return GroundTruth(files=files, labels=labels, source=f"labels file {src}", skipped=skipped, sources=sources)
+
+
+def _csv_root(
+    root: str | os.PathLike[str] | dict[str, Path], source: str, src: Path, line: int, path: str
+) -> tuple[str, str, str]:
+    """(the root a labels-file row is under, its report path, its source name)."""
+    if not isinstance(root, dict):
+        return str(root), path, source or Path(root).resolve().name
+    if len(root) == 1:
+        name, only = next(iter(root.items()))
+        return str(only), path, source or name
+    if source not in root:
+        raise DataError(
+            f"{src}: line {line}: source {source!r} is not one of the data folders given ({', '.join(sorted(root))})"
+        )
+    return str(root[source]), f"{source}/{path}" if len(root) > 1 else path, source
 
 
 def json_safe(value: Any) -> Any:
@@ -226,10 +283,12 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
     labels = classifier.labels
+    dirs = [config.data_dir, *config.extra_data_dirs]
+    roots = roots_by_source(dirs)
     if config.labels_file is not None:
-        truth = csv_truth(config.labels_file, config.data_dir, labels)
+        truth = csv_truth(config.labels_file, roots, labels, config.part)
     else:
-        truth = folder_truth(config.data_dir, labels)
+        truth = merge_truths([folder_truth(r, labels, name, len(dirs) > 1) for name, r in roots.items()])
     if not truth.files:
         raise DataError(f"{truth.source}: no labelled images with a label the model knows ({', '.join(labels)})")
 
@@ -237,6 +296,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     if report is not None:
         writer, _ = open_report(report, labels, classifier.meta.ident)
     ys: list[int] = []
+    row_sources: list[str] = []
     probs: list[list[float]] = []
     errors: list[dict[str, Any]] = []
     flagged = 0
@@ -251,6 +311,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
                         label = truth.labels[r.path]
                         if r.ok:
                             ys.append(labels.index(label))
+                            row_sources.append(truth.sources.get(r.path, ""))
                             probs.append(report_probabilities(r, labels))
                             flagged += r.in_distribution is False
                         else:
@@ -265,13 +326,19 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     metrics = classification_metrics(y, p, labels)
     document: dict[str, Any] = {
         **metrics,
+        "by_source": metrics_by_source(y, p, labels, row_sources),
         "reliability": reliability_bins(p, y),
         "files": len(truth.files),
         "error_count": len(errors),
         "errors": errors,
         "skipped": truth.skipped,
         "out_of_distribution": flagged if "ood_score" in classifier.meta.outputs else None,
-        "data": {"root": str(config.data_dir), "source": truth.source},
+        "data": {
+            "root": str(config.data_dir),
+            "roots": {name: str(r) for name, r in roots.items()},
+            "source": truth.source,
+            "part": config.part,
+        },
         "model": classifier.meta.ident,
         "model_path": str(classifier.model_path),
         "model_sha256": file_sha256(classifier.model_path),
@@ -314,6 +381,12 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
         "ece": nan if doc["ece"] is None else doc["ece"],
     }
     print_metrics(shown, console, title=f"evaluate {doc['model']}")
+    if len(doc.get("by_source") or {}) > 1:
+        nan_safe = {
+            k: {**m, **{x: nan if m[x] is None else m[x] for x in ("accuracy", "macro_f1")}}
+            for k, m in doc["by_source"].items()
+        }
+        print_by_source(nan_safe, console)
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)

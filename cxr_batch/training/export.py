@@ -20,7 +20,7 @@ from rich.console import Console
 from cxr_batch.contract import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
 from cxr_batch.evaluation.metrics import classification_metrics, softmax
-from cxr_batch.io.labelled import Split
+from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 
 OPSET = 17
@@ -67,13 +67,19 @@ def latest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
-def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Path | None, Split | None]:
+def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Roots | None, Split | None]:
+    """The run's config, where its images are (one root, or one per source) and its split."""
     run = ckpt_path.parent
     config: dict[str, Any] = {}
     if (run / "config.json").exists():
         config = json.loads((run / "config.json").read_text())
-    root = Path(data_dir or config.get("data_dir", "")) if (data_dir or config.get("data_dir")) else None
     split = Split.read(run / "split.csv") if (run / "split.csv").exists() else None
+    sources: dict[str, str] = config.get("sources") or {}
+    if not data_dir and len(sources) > 1:
+        roots = {name: Path(p) for name, p in sources.items()}
+        return config, (roots if all(p.is_dir() for p in roots.values()) else None), split
+    first = data_dir or config.get("data_dir") or (config.get("data_dirs") or [None])[0]
+    root = Path(first) if first else None
     if root is not None and not root.is_dir():
         root = None
     return config, root, split
@@ -264,12 +270,19 @@ def _read_metrics(run: Path) -> dict[str, Any]:
 
 
 def _training_data(config: dict[str, Any], split: Split | None, tcfg: dict[str, Any]) -> dict[str, Any]:
-    d: dict[str, Any] = {"source": Path(str(tcfg.get("data_dir", ""))).name, "layout": config.get("layout")}
+    dirs = tcfg.get("data_dirs") or [tcfg.get("data_dir", "")]
+    names = list(config.get("sources") or {}) or [Path(str(d)).name for d in dirs]
+    d: dict[str, Any] = {"source": " + ".join(names), "sources": names, "layout": config.get("layout")}
     if split is not None:
         parts: dict[str, dict[str, int]] = {}
-        for _, label, s, _ in split.rows:
+        by_source: dict[str, dict[str, dict[str, int]]] = {}
+        for _, label, s, _, src in split.rows:
             parts.setdefault(s, {}).setdefault(label, 0)
             parts[s][label] += 1
+            cell = by_source.setdefault(src or names[0], {}).setdefault(s, {})
+            cell[label] = cell.get(label, 0) + 1
+        if len(by_source) > 1:
+            d["split_counts_by_source"] = by_source
         d.update(
             {
                 "files": len(split.rows),
@@ -291,8 +304,15 @@ def _file_list_hash(split: Split) -> str:
 
 
 def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience")
-    return {k: tcfg.get(k) for k in keys} | {"optimizer": "AdamW + OneCycle", "sampling": "class-balanced"}
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience",
+            "augment", "epoch_images", "warmup")
+    weights = str(tcfg.get("weights") or "none")
+    balance = tcfg.get("balance") or "class"
+    return {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]} | {
+        "weights": Path(weights).name if weights.endswith(".onnx") else weights,
+        "optimizer": "AdamW + OneCycle",
+        "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
+    }
 
 
 class _Calibration:
@@ -311,7 +331,7 @@ class _Calibration:
 
 
 def quantize_int8(
-    fp32: Path, root: Path | None, split: Split | None, cfg: ExportConfig, console: Console
+    fp32: Path, root: Roots | None, split: Split | None, cfg: ExportConfig, console: Console
 ) -> dict[str, Any]:
     """Static QDQ int8 (uint8 activations, int8 per-channel weights), calibrated on training
     images; refused (unless forced) when test macro-F1 drops by more than 0.5 points or top-1

@@ -227,10 +227,17 @@ def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
 
 
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """(1, H, W) grey in [0, 1] through a JPEG encode/decode at ``quality`` (Pillow)."""
+    import io
 
-    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return decode_jpeg(encode_jpeg(u8, quality=quality)).to(x.device, x.dtype) / 255.0
+    from PIL import Image
+
+    u8 = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    back = np.asarray(Image.open(buf).convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(back)[None].to(x.device, x.dtype)
 
 
 def augment_scanner(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
