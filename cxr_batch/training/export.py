@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -246,11 +247,22 @@ def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
     return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinity as None, so the contract is strict JSON (per-source metrics have undefined cells)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _read_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.exists():
         return {}
-    m = json.loads(p.read_text())
+    m = _finite(json.loads(p.read_text()))
     return {
         k: m[k]
         for k in (
@@ -264,6 +276,7 @@ def _read_metrics(run: Path) -> dict[str, Any]:
             "confusion_matrix",
             "best_epoch",
             "ci_method",
+            "by_source",
         )
         if k in m
     }
