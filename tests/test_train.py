@@ -110,12 +110,12 @@ def test_split_is_seeded_stratified_and_keeps_duplicates_together(tmp_path: Path
     assert a.rows == b.rows
     assert a.rows != c.rows
     side_of: dict[str, set[str]] = {}
-    for _, _, part, digest in a.rows:
+    for _, _, part, digest, _ in a.rows:
         side_of.setdefault(digest, set()).add(part)
     assert all(len(s) == 1 for s in side_of.values()), "identical files on two sides of the split"
     assert len(side_of[a.rows[[r[0] for r in a.rows].index("normal/dup-a.png")][3]]) == 1
     for label in ("viral",):
-        parts = [p for _, lab, p, _ in a.rows if lab == label]
+        parts = [p for _, lab, p, _, _ in a.rows if lab == label]
         assert parts.count("test") == 6 and parts.count("val") == 6 and parts.count("train") == 28
     path = tmp_path / "split.csv"
     a.write(path)
@@ -223,7 +223,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
     ck = torch.load(trained_run / "best.ckpt", map_location="cpu", weights_only=True)
     model = build_model(3)
     model.load_state_dict(ck["model"])
-    y, probs, errors = evaluate_files(model, items, meta.labels, meta.spec, torch.device("cpu"))
+    y, probs, errors, _ = evaluate_files(model, items, meta.labels, meta.spec, torch.device("cpu"))
     assert not errors and len(y) == len(items)
     # ... and cxr-batch classify --model on the same files agree.
     out_csv = tmp_path / "out.csv"

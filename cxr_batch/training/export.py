@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from cxr_batch.contract import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
 from cxr_batch.evaluation.metrics import classification_metrics, softmax
-from cxr_batch.io.labelled import Split
+from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 
 OPSET = 17
@@ -68,13 +69,19 @@ def latest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
-def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Path | None, Split | None]:
+def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Roots | None, Split | None]:
+    """The run's config, where its images are (one root, or one per source) and its split."""
     run = ckpt_path.parent
     config: dict[str, Any] = {}
     if (run / "config.json").exists():
         config = json.loads((run / "config.json").read_text())
-    root = Path(data_dir or config.get("data_dir", "")) if (data_dir or config.get("data_dir")) else None
     split = Split.read(run / "split.csv") if (run / "split.csv").exists() else None
+    sources: dict[str, str] = config.get("sources") or {}
+    if not data_dir and len(sources) > 1:
+        roots = {name: Path(p) for name, p in sources.items()}
+        return config, (roots if all(p.is_dir() for p in roots.values()) else None), split
+    first = data_dir or config.get("data_dir") or (config.get("data_dirs") or [None])[0]
+    root = Path(first) if first else None
     if root is not None and not root.is_dir():
         root = None
     return config, root, split
@@ -213,7 +220,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
 
 def derive_from_master(
     master: Path,
-    root: Path | None,
+    root: Roots | None,
     split: Split | None,
     cfg: ExportConfig,
     console: Console,
@@ -270,7 +277,7 @@ SELF_CHECK_FACTOR = 2.0
 SELF_CHECK_FLOOR = {"int8": 0.25, "fp16": 0.05}
 
 
-def self_check_candidates(root: Path | None, split: Split | None, n: int = SELF_CHECK_CANDIDATES) -> list[Path]:
+def self_check_candidates(root: Roots | None, split: Split | None, n: int = SELF_CHECK_CANDIDATES) -> list[Path]:
     """Real X-rays the self-check's references are picked from: the test split, else sample_images."""
     if root is not None and split is not None:
         test = [p for p, _ in split.paths(root, "test")]
@@ -387,11 +394,22 @@ def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
     return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinity as None, so the contract is strict JSON (per-source metrics have undefined cells)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _read_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.exists():
         return {}
-    m = json.loads(p.read_text())
+    m = _finite(json.loads(p.read_text()))
     return {
         k: m[k]
         for k in (
@@ -405,18 +423,26 @@ def _read_metrics(run: Path) -> dict[str, Any]:
             "confusion_matrix",
             "best_epoch",
             "ci_method",
+            "by_source",
         )
         if k in m
     }
 
 
 def _training_data(config: dict[str, Any], split: Split | None, tcfg: dict[str, Any]) -> dict[str, Any]:
-    d: dict[str, Any] = {"source": Path(str(tcfg.get("data_dir", ""))).name, "layout": config.get("layout")}
+    dirs = tcfg.get("data_dirs") or [tcfg.get("data_dir", "")]
+    names = list(config.get("sources") or {}) or [Path(str(d)).name for d in dirs]
+    d: dict[str, Any] = {"source": " + ".join(names), "sources": names, "layout": config.get("layout")}
     if split is not None:
         parts: dict[str, dict[str, int]] = {}
-        for _, label, s, _ in split.rows:
+        by_source: dict[str, dict[str, dict[str, int]]] = {}
+        for _, label, s, _, src in split.rows:
             parts.setdefault(s, {}).setdefault(label, 0)
             parts[s][label] += 1
+            cell = by_source.setdefault(src or names[0], {}).setdefault(s, {})
+            cell[label] = cell.get(label, 0) + 1
+        if len(by_source) > 1:
+            d["split_counts_by_source"] = by_source
         d.update(
             {
                 "files": len(split.rows),
@@ -438,8 +464,15 @@ def _file_list_hash(split: Split) -> str:
 
 
 def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience")
-    return {k: tcfg.get(k) for k in keys} | {"optimizer": "AdamW + OneCycle", "sampling": "class-balanced"}
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience",
+            "augment", "epoch_images", "warmup")
+    weights = str(tcfg.get("weights") or "none")
+    balance = tcfg.get("balance") or "class"
+    return {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]} | {
+        "weights": Path(weights).name if weights.endswith(".onnx") else weights,
+        "optimizer": "AdamW + OneCycle",
+        "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
+    }
 
 
 class _Calibration:
@@ -511,7 +544,7 @@ def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = 
     return out
 
 
-def calibration_images(meta: ModelMeta, root: Path, split: Split, n: int) -> np.ndarray:
+def calibration_images(meta: ModelMeta, root: Roots, split: Split, n: int) -> np.ndarray:
     """``n`` training images of ``split`` (seeded pick), preprocessed for ``meta``."""
     rng = np.random.default_rng(0)
     train = split.paths(root, "train")
@@ -521,7 +554,7 @@ def calibration_images(meta: ModelMeta, root: Path, split: Split, n: int) -> np.
 
 def derive_int8(
     fp32: Path,
-    root: Path | None,
+    root: Roots | None,
     split: Split | None,
     cfg: ExportConfig,
     console: Console,
