@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, softmax
+from cxr_batch.engine.postprocess import softmax
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source
 from cxr_batch.io.labelled import Split, find_labelled_many
 from cxr_batch.training.train import (
     TrainConfig,

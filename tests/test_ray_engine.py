@@ -43,6 +43,7 @@ def xray_folder(shared_data: Path, tmp_path: Path) -> Path:
     return build_folder(tmp_path / "xrays", images)
 
 
+@pytest.mark.slow
 def test_local_shards_and_ray_give_the_same_rows(
     runner: CliRunner, tiny_onnx: Path, xray_folder: Path, tmp_path: Path
 ) -> None:
@@ -67,6 +68,7 @@ def test_local_shards_and_ray_give_the_same_rows(
     assert "error: empty file (0 bytes)" in err
 
 
+@pytest.mark.slow
 def test_ray_resume_and_shard(tiny_onnx: Path, xray_folder: Path, tmp_path: Path) -> None:
     """A killed Ray run (complete rows and a partial one) resumed with --engine ray, on one shard."""
     pytest.importorskip("ray")

@@ -159,6 +159,7 @@ def trained_run(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(trained_run: Path) -> None:
     for name in ("config.json", "split.csv", "last.ckpt", "best.ckpt", "history.json", "metrics.json"):
         assert (trained_run / name).is_file(), name
@@ -172,6 +173,7 @@ def test_train_writes_the_run_folder(trained_run: Path) -> None:
     assert config["image_size"] == 64 and config["labels"] == ["normal", "viral", "covid"]
 
 
+@pytest.mark.slow
 def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -292,6 +294,7 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     assert model.fc.out_features == 3
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     assert _train(small_pool, full, epochs=3).returncode == 0
@@ -320,6 +323,7 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
         assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_train_refuses_to_clobber_a_run(trained_run: Path, small_pool: Path) -> None:
     proc = _train(small_pool, trained_run)
     assert proc.returncode == 1

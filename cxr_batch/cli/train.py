@@ -176,6 +176,11 @@ def train_command(
     is_flag=True,
     help="Write the int8 model even if it loses more than 0.5 macro-F1 points or agrees with fp32 on under 99.5%.",
 )
+@click.option(
+    "--selection",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A recipe sweep's JSON (benchmarks/augment_sweep.py) to record how the recipe was chosen.",
+)
 @click.option("--ood/--no-ood", default=True, show_default=True,
               help="Fit the out-of-distribution guard on the run's training images (needs the data).")
 @library_errors
@@ -191,6 +196,7 @@ def export_command(
     split_file: Path | None,
     force: bool,
     ood: bool,
+    selection: Path | None,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -229,5 +235,6 @@ def export_command(
         data_dir=str(data_dir) if data_dir else None,
         ood=ood,
         fp16=fp16,
+        selection=str(selection) if selection else None,
     )
     export_checkpoint(cfg)

@@ -48,7 +48,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cxr_batch import __version__
-from cxr_batch.engine.classifier import Result
+from cxr_batch.engine.types import Result
 from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size

@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from rich.console import Console
 
-from cxr_batch.engine.classifier import Result
+from cxr_batch.engine.types import Result
 from cxr_batch.errors import MergeError, OutputError
 from cxr_batch.io.shard import shard_of
 from cxr_batch.report import provenance

@@ -59,8 +59,9 @@ from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
+    from cxr_batch.engine.classifier import Classifier
     from cxr_batch.engine.ray import RayEngine
+    from cxr_batch.engine.types import EngineConfig, Result
     from cxr_batch.io.shard import Shard
     from cxr_batch.report.writer import ReportConfig
 

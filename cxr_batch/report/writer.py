@@ -44,7 +44,7 @@ from typing import IO, Any, BinaryIO, Literal, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from cxr_batch.engine.classifier import Result
+from cxr_batch.engine.types import Result
 from cxr_batch.errors import OutputError
 from cxr_batch.report.cells import escape_cell, unescape_cell
 from cxr_batch.report.lock import lock_or_refuse

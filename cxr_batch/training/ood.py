@@ -114,7 +114,7 @@ def fit_model(
     """
     import onnx
 
-    from cxr_batch.training.export import read_contract_file, write_contract
+    from cxr_batch.training.onnx_file import read_contract_file, write_contract
 
     console = console or Console(stderr=True)
     proto, meta = read_contract_file(model_path)

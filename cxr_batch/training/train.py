@@ -32,8 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cxr_batch import __version__
+from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
-from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, softmax
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
