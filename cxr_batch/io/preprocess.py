@@ -287,7 +287,7 @@ def to_grey(img: Image.Image) -> np.ndarray:
             # float32, and a float32 division is correctly rounded, so this equals float64
             # division then rounding to float32, bit for bit, with one float32 array instead of
             # three float64 ones (a 16-bit 9400x9400 PNG peaked at 2.3 GB with those).
-            arr: np.ndarray = np.divide(raw, np.float32(top), dtype=np.float32)
+            arr = np.asarray(np.divide(raw, np.float32(top), dtype=np.float32))
             del raw
         else:
             arr = (raw.astype(np.float64) / top).astype(np.float32)
