@@ -259,6 +259,27 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         assert row["label"] == meta.labels[int(p.argmax())]
 
 
+def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -> None:
+    """``export --no-ood`` on a checkpoint (issue 12, item 21: it used to be ignored there)."""
+    import onnxruntime as ort
+
+    from cxr_batch.contract import read_contract
+
+    onnx_path = tmp_path / "no-ood.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli.main", "export", str(trained_run / "best.ckpt"),
+         "--out", str(onnx_path), "--no-ood"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = read_contract(sess, str(onnx_path))
+    assert meta.ood is None and "ood_score" not in meta.outputs
+    assert "ood_score" not in {o.name for o in sess.get_outputs()}
+
+
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cxr_batch.cli.main", "export"], cwd=tmp_path, capture_output=True, text=True, timeout=120
