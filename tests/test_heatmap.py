@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import LABELS, SAMPLE_IMAGES, SHARED, build_model, contract
 from PIL import Image
 
+from cxr_batch.cli import main as cli_main
 from cxr_batch.cli.main import main
 from cxr_batch.contract import ModelMeta
 from cxr_batch.engine.classifier import Classifier, find_default_model
@@ -33,7 +34,6 @@ from cxr_batch.report.heatmap import (
     upsample,
 )
 from cxr_batch.training.cam import CAM_ROLE, add_cam_output, add_cam_to_file, verify_cam
-from cxr_batch.training.cam import main as cam_main
 
 POOL = SHARED / "covid19-radiography"
 
@@ -56,7 +56,8 @@ def tiny_cam(models_dir: Path) -> Path:
     """The tiny 32×32 model with the ``cam`` output added (through the command-line entry point)."""
     src = build_model(models_dir / "tiny-nocam.onnx", meta=contract(), seed=2)
     out = models_dir / "tiny-cam.onnx"
-    assert cam_main([str(src), str(out)]) == 0
+    result = CliRunner().invoke(cli_main, ["add-cam", str(src), str(out)])
+    assert result.exit_code == 0, result.output
     return out
 
 
@@ -118,7 +119,7 @@ def test_model_without_cam_says_so_before_the_run(
     assert result.exit_code == 1
     assert "the model has no 'cam' output" in result.stderr
     assert "so it can't make heatmaps (it still classifies without --heatmaps)" in result.stderr
-    assert "python -m cxr_batch.training.cam MODEL.onnx" in result.stderr
+    assert "cxr-batch add-cam MODEL.onnx" in result.stderr
     assert not out.exists() and not heat.exists()
     assert runner.invoke(main, args).exit_code == 0  # it still classifies
 

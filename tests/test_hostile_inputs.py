@@ -208,11 +208,14 @@ def test_many_page_tiff_is_not_counted_to_the_end(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_cam(models_dir: Path) -> Path:
     pytest.importorskip("onnx")
-    from cxr_batch.training.cam import main as cam_main
+    from click.testing import CliRunner
+
+    from cxr_batch.cli import main as cli_main
 
     src = build_model(models_dir / "hostile-nocam.onnx", meta=contract(), seed=3)
     out = models_dir / "hostile-cam.onnx"
-    assert cam_main([str(src), str(out)]) == 0
+    result = CliRunner().invoke(cli_main, ["add-cam", str(src), str(out)])
+    assert result.exit_code == 0, result.output
     return out
 
 

@@ -338,10 +338,11 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     console.print_json(json.dumps(contract, sort_keys=True))
 
 
-from cxr_batch.cli.train import export_command, train_command  # noqa: E402
+from cxr_batch.cli.train import add_cam_command, export_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(export_command)
+main.add_command(add_cam_command)
 
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 

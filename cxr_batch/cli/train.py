@@ -238,3 +238,22 @@ def export_command(
         selection=str(selection) if selection else None,
     )
     export_checkpoint(cfg)
+
+
+@click.command("add-cam")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("out", required=False, type=click.Path(dir_okay=False, path_type=str))
+@library_errors
+def add_cam_command(model: str, out: str | None) -> None:
+    """Add the 'cam' output (heatmaps) to a model file, in place or into OUT (needs the train extra).
+
+    No retraining: the class activation maps are computed in the graph from the model's own weights.
+
+    \b
+    Example:
+      cxr-batch add-cam my-model.onnx && cxr-batch classify studies --heatmaps maps --model my-model.onnx
+    """
+    from cxr_batch.training.cam import add_cam_to_file
+
+    written = add_cam_to_file(model, out)
+    click.echo(f"{written}: has the 'cam' output (heatmaps: cxr-batch classify ... --heatmaps DIR --model {written})")

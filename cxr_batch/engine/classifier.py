@@ -390,7 +390,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         if role not in meta.outputs:
             hint = (
                 ", so it can't make heatmaps (it still classifies without --heatmaps). Add the output to the "
-                "model file, no retraining needed (needs the train extra): python -m cxr_batch.training.cam MODEL.onnx"
+                "model file, no retraining needed (needs the train extra): cxr-batch add-cam MODEL.onnx"
                 if role == "cam"
                 else ""
             )

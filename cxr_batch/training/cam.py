@@ -24,7 +24,6 @@ Adding the output needs the ``onnx`` package (``train`` extra); using it needs o
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,22 +222,3 @@ def add_cam_to_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | 
     onnx.save(proto, str(tmp))
     os.replace(tmp, target)
     return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cxr_batch.training.cam MODEL.onnx [OUT.onnx]``: add the ``cam`` output to a model file."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 2) or args[0] in ("-h", "--help"):
-        print("usage: python -m cxr_batch.training.cam MODEL.onnx [OUT.onnx]  (adds the 'cam' output for heatmaps)")
-        return 2
-    try:
-        written = add_cam_to_file(args[0], args[1] if len(args) == 2 else None)
-    except (ModelError, MissingExtraError, OSError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{written}: has the '{CAM_ROLE}' output (heatmaps: cxr-batch classify ... --heatmaps DIR --model {written})")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
