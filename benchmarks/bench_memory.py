@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_classify import POOL, REPO, RESULTS, cxr_batch_command, machine, run_measured, sample_files, write_results
 
+from cxr_batch.engine.cpu import cpu_summary
+
 MARK_BEGIN = "<!-- bench_memory -->"
 MARK_END = "<!-- /bench_memory -->"
 RSS_TARGET_MB = 50.0
@@ -102,6 +104,8 @@ def main() -> None:
     ap.add_argument("--help-runs", type=int, default=10)
     ap.add_argument("--results", default=str(RESULTS), help="the Markdown file to update")
     ap.add_argument("--no-write", action="store_true", help="print the results only")
+    ap.add_argument("--startup-only", action="store_true", help="only the --help and first-row times (no RSS runs)")
+    ap.add_argument("--tag", default="", help="write a section of its own, e.g. 'avx2' (default: the main section)")
     args = ap.parse_args()
     if args.large % args.small:
         raise SystemExit("--large must be a multiple of --small")
@@ -111,13 +115,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     try:
-        print(f"linking {args.large} files under {work}", file=sys.stderr, flush=True)
-        folders = build_folder(source, work / "large", args.large, args.small)
+        large_n = args.small if args.startup_only else args.large  # only the first folder is used then
+        print(f"linking {large_n} files under {work}", file=sys.stderr, flush=True)
+        folders = build_folder(source, work / "large", large_n, args.small)
         help_times = time_help(args.help_runs)
         print("time to the first row", file=sys.stderr, flush=True)
         first_rows = [time_first_row(folders[0], work / f"first-{i}.csv", args.model) for i in range(3)]
         runs = {}
-        for name, target in (("small", folders[0]), ("large", work / "large")):
+        for name, target in () if args.startup_only else (("small", folders[0]), ("large", work / "large")):
             n = args.small if name == "small" else args.large
             print(f"classify {n} files", file=sys.stderr, flush=True)
             cmd = [*cxr_batch_command(), "classify", str(target), "--out", str(work / f"{name}.csv"), "--quiet"]
@@ -129,8 +134,6 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    (n_small, small), (n_large, large) = runs["small"], runs["large"]
-    delta = large.max_rss_mb - small.max_rss_mb
     help_s = statistics.median(help_times)
     first_s = statistics.median(first_rows)
 
@@ -139,9 +142,14 @@ def main() -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     info = machine()
+    begin, end = (MARK_BEGIN, MARK_END) if not args.tag else (f"<!-- bench_memory {args.tag} -->", f"<!-- /bench_memory {args.tag} -->")
+    facts = cpu_summary()
     lines = [
-        MARK_BEGIN,
-        "## bench_memory: streaming memory and start-up",
+        begin,
+        "## bench_memory: streaming memory and start-up" + (f" ({args.tag})" if args.tag else ""),
+        "",
+        f"CPU: {facts['model']} ({facts['arch']}), flags {', '.join(facts['flags']) or 'none relevant'}; "  # type: ignore[arg-type]
+        f"`--precision auto` takes {facts['auto_cpu_precision']} here.",
         "",
         "```",
         command,
@@ -151,20 +159,27 @@ def main() -> None:
         "",
         "| measure | value | target | |",
         "| --- | ---: | ---: | --- |",
-        f"| peak RSS, classify {n_small} files | {small.max_rss_mb:.0f} MB | | {n_small / small.wall_s:.0f} img/s |",
-        f"| peak RSS, classify {n_large} files | {large.max_rss_mb:.0f} MB | | {n_large / large.wall_s:.0f} img/s |",
-        f"| difference | {delta:+.0f} MB | ≤ {RSS_TARGET_MB:.0f} MB | {verdict(delta <= RSS_TARGET_MB)} |",
+    ]
+    if runs:
+        (n_small, small), (n_large, large) = runs["small"], runs["large"]
+        delta = large.max_rss_mb - small.max_rss_mb
+        lines += [
+            f"| peak RSS, classify {n_small} files | {small.max_rss_mb:.0f} MB | | {n_small / small.wall_s:.0f} img/s |",
+            f"| peak RSS, classify {n_large} files | {large.max_rss_mb:.0f} MB | | {n_large / large.wall_s:.0f} img/s |",
+            f"| difference | {delta:+.0f} MB | ≤ {RSS_TARGET_MB:.0f} MB | {verdict(delta <= RSS_TARGET_MB)} |",
+        ]
+    lines += [
         f"| `cxr-batch --help` (median of {len(help_times)}) | {help_s:.3f} s | < {HELP_TARGET_S} s | {verdict(help_s < HELP_TARGET_S)} |",
         f"| start → first result row in the report (median of {len(first_rows)}) | {first_s:.2f} s | < {FIRST_ROW_TARGET_S:.0f} s "
         f"| {verdict(first_s < FIRST_ROW_TARGET_S)} |",
         "",
         f"Load average at the end: {os.getloadavg()[0]:.2f}. Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
-        MARK_END,
+        end,
     ]
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
-        write_results(Path(args.results), section, MARK_BEGIN, MARK_END)
+        write_results(Path(args.results), section, begin, end)
         print(f"wrote {args.results}", file=sys.stderr)
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,13 +24,22 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from cxr_batch.contract import CAM_ROLE
+from cxr_batch.contract import CAM_ROLE, file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
-from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputSpec, discover
+from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputFile, InputSpec, discover
 from cxr_batch.io.shard import Shard
 from cxr_batch.report.heatmap import HeatmapWriter
-from cxr_batch.report.writer import ReportConfig, RunStats, check_output, open_report, render_summary
+from cxr_batch.report.writer import (
+    Existing,
+    ReportConfig,
+    RunIdentity,
+    RunStats,
+    check_output,
+    open_report,
+    render_summary,
+)
+from cxr_batch.text import markup
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig, RayEngine
@@ -120,9 +128,11 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         # TODO(provenance, issue 14 item 1): record source.describe() (URL, studies, series, query;
         # never credentials) and source.retrieved in this run's provenance entry.
     else:
-        found = discover(config.inputs)
+        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
+        outputs = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
+        found = discover(replace(config.inputs, outputs=(*config.inputs.outputs, *outputs)))
     for warning in found.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
     if not found.files and source is not None:
         source.close()
         raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
@@ -152,19 +162,28 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
         classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
     meta = classifier.meta
-    heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
+    identity = RunIdentity(meta.ident, file_sha256(classifier.model_path), meta.precision)
+    for notice in classifier.notices:  # once, whatever --quiet says: the model in use changed
+        console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
     srs: SRWriter | None = None
     if config.sr is not None:
-        from cxr_batch.contract import file_sha256
         from cxr_batch.report.sr import ModelIdent, SRWriter
 
         if not isinstance(classifier, Classifier):
             raise InputError("--sr needs --engine local")
         store = source.store if (config.stow and source is not None) else None
-        srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
-    writer, existing = open_report(config.report, meta.labels, meta.ident, stdout)
-    stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
+        srs = SRWriter(config.sr, ModelIdent.of(meta, identity.model_sha256), store=store)
+    heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     try:
+        writer, existing = open_report(config.report, meta.labels, identity, stdout)
+    except BaseException:
+        if heatmaps is not None:
+            heatmaps.close()
+        raise
+    stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
+    stats.precision_note = classifier.precision_reason
+    try:
+        files = _in_report_style(files, existing, config, console)
         if shard is not None:
             foreign = sorted(p for p in existing.paths if not shard.owns(p))
             if foreign:
@@ -183,7 +202,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         stale = existing.rows - (len(files) - len(todo))
         if stale > 0:
             console.print(
-                f"[yellow]warning:[/] {stale} row(s) of {escape(config.report.out)} are not among this run's inputs "
+                f"[yellow]warning:[/] {stale} row(s) of {markup(config.report.out)} are not among this run's inputs "
                 "(resume with the same inputs and --absolute-paths setting as the first run)",
                 highlight=False,
                 soft_wrap=True,
@@ -207,14 +226,18 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                     if source is not None:
                         source.release(batch)
                     advance(len(batch))
+        if heatmaps is not None and existing.rows:
+            _redo_heatmaps(classifier, heatmaps, files, existing, console, config.quiet)
         stats.provider = classifier.provider  # Ray: known once the workers have reported
     finally:
-        writer.close()
-        if heatmaps is not None:
-            heatmaps.close()
-        if source is not None:
-            source.close()
-        stats.finish()
+        try:
+            writer.close()
+        finally:
+            if heatmaps is not None:
+                heatmaps.close()
+            if source is not None:
+                source.close()
+            stats.finish()
     if not config.quiet:
         render_summary(stats, console)
     if heatmaps is not None:
@@ -226,3 +249,49 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
         raise DicomwebError(source.fatal)
     return stats
+
+
+def _in_report_style(files: list[InputFile], existing: Existing, config: ClassifyConfig, console: Console) -> list[InputFile]:
+    """``--resume --absolute-paths`` on a report written with relative paths: name the files as
+    the report does.
+
+    Without this, none of the report's rows would match and every file would get a second row.
+    The inputs are walked again without ``--absolute-paths`` (the walk is deterministic) and each
+    file takes its relative name; the new rows keep the report's relative style, so the report
+    stays one style (and can still be resumed, sharded and merged). The other way round (a
+    report of absolute paths resumed without the flag) can't be told apart from a first run
+    that named files by absolute paths, so it is left as it is and the stale-rows warning says so.
+    """
+    if not (config.inputs.absolute_paths and existing.rows and existing.absolute_rows < existing.rows):
+        return files
+    other = discover(replace(config.inputs, absolute_paths=False))
+    names = {f.path: f.display for f in other.files}
+    console.print(
+        f"resume: {markup(config.report.out)} was written with relative paths (without --absolute-paths); "
+        "matching its rows by file and writing the new rows with relative paths too",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return [InputFile(f.path, names.get(f.path, f.display)) for f in files]
+
+
+def _redo_heatmaps(
+    classifier: Classifier | RayEngine,
+    heatmaps: HeatmapWriter,
+    files: list[InputFile],
+    existing: Existing,
+    console: Console,
+    quiet: bool,
+) -> None:
+    """``resume`` with heatmaps: make again the heatmaps of kept ok rows that are missing or empty
+    (a killed run, a full disk). Their rows are kept as they are; only the heatmaps are written."""
+    kept_ok = [f for f in files if f.display in existing.paths and f.display not in existing.error_paths]
+    redo = set(heatmaps.missing(f.display for f in kept_ok))
+    if not redo:
+        return
+    if not quiet:
+        console.print(f"resume: making {len(redo)} missing or empty heatmap(s) of kept rows again", highlight=False)
+    batches = classifier.iter_batches([f for f in kept_ok if f.display in redo])
+    with closing(batches):
+        for batch in batches:
+            heatmaps.write(batch)

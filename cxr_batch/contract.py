@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cxr_batch.errors import ModelError
@@ -26,6 +27,10 @@ CONTRACT_VERSION = 1
 #: Contract role names of the graph outputs beyond the logits.
 CAM_ROLE = "cam"
 OOD_ROLE = "ood_score"
+
+#: Largest model input side accepted: a contract asking for 60000×60000 would need 43 GB for
+#: one image's input tensor alone.
+MAX_INPUT_SIDE = 4096
 
 #: The preprocessing recipe written into every model we export; see cxr_batch.io.preprocess.
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -116,6 +121,8 @@ class ModelMeta:
         size = d["input_size"]
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise bad("'input_size' must be [H, W] with positive integers")
+        if max(size) > MAX_INPUT_SIDE:
+            raise bad(f"'input_size' {size} is larger than {MAX_INPUT_SIDE} pixels a side")
         for key in ("mean", "std"):
             v = d[key]
             if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
@@ -205,6 +212,45 @@ def check_graph(meta: ModelMeta, session: ort.InferenceSession, source: str = "m
             f"{source}: the model has {len(meta.labels)} labels {list(meta.labels)} "
             f"but its logits output has {lshape[1]} classes"
         )
+
+
+def check_output_shapes(
+    session: ort.InferenceSession, meta: ModelMeta, roles: Sequence[str] = (), source: str = "model"
+) -> None:
+    """Run the model once on a blank batch of two and check what it returns against the contract.
+
+    The graph's declared shapes may be symbolic or wrong; this catches, at load and with a clear
+    message, outputs that would otherwise fail mid-run: logits that are not N×C, an
+    ``ood_score`` that is not one number per image (e.g. N×0), a ``cam`` that is not N×C×h×w.
+
+    Raises:
+        ModelError: the test run fails or an output has the wrong shape.
+    """
+    import numpy as np
+
+    n, classes = 2, len(meta.labels)
+    checked = ["logits", *(r for r in roles if r != "logits"), *([OOD_ROLE] if OOD_ROLE in meta.outputs else [])]
+    checked = [r for i, r in enumerate(checked) if r in meta.outputs and r not in checked[:i]]
+    x = np.zeros((n, 3, *meta.input_size), dtype=np.float32)
+    try:
+        outs = session.run([meta.outputs[r] for r in checked], {meta.input_name: x})
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
+        raise ModelError(f"{source}: the model fails a test run on a blank batch of {n}: {exc}") from None
+    for role, out in zip(checked, outs, strict=True):
+        shape = list(np.shape(out))
+        if role == "logits":
+            ok, want = shape == [n, classes], f"[N, {classes}]"
+        elif role == OOD_ROLE:
+            ok, want = shape in ([n], [n, 1]), "[N] or [N, 1]"
+        elif role == CAM_ROLE:
+            ok, want = len(shape) == 4 and shape[:2] == [n, classes] and min(shape[2:]) > 0, f"[N, {classes}, h, w]"
+        else:
+            ok, want = len(shape) >= 1 and shape[0] == n and 0 not in shape, "[N, ...] with no empty axis"
+        if not ok:
+            raise ModelError(
+                f"{source}: the model's '{role}' output ({meta.outputs[role]}) has shape {shape} for a batch "
+                f"of {n}, expected {want}"
+            )
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -140,7 +140,7 @@ def _install_defaults(folder: Path, make_model: Callable[..., Path], fp32: bool,
 @pytest.mark.parametrize(
     ("fp32", "int8", "precision", "expected"),
     [
-        (True, True, "auto", "int8"),  # CPU: int8 when installed
+        (True, True, "auto", "int8"),  # a CPU with VNNI: int8 when installed
         (True, False, "auto", "fp32"),
         (False, True, "auto", "int8"),
         (True, True, "fp32", "fp32"),
@@ -148,9 +148,16 @@ def _install_defaults(folder: Path, make_model: Callable[..., Path], fp32: bool,
     ],
 )
 def test_embedded_default_and_precision(
-    default_dir: Path, make_model: Callable[..., Path], fp32: bool, int8: bool, precision: str, expected: str
+    default_dir: Path,
+    make_model: Callable[..., Path],
+    fp32: bool,
+    int8: bool,
+    precision: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _install_defaults(default_dir, make_model, fp32, int8)
+    monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx512_vnni")
     clf = Classifier(device="cpu", precision=precision, threads=1)  # type: ignore[arg-type]
     assert clf.meta.precision == expected
     assert clf.model_origin == "embedded default"
@@ -163,8 +170,11 @@ def test_missing_precision_is_an_error(default_dir: Path, make_model: Callable[.
         Classifier(device="cpu", precision="int8")
 
 
-def test_auto_on_cuda_prefers_fp32(default_dir: Path, make_model: Callable[..., Path]) -> None:
+def test_auto_on_cuda_prefers_fp32(
+    default_dir: Path, make_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _install_defaults(default_dir, make_model, fp32=True, int8=True)
+    monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx512_vnni")  # a CPU where auto takes int8
     assert inference.find_default_model("auto", cuda=True).name == "cxr-resnet18.onnx"
     assert inference.find_default_model("auto", cuda=False).name == "cxr-resnet18-int8.onnx"
 

@@ -147,7 +147,7 @@ def test_files_from_lists_files_and_folders(tree: Path, monkeypatch: pytest.Monk
     assert shown(spec) == ["b.png", "deep/x.bmp", "does-not-exist.png"]
 
 
-def test_unreadable_subfolder_is_a_warning_not_a_crash(
+def test_unreadable_subfolder_is_an_error_row_not_a_crash(
     tmp_path: Path, png_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     png_factory(tmp_path / "ok" / "x.png", 1)
@@ -161,5 +161,9 @@ def test_unreadable_subfolder_is_a_warning_not_a_crash(
 
     monkeypatch.setattr(os, "scandir", scandir)
     found = discover(InputSpec(paths=(str(tmp_path / "ok"),)))
-    assert [f.display for f in found.files] == ["x.png"]
-    assert found.warnings == [f"cannot list folder {tmp_path / 'ok' / 'locked'}: Permission denied"]
+    # The folder gets a row of its own (so the run exits 3); real permissions: test_hostile_inputs.py
+    assert [(f.display, f.error) for f in found.files] == [
+        ("locked/", "cannot list folder: Permission denied; its files were not classified"),
+        ("x.png", None),
+    ]
+    assert found.warnings == []

@@ -33,9 +33,14 @@ def _install(folder: Path, make_model: Callable[..., Path], *precisions: str) ->
         (folder / inference.DEFAULT_MODEL_FILES[precision]).write_bytes(src.read_bytes())
 
 
-def test_auto_takes_int8_on_cpu_and_fp16_on_cuda(default_dir: Path, make_model: Callable[..., Path]) -> None:
+def test_auto_takes_int8_on_a_vnni_cpu_and_fp16_on_cuda(
+    default_dir: Path, make_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _install(default_dir, make_model, "fp32", "int8", "fp16")
+    monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx2 avx512_vnni")
     assert inference.find_default_model("auto", cuda=False).name == "cxr-resnet18-int8.onnx"
+    monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx2")  # no 8-bit dot products: fp32
+    assert inference.find_default_model("auto", cuda=False).name == "cxr-resnet18.onnx"
     assert inference.find_default_model("auto", cuda=True).name == "cxr-resnet18-fp16.onnx"
     assert inference.find_default_model("fp16").name == "cxr-resnet18-fp16.onnx"
 
@@ -50,8 +55,10 @@ def test_fp16_is_never_the_cpu_default_while_another_model_is_installed(
 def test_cuda_that_does_not_start_falls_back_to_the_cpu_default(
     default_dir: Path, make_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """onnxruntime-gpu installed but CUDA silently falls back: auto must run int8, not fp16, on the CPU."""
+    """onnxruntime-gpu installed but CUDA silently falls back: auto must run the CPU's default
+    (int8 on a CPU with VNNI), not fp16, on the CPU."""
     _install(default_dir, make_model, "fp32", "int8", "fp16")
+    monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx512_vnni")
     real = inference.create_session
     monkeypatch.setattr(inference, "available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(inference, "create_session", lambda path, device="auto", threads=0: real(path, "cpu", threads))

@@ -23,7 +23,7 @@ from cxr_batch.report.writer import ReportConfig, columns, open_report, read_exi
 
 EXPECTED_COLUMNS = [
     "path", "status", "label", "confidence", "prob_normal", "prob_viral", "prob_covid",
-    "width", "height", "error", "model",
+    "width", "height", "error", "model", "model_sha256", "precision",
     "notes", "modality", "view_position", "sop_instance_uid", "study_instance_uid", "ood_score", "in_distribution",
 ]  # fmt: skip
 

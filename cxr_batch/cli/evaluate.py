@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, library_errors
+from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, interruptible, library_errors
 
 
 @click.command("evaluate")
@@ -36,6 +36,7 @@ from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, l
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing metrics file (and predictions).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no tables.")
+@interruptible("no metrics were written (the rows of --predictions written so far are kept).")
 @library_errors
 def evaluate_command(
     data_dir: str,

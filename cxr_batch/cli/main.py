@@ -14,12 +14,14 @@ from cxr_batch import __version__
 from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
     EXIT_FATAL,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
     _model_options,
     engine_config,
     engine_options,
+    interruptible,
     library_errors,
 )
 from cxr_batch.io.shard import Shard  # hashlib and re only
@@ -137,6 +139,7 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     default=None,
     help="With --engine ray: join this Ray cluster (auto, HOST:6379 or ray://HOST:10001) instead of starting Ray here.",
 )
+@interruptible("the rows written so far are kept; rerun with --resume to finish.")
 @library_errors
 def classify_command(
     inputs: tuple[str, ...],
@@ -214,11 +217,7 @@ def classify_command(
         sr=sr,
         stow=stow,
     )
-    try:
-        stats = run_classify(config)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: the rows written so far are kept; rerun with --resume to finish.", err=True)
-        sys.exit(130)
+    stats = run_classify(config)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -235,6 +234,7 @@ def classify_command(
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merged report.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@interruptible("nothing was written (the merged report is written only when complete).")
 @library_errors
 def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, quiet: bool) -> None:
     """Merge the reports of a sharded classify run (--shard K/N) into one report.
@@ -280,6 +280,12 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     console = Console(highlight=False)
     facts = [(key, str(info[key])) for key in ("model", "path", "origin", "sha256", "size_bytes")]
     facts.append(("providers available", ", ".join(info["providers_available"])))
+    cpu = info["cpu"]
+    facts.append(("cpu", f"{cpu['model']} ({cpu['arch']}; flags: {', '.join(cpu['flags']) or 'none relevant'})"))
+    facts.append(("precision", info["precision"]["why"]))
+    facts.append(("--precision auto on this cpu", info["precision"]["auto_on_this_cpu"]))
+    check = info["self_check"]
+    facts.append(("self-check", check["summary"] if check else "none (the contract has no reference images)"))
     for key, value in facts:  # plain lines: a hash or a path must never be wrapped or cut
         console.print(f"[bold]{key}:[/] {escape(value)}", soft_wrap=True)
     graph = Table(title="graph", title_justify="left")
@@ -290,7 +296,11 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
             graph.add_row(kind[:-1], io["name"], io["type"], str(io["shape"]))
     console.print(graph)
     console.print("contract:", style="bold")
-    console.print_json(json.dumps(info["contract"], sort_keys=True))
+    contract = info["contract"]
+    images = contract.get("extra", {}).get("self_check", {}).get("images")
+    if isinstance(images, dict) and "data" in images:  # a blob nobody reads; --json has it whole
+        images["data"] = f"<{len(images['data'])} characters>"
+    console.print_json(json.dumps(contract, sort_keys=True))
 
 
 from cxr_batch.cli.train import export_command, train_command  # noqa: E402

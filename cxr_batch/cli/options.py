@@ -3,6 +3,9 @@ no onnxruntime (``cxr-batch --help`` imports this)."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -10,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cxr_batch.errors import CxrBatchError
+from cxr_batch.text import shown
 
 if TYPE_CHECKING:
     from cxr_batch.engine.classifier import EngineConfig
@@ -21,19 +25,61 @@ EXIT_OK = 0
 EXIT_FATAL = 1  # bad model, unwritable output, no inputs, missing extra: nothing (more) was done
 EXIT_USAGE = 2  # Click's usage errors
 EXIT_PARTIAL = 3  # the run finished, but some files could not be classified (see the error rows)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: what was written is kept (classify: rerun with --resume)
 
 
 def library_errors(func: F) -> F:
-    """Turn the package's exceptions into ``Error: ...`` on stderr and exit code 1."""
+    """Turn the package's exceptions into ``Error: ...`` on stderr and exit code 1.
+
+    The message is printed with control characters escaped (it may hold a file name). An
+    ``OSError`` that no layer turned into a message (a bug) still gets an ``Error:`` line
+    naming the file, never a traceback.
+    """
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except CxrBatchError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(shown(exc)) from exc
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            raise click.ClickException(shown(f"{where}{exc.strerror or exc}")) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def interruptible(message: str) -> Callable[[F], F]:
+    """Ctrl-C and SIGTERM (what Slurm and Kubernetes send at a time limit) end the command the
+    same way: ``Interrupted: <message>`` on stderr and exit code 130, after the command's own
+    clean-up (``finally`` blocks: the report flushed, threads stopped, temporary files removed).
+    """
+
+    def decorate(func: F) -> F:
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            received: list[int] = []
+
+            def on_sigterm(signum: int, frame: object) -> None:
+                if not received:
+                    received.append(signum)
+                    raise KeyboardInterrupt
+
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+            try:
+                return func(*args, **kwargs)
+            except KeyboardInterrupt:
+                how = " (SIGTERM)" if received else ""
+                click.echo(f"Interrupted{how}: {message}", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 _DEVICES = ("auto", "cpu", "cuda")

@@ -119,7 +119,11 @@ def train_command(
 )
 @click.option("--name", default="cxr-resnet18", show_default=True, help="Model name in the contract.")
 @click.option("--version", "model_version", default="1.0.0", show_default=True, help="Model version in the contract.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Also write NAME-int8.onnx (static QDQ, U8S8).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="Also write NAME-int8.onnx (static QDQ, U8S8 with 7-bit weights: right with and without VNNI).",
+)
 @click.option(
     "--fp16",
     is_flag=True,
@@ -170,7 +174,7 @@ def export_command(
     Example:
       cxr-batch export runs/r18/best.ckpt --out export/cxr-resnet18.onnx --quantize int8
     """
-    from cxr_batch.training.export import ExportConfig, export_checkpoint, latest_checkpoint, quantize_int8
+    from cxr_batch.training.export import ExportConfig, derive_from_master, export_checkpoint, latest_checkpoint
 
     if checkpoint is not None and checkpoint.suffix == ".onnx":
         if data_dir is None or split_file is None:
@@ -178,23 +182,10 @@ def export_command(
         from rich.console import Console
 
         from cxr_batch.io.labelled import Split
-        from cxr_batch.training.export import read_contract_file, write_card
-        from cxr_batch.training.ood import fit_model
 
-        console = Console(stderr=True)
-        split = Split.read(split_file)
-        if ood:
-            fit_model(checkpoint, data_dir, split, console=console)
-        int8 = None
-        if quantize == "int8":
-            cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
-                               calibration_images=calibration_images, force=force)
-            int8 = quantize_int8(checkpoint, data_dir, split, cfg, console)
-        if fp16:
-            from cxr_batch.training.export import export_fp16
-
-            export_fp16(checkpoint, console=console)
-        write_card(checkpoint, read_contract_file(checkpoint)[1], int8)
+        cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
+                           calibration_images=calibration_images, force=force, ood=ood, fp16=fp16)
+        derive_from_master(checkpoint, data_dir, Split.read(split_file), cfg, Console(stderr=True))
         return
     ckpt = checkpoint or latest_checkpoint()
     target = out or Path("export") / f"{ckpt.parent.name}.onnx"
@@ -207,6 +198,7 @@ def export_command(
         calibration_images=calibration_images,
         force=force,
         data_dir=str(data_dir) if data_dir else None,
+        ood=ood,
         fp16=fp16,
     )
     export_checkpoint(cfg)

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, file_sha256, read_contract
+from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, read_contract
+from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
+from cxr_batch.engine.selfcheck import CheckResult, run_self_check
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.evaluation.metrics import softmax
 from cxr_batch.io.inputs import InputFile
@@ -46,8 +48,10 @@ MODEL_ENV = "CXR_BATCH_MODEL"
 #: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
 DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx", "fp16": "cxr-resnet18-fp16.onnx"}
 #: What ``--precision auto`` takes, first installed wins: int8 runs 3x faster than fp32 on CPUs
-#: with VNNI, fp16 uses the GPU's tensor cores; fp16 on a CPU is emulated, so it comes last there.
-AUTO_ORDER = {"cpu": ("int8", "fp32", "fp16"), "cuda": ("fp16", "fp32", "int8")}
+#: with 8-bit dot products (VNNI, AMX, ARM dot product; :func:`cxr_batch.engine.cpu.int8_choice`),
+#: fp32 is as fast and exact on the others; fp16 uses the GPU's tensor cores; fp16 on a CPU is
+#: emulated, so it comes last there. See :func:`auto_order`.
+AUTO_ORDER = {"cpu": ("int8", "fp32", "fp16"), "cpu-no-int8": ("fp32", "int8", "fp16"), "cuda": ("fp16", "fp32", "int8")}
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -63,35 +67,6 @@ CUDA_HELP = (
     "https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements. "
     "Or use --device cpu."
 )
-
-
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on (its affinity mask: a container's cpuset, taskset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def physical_cores() -> int | None:
-    """Physical cores among :func:`usable_cpus` (SMT siblings counted once); None when unknown."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux: onnxruntime's own default counts physical cores
-        return None
-    cores: set[tuple[str, str]] = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return len(cores) or None
-
-
-def default_workers() -> int:
-    """Decoder threads: one per CPU this process may use, at most 8."""
-    return max(1, min(8, usable_cpus()))
 
 
 def default_streams(threads: int, cuda: bool) -> int:
@@ -173,11 +148,20 @@ def default_model_dirs() -> list[Path]:
     return unique
 
 
+def auto_order(cuda: bool = False) -> tuple[str, ...]:
+    """The precisions ``--precision auto`` tries, first installed wins: fp16 first on CUDA; on a
+    CPU int8 first only when the CPU has 8-bit dot products (:func:`~cxr_batch.engine.cpu.int8_choice`)."""
+    if cuda:
+        return AUTO_ORDER["cuda"]
+    return AUTO_ORDER["cpu"] if int8_choice()[0] else AUTO_ORDER["cpu-no-int8"]
+
+
 def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Path:
     """The embedded default model file for ``precision``.
 
-    ``auto`` takes the int8 model on CPU when it is installed, the fp16 model on CUDA when it is
-    installed, the fp32 master otherwise (see :data:`AUTO_ORDER`).
+    ``auto`` takes the fp16 model on CUDA when it is installed; on a CPU the int8 model when the
+    CPU has 8-bit dot products (VNNI, AMX, ARM dot product) and it is installed; the fp32 master
+    otherwise (see :func:`auto_order`).
 
     Raises:
         NoDefaultModelError: no default model is installed (or not the precision asked for).
@@ -188,7 +172,7 @@ def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Pat
         if not have:
             continue
         if precision == "auto":
-            return files[next(p for p in AUTO_ORDER["cuda" if cuda else "cpu"] if p in have)]
+            return files[next(p for p in auto_order(cuda) if p in have)]
         if precision in have:
             return files[precision]
         raise NoDefaultModelError(
@@ -311,30 +295,131 @@ class LoadedModel:
     path: Path
     origin: str
     provider: str
+    #: the precision in use and why (``fp32: AMD EPYC has no VNNI ...``)
+    reason: str = ""
+    #: what the user must be told once (a fallback to fp32)
+    notices: tuple[str, ...] = ()
+    #: the load-time self-check (None: the contract has no reference images)
+    check: CheckResult | None = None
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    """Resolve, load and validate the model ``config`` names.
+def precision_reason(meta: ModelMeta, origin: str, precision: Precision, provider: str) -> str:
+    """Why this model's precision is the one in use, in one line."""
+    if origin != "embedded default":
+        return f"{meta.precision}: the file's own (from {origin})"
+    if precision != "auto":
+        return f"{meta.precision}: --precision {precision}"
+    if provider == CUDA:
+        return f"{meta.precision}: on CUDA" + (" (the GPU's tensor cores)" if meta.precision == "fp16" else ", no fp16 model installed")
+    use_int8, why = int8_choice()
+    if (meta.precision == "int8") == use_int8:
+        return why
+    return f"{meta.precision}: the {'int8' if use_int8 else 'fp32'} model is not installed; " + why.split(": ", 1)[1]
+
+
+def open_model(config: EngineConfig, session_device: Device | None = None, cuda: bool | None = None) -> LoadedModel:
+    """Resolve, load and validate the model ``config`` names, then run its self-check
+    (:func:`apply_self_check`): what ``classify``, ``evaluate`` and the Ray driver share.
+
+    Args:
+        session_device: the device of the session made here (default ``config.device``).
+        cuda: whether to choose the model CUDA prefers (default: CUDA is possible here).
 
     Raises:
-        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`.
+        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`;
+            also a failed self-check that can't fall back.
         DeviceError: see :func:`create_session`.
     """
-    cuda_possible = config.device != "cpu" and CUDA in available_providers()
+    device = config.device if session_device is None else session_device
+    cuda_possible = config.device != "cpu" and CUDA in available_providers() if cuda is None else cuda
     choice = choose_model(config.model, config.precision, cuda=cuda_possible)
-    session, provider = create_session(choice.path, config.device, config.threads)
-    if choice.origin == "embedded default" and config.precision == "auto" and provider != CUDA and cuda_possible:
-        # CUDA was expected but did not start: take the CPU's default (int8) instead.
+    session, provider = create_session(choice.path, device, config.threads)
+    if (
+        choice.origin == "embedded default"
+        and config.precision == "auto"
+        and provider != CUDA
+        and cuda_possible
+        and device != "cpu"
+    ):
+        # CUDA was expected but did not start: take the CPU's default instead.
         on_cpu = find_default_model("auto", cuda=False)
         if on_cpu != choice.path:
             choice = ModelChoice(on_cpu, choice.origin)
-            session, provider = create_session(choice.path, config.device, config.threads)
+            session, provider = create_session(choice.path, device, config.threads)
     meta = read_contract(session, str(choice.path))
     if choice.origin != "embedded default" and config.precision != "auto" and meta.precision != config.precision:
         raise ModelError(
             f"{choice.path} is a {meta.precision} model but --precision {config.precision} was asked; "
             "--precision picks between the embedded default models, so leave it at auto with --model"
         )
+    reason_provider = CUDA if (cuda is not None and cuda) else provider
+    loaded = LoadedModel(
+        session=session,
+        meta=meta,
+        path=choice.path,
+        origin=choice.origin,
+        provider=provider,
+        reason=precision_reason(meta, choice.origin, config.precision, reason_provider),
+    )
+    return apply_self_check(loaded, config, device)
+
+
+def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device | None = None) -> LoadedModel:
+    """Run the contract's reference images (:mod:`cxr_batch.engine.selfcheck`) and act on the result.
+
+    Passed, or a contract without references: ``loaded``, with the result. Failed: under
+    ``--precision auto`` with the embedded default, the embedded fp32 model instead (when it
+    passes), with a notice for the user; otherwise (``--precision int8``/``fp16`` asked,
+    ``--model`` or ``$CXR_BATCH_MODEL``, or fp32 failing itself) a ModelError naming the
+    deviation and the way out.
+    """
+    check = run_self_check(loaded.session, loaded.meta)
+    loaded = replace(loaded, check=check)
+    if check is None or check.ok:
+        return loaded
+    precision = loaded.meta.precision
+    if loaded.origin == "embedded default" and config.precision == "auto" and precision != "fp32":
+        with contextlib.suppress(NoDefaultModelError):
+            fp32 = find_default_model("fp32")
+            if fp32 != loaded.path:
+                session, provider = create_session(fp32, config.device if device is None else device, config.threads)
+                meta = read_contract(session, str(fp32))
+                fp32_check = run_self_check(session, meta)
+                if fp32_check is None or fp32_check.ok:
+                    notice = (
+                        f"the {precision} model {loaded.path.name} gives wrong results on this machine "
+                        f"({check.describe()}); using the fp32 model {fp32.name} instead"
+                    )
+                    return LoadedModel(
+                        session=session,
+                        meta=meta,
+                        path=fp32,
+                        origin=loaded.origin,
+                        provider=provider,
+                        reason=f"fp32: the {precision} model failed its self-check here (--precision auto)",
+                        notices=(*loaded.notices, notice),
+                        check=fp32_check,
+                    )
+    if precision == "fp32":
+        way_out = "the file is damaged or was changed after export: reinstall it or export it again"
+    else:
+        way_out = (
+            f"run with --precision fp32 (the embedded fp32 model), or pass the fp32 master with --model; "
+            f"{precision} kernels of this CPU or onnxruntime build don't compute it as exported, or the file is damaged"
+        )
+    raise ModelError(f"{loaded.path}: the {precision} model gives wrong results on this machine: {check.describe()}. {way_out}")
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Resolve, load, validate and self-check the model ``config`` names (see :func:`open_model`),
+    with the extra outputs ``config`` asks for.
+
+    Raises:
+        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`.
+        DeviceError: see :func:`create_session`.
+    """
+    loaded = open_model(config)
+    meta, path = loaded.meta, loaded.path
     for role in config.extra_outputs:
         if role not in meta.outputs:
             hint = (
@@ -343,19 +428,23 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 if role == "cam"
                 else ""
             )
-            raise ModelError(f"{choice.path}: the model has no '{role}' output (it has {sorted(meta.outputs)}){hint}")
-    return LoadedModel(session=session, meta=meta, path=choice.path, origin=choice.origin, provider=provider)
+            raise ModelError(f"{path}: the model has no '{role}' output (it has {sorted(meta.outputs)}){hint}")
+    check_output_shapes(loaded.session, meta, config.extra_outputs, str(path))  # one tiny run (issue 12)
+    return loaded
 
 
 def model_info(model: str | os.PathLike[str] | None = None, precision: Precision = "auto") -> dict[str, Any]:
-    """What ``cxr-batch info`` prints: the contract, sha256, graph inputs/outputs, providers.
+    """What ``cxr-batch info`` prints: the contract, sha256, graph inputs/outputs, providers, the
+    CPU and the precision ``auto`` takes on it, and the model's self-check run here (reported, not
+    enforced: ``classify`` and ``evaluate`` act on it).
 
     Raises:
         ModelError, NoDefaultModelError: the model can't be found, loaded or validated.
     """
     choice = choose_model(model, precision)
-    session, _ = create_session(choice.path, "cpu", threads=1)
+    session, _ = create_session(choice.path, "cpu", threads=0)
     meta = read_contract(session, str(choice.path))
+    check = run_self_check(session, meta)
 
     def shape(s: Sequence[object]) -> list[object]:
         return [d if isinstance(d, int) else str(d) for d in s]
@@ -370,6 +459,23 @@ def model_info(model: str | os.PathLike[str] | None = None, precision: Precision
         "inputs": [{"name": i.name, "type": i.type, "shape": shape(i.shape)} for i in session.get_inputs()],
         "outputs": [{"name": o.name, "type": o.type, "shape": shape(o.shape)} for o in session.get_outputs()],
         "providers_available": available_providers(),
+        "cpu": cpu_facts().as_dict(),
+        "precision": {
+            "in_use": meta.precision,
+            "why": precision_reason(meta, choice.origin, precision, CPU),
+            "auto_on_this_cpu": int8_choice()[1],
+        },
+        "self_check": None
+        if check is None
+        else {
+            "passed": check.ok,
+            "images": check.images,
+            "deviation": check.deviation,
+            "tolerance": check.tolerance,
+            "max_prob_diff": check.max_prob_diff,
+            "seconds": round(check.seconds, 4),
+            "summary": check.describe(),
+        },
     }
 
 
@@ -435,7 +541,7 @@ class _Prepared:
 
 def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
     """Runs in a decoder thread. Never raises: any failure becomes the file's error message."""
-    if item.error is not None:
+    if item.error is not None:  # discovery already knows (a folder that can't be listed)
         return _Prepared(item, error=item.error)
     try:
         tensor, decoded = preprocess_file(item.path, spec)
@@ -587,6 +693,21 @@ class Classifier:
     def model_origin(self) -> str:
         """``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``."""
         return self._loaded.origin
+
+    @property
+    def precision_reason(self) -> str:
+        """The precision in use and why, e.g. ``fp32: AMD EPYC has no VNNI, ...``."""
+        return self._loaded.reason
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What the user must be told once: a fallback to fp32 after a failed self-check."""
+        return self._loaded.notices
+
+    @property
+    def self_check(self) -> CheckResult | None:
+        """The load-time self-check's result (None: the model's contract has no reference images)."""
+        return self._loaded.check
 
     def classify(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[Result]:
         """Yield one :class:`Result` per path, in input order. ``paths`` may be a lazy iterator."""

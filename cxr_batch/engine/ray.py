@@ -25,13 +25,14 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, read_contract
+from cxr_batch.contract import ModelMeta
 from cxr_batch.engine.classifier import (
     CPU,
     CUDA,
@@ -39,10 +40,9 @@ from cxr_batch.engine.classifier import (
     EngineConfig,
     Result,
     available_providers,
-    choose_model,
-    create_session,
+    open_model,
 )
-from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 
 #: Model batches per Ray task (by default). Each task has a fixed cost in Ray Data; with 16 the
@@ -136,7 +136,10 @@ class _Worker:
             shutil.rmtree(folder, ignore_errors=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [InputFile(_decode(p), _decode(d)) for p, d in zip(batch["path"], batch["display"], strict=True)]
+        items = [
+            InputFile(_decode(p), _decode(d), error=_decode(e) or None)
+            for p, d, e in zip(batch["path"], batch["display"], batch["error"], strict=True)
+        ]
         results = [r for chunk in self.classifier.iter_batches(items) for r in chunk]
         return {
             "index": np.asarray(batch["index"]),
@@ -196,23 +199,18 @@ class RayEngine:
         require_ray()
         self.engine = engine
         self.config = config
-        # The workers load what is chosen here. With device auto, the choice (int8 default on CPU,
-        # fp32 with CUDA) follows this machine; use --device cuda for a GPU cluster.
+        # The workers load what is chosen here. With device auto, the choice (int8 or fp32 on CPU,
+        # by its flags; fp16 with CUDA) follows this machine; use --device cuda for a GPU cluster.
         cuda = engine.device == "cuda" or (engine.device == "auto" and CUDA in available_providers())
-        choice = choose_model(engine.model, engine.precision, cuda=cuda)
-        session, _ = create_session(choice.path, "cpu", threads=1)  # the contract, and a load check
-        self._meta: ModelMeta = read_contract(session, str(choice.path))
-        del session
-        if (
-            choice.origin != "embedded default"
-            and engine.precision != "auto"
-            and self._meta.precision != engine.precision
-        ):
-            raise ModelError(
-                f"{choice.path} is a {self._meta.precision} model but --precision {engine.precision} was asked; "
-                "--precision picks between the embedded default models, so leave it at auto with --model"
-            )
-        self.model_path = choice.path
+        # The same resolution, checks and load-time self-check as a local run (fallback to fp32
+        # included), on this machine's CPU; the workers then load exactly the file chosen here.
+        loaded = open_model(replace(engine, threads=1), session_device="cpu", cuda=cuda)
+        self._meta: ModelMeta = loaded.meta
+        #: the precision in use and why; what the user must be told once
+        self.precision_reason = loaded.reason
+        self.notices = loaded.notices
+        self.model_path = loaded.path
+        del loaded  # the driver's session: the workers make their own
         self.cpus_per_actor = max(1, engine.threads)
         self.actors = 0
         self._providers: set[str] = set()
@@ -315,26 +313,38 @@ class RayEngine:
     def _run(self, ray: Any, files: Sequence[InputFile]) -> Iterable[list[Result]]:
         self.actors = self._actor_count(ray, len(files))
         ds = ray.data.from_items(
-            [{"index": i, "path": _encode(f.path), "display": _encode(f.display)} for i, f in enumerate(files)]
+            [
+                {"index": i, "path": _encode(f.path), "display": _encode(f.display), "error": _encode(f.error or "")}
+                for i, f in enumerate(files)
+            ]
         )
-        remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        # No actor restarts: Ray Data passes each actor its transformer and context as object-store
+        # references, and with restarts on (its default) Ray's core worker logs an error line about
+        # "constructor arguments in the object store" on every run (ray-project/ray#53727). A
+        # crashed actor now ends the run with an error, like a crash of a local run; the rows
+        # written so far are kept (--resume).
+        remote: dict[str, Any] = {"num_cpus": self.cpus_per_actor, "max_restarts": 0}
         if self.engine.device == "cuda":
             remote["num_gpus"] = 1
         worker_engine = replace(
             self.engine, threads=self.cpus_per_actor, decode_workers=self.engine.decode_workers or self.cpus_per_actor
         )
-        ds = ds.map_batches(
-            _Worker,
-            fn_constructor_kwargs={
-                "model_bytes": self.model_path.read_bytes(),
-                "model_name": self.model_path.name,
-                "engine": worker_engine,
-            },
-            batch_size=self.task_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.actors),
-            **remote,
-        )
+        with warnings.catch_warnings():  # the driver's main thread, before any decoding starts
+            # Recent Ray deprecates passing remote options such as max_restarts as keywords, with
+            # no replacement for them yet.
+            warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(
+                _Worker,
+                fn_constructor_kwargs={
+                    "model_bytes": self.model_path.read_bytes(),
+                    "model_name": self.model_path.name,
+                    "engine": worker_engine,
+                },
+                batch_size=self.task_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.actors),
+                **remote,
+            )
         pending: dict[int, Result] = {}
         next_index = 0
         try:

@@ -13,6 +13,7 @@ significant digits), so recomputing from the ``--predictions`` CSV gives identic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -25,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 
 from cxr_batch import __version__
 from cxr_batch.contract import file_sha256
@@ -35,7 +35,16 @@ from cxr_batch.evaluation.metrics import classification_metrics, reliability_bin
 from cxr_batch.evaluation.tables import print_metrics
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import _canon, find_labelled
-from cxr_batch.report.writer import ReportConfig, ReportWriter, check_output, open_report, report_format, row_values
+from cxr_batch.report.writer import (
+    ReportConfig,
+    ReportWriter,
+    RunIdentity,
+    check_output,
+    open_report,
+    report_format,
+    row_values,
+)
+from cxr_batch.text import markup
 
 #: Unreadable files and skipped labels shown on stderr at most (all of them are in the JSON).
 SHOW = 10
@@ -130,17 +139,21 @@ def csv_truth(
 ) -> GroundTruth:
     """Ground truth from a CSV with ``path`` and ``label`` columns (others are ignored).
 
-    Relative paths are under ``root``; the report shows each path as the CSV writes it. Rows
-    whose label the model doesn't know are skipped and counted; a missing file becomes an
-    error row when it is classified.
+    Relative paths are under ``root``. Each path is normalised (``./a.png``, ``a//b.png`` and
+    ``x/../a.png`` name one file, shown in the report as ``a.png``), and must lie inside ``root``
+    (an absolute path too). Rows whose label the model doesn't know are skipped and counted; a
+    missing file becomes an error row when it is classified.
 
     Raises:
-        DataError: the file can't be read, lacks the columns, has an incomplete or repeated row.
+        DataError: the file can't be read, lacks the columns, has an incomplete row, names a
+            path outside ``root``, or names one file twice (the message gives both lines).
     """
     src = Path(labels_file)
     files: list[InputFile] = []
     labels: dict[str, str] = {}
+    first_seen: dict[str, tuple[int, str, str]] = {}  # normalised path → (line, path as written, label)
     unknown: Counter[str] = Counter()
+    base = os.path.abspath(root)
     try:
         with open(src, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -151,16 +164,31 @@ def csv_truth(
                 path, label = row.get("path", ""), row.get("label", "")
                 if not path and not label:
                     continue
+                line = reader.line_num
                 if not path or not label:
-                    raise DataError(f"{src}: line {reader.line_num}: needs both a path and a label")
-                if path in labels:
-                    raise DataError(f"{src}: line {reader.line_num}: {path!r} is listed twice")
+                    raise DataError(f"{src}: line {line}: needs both a path and a label")
+                full = os.path.normpath(os.path.join(base, path))  # an absolute path stays itself
+                if os.path.commonpath([base, full]) != base or full == base:
+                    raise DataError(
+                        f"{src}: line {line}: {path!r} is outside DATA_DIR {root}; labelled files must lie "
+                        "under DATA_DIR (paths are relative to it)"
+                    )
+                rel = Path(os.path.relpath(full, base)).as_posix()
+                earlier = first_seen.get(rel)
+                if earlier is not None:
+                    e_line, e_path, e_label = earlier
+                    same = "the same label" if e_label == label else f"labels {e_label!r} and {label!r}"
+                    raise DataError(
+                        f"{src}: lines {e_line} ({e_path!r}) and {line} ({path!r}) both name the file {rel!r}, "
+                        f"with {same}; list each file once"
+                    )
+                first_seen[rel] = (line, path, label)
                 as_model = _model_label(label, model_labels)
                 if as_model is None:
                     unknown[label] += 1
                     continue
-                files.append(InputFile(path if os.path.isabs(path) else os.path.join(root, path), path))
-                labels[path] = as_model
+                files.append(InputFile(full, rel))
+                labels[rel] = as_model
     except OSError as exc:
         raise DataError(f"cannot read the labels file {src}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -192,12 +220,20 @@ def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
     out = Path(config.out)
     if out.is_dir():
         raise OutputError(f"--out {config.out} is a folder; give a file name such as {out / 'metrics.json'}")
+    if out.exists() and not out.is_file():
+        raise OutputError(f"--out {config.out} is not a regular file; the metrics are written to a file")
     if out.exists() and not config.overwrite:
         raise OutputError(f"{config.out} already exists; pass --overwrite to replace it")
     if config.predictions is None:
         return None
     if config.predictions == "-":
         raise OutputError("--predictions needs a file name ('-' is not supported: stdout is for data)")
+    pred = Path(config.predictions)
+    if os.path.abspath(pred) == os.path.abspath(out) or (out.exists() and pred.exists() and os.path.samefile(pred, out)):
+        raise OutputError(
+            f"--out and --predictions name the same file ({config.out}): one would overwrite the other; "
+            "give two file names"
+        )
     report = ReportConfig(out=config.predictions, format=report_format(config.predictions), overwrite=config.overwrite)
     check_output(report)
     return report
@@ -225,6 +261,8 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
 
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
+    for notice in classifier.notices:  # once: the model in use is not the one asked for by default
+        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     labels = classifier.labels
     if config.labels_file is not None:
         truth = csv_truth(config.labels_file, config.data_dir, labels)
@@ -234,8 +272,10 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         raise DataError(f"{truth.source}: no labelled images with a label the model knows ({', '.join(labels)})")
 
     writer: ReportWriter | None = None
+    model_sha256 = file_sha256(classifier.model_path)
     if report is not None:
-        writer, _ = open_report(report, labels, classifier.meta.ident)
+        identity = RunIdentity(classifier.meta.ident, model_sha256, classifier.meta.precision)
+        writer, _ = open_report(report, labels, identity)
     ys: list[int] = []
     probs: list[list[float]] = []
     errors: list[dict[str, Any]] = []
@@ -274,9 +314,10 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         "data": {"root": str(config.data_dir), "source": truth.source},
         "model": classifier.meta.ident,
         "model_path": str(classifier.model_path),
-        "model_sha256": file_sha256(classifier.model_path),
+        "model_sha256": model_sha256,
         "model_origin": classifier.model_origin,
         "provider": classifier.provider,
+        "precision_reason": classifier.precision_reason,
         "predictions": config.predictions,
         "cxr_batch_version": __version__,
     }
@@ -293,13 +334,26 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:
+    """Write atomically: a temporary file beside ``path``, synced, renamed; removed on any failure."""
+    import tempfile
+
+    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return path
 
 
@@ -313,27 +367,28 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
         "macro_f1": nan if doc["macro_f1"] is None else doc["macro_f1"],
         "ece": nan if doc["ece"] is None else doc["ece"],
     }
-    print_metrics(shown, console, title=f"evaluate {doc['model']}")
+    print_metrics(shown, console, title=f"evaluate {markup(doc['model'])}")
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
     say(
-        f"{doc['files']} labelled images ({escape(doc['data']['source'])}): {doc['n']} classified, "
+        f"{doc['files']} labelled images ({markup(doc['data']['source'])}): {doc['n']} classified, "
         f"{doc['error_count']} unreadable"
     )
     for e in doc["errors"][:SHOW]:
-        say(f"[red]unreadable:[/] {escape(e['path'])} ({escape(e['label'])}): {escape(str(e['error']))}")
+        say(f"[red]unreadable:[/] {markup(e['path'])} ({markup(e['label'])}): {markup(e['error'])}")
     if doc["error_count"] > SHOW:
         say(f"[red]unreadable:[/] {doc['error_count'] - SHOW} more, listed in the metrics file")
     for s in doc["skipped"]:
         where = f"folder {s['folder']!r}" if "folder" in s else f"label {s['label']!r}"
         say(
-            f"[yellow]skipped:[/] {escape(where)}, {s['files']} files: {escape(s['reason'])} ({', '.join(doc['labels'])})"
+            f"[yellow]skipped:[/] {markup(where)}, {s['files']} files: {markup(s['reason'])} "
+            f"({markup(', '.join(doc['labels']))})"
         )
     if doc.get("out_of_distribution"):
         say(f"[yellow]note:[/] {doc['out_of_distribution']} classified images were flagged out of distribution")
     for path in evaluation.written:
-        say(f"wrote {escape(str(path))}")
+        say(f"wrote {markup(path)}")
     if doc.get("predictions"):
-        say(f"wrote {escape(doc['predictions'])}")
+        say(f"wrote {markup(doc['predictions'])}")

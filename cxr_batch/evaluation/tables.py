@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cxr_batch.text import markup
+
 
 def _num(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -38,7 +40,7 @@ def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metri
     t = Table(title="per class", caption=f"95% CI: {metrics.get('ci_method', 'Wilson score interval, 95%')}")
     t.add_column("")
     for name in per_class:
-        t.add_column(name, justify="right")
+        t.add_column(markup(name), justify="right")
     t.add_row("support", *[str(m["support"]) for m in per_class.values()])
     for key, name in (("precision", "precision"), ("recall", "recall (sensitivity)"), ("specificity", "specificity")):
         t.add_row(name, *[_num(m[key]) for m in per_class.values()])
@@ -49,7 +51,7 @@ def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metri
     cm = Table(title="confusion matrix")
     cm.add_column("true \\ predicted")
     for name in metrics["labels"]:
-        cm.add_column(name, justify="right")
+        cm.add_column(markup(name), justify="right")
     for name, row in zip(metrics["labels"], metrics["confusion_matrix"], strict=True):
-        cm.add_row(name, *[str(v) for v in row])
+        cm.add_row(markup(name), *[str(v) for v in row])
     console.print(cm)

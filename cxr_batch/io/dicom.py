@@ -21,16 +21,21 @@ patient element can reach a report field, a note, an error message or a warning.
 
 from __future__ import annotations
 
+import io
+import os
+import re
 import struct
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from cxr_batch.errors import ImageError
 from cxr_batch.io.preprocess import LUMA, Decoded
+from cxr_batch.io.safe_open import NotRegularFileError, open_regular
+from cxr_batch.io.warning_capture import capture
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -153,14 +158,23 @@ def read_dicom(path: Path, target: tuple[int, int] | None = None) -> Decoded:
     """
     _require_pydicom()
     notes: list[str] = []
-    # pydicom's warnings (odd values of the elements read here) are left alone: they hold no
-    # patient data, and warnings.catch_warnings() is not thread-safe (decoding runs in threads).
-    ds, frame = _load_first_frame(Path(path))
-    fields = _report_fields(ds)
-    n_frames = _int(ds.get("NumberOfFrames"), 1)
-    if n_frames > 1:
-        notes.append(f"multi-frame DICOM: used frame 1 of {n_frames}")
-    grey = _to_grey(frame, ds, notes)
+    # pydicom's warnings (odd values of the elements read here) become notes without the values
+    # they quote: see cxr_batch.io.warning_capture.
+    try:
+        fh = open_regular(path)
+    except NotRegularFileError as exc:
+        raise ImageError(f"not a regular file: {exc.kind}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
+    with fh, capture() as caught:
+        ds, frame = _load_first_frame(fh)
+        fields = _report_fields(ds, notes)
+        n_frames = _int(ds.get("NumberOfFrames"), 1)
+        if n_frames > 1:
+            notes.append(f"multi-frame DICOM: used frame 1 of {n_frames}")
+        grey = _to_grey(frame, ds, notes)
+        del frame
+    notes.extend(n for n in caught if n not in notes)
 
     rows, cols = grey.shape
     return Decoded(
@@ -187,27 +201,166 @@ def _require_pydicom() -> None:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _load_first_frame(path: Path) -> tuple[Dataset, np.ndarray]:
+#: Most read calls pydicom may make while parsing the header (about one or two per element): a
+#: file of millions of empty elements after a valid start is refused within a fraction of a
+#: second (a few seconds on a loaded machine) instead of being walked element by element. The
+#: shared chest radiographs, CT and MR need 76 to 305; an enhanced multi-frame header with per-frame
+#: groups needs some tens per frame.
+MAX_HEADER_READS = 50_000
+
+#: A deflated dataset may inflate to at most this many times the pixel limit, in bytes (two
+#: bytes a pixel, twice over): checked by streaming before pydicom inflates it in memory.
+INFLATE_FACTOR = 4
+
+
+class _ScanLimitError(Exception):
+    pass
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only view of an open file that refuses more than ``budget`` read calls."""
+
+    def __init__(self, fh: BinaryIO, budget: int) -> None:
+        super().__init__()
+        self._fh = fh
+        self.budget = budget
+
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _ScanLimitError
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._spend()
+        return self._fh.read(-1 if size is None else size)
+
+    def readinto(self, buffer: Any) -> int:
+        self._spend()
+        return self._fh.readinto(buffer)  # type: ignore[attr-defined,no-any-return]
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the caller owns the file
+        pass
+
+
+def _check_start(fh: BinaryIO) -> bytes:
+    """Refuse, from the first bytes alone, files that can't be DICOM (zeros, random data)."""
+    fh.seek(0)
+    head = fh.read(144)
+    if head[128:132] == b"DICM":
+        if head[132:134] != b"\x02\x00":
+            raise ImageError("not a valid DICOM file (no file meta information after the DICM marker)")
+        meta_end = _meta_end(head)
+        if meta_end is not None:
+            fh.seek(132)
+            meta = fh.read(meta_end - 132)
+            first = fh.read(2)
+            if first == b"\x00\x00" and _DEFLATED_UID not in meta:
+                raise ImageError("not a valid DICOM file (no data element after the file meta information)")
+        return head
+    # A bare dataset (no preamble): its first element must be of a low even group (0002 file
+    # meta, 0008 identification), in either byte order. Zeros (group 0000) and most random
+    # data stop here, before pydicom would walk them element by element.
+    if len(head) < 8 or not any(int.from_bytes(head[:2], order) in (0x0002, 0x0004, 0x0008) for order in ("little", "big")):
+        raise ImageError("not a valid DICOM file (no DICM marker and no DICOM element at the start)")
+    return head
+
+
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def _meta_end(head: bytes) -> int | None:
+    """Where the file meta information ends, from its (0002,0000) group length; None without one."""
+    if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or len(head) < 144:
+        return None
+    explicit = head[136:138] == b"UL"
+    length = struct.unpack("<I", head[140:144] if explicit else head[136:140])[0]
+    return 132 + (12 if explicit else 8) + length
+
+
+def _check_inflated_size(fh: BinaryIO, head: bytes) -> None:
+    """A deflated dataset is inflated by pydicom in one piece: refuse one that would be huge."""
+    limit = Image.MAX_IMAGE_PIXELS
+    meta_end = _meta_end(head)
+    if not limit or meta_end is None:
+        return  # no (0002,0000) group length: pydicom needs it to find the deflated part anyway
+    fh.seek(meta_end)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    budget = INFLATE_FACTOR * int(limit)
+    total = 0
+    try:
+        while chunk := fh.read(1 << 20):
+            data = inflater.decompress(chunk, budget + 1 - total)
+            total += len(data)
+            while inflater.unconsumed_tail and total <= budget:
+                total += len(inflater.decompress(inflater.unconsumed_tail, budget + 1 - total))
+            if total > budget:
+                raise ImageError(
+                    f"image too large (decompression-bomb guard): the deflated DICOM dataset inflates "
+                    f"to more than {budget} bytes"
+                )
+            if inflater.eof:
+                break
+    except zlib.error:
+        return  # pydicom says what is wrong with it
+    finally:
+        fh.seek(0)
+
+
+def _load_first_frame(fh: BinaryIO) -> tuple[Dataset, np.ndarray]:
     """The header (only the elements cxr-batch reads) and the first frame's stored values."""
-    header = _read_header(path)
+    head = _check_start(fh)
+    header = _read_header(fh)
     tsyntax = header.file_meta.get("TransferSyntaxUID")
-    # pixel_array(path) needs a file meta header and can't inflate deflated datasets.
+    # pixel_array(file) needs a file meta header and can't inflate deflated datasets.
     streamable = tsyntax is not None and not tsyntax.is_deflated
-    ds = header if streamable else _read_whole(path)
+    _check_frame_size(header)  # before reading (or inflating) any pixel data
+    if not streamable:
+        if tsyntax is not None and tsyntax.is_deflated:
+            _check_inflated_size(fh, head)
+        ds = _read_whole(fh)
+        _check_frame_size(ds)
+    else:
+        ds = header
     tsyntax = ds.file_meta.TransferSyntaxUID
-    _check_frame_size(ds)
     _check_decoder(tsyntax)
-    # From a path, pixel_array reads past the header to frame 1 and decodes only that frame, so
+    # From a file, pixel_array reads past the header to frame 1 and decodes only that frame, so
     # memory stays about one frame whatever the number of frames.
-    return ds, _decode(path if streamable else ds, tsyntax)
+    fh.seek(0)
+    frame = _decode(fh if streamable else ds, tsyntax)
+    for keyword in _PIXEL_KEYWORDS:  # the encoded copy is no longer needed
+        if keyword in ds:
+            del ds[keyword]
+    return ds, frame
 
 
-def _read_header(path: Path) -> Dataset:
+def _read_header(fh: BinaryIO) -> Dataset:
     from pydicom import dcmread
 
+    fh.seek(0)
     try:
         # force: also bare datasets without the preamble and "DICM" (older ACR-NEMA style exports)
-        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=[*_TAGS, *_PIXEL_TAGS])
+        ds = dcmread(
+            _Bounded(fh, MAX_HEADER_READS),
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=[*_TAGS, *_PIXEL_TAGS],
+        )
+    except _ScanLimitError:
+        raise ImageError(
+            f"not a valid DICOM file: no pixel data after {MAX_HEADER_READS} header reads (corrupt or padded file)"
+        ) from None
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
     if not ds.file_meta.get("TransferSyntaxUID") and not any(k in ds for k in _KNOWN_KEYWORDS):
@@ -215,13 +368,16 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
-def _read_whole(path: Path) -> Dataset:
-    """Header and all pixel data, for the files ``pixel_array(path)`` can't stream."""
+def _read_whole(fh: BinaryIO) -> Dataset:
+    """Header and all pixel data, for the files ``pixel_array(file)`` can't stream."""
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    fh.seek(0)
     try:
-        ds = dcmread(path, force=True, specific_tags=[*_TAGS, *_PIXEL_TAGS])
+        ds = dcmread(_Bounded(fh, MAX_HEADER_READS), force=True, specific_tags=[*_TAGS, *_PIXEL_TAGS])
+    except _ScanLimitError:
+        raise ImageError(f"not a valid DICOM file: more than {MAX_HEADER_READS} header reads") from None
     except _DECODE_ERRORS as exc:
         raise ImageError(f"not a valid DICOM file: {_reason(exc)}") from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
@@ -236,12 +392,12 @@ def _read_whole(path: Path) -> Dataset:
 
 
 def _check_frame_size(ds: Dataset) -> None:
-    """The same decompression-bomb limit as Pillow's for other images, checked before decoding."""
+    """The same decompression-bomb limit as for other images (Pillow's), checked before decoding."""
     limit = Image.MAX_IMAGE_PIXELS
     rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
-    if limit and rows * cols > 2 * limit:
+    if limit and rows * cols > limit:
         raise ImageError(
-            f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {2 * limit}"
+            f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {int(limit)}"
         )
 
 
@@ -265,7 +421,7 @@ def _missing_plugin_message(tsyntax: Any) -> str:
     )
 
 
-def _decode(src: Path | Dataset, tsyntax: Any) -> np.ndarray:
+def _decode(src: BinaryIO | Dataset, tsyntax: Any) -> np.ndarray:
     from pydicom.pixels.utils import pixel_array
 
     try:
@@ -282,53 +438,104 @@ def _decode(src: Path | Dataset, tsyntax: Any) -> np.ndarray:
 # --- pixels ------------------------------------------------------------------------------------
 
 
+#: Pixels converted at a time in float64 (8 MB), so the float64 copies the DICOM pipeline needs
+#: stay that size whatever the image size; the result is written straight into float32.
+CHUNK_PIXELS = 1 << 20
+
+
 def _to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
     """Stored values of one frame → grey float32 [0, 1] as a viewer would display them."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if frame.ndim == 3 or photometric == "PALETTE COLOR":
         grey = _colour_to_grey(frame, ds, photometric)
-    elif frame.ndim == 2:
-        grey = _monochrome_to_grey(frame, ds, notes)
-        if photometric == "MONOCHROME1":
-            np.subtract(1.0, grey, out=grey)  # grey is a fresh float64 array
-    else:
-        raise ImageError(f"unexpected DICOM pixel array shape {frame.shape}")
-    if not np.isfinite(grey).all():
-        raise ImageError("DICOM image contains NaN or infinite pixel values")
-    grey = grey.astype(np.float32)  # a fresh array: clip it in place
-    return np.clip(grey, 0.0, 1.0, out=grey)
+        if not np.isfinite(grey).all():
+            raise ImageError("DICOM image contains NaN or infinite pixel values")
+        grey = grey.astype(np.float32)  # a fresh array: clip it in place
+        return np.clip(grey, 0.0, 1.0, out=grey)
+    if frame.ndim == 2:
+        return _monochrome_to_grey(frame, ds, notes, invert=photometric == "MONOCHROME1")
+    raise ImageError(f"unexpected DICOM pixel array shape {frame.shape}")
 
 
-def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
+def _row_blocks(frame: np.ndarray) -> list[slice]:
+    step = max(1, CHUNK_PIXELS // max(1, frame.shape[1]))
+    return [slice(r, r + step) for r in range(0, frame.shape[0], step)]
 
+
+def _monochrome_to_grey(frame: np.ndarray, ds: Dataset, notes: list[str], invert: bool) -> np.ndarray:
+    """Modality LUT, then the VOI LUT, the window or the full range, then MONOCHROME1 inversion.
+
+    Every step works pixel by pixel, so it runs on blocks of rows (:data:`CHUNK_PIXELS`): the
+    same float64 operations as on the whole frame, bit for bit, without whole-frame float64
+    copies. A step that fails on any block is dropped for the whole image, with a note.
+    """
     _lift_functional_groups(ds)
+    blocks = _row_blocks(frame)
+    out = np.empty(frame.shape, dtype=np.float32)
+    modality = True
     try:
-        values = apply_modality_lut(frame, ds)
+        for block in blocks[:1]:
+            _modality(frame[block], ds, True)
     except _DECODE_ERRORS as exc:
         notes.append(f"DICOM modality LUT ignored: {_reason(exc)}")
-        values = frame
+        modality = False
+
+    def values_of(block: slice) -> np.ndarray:
+        return _modality(frame[block], ds, modality)
 
     if ds.get("VOILUTSequence"):
-        if not np.issubdtype(values.dtype, np.integer):
-            values = np.rint(values).astype(np.int64)  # LUT inputs are integers (after a rescale)
         try:
-            out = apply_voi(values, ds, index=0)
             top = _voi_lut_top(ds)
-            return out.astype(np.float64) / top
+            _fill(out, blocks, lambda b: _voi(values_of(b), ds, top), invert)
+            return out
         except _DECODE_ERRORS as exc:
             notes.append(f"DICOM VOI LUT ignored: {_reason(exc)}")
     elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         try:
             y_min, y_max = _windowing_range(ds)
-            out = apply_windowing(values, ds, index=0)
-            out -= y_min  # apply_windowing returns a new float64 array
-            out /= y_max - y_min
+            _fill(out, blocks, lambda b: _window(values_of(b), ds, y_min, y_max), invert)
             return out
         except _DECODE_ERRORS as exc:
             notes.append(f"DICOM window ignored: {_reason(exc)}")
 
-    return _min_max(values)
+    lo, hi = _finite_range(values_of(b) for b in blocks)
+    _fill(out, blocks, lambda b: _min_max(values_of(b), lo, hi), invert)
+    return out
+
+
+def _modality(values: np.ndarray, ds: Dataset, apply: bool) -> np.ndarray:
+    from pydicom.pixels.processing import apply_modality_lut
+
+    return apply_modality_lut(values, ds) if apply else values
+
+
+def _voi(values: np.ndarray, ds: Dataset, top: float) -> np.ndarray:
+    from pydicom.pixels.processing import apply_voi
+
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)  # LUT inputs are integers (after a rescale)
+    return apply_voi(values, ds, index=0).astype(np.float64) / top
+
+
+def _window(values: np.ndarray, ds: Dataset, y_min: float, y_max: float) -> np.ndarray:
+    from pydicom.pixels.processing import apply_windowing
+
+    out = apply_windowing(values, ds, index=0)
+    out -= y_min  # apply_windowing returns a new float64 array
+    out /= y_max - y_min
+    return out
+
+
+def _fill(out: np.ndarray, blocks: list[slice], convert: Any, invert: bool) -> None:
+    """``out[block] = clip(convert(block))`` for each block, inverted for MONOCHROME1."""
+    for block in blocks:
+        grey = convert(block)
+        if invert:
+            grey = np.subtract(1.0, grey, out=grey if grey.dtype == np.float64 else None)
+        if not np.isfinite(grey).all():
+            raise ImageError("DICOM image contains NaN or infinite pixel values")
+        out[block] = grey  # float64 → float32, as astype() does
+    np.clip(out, 0.0, 1.0, out=out)
 
 
 def _windowing_range(ds: Dataset) -> tuple[float, float]:
@@ -367,13 +574,27 @@ def _voi_lut_top(ds: Dataset) -> float:
     return float(2 ** min(bits, needed) - 1)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    """No VOI transform in the file: show the frame's full range of values."""
-    values = values.astype(np.float64, copy=False)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
+def _finite_range(blocks: Any) -> tuple[float, float]:
+    """The smallest and largest finite value over all blocks (no VOI transform: the full range)."""
+    lo, hi = np.inf, -np.inf
+    for values in blocks:
+        if np.issubdtype(values.dtype, np.integer):
+            if values.size:
+                lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+            continue
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if lo > hi:
         raise ImageError("DICOM image contains NaN or infinite pixel values")
-    lo, hi = float(finite.min()), float(finite.max())
+    return lo, hi
+
+
+def _min_max(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """No VOI transform in the file: show the frame's full range of values (``lo``..``hi``)."""
+    values = values.astype(np.float64, copy=False)
+    if lo is None or hi is None:
+        lo, hi = _finite_range([values])
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float64)
     scaled = values - lo
@@ -425,14 +646,49 @@ def _lift_functional_groups(ds: Dataset) -> None:
 # --- header ------------------------------------------------------------------------------------
 
 
-def _report_fields(ds: Dataset) -> dict[str, str]:
-    """The report's DICOM columns. Never add patient elements here (see module docstring)."""
-    return {
-        "modality": _text(ds.get("Modality")).upper(),
-        "view_position": _text(ds.get("ViewPosition")).upper(),
-        "sop_instance_uid": _text(ds.get("SOPInstanceUID")),
-        "study_instance_uid": _text(ds.get("StudyInstanceUID")),
-    }
+#: What a value may look like, by value representation (PS3.5 6.2): UI is digits and dots, at
+#: most 64 characters; CS is upper-case letters, digits, space and underscore, at most 16.
+_VR_PATTERNS = {
+    "UI": re.compile(r"[0-9.]{1,64}"),
+    "CS": re.compile(r"[A-Z0-9 _]{1,16}"),
+}
+
+#: The report's DICOM columns: (column, keyword, VR).
+_REPORT_ELEMENTS = (
+    ("modality", "Modality", "CS"),
+    ("view_position", "ViewPosition", "CS"),
+    ("sop_instance_uid", "SOPInstanceUID", "UI"),
+    ("study_instance_uid", "StudyInstanceUID", "UI"),
+)
+
+
+def _report_fields(ds: Dataset, notes: list[str] | None = None) -> dict[str, str]:
+    """The report's DICOM columns. Never add patient elements here (see module docstring).
+
+    Whoever sends a DICOM file controls these values, and they end up in spreadsheets: a value
+    that its value representation does not allow (a UI that is not digits and dots, a CS with
+    lower case or punctuation, such as ``=HYPERLINK(...)``) is left empty with a note, and is
+    never echoed.
+    """
+    fields: dict[str, str] = {}
+    for column, keyword, vr in _REPORT_ELEMENTS:
+        value = _header_text(ds, keyword)
+        if vr == "CS":
+            value = value.upper()  # CS is upper case; some writers don't care (kept as before)
+        if value and not _VR_PATTERNS[vr].fullmatch(value):
+            if notes is not None:
+                notes.append(f"invalid {column} header value left empty (not a valid DICOM {vr})")
+            value = ""
+        fields[column] = value
+    return fields
+
+
+def _header_text(ds: Dataset, keyword: str) -> str:
+    """The element's value as text, or "" (an element pydicom can't even convert counts as empty)."""
+    try:
+        return _text(ds.get(keyword))
+    except _DECODE_ERRORS:
+        return ""
 
 
 def _not_radiograph(modality: str) -> str | None:

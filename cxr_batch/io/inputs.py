@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from cxr_batch.errors import InputError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.safe_open import open_regular
 
 #: Suffixes the walk takes without looking inside the file.
 ACCEPTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
@@ -34,7 +35,7 @@ class InputFile:
 
     path: str  #: the path to open (as found; symbolic links are not resolved)
     display: str  #: the report's ``path`` column
-    #: set by a source that could not fetch the file (e.g. DICOMweb): the row is this error
+    #: Set when discovery already knows the row is an error (a folder that can't be listed).
     error: str | None = None
 
 
@@ -49,6 +50,9 @@ class InputSpec:
     absolute_paths: bool = False
     #: One path a line (already read from ``--files-from``); files or folders.
     listed: tuple[str, ...] = ()
+    #: What the run writes (the report, the heatmap folder): never taken as inputs, even when
+    #: they lie inside an input folder (compared by device and inode, so any spelling or link).
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,17 +63,91 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_path_list(stream: BinaryIO) -> list[str]:
-    """One path a line (bytes, so any file name but one containing a newline can be listed).
+#: The longest path ``--files-from`` takes (Linux's PATH_MAX): a longer "line" is not a path list.
+MAX_LISTED_PATH = 4096
+_CHUNK = 1 << 16
 
-    Blank lines are skipped; a trailing carriage return is dropped.
+
+def read_path_list(stream: BinaryIO, name: str = "--files-from") -> list[str]:
+    """Paths from a list: one a line, or NUL-separated (``find -print0``, ``xargs -0`` style).
+
+    Bytes, so any file name can be listed (NUL-separated: even one containing a newline). The
+    list is NUL-separated when its first 64 KiB hold a NUL byte. One path a line: blank lines
+    are skipped and a trailing carriage return is dropped. NUL-separated: nothing is stripped
+    and an empty record (two NULs in a row, as ``/dev/zero`` gives) is an error. Memory stays
+    bounded by the records themselves: a record longer than :data:`MAX_LISTED_PATH` bytes
+    (a binary file, ``/dev/zero`` read as lines) is an error, not an ever-growing buffer.
+
+    Raises:
+        InputError: a record too long or empty (NUL mode), or a NUL byte inside a line.
     """
+    head = stream.read(_CHUNK)
+    if b"\0" in head:
+        return _read_nul_separated(stream, head, name)
     out: list[str] = []
-    for raw in stream:
-        line = raw.rstrip(b"\n").rstrip(b"\r")
+    number = 0
+
+    def take(line: bytes) -> None:
+        if len(line) > MAX_LISTED_PATH + 1:
+            raise InputError(
+                f"{name}: line {number} is longer than {MAX_LISTED_PATH} bytes, which no path is: "
+                "is it a list of paths, one a line (or NUL-separated)?"
+            )
+        if b"\0" in line:
+            raise InputError(
+                f"{name}: line {number} holds a NUL byte, which no path can; for NUL-separated lists "
+                "(find -print0) every path must end in NUL"
+            )
+        line = line.rstrip(b"\r")
         if line.strip():
             out.append(os.fsdecode(line))
-    return out
+
+    pending = head
+    while True:
+        lines = pending.split(b"\n")
+        pending = lines.pop()  # after the last newline: the start of the next line (or b"")
+        if lines and (max(map(len, lines)) > MAX_LISTED_PATH + 1 or any(b"\0" in line for line in lines)):
+            for line in lines:  # slow path, to name the bad line
+                number += 1
+                take(line)
+        else:
+            number += len(lines)
+            out.extend(os.fsdecode(line.rstrip(b"\r")) for line in lines if line.strip())
+        if len(pending) > MAX_LISTED_PATH + 1:
+            number += 1
+            take(pending)  # raises: too long
+        more = stream.read(_CHUNK)
+        if not more:
+            if pending:
+                number += 1
+                take(pending)
+            return out
+        pending += more
+
+
+def _read_nul_separated(stream: BinaryIO, head: bytes, name: str) -> list[str]:
+    out: list[str] = []
+    pending = head
+    while True:
+        records = pending.split(b"\0")
+        pending = records.pop()  # after the last NUL: the start of the next record (or b"")
+        for record in records:
+            if not record:
+                raise InputError(
+                    f"{name}: empty record after path {len(out)} (two NUL bytes in a row): "
+                    "not a NUL-separated list of paths (find -print0)?"
+                )
+            if len(record) > MAX_LISTED_PATH:
+                raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")
+            out.append(os.fsdecode(record))
+        if len(pending) > MAX_LISTED_PATH:
+            raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")
+        more = stream.read(_CHUNK)
+        if not more:
+            if pending:
+                out.append(os.fsdecode(pending))  # the last path without its NUL
+            return out
+        pending += more
 
 
 def _matches(glob: str, rel: str) -> bool:
@@ -88,7 +166,7 @@ def _include_name(rel: str, include: Sequence[str]) -> bool:
 
 def _sniff_dicom(path: str) -> bool:
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(132)
     except OSError:
         return False
@@ -104,6 +182,25 @@ class _Walker:
         self.spec = spec
         self.warnings: list[str] = []
         self._visited_dirs: set[tuple[int, int]] = set()
+        self.output_dirs: set[tuple[int, int]] = set()
+        self.output_files: set[tuple[int, int]] = set()
+        for out in spec.outputs:
+            try:
+                st = os.stat(out)
+            except OSError:
+                continue  # not there yet: created after discovery, so it can't be found by it
+            (self.output_dirs if stat.S_ISDIR(st.st_mode) else self.output_files).add((st.st_dev, st.st_ino))
+        self._output_inodes = {ino for _, ino in self.output_files}
+
+    def is_output(self, path: str) -> bool:
+        """Whether ``path`` is (or links to) one of the run's outputs."""
+        if not self.output_files and not self.output_dirs:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self.output_files | self.output_dirs
 
     def display(self, path: str, rel: str) -> str:
         return os.path.abspath(path) if self.spec.absolute_paths else rel
@@ -115,11 +212,15 @@ class _Walker:
         except OSError as exc:
             self.warnings.append(f"cannot read folder {root}: {exc.strerror or exc}")
             return
+        if (st.st_dev, st.st_ino) in self.output_dirs:
+            self.warnings.append(f"skipped folder {root}: it is where this run writes its output")
+            return
         self._visited_dirs.add((st.st_dev, st.st_ino))
         # A stack of (folder path, its relative path, sorted entries, next index): no recursion limit.
         stack: list[tuple[str, str, list[os.DirEntry[str]], int]] = []
-        entries = self._list(root)
+        entries, error = self._list(root)
         if entries is None:
+            yield InputFile(root, os.path.abspath(root) if self.spec.absolute_paths else root, error=error)
             return
         stack.append((root, "", entries, 0))
         while stack:
@@ -136,25 +237,37 @@ class _Walker:
                 if not self.spec.recursive or self._excluded(rel):
                     continue
                 key = self._dir_key(entry.path)
-                if key is None or key in self._visited_dirs:
-                    continue  # a link back to a folder already walked: a loop, or a second way in
+                if key is None or key in self._visited_dirs or key in self.output_dirs:
+                    continue  # a loop, a second way in, or the run's own output folder
                 self._visited_dirs.add(key)
-                sub = self._list(entry.path)
+                sub, error = self._list(entry.path)
                 if sub is not None:
                     stack.append((entry.path, rel + "/", sub, 0))
+                else:  # a row naming the folder: its files are missing from the report (exit 3)
+                    yield InputFile(entry.path, self.display(entry.path, rel + "/"), error=error)
                 continue
             if self._excluded(rel) or not _include_name(rel, self.spec.include):
                 continue
-            if self._is_candidate(entry):
+            if self._is_candidate(entry) and not self._is_output_entry(entry):
                 yield InputFile(entry.path, self.display(entry.path, rel))
 
-    def _list(self, folder: str) -> list[os.DirEntry[str]] | None:
+    def _is_output_entry(self, entry: os.DirEntry[str]) -> bool:
+        if not self.output_files:
+            return False
+        try:
+            if not entry.is_symlink() and entry.inode() not in self._output_inodes:
+                return False  # the common case, without a system call
+        except OSError:
+            return False
+        return self.is_output(entry.path)
+
+    def _list(self, folder: str) -> tuple[list[os.DirEntry[str]] | None, str]:
+        """The sorted entries, or None and why the folder (or part of it) can't be listed."""
         try:
             with os.scandir(folder) as it:
-                return sorted(it, key=lambda e: e.name)
+                return sorted(it, key=lambda e: e.name), ""
         except OSError as exc:
-            self.warnings.append(f"cannot list folder {folder}: {exc.strerror or exc}")
-            return None
+            return None, f"cannot list folder: {exc.strerror or exc}; its files were not classified"
 
     @staticmethod
     def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -177,12 +290,18 @@ class _Walker:
     @staticmethod
     def _is_candidate(entry: os.DirEntry[str]) -> bool:
         try:
-            is_file = entry.is_file()
+            is_file = entry.is_file()  # follows links; from the directory entry's type for others
         except OSError:
             is_file = False
         if not is_file:
-            # A broken link named like an image is still an input the user expects a row for.
-            return entry.is_symlink() and _wanted_suffix(entry.name)
+            try:
+                st = entry.stat()
+            except OSError:
+                # A broken link named like an image is still an input the user expects a row for.
+                return entry.is_symlink() and _wanted_suffix(entry.name)
+            # A FIFO, socket or device (or a link to one): an error row ("not a regular file"),
+            # never skipped without a word and never opened.
+            return not stat.S_ISDIR(st.st_mode)
         if _wanted_suffix(entry.name):
             return True
         return _sniff_dicom(entry.path)
@@ -224,6 +343,8 @@ def iter_inputs(spec: InputSpec, warnings: list[str] | None = None) -> Iterator[
     for arg, from_list in [(a, False) for a in spec.paths] + [(a, True) for a in spec.listed]:
         if _is_dir_path(arg):
             yield from emit(walker.walk(arg))
+        elif walker.is_output(arg):
+            walker.warnings.append(f"skipped {arg}: it is this run's own output")
         elif from_list or os.path.lexists(arg):
             shown_as = os.path.abspath(arg) if spec.absolute_paths else arg
             yield from emit([InputFile(arg, shown_as)])

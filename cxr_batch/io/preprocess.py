@@ -15,11 +15,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_batch.errors import ImageError
+from cxr_batch.io.safe_open import NotRegularFileError, open_regular
+from cxr_batch.io.warning_capture import capture
 
 #: File suffixes the directory walk picks up (lower case). DICOM is also sniffed by content.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -40,6 +43,11 @@ LUMA = (0.299, 0.587, 0.114)
 #: Pillow applies ``reduce()`` (a fast box filter by an integer factor) first when the image is
 #: at least this many times larger than the target, then the named filter for the rest.
 REDUCING_GAP = 3.0
+
+#: Frames counted for the multi-frame note; beyond this it says "1 of more than N".
+MAX_FRAMES_COUNTED = 100
+#: Formats whose frame count is in the header (reading it costs nothing).
+_CHEAP_FRAME_COUNT = frozenset({"PNG", "MPO", "WEBP", "FLI"})
 
 #: The EXIF tag that says how the stored pixels must be rotated or flipped for display.
 EXIF_ORIENTATION = 0x0112
@@ -103,6 +111,10 @@ register_reader("dicom", is_dicom, _read_dicom)
 def decode(path: str | os.PathLike[str], target: tuple[int, int] | None = None) -> Decoded:
     """Decode one file to grey float32 pixels in [0, 1].
 
+    Only regular files are opened (see :mod:`cxr_batch.io.safe_open`): a FIFO, a device or a
+    socket is refused at once, so an input can never block the run. Library warnings raised
+    while decoding become the file's notes (:mod:`cxr_batch.io.warning_capture`), never stderr.
+
     Args:
         path: the image file.
         target: the model's (H, W); lets JPEG decoding downscale early with ``draft()``.
@@ -112,26 +124,40 @@ def decode(path: str | os.PathLike[str], target: tuple[int, int] | None = None) 
     """
     p = Path(path)
     try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
+        fh = open_regular(p)
+    except NotRegularFileError as exc:
+        if exc.kind == "directory":
+            raise ImageError("is a directory, not an image file") from None
+        raise ImageError(f"not a regular file: {exc.kind}") from None
     except IsADirectoryError:
         raise ImageError("is a directory, not an image file") from None
     except OSError as exc:
         raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
-    if not head:
-        raise ImageError("empty file (0 bytes)")
-    for _name, sniff, read in _readers:
-        if sniff(p, head):
-            return read(p, target)
-    return _decode_pillow(p, target)
+    with fh, capture() as caught:
+        try:
+            head = fh.read(132)
+        except OSError as exc:
+            raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+        if not head:
+            raise ImageError("empty file (0 bytes)")
+        decoded: Decoded | None = None
+        for _name, sniff, read in _readers:
+            if sniff(p, head):
+                decoded = read(p, target)
+                break
+        if decoded is None:
+            fh.seek(0)
+            decoded = _decode_pillow(fh, target)
+    decoded.notes.extend(n for n in caught if n not in decoded.notes)
+    return decoded
 
 
-def _decode_pillow(path: Path, target: tuple[int, int] | None) -> Decoded:
+def _decode_pillow(path: Path | BinaryIO, target: tuple[int, int] | None) -> Decoded:
     try:
         with Image.open(path) as img:
             # Pillow raises above twice MAX_IMAGE_PIXELS and only warns between 1x and 2x; refuse
-            # both, so a huge image never eats the machine's memory. (No warnings.catch_warnings():
-            # decoding runs in threads, and that context manager is not thread-safe.)
+            # both, so a huge image never eats the machine's memory. (Pillow's warning becomes a
+            # note through decode()'s capture(), then this error replaces it.)
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and img.width * img.height > limit:
                 raise ImageError(
@@ -154,10 +180,11 @@ def _decode_pillow(path: Path, target: tuple[int, int] | None) -> Decoded:
 
 def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
     notes: list[str] = []
-    n_frames = getattr(img, "n_frames", 1)
+    n_frames = count_frames(img)
     if n_frames > 1:
         img.seek(0)
-        notes.append(f"multi-frame file: used frame 1 of {n_frames}")
+        many = f"more than {MAX_FRAMES_COUNTED}" if n_frames > MAX_FRAMES_COUNTED else str(n_frames)
+        notes.append(f"multi-frame file: used frame 1 of {many}")
     # The file's own size, as displayed: draft() below may decode a JPEG at a reduced scale,
     # and EXIF orientations 5-8 swap the axes.
     width, height = img.size
@@ -171,6 +198,29 @@ def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
     img = ImageOps.exif_transpose(img) or img
     grey = to_grey(img)
     return Decoded(grey=grey, width=width, height=height, notes=notes)
+
+
+def count_frames(img: Image.Image, limit: int | None = None) -> int:
+    """The number of frames, counted no further than ``limit`` + 1 (default :data:`MAX_FRAMES_COUNTED`).
+
+    Pillow's ``n_frames`` walks every frame of a TIFF or GIF (a 4 MB TIFF can hold 40,000 pages,
+    and walking them takes tens of seconds); the note only needs "1 of N" for small N.
+    """
+    limit = MAX_FRAMES_COUNTED if limit is None else limit
+    if not getattr(img, "is_animated", False):
+        return 1
+    if img.format in _CHEAP_FRAME_COUNT:
+        return int(getattr(img, "n_frames", 1))
+    count = 1
+    try:
+        while count <= limit:
+            img.seek(count)
+            count += 1
+    except EOFError:
+        pass
+    finally:
+        img.seek(0)
+    return count
 
 
 def _bit_depth_max(img: Image.Image, arr: np.ndarray) -> float:
@@ -232,8 +282,15 @@ def to_grey(img: Image.Image) -> np.ndarray:
     if mode.startswith("I"):
         raw = np.asarray(img)
         top = _bit_depth_max(img, raw)
-        arr = raw.astype(np.float64) / top
-        return np.clip(arr, 0.0, 1.0).astype(np.float32)
+        if top <= 2**24:
+            # Up to 24 bits every value (or one clipped anyway) and the divisor are exact in float32, and a float32
+            # division is correctly rounded, so this equals float64 division then rounding to
+            # float32, bit for bit, with one float32 array instead of three float64 ones.
+            arr = np.divide(raw, np.float32(top), dtype=np.float32)
+            del raw
+        else:
+            arr = (raw.astype(np.float64) / top).astype(np.float32)
+        return np.clip(arr, 0.0, 1.0, out=arr)
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         return scale_to_unit(arr)

@@ -9,12 +9,29 @@ the grey image: the hotter a pixel, the more colour.
 
 Each heatmap keeps the report path of its image under the heatmap folder with ``.png`` added
 (``covid/a.jpg`` → ``DIR/covid/a.jpg.png``), so ``a.jpg`` and ``a.png`` never collide.
+
+Writing is safe against what may already be in the folder and against faults:
+
+- the folder is created, locked (one run at a time, :mod:`cxr_batch.report.lock`) and checked
+  writable (a probe file is written and removed) before the run: an unwritable folder is an
+  :class:`OutputError`, not a run of warnings;
+- every heatmap is written to a temporary file in its own folder, synced, then renamed over its
+  final name: a full disk or a kill leaves the earlier heatmap (or none), never a truncated
+  PNG under the final name;
+- nothing is written through a symbolic link: the sub-folders are opened one component at a
+  time with ``O_NOFOLLOW`` relative to the folder's descriptor (a linked sub-folder is refused
+  for the heatmaps under it), and the rename replaces a link named like a heatmap instead of
+  writing into its target. Nothing is written outside the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from collections.abc import Sequence
+import secrets
+import stat
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
@@ -22,11 +39,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 from rich.console import Console
-from rich.markup import escape
 
 from cxr_batch.contract import CAM_ROLE
 from cxr_batch.errors import ImageError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
+from cxr_batch.report.lock import lock_or_refuse
+from cxr_batch.text import markup
 
 if TYPE_CHECKING:
     from cxr_batch.engine.classifier import Result
@@ -125,17 +143,29 @@ def heatmap_relpath(report_path: str) -> Path:
     return Path(*safe)
 
 
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class _Refused(Exception):
+    """A heatmap's folder is a link or not a folder: that heatmap is not written."""
+
+
 class HeatmapWriter:
     """Write one heatmap PNG per classified result (results need the ``cam`` output).
 
-    A heatmap that can't be made (the file changed since it was classified, a write error) is
-    recorded in :attr:`failures`; the classification row stands.
+    A heatmap that can't be made (the file changed since it was classified, a write error, a
+    linked sub-folder) is recorded in :attr:`failures`; the classification row stands.
 
     Args:
-        folder: the heatmap folder (created when the first heatmap is written).
+        folder: the heatmap folder (created, locked and checked writable here).
         labels: the model's labels, in model order.
         workers: rendering threads (decode, resize, PNG encode); default one per core, at most 8.
         max_side: the longer side of a heatmap at most, in pixels.
+
+    Raises:
+        OutputError: the folder is not a folder, can't be created or written, or another run
+            is writing heatmaps into it.
     """
 
     def __init__(
@@ -148,6 +178,17 @@ class HeatmapWriter:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--heatmaps {self.folder}: exists and is not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.folder, _DIR_FLAGS)  # the folder itself may be a link; what is inside may not
+        except OSError as exc:
+            raise OutputError(f"--heatmaps {self.folder}: cannot create or open the folder: {exc.strerror or exc}") from None
+        try:
+            lock_or_refuse(self._fd, f"the heatmap folder {self.folder}")
+            self._check_writable()
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.labels = tuple(labels)
         self.max_side = max_side
         self.written = 0
@@ -157,9 +198,39 @@ class HeatmapWriter:
             max_workers=workers or max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cxr-heatmap"
         )
 
+    def _check_writable(self) -> None:
+        probe = f".cxr-batch-probe-{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+            try:
+                os.write(fd, b"cxr-batch")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe, dir_fd=self._fd)
+        except OSError as exc:
+            raise OutputError(
+                f"--heatmaps {self.folder}: the folder is not writable ({exc.strerror or exc}); "
+                "nothing was classified"
+            ) from None
+
     def target(self, report_path: str) -> Path:
         """The heatmap file for a report path."""
         return self.folder / heatmap_relpath(report_path)
+
+    def missing(self, report_paths: Iterable[str]) -> list[str]:
+        """The report paths whose heatmap is missing, empty (0 bytes) or not a plain file
+        (``resume`` makes them again; a kill can leave none, never a partial one)."""
+        out = []
+        for p in report_paths:
+            try:
+                st = os.lstat(self.target(p))
+            except OSError:
+                out.append(p)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                out.append(p)
+        return out
 
     def write(self, results: Sequence[Result]) -> None:
         """Render the heatmaps of the ok results of one batch (in parallel); returns when written."""
@@ -171,13 +242,18 @@ class HeatmapWriter:
             if cam is None:
                 self.failures.append((r.path, f"the model returned no '{CAM_ROLE}' output"))
                 continue
-            target = self.target(r.path)
+            try:
+                rel = heatmap_relpath(r.path)
+            except ValueError as exc:
+                self.failures.append((r.path, str(exc)))
+                continue
+            target = self.folder / rel
             first = self._claimed.setdefault(target, r.path)
             if first != r.path:
                 self.failures.append((r.path, f"its heatmap name {target} is taken by {first!r}"))
                 continue
             heat = class_map(cam, self.labels.index(r.label))
-            jobs.append((r.path, self._pool.submit(self._render_one, r.file, heat, target)))
+            jobs.append((r.path, self._pool.submit(self._render_one, r.file, heat, rel)))
         for path, job in jobs:
             error = job.result()
             if error is None:
@@ -185,7 +261,7 @@ class HeatmapWriter:
             else:
                 self.failures.append((path, error))
 
-    def _render_one(self, file: str, heat: np.ndarray, target: Path) -> str | None:
+    def _render_one(self, file: str, heat: np.ndarray, rel: Path) -> str | None:
         """Runs in a rendering thread; returns the error message, or None when written."""
         try:
             image = render(file, heat, self.max_side)
@@ -194,25 +270,82 @@ class HeatmapWriter:
         except MemoryError:
             return "out of memory while rendering the heatmap"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target, format="PNG")
+            self._save(image, rel)
+        except _Refused as exc:
+            return str(exc)
         except OSError as exc:
-            return f"cannot write {target}: {exc.strerror or exc}"
+            return f"cannot write {self.folder / rel}: {exc.strerror or exc}"
         return None
+
+    def _open_parent(self, rel: Path) -> int:
+        """A descriptor of ``rel``'s folder under the heatmap folder, made as needed, never through a link."""
+        fd = os.dup(self._fd)
+        try:
+            for i, part in enumerate(rel.parts[:-1]):
+                for attempt in (0, 1):
+                    try:
+                        sub = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+                        break
+                    except FileNotFoundError:
+                        if attempt:
+                            raise
+                        with contextlib.suppress(FileExistsError):
+                            os.mkdir(part, 0o777, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise
+                        where = self.folder.joinpath(*rel.parts[: i + 1])
+                        is_link = stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode)
+                        raise _Refused(
+                            f"{where} is a symbolic link; heatmaps are never written through links"
+                            if is_link
+                            else f"{where} is not a folder"
+                        ) from None
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _save(self, image: Image.Image, rel: Path) -> None:
+        """PNG to a temporary file beside the target, synced, then renamed over the target."""
+        parent = self._open_parent(rel)
+        try:
+            tmp = f".cxr-heatmap-{secrets.token_hex(6)}.tmp"  # short: the target's name may be near NAME_MAX
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666,
+                         dir_fd=parent)  # fmt: skip
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    image.save(fh, format="PNG")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                # rename replaces the directory entry: a link named like the heatmap is replaced, its target untouched
+                os.replace(tmp, rel.name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+        finally:
+            os.close(parent)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the folder's lock
+            self._fd = -1
 
     def report(self, console: Console, show: int = 10, quiet: bool = False) -> None:
         """One line for the heatmaps written (unless ``quiet``), then a warning per heatmap that
         failed (the first ``show``; warnings are printed even when quiet)."""
         if not quiet:
             console.print(
-                f"heatmaps: {self.written} written under {escape(str(self.folder))}", highlight=False, soft_wrap=True
+                f"heatmaps: {self.written} written under {markup(self.folder)}", highlight=False, soft_wrap=True
             )
         for path, error in self.failures[:show]:
             console.print(
-                f"[yellow]warning:[/] no heatmap for {escape(path)}: {escape(error)}", highlight=False, soft_wrap=True
+                f"[yellow]warning:[/] no heatmap for {markup(path)}: {markup(error)}", highlight=False, soft_wrap=True
             )
         if len(self.failures) > show:
             console.print(f"[yellow]warning:[/] {len(self.failures) - show} more heatmaps failed", highlight=False)
+

@@ -4,7 +4,10 @@ Checks, each an error that names the files (nothing is dropped silently):
 
 - every part is a complete report: a header, no partial last row (a shard interrupted mid-row
   must be finished with ``classify --resume`` first), every row with all its columns;
-- all parts have the same columns, and every row names the same model;
+- all parts have the same columns, and every row names the same model: the same
+  ``name@version``, model file (``model_sha256``) and ``precision``; parts written before those
+  columns existed are refused (which file made their rows can't be checked);
+- every number column holds a number (or nothing): a hand-edited part fails with the file and line;
 - no path appears twice, in one part or across parts;
 - with ``expect=N``: every row of a part hashes to the same shard of N (so a part written with
   another N, or two parts mixed up, is caught), no two parts hold the same shard, and N parts
@@ -35,15 +38,33 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
-from rich.markup import escape
 
 from cxr_batch.engine.classifier import Result
 from cxr_batch.errors import MergeError, OutputError
 from cxr_batch.io.shard import shard_of
-from cxr_batch.report.writer import ENCODING, ERRORS, Format, RunStats, _describe_diff, render_summary, report_format
+from cxr_batch.report.cells import unescape_cell
+from cxr_batch.report.writer import (
+    ENCODING,
+    ERRORS,
+    IDENTITY_COLUMNS,
+    Format,
+    RunIdentity,
+    RunStats,
+    _describe_diff,
+    render_summary,
+    report_format,
+)
+from cxr_batch.text import markup
 
 #: Columns a part must have to be read as a cxr-batch report.
-REQUIRED = ("path", "status", "label", "confidence", "error", "model")
+REQUIRED = ("path", "status", "label", "confidence", "error", *IDENTITY_COLUMNS)
+#: Columns that hold numbers (or nothing), besides ``prob_<label>``.
+NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score")
+_BOM = "\ufeff"
+
+
+def _is_number_column(name: str) -> bool:
+    return name in NUMBER_COLUMNS or name.startswith("prob_")
 
 
 def walk_key(path: str) -> tuple[str, ...]:
@@ -89,7 +110,7 @@ class _Row:
     part: int  # index into the parts, so equal paths sort by part (stable error messages)
     number: int  # row number in its part (1 = first row after the header)
     path: str
-    model: str
+    model: RunIdentity
     values: dict[str, Any]  # typed enough for the summary: status, label, confidence, error, in_distribution
     record: list[str] | str  # CSV fields, or the JSON line as read
 
@@ -122,14 +143,23 @@ class _Part:
                 raise MergeError(f"{path} is empty (not even a header): did that shard's run fail before it started?")
             with open(path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
                 header = next(csv.reader(fh), None)
+            if header and header[0].startswith(_BOM):  # saved by a spreadsheet or an editor
+                header[0] = header[0][len(_BOM) :]
             self.columns = header
         else:
             with open(path, "rb") as fh:
                 first = fh.readline()
             if first:
-                self.columns = list(self._json(first.decode(ENCODING, ERRORS), 1))
+                self.columns = list(self._json(first.decode(ENCODING, ERRORS).removeprefix(_BOM), 1))
         if self.columns is not None:
             missing = [c for c in REQUIRED if c not in self.columns]
+            old = [c for c in missing if c in IDENTITY_COLUMNS]
+            if old and missing == old and "model" in self.columns:
+                raise MergeError(
+                    f"{path} was written by an older cxr-batch, without the {' and '.join(old)} column(s): "
+                    "which model file and precision made its rows can't be checked, so it is not merged "
+                    "(rows of two models would mix); classify that shard again with this version"
+                )
             if missing:
                 raise MergeError(f"{path} is not a cxr-batch report (no {', '.join(missing)} column)")
 
@@ -156,18 +186,28 @@ class _Part:
             next(reader)
             number = 0
             while True:
+                line = reader.line_num + 1  # the file line the row starts on
                 try:
                     record = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    raise MergeError(f"{self.path}: row {number + 1} is not valid CSV ({exc})") from None
+                    raise MergeError(f"{self.path} line {line}: not valid CSV ({exc})") from None
                 number += 1
                 if len(record) != len(cols):
                     raise MergeError(
-                        f"{self.path}: row {number} has {len(record)} fields, the header {len(cols)}; the part is damaged"
+                        f"{self.path} line {line}: {len(record)} fields, the header has {len(cols)}; the part is damaged"
                     )
-                row = dict(zip(cols, record, strict=True))
+                row = dict(zip(cols, (unescape_cell(v) for v in record), strict=True))
+                for c in cols:
+                    if _is_number_column(c) and row[c]:
+                        try:
+                            float(row[c])
+                        except ValueError:
+                            raise MergeError(
+                                f"{self.path} line {line}: {c} is {row[c]!r}, not a number; the part is damaged "
+                                "(edited by hand?)"
+                            ) from None
                 values = {
                     "status": row["status"],
                     "label": row["label"] or None,
@@ -175,19 +215,31 @@ class _Part:
                     "error": row["error"] or None,
                     "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
                 }
-                yield _Row(walk_key(row["path"]), self.index, number, row["path"], row["model"], values, record)
+                identity = RunIdentity(row["model"], row["model_sha256"], row["precision"])
+                yield _Row(walk_key(row["path"]), self.index, number, row["path"], identity, values, record)
 
     def _jsonl_rows(self) -> Iterator[_Row]:
         with open(self.path, "rb") as fh:
             for number, raw in enumerate(fh, start=1):
                 line = raw.decode(ENCODING, ERRORS)
-                obj = self._json(line, number)
+                obj = self._json(line.removeprefix(_BOM) if number == 1 else line, number)
+                if number == 1:
+                    line = json.dumps(obj, ensure_ascii=True) + "\n" if line.startswith(_BOM) else line
                 if list(obj) != self.columns:
-                    raise MergeError(f"{self.path}: line {number} has other keys than line 1; the part is damaged")
+                    raise MergeError(f"{self.path} line {number}: other keys than line 1; the part is damaged")
                 if not isinstance(obj["path"], str):
-                    raise MergeError(f"{self.path}: line {number} has no path")
+                    raise MergeError(f"{self.path} line {number}: no path")
+                for c, v in obj.items():
+                    if _is_number_column(c) and v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                        raise MergeError(
+                            f"{self.path} line {number}: {c} is {v!r}, not a number; the part is damaged (edited by hand?)"
+                        )
+                for c in ("status", "model", "model_sha256", "precision"):
+                    if not isinstance(obj[c], str):
+                        raise MergeError(f"{self.path} line {number}: {c} is {obj[c]!r}, not text; the part is damaged")
                 values = {k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution")}
-                yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], str(obj["model"]), values, line)
+                identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
+                yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
 
 
 def _check_output(config: MergeConfig, parts: Sequence[str]) -> None:
@@ -197,6 +249,8 @@ def _check_output(config: MergeConfig, parts: Sequence[str]) -> None:
     for part in parts:
         if os.path.abspath(part) == os.path.abspath(out) or (out.exists() and os.path.samefile(part, out)):
             raise OutputError(f"--out {config.out} is also one of the parts; write the merged report elsewhere")
+    if out.exists() and not out.is_file():  # the rename would replace a device node or a FIFO
+        raise OutputError(f"--out {config.out} is not a regular file; the merged report is written to a file")
     if out.exists() and not config.overwrite:
         raise OutputError(f"{config.out} already exists; pass --overwrite to replace it")
 
@@ -238,7 +292,7 @@ class _Checker:
     def __init__(self, parts: Sequence[_Part], expect: int | None) -> None:
         self.parts = parts
         self.expect = expect
-        self.model: tuple[str, _Part] | None = None
+        self.model: tuple[RunIdentity, _Part] | None = None
         self.previous: _Row | None = None
 
     def check(self, row: _Row) -> None:
@@ -247,9 +301,14 @@ class _Checker:
         if self.model is None:
             self.model = (row.model, part)
         elif row.model != self.model[0]:
+            first = self.model[0]
+            if row.model.model != first.model:
+                theirs, ours = repr(row.model.model), repr(first.model)
+            else:
+                theirs, ours = row.model.describe(), first.describe()
             raise MergeError(
-                f"{part.path} row {row.number} was written by model {row.model!r}, "
-                f"{self.model[1].path} by {self.model[0]!r}: merge parts of one model only"
+                f"{part.path} row {row.number} was written by model {theirs}, "
+                f"{self.model[1].path} by {ours}: merge parts of one model only (one file, one precision)"
             )
         prev = self.previous
         if prev is not None and prev.path == row.path:
@@ -260,7 +319,7 @@ class _Checker:
                 else f"in both {a.path} (row {prev.number}) and {b.path} (row {row.number})"
             )
             raise MergeError(
-                f"path {row.path!r} appears {where}; a file belongs to one shard only: were parts of "
+                f"path {markup(repr(row.path))} appears {where}; a file belongs to one shard only: were parts of "
                 "different runs (or a part and an earlier merge) given together?"
             )
         self.previous = row
@@ -341,7 +400,7 @@ def _write(parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | N
     for row in _merged(parts, streaming):
         checker.check(row)
         if stats is None:
-            stats = RunStats(labels=_labels(columns), model=row.model, provider="")
+            stats = RunStats(labels=_labels(columns), model=row.model.model, provider="")
         if isinstance(row.record, str):
             stream.write(row.record)
         else:
@@ -353,7 +412,7 @@ def _write(parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | N
                     path=row.path,
                     file=row.path,
                     status=str(v["status"]),
-                    model=row.model,
+                    model=row.model.model,
                     label=v["label"],
                     confidence=v["confidence"],
                     error=v["error"],
@@ -400,9 +459,13 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a part that can't be read: a message, not a traceback
+            if exc.filename is not None and exc.filename != tmp:
+                raise MergeError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot write {config.out}: {exc.strerror or exc} (nothing was written)") from None
         raise
     stats.finish()
     result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts})
@@ -411,5 +474,5 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
         line = f"merged {len(parts)} part(s), {stats.total} rows, into {config.out}"
         if config.expect is not None:
             line += f" (all {config.expect} shards)"
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(markup(line), highlight=False, soft_wrap=True)
     return result

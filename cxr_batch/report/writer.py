@@ -1,7 +1,8 @@
 """The report: CSV or JSON lines, one row per input file, plus the human summary.
 
 Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model order),
-``width, height, error, model``, then ``notes`` and the columns other features fill (empty
+``width, height, error``, the model's identity ``model, model_sha256, precision`` (the same on
+every row of a run; ``resume`` and ``merge`` refuse rows of another identity), then ``notes`` and the columns other features fill (empty
 until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
 ``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``.
 
@@ -11,6 +12,11 @@ with its original bytes (CSV), so reading the CSV back with
 name that ``os.fsencode`` turns into the original bytes. JSON lines are pure ASCII
 (``ensure_ascii``): such a byte ``0xNN`` appears as ``\\udcNN``, which ``json.loads`` returns
 as the same surrogate-escaped name. Commas, quotes and newlines are quoted by the csv module.
+CSV text cells that a spreadsheet would run as a formula get a leading ``'`` (:mod:`cxr_batch.report.cells`), removed on reading.
+
+One writer at a time: the report file is locked (``flock``, exclusive, non-blocking) from
+before it is read for ``resume`` or truncated for ``overwrite`` until the run ends, so a second
+run writing the same report is refused instead of interleaving rows.
 
 No result is lost: rows are written, flushed and fsync'ed batch by batch, an existing report
 is never overwritten without ``overwrite``, and ``resume`` keeps the complete rows of an
@@ -19,10 +25,13 @@ interrupted run (cutting a partial last row left by ``kill -9``) and appends the
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -32,17 +41,22 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, Protocol
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from cxr_batch.engine.classifier import Result
 from cxr_batch.errors import OutputError
+from cxr_batch.report.cells import escape_cell, unescape_cell
+from cxr_batch.report.lock import lock_or_refuse
+from cxr_batch.text import markup
 
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[str, ...] = ("csv", "jsonl")
 
 HEAD_COLUMNS = ("path", "status", "label", "confidence")
-TAIL_COLUMNS = ("width", "height", "error", "model")
+#: What identifies the model that made a row: the same on every row of a run; resume and merge
+#: refuse rows whose values differ (another model file, or another precision of it).
+IDENTITY_COLUMNS = ("model", "model_sha256", "precision")
+TAIL_COLUMNS = ("width", "height", "error", *IDENTITY_COLUMNS)
 #: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
 FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
 EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
@@ -52,15 +66,36 @@ ERRORS = "surrogateescape"
 
 
 def columns(labels: Sequence[str]) -> list[str]:
-    """The report's columns for a model with these labels."""
+    """The report's columns for a model with these labels (the one place that defines them)."""
     return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS]
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """The values of :data:`IDENTITY_COLUMNS` for one run: ``name@version``, the sha256 of the
+    model file and its precision. Two files can share ``name@version`` (an int8 and an fp32
+    export, or a user's own export with the default name); they never share a sha256."""
+
+    model: str
+    model_sha256: str = ""
+    precision: str = ""
+
+    def values(self) -> dict[str, str]:
+        return {"model": self.model, "model_sha256": self.model_sha256, "precision": self.precision}
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.precision or '?'}, sha256 {self.model_sha256 or '?'})"
+
+    @classmethod
+    def of(cls, model: str | RunIdentity) -> RunIdentity:
+        return model if isinstance(model, RunIdentity) else cls(model)
 
 
 def _num(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-def row_values(result: Result, labels: Sequence[str]) -> dict[str, Any]:
+def row_values(result: Result, labels: Sequence[str], identity: RunIdentity | None = None) -> dict[str, Any]:
     """One report row with typed values (None for empty), keys in column order."""
     row: dict[str, Any] = {
         "path": result.path,
@@ -75,6 +110,8 @@ def row_values(result: Result, labels: Sequence[str]) -> dict[str, Any]:
         height=result.height,
         error=result.error,
         model=result.model,
+        model_sha256=identity.model_sha256 if identity is not None else None,
+        precision=identity.precision if identity is not None else None,
         notes="; ".join(result.notes) or None,
     )
     for key in FIELD_COLUMNS:
@@ -91,6 +128,8 @@ def _csv_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, str):
+        return escape_cell(value)  # a text cell never starts a spreadsheet formula
     return str(value)
 
 
@@ -132,24 +171,44 @@ class ReportWriter(Protocol):
 
 
 class _Sink:
-    def __init__(self, stream: IO[str], sync: bool, detach: bool) -> None:
+    """The report stream. A write error (disk full, ...) becomes an :class:`OutputError` naming the file."""
+
+    def __init__(self, stream: IO[str], sync: bool, detach: bool, name: str = "-") -> None:
         self.stream = stream
         self.sync = sync
         self.detach = detach
+        self.name = name
+        self.failed = False
+
+    def fail(self, exc: OSError) -> OutputError:
+        self.failed = True
+        kept = "; the rows written before are kept: make room, then rerun with --resume" if self.sync else ""
+        return OutputError(f"cannot write the report {self.name}: {exc.strerror or exc}{kept}")
 
     def commit(self) -> None:
-        self.stream.flush()
-        if self.sync:
-            os.fsync(self.stream.fileno())
+        try:
+            self.stream.flush()
+            if self.sync:
+                os.fsync(self.stream.fileno())
+        except OSError as exc:
+            raise self.fail(exc) from None
 
     def close(self) -> None:
         if self.stream.closed:
             return
-        self.commit()
-        if self.detach and hasattr(self.stream, "detach"):
-            self.stream.detach()  # stdout: flush our wrapper but leave the real stream open
-        else:
-            self.stream.close()
+        if self.failed:  # the buffer can't be written: drop it, close the file (and its lock)
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.close()
+            return
+        try:
+            self.commit()
+        finally:
+            if self.detach and hasattr(self.stream, "detach"):
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.detach()  # stdout: flush our wrapper but leave the real stream open
+            else:
+                with contextlib.suppress(OSError):
+                    self.stream.close()
 
 
 class CsvWriter:
@@ -159,19 +218,33 @@ class CsvWriter:
     ``\\r`` only when ``\\r`` is part of the line terminator, and a file name may hold one.
     """
 
-    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], header: bool) -> None:
+    def __init__(
+        self,
+        sink: _Sink,
+        cols: Sequence[str],
+        labels: Sequence[str],
+        header: bool,
+        identity: RunIdentity | None = None,
+    ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
+        self.identity = identity
         self._csv = csv.writer(sink.stream, lineterminator="\r\n")
         if header:
-            self._csv.writerow(self.columns)
+            try:
+                self._csv.writerow(self.columns)
+            except OSError as exc:
+                raise sink.fail(exc) from None
             sink.commit()
 
     def write(self, results: Sequence[Result]) -> None:
-        for r in results:
-            row = row_values(r, self.labels)
-            self._csv.writerow([_csv_text(row[c]) for c in self.columns])
+        try:
+            for r in results:
+                row = row_values(r, self.labels, self.identity)
+                self._csv.writerow([_csv_text(row[c]) for c in self.columns])
+        except OSError as exc:
+            raise self.sink.fail(exc) from None
         self.sink.commit()
 
     def close(self) -> None:
@@ -181,15 +254,21 @@ class CsvWriter:
 class JsonlWriter:
     """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
 
-    def __init__(self, sink: _Sink, cols: Sequence[str], labels: Sequence[str]) -> None:
+    def __init__(
+        self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], identity: RunIdentity | None = None
+    ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
+        self.identity = identity
 
     def write(self, results: Sequence[Result]) -> None:
-        for r in results:
-            row = row_values(r, self.labels)
-            self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
+        try:
+            for r in results:
+                row = row_values(r, self.labels, self.identity)
+                self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
+        except OSError as exc:
+            raise self.sink.fail(exc) from None
         self.sink.commit()
 
     def close(self) -> None:
@@ -204,6 +283,10 @@ class Existing:
     """The complete rows already in a report (for ``resume``)."""
 
     paths: set[str] = field(default_factory=set)
+    #: the paths of the error rows (no heatmap is expected for them)
+    error_paths: set[str] = field(default_factory=set)
+    #: rows whose path is absolute (``--absolute-paths``, or a file named by its absolute path)
+    absolute_rows: int = 0
     rows: int = 0
     errors: int = 0
     #: bytes of a partial last row that were cut off
@@ -223,6 +306,8 @@ def check_output(config: ReportConfig) -> None:
     path = Path(config.out)
     if path.is_dir():
         raise OutputError(f"--out {config.out} is a folder; give a file name such as {path / 'results.csv'}")
+    if config.resume and path.exists() and not path.is_file():
+        raise OutputError(f"--resume: {config.out} is not a regular file, so it holds no report to resume")
     if path.exists() and not (config.overwrite or config.resume):
         raise OutputError(
             f"{config.out} already exists; pass --overwrite to replace it, or --resume to keep its rows "
@@ -238,7 +323,7 @@ def _line_offsets(fh: BinaryIO, counter: list[int], complete: list[bool]) -> Ite
         yield raw.decode(ENCODING, ERRORS)
 
 
-def _scan_csv(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, int]:
+def _scan_csv(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
     """Read the complete rows; returns them and the byte offset where the complete rows end."""
     existing = Existing()
     offset, ended = [0], [False]
@@ -256,6 +341,8 @@ def _scan_csv(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, in
                     break  # a quoted field cut by the end of the file: a partial last row
                 raise OutputError(f"{path}: row {row_no + 1} is not valid CSV ({exc}); not resuming") from None
             row_no += 1
+            if row_no == 1 and record and record[0].startswith("\ufeff"):
+                record[0] = record[0][1:]  # a byte-order mark a spreadsheet saved
             if not ended[0] or (row_no > 1 and len(record) != len(cols)):
                 # Incomplete: must be the last row. Anything after it means the file is damaged.
                 if fh.read(1):
@@ -263,23 +350,24 @@ def _scan_csv(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, in
                 break
             if row_no == 1:
                 if record != list(cols):
-                    raise OutputError(
-                        f"{path}: its columns differ from this run's ({_describe_diff(record, cols)}); "
-                        "resume with the same model, or write a new report"
-                    )
+                    raise OutputError(_columns_differ(path, record, cols))
                 existing.has_header = True
             else:
-                _take_row(existing, dict(zip(cols, record, strict=True)), model, path, row_no)
+                row = dict(zip(cols, (unescape_cell(v) for v in record), strict=True))
+                _take_row(existing, row, model, path, row_no)
             good_end = offset[0]
     return existing, good_end
 
 
-def _scan_jsonl(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, int]:
+def _scan_jsonl(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
     existing = Existing()
     good_end = 0
     with open(path, "rb") as fh:
         for row_no, raw in enumerate(fh, start=1):
             obj: Any = None
+            if row_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+                good_end += 3
             if raw.endswith(b"\n"):
                 try:
                     obj = json.loads(raw.decode(ENCODING, ERRORS))
@@ -290,10 +378,7 @@ def _scan_jsonl(path: Path, cols: Sequence[str], model: str) -> tuple[Existing, 
                     raise OutputError(f"{path}: line {row_no} is not a JSON object; not resuming")
                 break  # a partial last line
             if list(obj) != list(cols):
-                raise OutputError(
-                    f"{path}: line {row_no} has other columns than this run's "
-                    f"({_describe_diff(list(obj), cols)}); resume with the same model, or write a new report"
-                )
+                raise OutputError(_columns_differ(path, list(obj), cols, f"line {row_no} has other columns"))
             _take_row(existing, {k: "" if v is None else str(v) for k, v in obj.items()}, model, path, row_no)
             good_end += len(raw)
     return existing, good_end
@@ -310,19 +395,47 @@ def _describe_diff(found: Sequence[str], wanted: Sequence[str]) -> str:
     return "; ".join(parts) or "same columns in another order"
 
 
-def _take_row(existing: Existing, row: dict[str, str], model: str, path: Path, row_no: int) -> None:
-    if row["model"] != model:
+def _columns_differ(path: Path, found: Sequence[str], cols: Sequence[str], what: str = "its columns differ") -> str:
+    missing = [c for c in IDENTITY_COLUMNS if c in cols and c not in found]
+    if missing and "model" in found:
+        # An older cxr-batch wrote only name@version: which file and precision made the rows
+        # can't be known, and name@version alone mixes an int8 and an fp32 run. Refuse.
+        return (
+            f"{path} was written by an older cxr-batch, without the {' and '.join(missing)} column(s): "
+            "which model file and precision made its rows can't be checked, so it is not resumed "
+            "(rows of two models would mix); write a new report, or --overwrite"
+        )
+    return (
+        f"{path}: {what} than this run's ({_describe_diff(found, cols)}); "
+        "resume with the same model, or write a new report"
+    )
+
+
+def _take_row(existing: Existing, row: dict[str, str], model: RunIdentity, path: Path, row_no: int) -> None:
+    if row["model"] != model.model:
         raise OutputError(
-            f"{path}: row {row_no} was written by model {row['model']!r}, this run uses {model!r}; "
+            f"{path}: row {row_no} was written by model {row['model']!r}, this run uses {model.model!r}; "
             "resume with the same model, or write a new report"
+        )
+    wanted = model.values()
+    if any(row.get(c, "") != wanted[c] for c in IDENTITY_COLUMNS):
+        theirs = RunIdentity(row["model"], row.get("model_sha256", ""), row.get("precision", ""))
+        raise OutputError(
+            f"{path}: row {row_no} was written by {theirs.describe()}, this run uses {model.describe()}: "
+            "another model file or precision under the same name; resume with the same --model and "
+            "--precision, or write a new report"
         )
     existing.paths.add(row["path"])
     existing.rows += 1
+    existing.absolute_rows += os.path.isabs(row["path"])
     if row["status"] != "ok":
         existing.errors += 1
+        existing.error_paths.add(row["path"])
 
 
-def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str) -> Existing:
+def read_existing(
+    path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str | RunIdentity
+) -> Existing:
     """Read a report for ``resume`` and cut a partial last row (left by a killed run) off the file.
 
     Raises:
@@ -330,65 +443,89 @@ def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str]
     """
     p = Path(path)
     scan = _scan_jsonl if fmt == "jsonl" else _scan_csv
-    existing, good_end = scan(p, cols, model)
-    size = p.stat().st_size
-    if good_end < size:
-        with open(p, "r+b") as fh:
-            fh.truncate(good_end)
-            fh.flush()
-            os.fsync(fh.fileno())
-        existing.truncated = size - good_end
+    try:
+        existing, good_end = scan(p, cols, RunIdentity.of(model))
+        size = p.stat().st_size
+        if good_end < size:
+            with open(p, "r+b") as fh:
+                fh.truncate(good_end)
+                fh.flush()
+                os.fsync(fh.fileno())
+            existing.truncated = size - good_end
+    except OSError as exc:
+        raise OutputError(f"cannot resume the report {path}: {exc.strerror or exc}") from None
     return existing
 
 
 def open_report(
-    config: ReportConfig, labels: Sequence[str], model: str, stdout: BinaryIO | None = None
+    config: ReportConfig, labels: Sequence[str], model: str | RunIdentity, stdout: BinaryIO | None = None
 ) -> tuple[ReportWriter, Existing]:
     """Open the report for writing (after :func:`read_existing` when resuming).
 
     Args:
         config: where and how.
         labels: the model's labels (they name the ``prob_`` columns).
-        model: ``name@version``; resume refuses a report written by another model.
+        model: the run's identity (or just ``name@version``); resume refuses rows of another.
         stdout: the binary stream for ``--out -`` (default ``sys.stdout.buffer``).
 
     Raises:
-        OutputError: see :func:`check_output` and :func:`read_existing`; or the file can't be opened.
+        OutputError: see :func:`check_output` and :func:`read_existing`; the file can't be opened,
+            or another run is writing it (it holds the lock).
     """
     import io
 
     cols = columns(labels)
+    identity = RunIdentity.of(model)
+    writer: ReportWriter
     if config.to_stdout:
         binary = stdout if stdout is not None else sys.stdout.buffer
         text = io.TextIOWrapper(binary, encoding=ENCODING, errors=ERRORS, newline="", write_through=True)
         sink = _Sink(text, sync=False, detach=True)
-        writer: ReportWriter = (
-            JsonlWriter(sink, cols, labels) if config.format == "jsonl" else CsvWriter(sink, cols, labels, header=True)
-        )
+        if config.format == "jsonl":
+            writer = JsonlWriter(sink, cols, labels, identity)
+        else:
+            writer = CsvWriter(sink, cols, labels, header=True, identity=identity)
         return writer, Existing()
 
     check_output(config)
     path = Path(config.out)
-    existing = Existing()
-    if config.resume and path.exists():
-        existing = read_existing(path, config.format, cols, model)
-        mode = "a"
-    else:
-        mode = "w" if config.overwrite else "x"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the folder for the report {config.out}: {exc.strerror or exc}") from None
+    # Open without truncating, lock, and only then read (resume) or truncate (overwrite): a
+    # second run on the same report is refused before it can touch a byte of it.
+    if config.resume:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    elif config.overwrite:
+        flags = os.O_WRONLY | os.O_CREAT
+    else:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        stream = open(path, mode, encoding=ENCODING, errors=ERRORS, newline="")  # noqa: SIM115 - closed by the writer
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
     except FileExistsError:
         raise OutputError(f"{config.out} already exists; pass --overwrite or --resume") from None
     except OSError as exc:
-        raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}") from None
-    sink = _Sink(stream, sync=True, detach=False)
+        hint = " (a read-only file or folder?)" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}{hint}") from None
+    existing = Existing()
+    try:
+        lock_or_refuse(fd, f"the report {config.out}")
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if config.resume and regular and os.fstat(fd).st_size:
+            existing = read_existing(path, config.format, cols, identity)
+        elif config.overwrite and regular:
+            os.ftruncate(fd, 0)
+        stream = open(fd, "w", encoding=ENCODING, errors=ERRORS, newline="")  # noqa: SIM115 - closed by the writer
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}") from None
+        raise
+    sink = _Sink(stream, sync=regular, detach=False, name=config.out)
     if config.format == "jsonl":
-        return JsonlWriter(sink, cols, labels), existing
-    return CsvWriter(sink, cols, labels, header=not existing.has_header), existing
+        return JsonlWriter(sink, cols, labels, identity), existing
+    return CsvWriter(sink, cols, labels, header=not existing.has_header, identity=identity), existing
 
 
 # --------------------------------------------------------------------------- summary
@@ -413,6 +550,8 @@ class RunStats:
     #: ok rows the out-of-distribution guard flagged; with ``drop_ood`` they leave the label counts
     flagged: int = 0
     drop_ood: bool = False
+    #: the precision in use and why (the engine's ``precision_reason``); empty: not shown
+    precision_note: str = ""
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:
@@ -462,9 +601,9 @@ def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch
     for label in stats.labels:
         n = stats.per_label.get(label, 0)
         mean = stats.confidence_sum.get(label, 0.0) / n if n else None
-        table.add_row(escape(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
+        table.add_row(markup(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
     for reason, n in stats.errors.most_common():
-        table.add_row(f"[red]error:[/] {escape(reason)}", str(n), _pct(n, total), "")
+        table.add_row(f"[red]error:[/] {markup(reason)}", str(n), _pct(n, total), "")
     if stats.drop_ood and stats.flagged:
         table.add_row("[yellow]out of distribution (dropped)[/]", str(stats.flagged), _pct(stats.flagged, total), "")
     table.add_section()
@@ -474,6 +613,8 @@ def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch
         f"{total} images in {stats.wall_s:.1f} s ({stats.rate:.1f} images/s) on {stats.provider}",
         f"model {stats.model}",
     ]
+    if stats.precision_note:
+        lines.append(f"precision {stats.precision_note}")
     if not timing:
         lines.pop(0)
     if stats.flagged:
@@ -484,7 +625,7 @@ def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch
     if stats.kept:
         lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")
     for line in lines:
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(markup(line), highlight=False, soft_wrap=True)
 
 
 def _pct(n: int, total: int) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from cxr_batch.contract import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
+from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
 from cxr_batch.evaluation.metrics import classification_metrics, softmax
 from cxr_batch.io.labelled import Split
@@ -167,7 +168,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     if root is not None and split is not None:
         items = split.paths(root, "test")[: cfg.parity_images]
     if not items:
-        sample = Path(__file__).resolve().parents[1] / "sample_images"
+        sample = Path(__file__).resolve().parents[2] / "sample_images"
         items = [(p, labels[0]) for p in sorted(sample.rglob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
     x, _ = _tensors(items, spec, labels) if items else (np.zeros((1, 3, size, size), np.float32), None)
     if len(x) == 0:
@@ -206,19 +207,165 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     onnx.save(proto, str(out))
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    derive_from_master(out, root, split, cfg, console, parity=x)
+    return out
+
+
+def derive_from_master(
+    master: Path,
+    root: Path | None,
+    split: Split | None,
+    cfg: ExportConfig,
+    console: Console,
+    parity: np.ndarray | None = None,
+) -> dict[str, Any] | None:
+    """Everything ``cxr-batch export`` derives from an fp32 master (a fresh export, or an existing
+    ``.onnx``): the OOD guard (``cfg.ood``), the int8 model (``cfg.quantize``), the fp16 model
+    (``cfg.fp16``), the load-time self-check of every file written, and the model card.
+
+    Returns the int8 model's quantisation record when one was made.
+    """
     if cfg.ood and root is not None and split is not None:
         from cxr_batch.training.ood import fit_model
 
-        fit_model(out, root, split, console=console)
+        fit_model(master, root, split, console=console)
     elif cfg.ood:
         console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
     int8_info: dict[str, Any] | None = None
+    derived: list[Path] = []
     if cfg.quantize == "int8":
-        int8_info = quantize_int8(out, root, split, cfg, console)
+        int8_info = derive_int8(master, root, split, cfg, console)
+        derived.append(master.with_name(master.stem + "-int8.onnx"))
     if cfg.fp16:
-        export_fp16(out, x, console)
-    write_card(out, read_contract_file(out)[1], int8_info)
-    return out
+        if parity is None and root is not None and split is not None:  # real images, as a fresh export does
+            _, master_meta = read_contract_file(master)
+            items = split.paths(root, "test")[: cfg.parity_images]
+            parity = _tensors(items, master_meta.spec, master_meta.labels)[0]
+        derived.append(export_fp16(master, parity, console))
+    write_self_checks(master, derived, self_check_candidates(root, split), console)
+    write_card(master, read_contract_file(master)[1], int8_info)
+    return int8_info
+
+
+def _without_self_check(extra: dict[str, Any]) -> dict[str, Any]:
+    """A derived file gets its own self-check (its tolerance differs), never the master's."""
+    from cxr_batch.engine.selfcheck import SELF_CHECK_KEY
+
+    return {k: v for k, v in extra.items() if k != SELF_CHECK_KEY}
+
+
+#: The load-time self-check (cxr_batch.engine.selfcheck): this many reference images, stored as
+#: 8-bit grey thumbnails of this size (about 1.3 kB each in the contract, zlib + base64).
+SELF_CHECK_IMAGES = 4
+SELF_CHECK_SIZE = 32
+#: Candidates they are chosen from: a seeded sample of the test split.
+SELF_CHECK_CANDIDATES = 48
+#: fp32 against itself: onnxruntime's fp32 kernels differ between CPUs (AVX2, AVX-512, ARM),
+#: thread counts and CUDA by about 1e-5 in these logits (measured: benchmarks/RESULTS.md).
+FP32_SELF_CHECK_TOLERANCE = 0.02
+#: A derived model's tolerance: this many times its deviation on the references at export, and no
+#: less than the floor. A right int8 kernel anywhere computes what the exporting machine computed
+#: (integer arithmetic) up to rounding; a saturating one deviates several times more (measured).
+SELF_CHECK_FACTOR = 2.0
+SELF_CHECK_FLOOR = {"int8": 0.25, "fp16": 0.05}
+
+
+def self_check_candidates(root: Path | None, split: Split | None, n: int = SELF_CHECK_CANDIDATES) -> list[Path]:
+    """Real X-rays the self-check's references are picked from: the test split, else sample_images."""
+    if root is not None and split is not None:
+        test = [p for p, _ in split.paths(root, "test")]
+        if test:
+            pick = np.random.default_rng(0).choice(len(test), size=min(n, len(test)), replace=False)
+            return [test[i] for i in sorted(pick.tolist())]
+    sample = Path(__file__).resolve().parents[2] / "sample_images"
+    return sorted(p for p in sample.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:n]
+
+
+def thumbnails(paths: Sequence[Path], size: int = SELF_CHECK_SIZE) -> np.ndarray:
+    """(N, size, size) uint8 grey thumbnails, decoded as classify decodes (files that fail are skipped)."""
+    from cxr_batch.errors import ImageError
+    from cxr_batch.io.preprocess import decode, resize_grey
+
+    out = []
+    for path in paths:
+        try:
+            grey = decode(path, (size, size)).grey
+        except ImageError:
+            continue
+        small = resize_grey(grey, (size, size))
+        out.append(np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8))
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
+
+
+def write_self_checks(
+    master: Path, derived: Sequence[Path], candidates: Sequence[Path], console: Console | None = None
+) -> dict[str, dict[str, Any]]:
+    """Store the load-time self-check in ``master`` and in each derived file (int8, fp16).
+
+    The references are the :data:`SELF_CHECK_IMAGES` candidates on which the most quantised derived
+    model deviates most from fp32 (the most sensitive to a kernel that computes it differently);
+    every file stores the same images and the master's fp32 logits for them, with its own tolerance:
+    :data:`FP32_SELF_CHECK_TOLERANCE` for the master, ``max(floor, factor × its deviation on
+    them)`` for a derived file. Returns the entries written, by file name.
+    """
+    from cxr_batch.engine.selfcheck import METRIC, SELF_CHECK_KEY, centred, encode_images
+    from cxr_batch.io.preprocess import prepare
+
+    console = console or Console(stderr=True)
+    onnx = _onnx()
+    _, meta = read_contract_file(master)
+    thumbs = thumbnails(candidates)
+    if len(thumbs) == 0:
+        raise CxrBatchError("no readable images to make the self-check's references from")
+    x = np.stack([prepare(t.astype(np.float32) / 255.0, meta.spec) for t in thumbs])
+    ref = ort_logits(master, x).astype(np.float64)
+    deviation = {
+        path: np.abs(centred(ort_logits(path, x)) - centred(ref)).max(axis=1) for path in derived
+    }
+    order = {"int8": 0, "fp16": 1, "fp32": 2}
+    precisions = {path: read_contract_file(path)[1].precision for path in derived}
+    driver = min(derived, key=lambda p: order.get(precisions[p], 3)) if derived else None
+    picked = (
+        np.argsort(-deviation[driver], kind="stable")[:SELF_CHECK_IMAGES]
+        if driver is not None
+        else np.arange(min(SELF_CHECK_IMAGES, len(thumbs)))
+    )
+    picked = np.sort(picked)
+    images = encode_images(thumbs[picked])
+    logits = [[round(float(v), 6) for v in row] for row in ref[picked]]
+    written: dict[str, dict[str, Any]] = {}
+    for path in [master, *derived]:
+        proto, m = read_contract_file(path)
+        if path == master:
+            measured = 0.0
+            tolerance = FP32_SELF_CHECK_TOLERANCE
+            basis = "fp32 master: fixed, far above the 1e-5 kernel differences between CPUs and thread counts"
+        else:
+            measured = float(deviation[path][picked].max())
+            floor = SELF_CHECK_FLOOR.get(m.precision, SELF_CHECK_FLOOR["int8"])
+            tolerance = max(floor, SELF_CHECK_FACTOR * measured)
+            basis = (
+                f"max({floor}, {SELF_CHECK_FACTOR} x {measured:.4f}), the {m.precision} model's deviation on these "
+                f"images when exported, measured on {cpu_summary()['model']}; on all {len(thumbs)} candidates it "
+                f"was at most {float(deviation[path].max()):.4f}"
+            )
+        entry = {
+            "images": images,
+            "logits_fp32": logits,
+            "metric": METRIC,
+            "tolerance": round(tolerance, 4),
+            "measured_at_export": round(measured, 6),
+            "tolerance_basis": basis,
+            "master": master.name,
+        }
+        write_contract(proto, m.with_updates(extra={**m.extra, SELF_CHECK_KEY: entry}))
+        onnx.save(proto, str(path))
+        written[path.name] = entry
+        console.print(
+            f"self-check written into {path.name}: {len(picked)} reference images, tolerance {tolerance:.3g} "
+            f"(deviation at export {measured:.3g})"
+        )
+    return written
 
 
 def write_contract(proto: Any, meta: ModelMeta) -> None:
@@ -310,38 +457,88 @@ class _Calibration:
         self._it = iter([{"input": self.x[i : i + self.batch]} for i in range(0, len(self.x), self.batch)])
 
 
-def quantize_int8(
-    fp32: Path, root: Path | None, split: Split | None, cfg: ExportConfig, console: Console
-) -> dict[str, Any]:
-    """Static QDQ int8 (uint8 activations, int8 per-channel weights), calibrated on training
-    images; refused (unless forced) when test macro-F1 drops by more than 0.5 points or top-1
-    agreement with fp32 is under 99.5%."""
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How :func:`quantize_file` quantises: static QDQ, MinMax calibration, and these settings.
+
+    The default is the one measured right on CPUs without VNNI (``benchmarks/RESULTS.md``, int8
+    schemes): uint8 activations, int8 per-channel weights in 7 bits (``reduce_range``), so the
+    int16 intermediate of ``vpmaddubsw`` (U8S8 on AVX2 and AVX-512 without VNNI) cannot saturate.
+    """
+
+    reduce_range: bool = True
+    per_channel: bool = True
+    activations: str = "uint8"  # "uint8" (asymmetric) or "int8" (symmetric)
+    weights: str = "int8"  # "int8" or "uint8"
+
+    def describe(self) -> str:
+        kind = {"uint8": "u8", "int8": "s8"}
+        name = f"{kind[self.activations].upper()}{kind[self.weights].upper()}"
+        return (
+            f"QDQ static, {self.activations} activations ({'asymmetric' if self.activations == 'uint8' else 'symmetric'}), "
+            f"{self.weights} {'per-channel' if self.per_channel else 'per-tensor'} weights ({name})"
+            f"{', 7-bit weights (reduce_range)' if self.reduce_range else ''}, MinMax calibration"
+        )
+
+
+def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = Int8Scheme()) -> Path:
+    """Static QDQ int8 copy of ``fp32`` at ``out``, calibrated on the preprocessed images ``xcal``.
+
+    The out-of-distribution guard (nodes named ``ood/...``) stays in float32: its squared
+    distances span a range no 8-bit scale covers. The contract is copied unchanged.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     onnx = _onnx()
-    _, meta = read_contract_file(fp32)
-    if root is None or split is None:
-        raise CxrBatchError("--quantize int8 needs the run's training data for calibration (pass --data DIR)")
-    labels = list(meta.labels)
-    rng = np.random.default_rng(0)
-    train = split.paths(root, "train")
-    pick = sorted(rng.choice(len(train), size=min(cfg.calibration_images, len(train)), replace=False).tolist())
-    xcal, _ = _tensors([train[i] for i in pick], meta.spec, labels)
-    out = fp32.with_name(fp32.stem + "-int8.onnx")
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
+        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("ood/")]
         quantize_static(
             str(pre),
             str(out),
             _Calibration(xcal),
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range,
+            activation_type=types[scheme.activations],
+            weight_type=types[scheme.weights],
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=keep or None,
         )
+    return out
+
+
+def calibration_images(meta: ModelMeta, root: Path, split: Split, n: int) -> np.ndarray:
+    """``n`` training images of ``split`` (seeded pick), preprocessed for ``meta``."""
+    rng = np.random.default_rng(0)
+    train = split.paths(root, "train")
+    pick = sorted(rng.choice(len(train), size=min(n, len(train)), replace=False).tolist())
+    return _tensors([train[i] for i in pick], meta.spec, list(meta.labels))[0]
+
+
+def derive_int8(
+    fp32: Path,
+    root: Path | None,
+    split: Split | None,
+    cfg: ExportConfig,
+    console: Console,
+    scheme: Int8Scheme = Int8Scheme(),
+) -> dict[str, Any]:
+    """Derive ``NAME-int8.onnx`` from the fp32 master (what ``cxr-batch export --quantize int8`` runs):
+    :func:`quantize_file` with ``scheme``, calibrated on training images; refused (unless forced)
+    when test macro-F1 drops by more than 0.5 points or top-1 agreement with fp32 is under 99.5%;
+    the OOD guard refitted on the int8 model's own embeddings; the load-time self-check written."""
+    onnx = _onnx()
+    _, meta = read_contract_file(fp32)
+    if root is None or split is None:
+        raise CxrBatchError("--quantize int8 needs the run's training data for calibration (pass --data DIR)")
+    labels = list(meta.labels)
+    xcal = calibration_images(meta, root, split, cfg.calibration_images)
+    out = fp32.with_name(fp32.stem + "-int8.onnx")
+    quantize_file(fp32, out, xcal, scheme)
     xt, yt = _tensors(split.paths(root, "test"), meta.spec, labels)
     p32 = softmax(ort_logits(fp32, xt))
     p8 = softmax(ort_logits(out, xt))
@@ -359,7 +556,8 @@ def quantize_int8(
         "macro_f1_drop_points": 100 * drop,
         "top1_agreement_with_fp32": agree,
         "max_abs_prob_diff": float(np.abs(p32 - p8).max()) if len(yt) else float("nan"),
-        "scheme": "QDQ static, uint8 activations (asymmetric), int8 per-channel weights (U8S8), MinMax calibration",
+        "scheme": scheme.describe(),
+        "measured_on": cpu_summary(),
     }
     console.print(
         f"int8 on the test split: macro-F1 {m8['macro_f1']:.4f} vs fp32 {m32['macro_f1']:.4f} "
@@ -385,7 +583,7 @@ def quantize_int8(
         meta.with_updates(
             precision="int8",
             metrics={**m8_summary, "split": "test"},
-            extra={**meta.extra, "quantization": info, "master": fp32.name},
+            extra={**_without_self_check(meta.extra), "quantization": info, "master": fp32.name},
         ),
     )
     onnx.save(proto, str(out))
@@ -430,7 +628,7 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     if diff > FP16_TOLERANCE:
         tmp.unlink(missing_ok=True)
         raise ModelError(f"the fp16 model differs from fp32 by {diff:.2e} > {FP16_TOLERANCE:.0e}; not written")
-    extra = {**meta.extra, "master": fp32.name, "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree}}
+    extra = {**_without_self_check(meta.extra), "master": fp32.name, "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree}}
     proto16 = onnx.load(str(tmp))
     write_contract(proto16, meta.with_updates(precision="fp16", extra=extra))
     onnx.save(proto16, str(out))
@@ -462,7 +660,7 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
         f"- Weights: `{meta.extra.get('recipe', {}).get('weights', 'none')}` initialisation. The shipped model was trained "
         "from **random initialisation**: ImageNet weights could not be downloaded on the training machine.",
         f"- Files: `{onnx_path.name}` (fp32, the master copy)"
-        + (f", `{onnx_path.stem}-int8.onnx` (int8, the CPU default)" if int8 else "")
+        + (f", `{onnx_path.stem}-int8.onnx` (int8, the default on CPUs with VNNI, AMX or ARM dot product)" if int8 else "")
         + (
             f", `{onnx_path.stem}-fp16.onnx` (fp16, preferred on CUDA)"
             if onnx_path.with_name(onnx_path.stem + "-fp16.onnx").exists()
@@ -540,7 +738,12 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
             f"| test macro-F1 | {_fmt(int8['fp32_macro_f1'])} | {_fmt(int8['int8_macro_f1'])} |",
             "",
             f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
-            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}.",
+            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}."
+            + (
+                f" Measured on {int8['measured_on'].get('model')} (flags: {', '.join(int8['measured_on'].get('flags', [])) or 'none relevant'})."
+                if isinstance(int8.get("measured_on"), dict)
+                else ""
+            ),
         ]
     if meta.ood:
         ood = meta.ood
@@ -583,4 +786,19 @@ def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) ->
     return card
 
 
-__all__ = ["ExportConfig", "export_checkpoint", "export_fp16", "latest_checkpoint", "quantize_int8", "write_card"]
+#: The earlier name of :func:`derive_int8`.
+quantize_int8 = derive_int8
+
+__all__ = [
+    "ExportConfig",
+    "Int8Scheme",
+    "derive_from_master",
+    "derive_int8",
+    "export_checkpoint",
+    "export_fp16",
+    "latest_checkpoint",
+    "quantize_file",
+    "quantize_int8",
+    "write_card",
+    "write_self_checks",
+]

@@ -1,0 +1,165 @@
+"""The load-time self-check: a model runs a few reference images stored in its own contract and
+its outputs are compared with the fp32 master's, stored with them.
+
+Why: an int8 file can be right on the CPU it was measured on and wrong on another (U8S8 kernels
+saturate without VNNI), and a damaged file can still load. The check costs one small batch.
+
+The contract's ``extra["self_check"]`` (written by ``cxr_batch.training.export.add_self_check``)::
+
+    {"images": {"encoding": "zlib+base64", "dtype": "uint8", "shape": [N, H, W], "data": "..."},
+     "logits_fp32": [[...], ...],     # the fp32 master's logits for them, through the contract's preprocessing
+     "metric": "max_abs_centred_logit_diff",
+     "tolerance": 0.6,                # beyond this the model is refused or replaced (see the engine)
+     "tolerance_basis": "...",        # how the tolerance was measured
+     "master": "cxr-resnet18.onnx"}
+
+The images are tiny grey thumbnails of real test-split X-rays (8-bit), prepared exactly as
+``classify`` prepares a decoded image (resize to the input size, normalise). The metric is the
+largest absolute difference between the two sets of logits once each row's mean is removed
+(softmax ignores a common shift), over all images and classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cxr_batch.contract import ModelMeta
+from cxr_batch.errors import ModelError
+from cxr_batch.evaluation.metrics import softmax
+from cxr_batch.io.preprocess import prepare
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+SELF_CHECK_KEY = "self_check"
+METRIC = "max_abs_centred_logit_diff"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of :func:`run_self_check`."""
+
+    images: int
+    #: the largest |Δ| of mean-centred logits against the fp32 master's
+    deviation: float
+    #: the largest probability difference, for the message
+    max_prob_diff: float
+    #: images whose top-1 label is the master's
+    top1_agree: int
+    tolerance: float
+    seconds: float
+    #: set when the reference batch could not even run
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(np.isfinite(self.deviation)) and self.deviation <= self.tolerance
+
+    def describe(self) -> str:
+        verdict = "passed" if self.ok else "FAILED"
+        if self.error is not None:
+            return f"self-check {verdict}: the reference batch did not run ({self.error})"
+        return (
+            f"self-check {verdict}: largest logit deviation from fp32 {self.deviation:.3g} "
+            f"(tolerance {self.tolerance:.3g}) on {self.images} reference images, "
+            f"largest probability difference {self.max_prob_diff:.3f}, top-1 {self.top1_agree}/{self.images} as fp32"
+        )
+
+
+def encode_images(grey: np.ndarray) -> dict[str, Any]:
+    """(N, H, W) uint8 thumbnails → the contract's compact JSON form."""
+    grey = np.ascontiguousarray(grey, dtype=np.uint8)
+    return {
+        "encoding": "zlib+base64",
+        "dtype": "uint8",
+        "shape": list(grey.shape),
+        "data": base64.b64encode(zlib.compress(grey.tobytes(), 9)).decode("ascii"),
+    }
+
+
+def decode_images(doc: dict[str, Any]) -> np.ndarray:
+    """The contract's images back as (N, H, W) uint8. Raises ValueError when malformed."""
+    if doc.get("encoding") != "zlib+base64" or doc.get("dtype") != "uint8":
+        raise ValueError(f"unknown image encoding {doc.get('encoding')!r}/{doc.get('dtype')!r}")
+    shape = [int(v) for v in doc["shape"]]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"images must be N×H×W, not {shape}")
+    raw = zlib.decompress(base64.b64decode(doc["data"]))
+    return np.frombuffer(raw, np.uint8).reshape(shape)
+
+
+def reference_inputs(meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The contract's reference tensors (N, 3, H, W), their fp32 logits and the tolerance;
+    None when the contract has no self-check.
+
+    Raises:
+        ModelError: the self-check entry is malformed.
+    """
+    doc = meta.extra.get(SELF_CHECK_KEY)
+    if doc is None:
+        return None
+    try:
+        if doc.get("metric", METRIC) != METRIC:
+            raise ValueError(f"unknown metric {doc.get('metric')!r}")
+        grey = decode_images(doc["images"])
+        expected = np.asarray(doc["logits_fp32"], dtype=np.float64)
+        tolerance = float(doc["tolerance"])
+        if expected.shape != (len(grey), len(meta.labels)):
+            raise ValueError(f"logits_fp32 has shape {list(expected.shape)}, expected [{len(grey)}, {len(meta.labels)}]")
+    except (KeyError, TypeError, ValueError, zlib.error) as exc:
+        raise ModelError(f"invalid model contract: its '{SELF_CHECK_KEY}' entry is malformed ({exc})") from None
+    spec = meta.spec
+    x = np.stack([prepare(g.astype(np.float32) / 255.0, spec) for g in grey])
+    return x, expected, tolerance
+
+
+def centred(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    out: np.ndarray = z - z.mean(axis=1, keepdims=True)
+    return out
+
+
+def compare(got: np.ndarray, expected: np.ndarray, tolerance: float, seconds: float = 0.0) -> CheckResult:
+    """Compare logits with the stored fp32 ones (the check's arithmetic, shared with the export)."""
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != expected.shape:
+        return CheckResult(len(expected), float("inf"), 1.0, 0, tolerance, seconds)
+    finite = bool(np.isfinite(got).all())
+    deviation = float(np.abs(centred(got) - centred(expected)).max()) if finite else float("inf")
+    p, q = softmax(np.where(np.isfinite(got), got, 0.0)), softmax(expected)
+    return CheckResult(
+        images=len(expected),
+        deviation=deviation,
+        max_prob_diff=float(np.abs(p - q).max()),
+        top1_agree=int((p.argmax(1) == q.argmax(1)).sum()),
+        tolerance=tolerance,
+        seconds=seconds,
+    )
+
+
+def run_self_check(session: ort.InferenceSession, meta: ModelMeta) -> CheckResult | None:
+    """Run the contract's reference images through ``session`` (one batch) and compare them with
+    the fp32 master's logits; None when the contract has none (models exported before it).
+
+    Raises:
+        ModelError: the self-check entry is malformed.
+    """
+    refs = reference_inputs(meta)
+    if refs is None:
+        return None
+    x, expected, tolerance = refs
+    start = time.perf_counter()
+    try:
+        got = np.asarray(session.run([meta.outputs["logits"]], {meta.input_name: x})[0])
+    except Exception as exc:  # onnxruntime's own exception types: a failed check, decided by the caller
+        return CheckResult(len(x), float("inf"), 1.0, 0, tolerance, time.perf_counter() - start, error=str(exc))
+    return compare(got, expected, tolerance, time.perf_counter() - start)
+
+
+__all__ = ["SELF_CHECK_KEY", "CheckResult", "compare", "decode_images", "encode_images", "reference_inputs", "run_self_check"]

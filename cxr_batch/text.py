@@ -1,0 +1,54 @@
+"""Text shown on a terminal: file names and messages made safe to print.
+
+A file name may hold any byte but ``/`` and NUL: an ANSI escape sequence in a name would clear
+the screen, move the cursor or retitle the window when printed raw, a carriage return would hide
+what came before it, a bidirectional override would show the name reversed. :func:`shown`
+escapes every such character, visibly and unambiguously:
+
+- C0 controls, DEL and C1 controls: ``\\n``, ``\\r``, ``\\t`` or ``\\xNN`` (``ESC`` → ``\\x1b``);
+- bytes that were not valid UTF-8 (kept by ``surrogateescape`` as U+DC80…U+DCFF): ``\\xNN``,
+  the original byte;
+- Unicode format characters that reorder or hide text (bidi embeddings, overrides and isolates,
+  zero-width characters, the BOM): ``\\uNNNN``;
+- a backslash itself stays a backslash (names with backslashes are common on shared drives),
+  so ``\\x1b`` in the output is either the escape of ESC or those four characters in the name;
+  the report file keeps the exact name either way.
+
+:func:`markup` also escapes rich markup (``[bold]`` in a name is printed, never interpreted).
+Every message cxr-batch prints (warnings, errors, tables, the ``Error:`` line) goes through one
+of these.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Format characters that change how the text around them is shown (Unicode category Cf, the
+#: ones terminals and editors act on).
+_FORMAT = "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\udc80-\udcff{_FORMAT}]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def shown(text: object) -> str:
+    """``text`` (any object, through ``str``) with control and format characters escaped."""
+    return _UNSAFE.sub(_escape_one, str(text))
+
+
+def markup(text: object) -> str:
+    """:func:`shown`, then rich markup escaped: safe inside a ``console.print`` markup string."""
+    from rich.markup import escape
+
+    return escape(shown(text))
