@@ -63,7 +63,8 @@ def measure(path: str | None, src: Path = REPO) -> dict[str, Any]:
     """Peak RSS (kB) of a fresh process decoding ``path`` (None: imports only) with the package in ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = [sys.executable, "-c", CHILD, *([path] if path else [])]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=True)
+    # cwd: "python -c" puts the working directory first on sys.path, before PYTHONPATH.
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=True, cwd=src)
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     result["stderr"] = proc.stderr
     return result

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cxr_batch.engine.cpu import cpu_facts, int8_choice  # noqa: E402
-from cxr_batch.evaluation.metrics import softmax  # noqa: E402
+from cxr_batch.engine.postprocess import softmax  # noqa: E402
 from cxr_batch.io.labelled import find_labelled, make_split  # noqa: E402
 from cxr_batch.training.export import (  # noqa: E402
     Int8Scheme,

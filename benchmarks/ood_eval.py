@@ -14,6 +14,7 @@ contract (``ood.evaluation``) and rewrites its model card.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -30,15 +31,16 @@ from cxr_batch.io.labelled import Split
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _scores(clf: Classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    scores, flagged = [], []
+def _scores(clf: Classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    scores, flagged, results = [], [], []
     for r in clf.classify(paths):
         if r.status != "ok" or r.ood_score is None:
             print(f"  skipped {r.path}: {r.error}", file=sys.stderr)
             continue
         scores.append(r.ood_score)
         flagged.append(r.in_distribution is False)
-    return np.asarray(scores), np.asarray(flagged, dtype=bool)
+        results.append(r)
+    return np.asarray(scores), np.asarray(flagged, dtype=bool), results
 
 
 def _natural(dst: Path) -> list[Path]:
@@ -104,8 +106,9 @@ def main() -> None:
     if clf.meta.ood is None:
         sys.exit(f"{args.model} has no OOD guard (export it with --ood)")
     split = Split.read(args.run / "split.csv")
-    pool = args.data / "covid19-radiography"
-    test = [p for p, _ in split.paths(pool, "test")]
+    sources = json.loads((args.run / "config.json").read_text()).get("sources") if (args.run / "config.json").exists() else None
+    roots = {name: args.data / Path(p).name for name, p in sources.items()} if sources else args.data / "covid19-radiography"
+    test = [p for p, _ in split.paths(roots, "test")]
     groups: list[tuple[str, list[Path]]] = [("test split (in distribution)", test)]
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -115,7 +118,9 @@ def main() -> None:
         ctmr = sorted((dicom / "pydicom-testfiles").rglob("*.dcm"))
         rsna = sorted((dicom / "rsna-pneumonia-challenge_lungbox").rglob("*.dcm"))
         samples = sorted(p for p in (REPO / "sample_images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        groups += [("natural photographs (scikit-image)", natural), ("CT and MR slices (DICOM)", ctmr),
+        bacterial = sorted((args.data / "near-ood" / "bacterial").glob("*.png"))
+        groups += [("pediatric bacterial pneumonia (near-ood; not a class)", bacterial),
+                   ("natural photographs (scikit-image)", natural), ("CT and MR slices (DICOM)", ctmr),
                    ("blank images", blank), ("random noise", noise),
                    ("RSNA chest radiographs (DICOM, other hospitals; information)", rsna),
                    ("sample_images chest X-rays (information)", samples)]
@@ -124,25 +129,36 @@ def main() -> None:
         for name, paths in groups:
             if not paths:
                 continue
-            s, f = _scores(clf, paths)
+            s, f, rows = _scores(clf, paths)
             if base_scores is None:
                 base_scores = s
             auroc = None
             if name != groups[0][0] and len(s):
                 y = np.r_[np.zeros(len(base_scores)), np.ones(len(s))].astype(bool)
                 auroc = roc_auc(np.r_[base_scores, s], y)
-            results.append({"name": name, "n": len(s), "flagged": float(f.mean()) if len(f) else float("nan"),
-                            "auroc": auroc, "score_median": float(np.median(s)) if len(s) else None})
+            called = {label: sum(r.label == label for r in rows) for label in clf.labels}
+            entry: dict[str, Any] = {"name": name, "n": len(s), "flagged": float(f.mean()) if len(f) else float("nan"),
+                                     "auroc": auroc, "score_median": float(np.median(s)) if len(s) else None,
+                                     "called": called}
+            if name.startswith("sample_images"):
+                entry["predictions"] = [
+                    {"file": Path(r.path).relative_to(REPO / "sample_images").as_posix(), "label": r.label,
+                     "confidence": round(float(r.confidence), 4), "in_distribution": r.in_distribution}
+                    for r in rows
+                ]
+            results.append(entry)
             print(f"{name}: n={len(s)} flagged={f.mean():.1%} auroc={auroc}", file=sys.stderr)
     threshold = clf.meta.ood["threshold"]
     lines = [f"# Out-of-distribution guard: {clf.meta.ident} ({clf.meta.precision})", "",
              f"Command: `{command}`", "",
              f"Threshold {threshold:.3f} ({clf.meta.ood.get('calibration')}). Lateral chest views: none were available "
              "to measure.", "",
-             "| group | images | flagged | AUROC vs test split | median score |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| group | images | flagged | AUROC vs test split | median score | called " + " / ".join(clf.labels) + " |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
-        lines.append(f"| {r['name']} | {r['n']} | {r['flagged']:.1%} | {auroc} | {r['score_median']:.1f} |")
+        called = " / ".join(str(r["called"][x]) for x in clf.labels)
+        lines.append(f"| {r['name']} | {r['n']} | {r['flagged']:.1%} | {auroc} | {r['score_median']:.1f} | {called} |")
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     if args.write_contract:

@@ -6,9 +6,11 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
@@ -29,6 +31,7 @@ from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
 from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputFile, InputSpec, discover
 from cxr_batch.io.shard import Shard
+from cxr_batch.report import provenance
 from cxr_batch.report.heatmap import HeatmapWriter
 from cxr_batch.report.writer import (
     Existing,
@@ -63,6 +66,10 @@ class ClassifyConfig:
     heatmaps: str | None = None
     #: leave out-of-distribution rows out of the summary's label counts (``--drop-ood``)
     drop_ood: bool = False
+    #: the provenance record (``--provenance``); None: ``<report>.provenance.json``, none for stdout
+    provenance: str | None = None
+    #: False writes no provenance record (and leaves the ``run_id`` column empty)
+    record_provenance: bool = True
     #: classify the instances a DICOMweb service finds instead of ``inputs`` (``--dicomweb``)
     dicomweb: DicomwebConfig | None = None
     #: write a DICOM SR per classified DICOM image under this folder (``--sr``)
@@ -114,7 +121,13 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         MissingExtraError: ``config.ray`` is set and Ray Data is not installed.
     """
     console = console or Console(stderr=True)
+    started = datetime.now(timezone.utc)
     check_output(config.report)  # fail fast, before the walk and the model load
+    record = provenance.record_path(config.report.out, config.provenance) if config.record_provenance else None
+    if record is not None:
+        provenance.check_record_output(
+            record, report=config.report.out, resume=config.report.resume, overwrite=config.report.overwrite
+        )
     if config.ray is not None:
         from cxr_batch.engine.ray import require_ray
 
@@ -125,8 +138,6 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
         source = DicomwebSource(config.dicomweb)
         found = source.discover()
-        # TODO(provenance, issue 14 item 1): record source.describe() (URL, studies, series, query;
-        # never credentials) and source.retrieved in this run's provenance entry.
     else:
         # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
         outputs = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
@@ -165,6 +176,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     identity = RunIdentity(meta.ident, file_sha256(classifier.model_path), meta.precision)
     for notice in classifier.notices:  # once, whatever --quiet says: the model in use changed
         console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
+    heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
+    run_id = provenance.new_run_id() if record is not None else None
+    recorder: provenance.RunRecorder | None = None
     srs: SRWriter | None = None
     if config.sr is not None:
         from cxr_batch.report.sr import ModelIdent, SRWriter
@@ -172,10 +186,10 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         if not isinstance(classifier, Classifier):
             raise InputError("--sr needs --engine local")
         store = source.store if (config.stow and source is not None) else None
-        srs = SRWriter(config.sr, ModelIdent.of(meta, identity.model_sha256), store=store)
-    heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
+        srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
     try:
-        writer, existing = open_report(config.report, meta.labels, identity, stdout)
+        writer, existing = open_report(config.report, meta.labels, identity, stdout, run_id=run_id)
+        offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
     except BaseException:
         if heatmaps is not None:
             heatmaps.close()
@@ -193,6 +207,12 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 )
         todo = [f for f in files if f.display not in existing.paths]
         stats.kept, stats.kept_errors = existing.rows, existing.errors
+        if record is not None and run_id is not None:
+            recorder = provenance.start_classifier_run(
+                record, run_id, classifier, config.engine, config.report, (f.display for f in files),
+                shard=shard, kept_rows=existing.rows, started=started, report_offset=offset, ray=config.ray is not None,
+                source=source.describe() if source is not None else None,
+            )
         if existing.truncated:
             console.print(
                 f"resume: removed a partial last row ({existing.truncated} bytes) left by an interrupted run",
@@ -221,6 +241,8 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                         srs.write(batch)  # first: its notes go into the rows
                     writer.write(batch)
                     stats.add(batch)
+                    if recorder is not None:
+                        recorder.add(batch)
                     if heatmaps is not None:
                         heatmaps.write(batch)
                     if source is not None:
@@ -229,6 +251,10 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         if heatmaps is not None and existing.rows:
             _redo_heatmaps(classifier, heatmaps, files, existing, console, config.quiet)
         stats.provider = classifier.provider  # Ray: known once the workers have reported
+    except BaseException as exc:
+        if recorder is not None:
+            recorder.note_exception(exc)
+        raise
     finally:
         try:
             writer.close()
@@ -238,6 +264,11 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             if source is not None:
                 source.close()
             stats.finish()
+            if recorder is not None:
+                recorder.set_provider(classifier.provider)
+                problem = recorder.close()  # after the report is closed: the record counts synced rows
+                if problem is not None:
+                    console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console)
     if heatmaps is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,13 @@ def image_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def png_factory() -> Callable[..., Path]:
     return write_png
+
+
+#: A run id (cxr_batch.report.provenance.new_run_id: a UUID version 7).
+RUN_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def strip_run_ids(data: bytes) -> bytes:
+    """A report's bytes with every run id replaced by ``<run>``: two runs over the same files then
+    compare equal byte for byte (each run writes its own ``run_id``; nothing else may differ)."""
+    return RUN_ID.sub(b"<run>", data)

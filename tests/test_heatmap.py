@@ -210,6 +210,7 @@ def _torch_cams(ckpt: dict[str, Any], x: np.ndarray) -> tuple[np.ndarray, np.nda
     return logits.numpy(), cam.numpy()
 
 
+@pytest.mark.slow
 def test_onnx_heatmap_equals_torch(resnet64: tuple[Path, dict[str, Any]], runner: CliRunner, tmp_path: Path) -> None:
     path, ckpt = resnet64
     files = real_xrays()

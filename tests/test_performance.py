@@ -212,6 +212,7 @@ def _labelled(root: Path, per_class: int = 4) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_int8_is_written_only_when_it_agrees_with_fp32(
     tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ EXPECTED_COLUMNS = [
     "path", "status", "label", "confidence", "prob_normal", "prob_viral", "prob_covid",
     "width", "height", "error", "model", "model_sha256", "precision",
     "notes", "modality", "view_position", "sop_instance_uid", "study_instance_uid", "ood_score", "in_distribution",
+    "run_id",
 ]  # fmt: skip
 
 
@@ -183,7 +184,12 @@ def test_resume_after_a_partial_last_row(
     assert code == 3  # the broken file's error row makes the whole report partial
     assert "removed a partial last row" in err
     read = read_csv if suffix == ".csv" else read_jsonl
-    assert read(part) == read(full)  # same rows, same order, each file exactly once
+    resumed, whole = read(part), read(full)
+    ids = [r.pop("run_id") for r in resumed]
+    first = {r.pop("run_id") for r in whole}
+    assert resumed == whole  # same rows, same order, each file exactly once
+    # The 5 kept rows keep the first run's id; the rest carry the resumed run's.
+    assert set(ids[:5]) == first and len(set(ids[5:])) == 1 and ids[5] not in first
 
 
 def test_resume_keeps_existing_rows_and_skips_their_files(

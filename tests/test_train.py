@@ -110,12 +110,12 @@ def test_split_is_seeded_stratified_and_keeps_duplicates_together(tmp_path: Path
     assert a.rows == b.rows
     assert a.rows != c.rows
     side_of: dict[str, set[str]] = {}
-    for _, _, part, digest in a.rows:
+    for _, _, part, digest, _ in a.rows:
         side_of.setdefault(digest, set()).add(part)
     assert all(len(s) == 1 for s in side_of.values()), "identical files on two sides of the split"
     assert len(side_of[a.rows[[r[0] for r in a.rows].index("normal/dup-a.png")][3]]) == 1
     for label in ("viral",):
-        parts = [p for _, lab, p, _ in a.rows if lab == label]
+        parts = [p for _, lab, p, _, _ in a.rows if lab == label]
         assert parts.count("test") == 6 and parts.count("val") == 6 and parts.count("train") == 28
     path = tmp_path / "split.csv"
     a.write(path)
@@ -159,6 +159,7 @@ def trained_run(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(trained_run: Path) -> None:
     for name in ("config.json", "split.csv", "last.ckpt", "best.ckpt", "history.json", "metrics.json"):
         assert (trained_run / name).is_file(), name
@@ -172,6 +173,7 @@ def test_train_writes_the_run_folder(trained_run: Path) -> None:
     assert config["image_size"] == 64 and config["labels"] == ["normal", "viral", "covid"]
 
 
+@pytest.mark.slow
 def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -223,7 +225,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
     ck = torch.load(trained_run / "best.ckpt", map_location="cpu", weights_only=True)
     model = build_model(3)
     model.load_state_dict(ck["model"])
-    y, probs, errors = evaluate_files(model, items, meta.labels, meta.spec, torch.device("cpu"))
+    y, probs, errors, _ = evaluate_files(model, items, meta.labels, meta.spec, torch.device("cpu"))
     assert not errors and len(y) == len(items)
     # ... and cxr-batch classify --model on the same files agree.
     out_csv = tmp_path / "out.csv"
@@ -255,6 +257,27 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         got = np.array([float(row[f"prob_{label}"]) for label in meta.labels])
         assert np.abs(got - p).max() < 1e-4
         assert row["label"] == meta.labels[int(p.argmax())]
+
+
+def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -> None:
+    """``export --no-ood`` on a checkpoint (issue 12, item 21: it used to be ignored there)."""
+    import onnxruntime as ort
+
+    from cxr_batch.contract import read_contract
+
+    onnx_path = tmp_path / "no-ood.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli.main", "export", str(trained_run / "best.ckpt"),
+         "--out", str(onnx_path), "--no-ood"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = read_contract(sess, str(onnx_path))
+    assert meta.ood is None and "ood_score" not in meta.outputs
+    assert "ood_score" not in {o.name for o in sess.get_outputs()}
 
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
@@ -292,6 +315,7 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     assert model.fc.out_features == 3
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     assert _train(small_pool, full, epochs=3).returncode == 0
@@ -320,6 +344,7 @@ def test_resume_after_kill_matches_uninterrupted(small_pool: Path, tmp_path: Pat
         assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_train_refuses_to_clobber_a_run(trained_run: Path, small_pool: Path) -> None:
     proc = _train(small_pool, trained_run)
     assert proc.returncode == 1

@@ -10,7 +10,7 @@ from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, i
 
 
 @click.command("evaluate")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--out", "-o", required=True, metavar="FILE", help="The metrics JSON to write.")
 @click.option(
     "--labels",
@@ -18,7 +18,14 @@ from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, i
     type=click.Path(exists=True, dir_okay=False, path_type=str),
     default=None,
     metavar="FILE.csv",
-    help="Labels from a CSV with the columns path,label (paths relative to DATA_DIR) instead of class folders.",
+    help="Labels from a CSV with the columns path,label (paths relative to DATA_DIR; with several DATA_DIRS "
+    "a source column names the folder, as in train's split.csv) instead of class folders.",
+)
+@click.option(
+    "--part",
+    type=click.Choice(["train", "val", "test"]),
+    default=None,
+    help="With --labels: only the rows whose split column says this (e.g. --labels runs/r18/split.csv --part test).",
 )
 @click.option(
     "--predictions",
@@ -39,9 +46,10 @@ from cxr_batch.cli.options import EXIT_PARTIAL, engine_config, engine_options, i
 @interruptible("no metrics were written (the rows of --predictions written so far are kept).")
 @library_errors
 def evaluate_command(
-    data_dir: str,
+    data_dirs: tuple[str, ...],
     out: str,
     labels_file: str | None,
+    part: str | None,
     predictions: str | None,
     plots: str | None,
     model: str | None,
@@ -56,6 +64,9 @@ def evaluate_command(
     recall, specificity and F1 with 95% Wilson intervals, the confusion matrix, one-vs-rest
     ROC AUC and the expected calibration error, written as JSON.
 
+    Several DATA_DIRS are evaluated together, each as a source: the JSON has by_source beside the
+    overall metrics and the table shows one line per source.
+
     Labels come from class folders (recognised as train recognises them; folders the model
     has no label for are listed and skipped) or from --labels FILE.csv. Images go through
     the classify engine; unreadable files are counted and listed. Exit status: 0, 3 when
@@ -63,10 +74,14 @@ def evaluate_command(
 
     Example: cxr-batch evaluate labelled/ --out metrics.json --predictions results.csv --plots plots/
     """
+    if part is not None and labels_file is None:
+        raise click.UsageError("--part needs --labels FILE.csv (a file with a split column)")
     from cxr_batch.evaluation.evaluate import EvaluateConfig, run_evaluate  # numpy, onnxruntime
 
     config = EvaluateConfig(
-        data_dir=data_dir,
+        data_dir=data_dirs[0],
+        extra_data_dirs=tuple(data_dirs[1:]),
+        part=part,
         out=out,
         engine=engine_config(model, device, precision, batch_size, threads),
         labels_file=labels_file,

@@ -6,7 +6,8 @@ Keep this module light: ``cxr-batch --help`` imports it, so no torch and no onnx
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,10 +25,14 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     interruptible,
     library_errors,
 )
+from cxr_batch.cli.report import check_html_dir, html_after_classify, report_command
 from cxr_batch.io.shard import Shard  # hashlib and re only
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig
+
+FC = TypeVar("FC", bound=Callable[..., Any])
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cxr-batch")
@@ -54,6 +59,17 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     from cxr_batch.engine.ray import RayConfig  # ray itself is imported only when the run starts
 
     return RayConfig(address=address)
+
+
+def _provenance_option(default_help: str) -> Callable[[FC], FC]:
+    return click.option(
+        "--provenance",
+        type=click.Path(dir_okay=False, path_type=str),
+        default=None,
+        metavar="FILE",
+        help=f"Write the provenance record (what produced the report: model and its sha256, versions, "
+        f"machine, settings, inputs, counts) to FILE. {default_help}",
+    )
 
 
 @main.command("classify")
@@ -114,6 +130,15 @@ def _ray_config(engine_kind: str, address: str | None) -> RayConfig | None:
     help="Leave images the out-of-distribution guard flags out of the summary's label counts "
     "(their rows stay in the report, with in_distribution=false).",
 )
+@_provenance_option("Default: <report>.provenance.json beside the report; with --out -, none unless given.")
+@click.option(
+    "--html",
+    "html_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="OUT_DIR",
+    help="Also write the HTML report of the run into OUT_DIR (as 'cxr-batch report --html' does).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @dicomweb_options
 @click.option(
@@ -159,6 +184,8 @@ def classify_command(
     resume: bool,
     heatmaps: str | None,
     drop_ood: bool,
+    provenance: str | None,
+    html_dir: str | None,
     quiet: bool,
     shard: Shard | None,
     engine_kind: str,
@@ -189,6 +216,7 @@ def classify_command(
         raise click.UsageError("--ray-address needs --engine ray")
     if heatmaps is not None and engine_kind == "ray":
         raise click.UsageError("--heatmaps needs --engine local")
+    check_html_dir(html_dir, out)
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
@@ -213,11 +241,13 @@ def classify_command(
         ray=_ray_config(engine_kind, ray_address),
         heatmaps=heatmaps,
         drop_ood=drop_ood,
+        provenance=provenance,
         dicomweb=web,
         sr=sr,
         stow=stow,
     )
     stats = run_classify(config)
+    html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -233,10 +263,13 @@ def classify_command(
     help="The run had N shards: check that every part is one of them and none is missing.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing merged report.")
+@_provenance_option("Default: <merged report>.provenance.json; it combines the parts' <part>.provenance.json records.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @interruptible("nothing was written (the merged report is written only when complete).")
 @library_errors
-def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, quiet: bool) -> None:
+def merge_command(
+    parts: tuple[str, ...], out: str, expect: int | None, overwrite: bool, provenance: str | None, quiet: bool
+) -> None:
     """Merge the reports of a sharded classify run (--shard K/N) into one report.
 
     Checks that the parts share columns and model, that no path appears twice and, with
@@ -247,7 +280,9 @@ def merge_command(parts: tuple[str, ...], out: str, expect: int | None, overwrit
     """
     from cxr_batch.report.merge import MergeConfig, merge_reports
 
-    merged = merge_reports(MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet))
+    merged = merge_reports(
+        MergeConfig(parts=parts, out=out, expect=expect, overwrite=overwrite, quiet=quiet, provenance=provenance)
+    )
     if merged.stats.all_errors:
         sys.exit(EXIT_PARTIAL)
 
@@ -312,6 +347,7 @@ from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)
 main.add_command(dicomweb_list_command)
+main.add_command(report_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

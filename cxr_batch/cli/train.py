@@ -10,7 +10,7 @@ from cxr_batch.cli.options import library_errors
 
 
 @click.command("train")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--out",
     "out",
@@ -49,8 +49,25 @@ from cxr_batch.cli.options import library_errors
     "--weights",
     default="none",
     show_default=True,
-    help="Initial weights: 'imagenet' (torchvision download/cache), 'none' (random) or a state-dict file.",
+    help="Initial weights: 'imagenet' (torchvision download/cache), 'none' (random), a state-dict file, "
+    "or a cxr-batch fp32 .onnx model to continue from.",
 )
+@click.option(
+    "--augment",
+    type=click.Choice(["light", "scanner"]),
+    default="light",
+    show_default=True,
+    help="light: affine + brightness/contrast; scanner: also resolution loss, JPEG, gamma, noise, stronger crops.",
+)
+@click.option(
+    "--balance",
+    type=click.Choice(["class", "class+source"]),
+    default="class",
+    show_default=True,
+    help="Draw each class equally often; class+source also each data root equally often within a class.",
+)
+@click.option("--epoch-images", type=click.IntRange(1), help="Images drawn per epoch (default: the training split's size).")
+@click.option("--warmup", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="One-cycle warm-up share.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
 @click.option(
     "--patience",
@@ -63,7 +80,7 @@ from cxr_batch.cli.options import library_errors
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --out from its last checkpoint.")
 @library_errors
 def train_command(
-    data_dir: Path,
+    data_dirs: tuple[Path, ...],
     out: Path,
     classes: str | None,
     split_file: Path | None,
@@ -77,20 +94,28 @@ def train_command(
     workers: int,
     weights: str,
     hflip: bool,
+    augment: str,
+    balance: str,
+    epoch_images: int | None,
+    warmup: float,
     patience: int,
     threads: int | None,
     resume: bool,
 ) -> None:
     """Fine-tune a ResNet-18 on class folders of chest X-rays (needs the train extra).
 
+    Several DATA_DIRS are merged into one class list; each is a source: split.csv records it, the
+    split is stratified by source and class, and the test report breaks every metric down by source.
+
     \b
     Example:
       cxr-batch train ../data/COVID-19_Radiography_Dataset --out runs/r18 --epochs 20
+      cxr-batch train ../shared/data/covid19-radiography ../shared/data/kermany-normal --out runs/r18-2src
     """
     from cxr_batch.training.train import TrainConfig, train_model
 
     cfg = TrainConfig(
-        data_dir=str(data_dir),
+        data_dirs=tuple(str(d) for d in data_dirs),
         out=str(out),
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
         split=str(split_file) if split_file else None,
@@ -104,6 +129,10 @@ def train_command(
         workers=workers,
         weights=weights,
         hflip=hflip,
+        augment=augment,
+        balance=balance,
+        epoch_images=epoch_images,
+        warmup=warmup,
         patience=patience,
         threads=threads,
     )
@@ -147,6 +176,11 @@ def train_command(
     is_flag=True,
     help="Write the int8 model even if it loses more than 0.5 macro-F1 points or agrees with fp32 on under 99.5%.",
 )
+@click.option(
+    "--selection",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A recipe sweep's JSON (benchmarks/augment_sweep.py) to record how the recipe was chosen.",
+)
 @click.option("--ood/--no-ood", default=True, show_default=True,
               help="Fit the out-of-distribution guard on the run's training images (needs the data).")
 @library_errors
@@ -162,6 +196,7 @@ def export_command(
     split_file: Path | None,
     force: bool,
     ood: bool,
+    selection: Path | None,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -200,5 +235,6 @@ def export_command(
         data_dir=str(data_dir) if data_dir else None,
         ood=ood,
         fp16=fp16,
+        selection=str(selection) if selection else None,
     )
     export_checkpoint(cfg)

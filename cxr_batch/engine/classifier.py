@@ -22,26 +22,27 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, read_contract
 from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
+from cxr_batch.engine.postprocess import softmax
 from cxr_batch.engine.selfcheck import CheckResult, run_self_check
+from cxr_batch.engine.types import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from cxr_batch.engine.types import DEVICES as DEVICES
+from cxr_batch.engine.types import PRECISIONS as PRECISIONS
+from cxr_batch.engine.types import Device as Device
+from cxr_batch.engine.types import EngineConfig as EngineConfig
+from cxr_batch.engine.types import Precision as Precision
+from cxr_batch.engine.types import Result as Result
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
-from cxr_batch.evaluation.metrics import softmax
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_file
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "int8", "fp16"]
-
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
 
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
@@ -55,8 +56,6 @@ AUTO_ORDER = {"cpu": ("int8", "fp32", "fp16"), "cpu-no-int8": ("fp32", "int8", "
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-DEFAULT_BATCH_SIZE = 16
 
 CUDA_HELP = (
     "To run on the GPU, install onnxruntime-gpu instead of onnxruntime "
@@ -74,39 +73,6 @@ def default_streams(threads: int, cuda: bool) -> int:
     at least 2 threads. Two half-size sessions keep every core busy through each other's serial
     stretches and never wait at a parallel-for barrier for a core a decoder thread took."""
     return 1 if cuda or threads < 2 else 2
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to run the model; built from the ``classify`` options."""
-
-    model: str | None = None
-    device: Device = "auto"
-    precision: Precision = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    #: onnxruntime threads in all; 0 means one per physical core.
-    threads: int = 0
-    #: decoder threads; None means :func:`default_workers`.
-    decode_workers: int | None = None
-    #: extra model outputs to return with each result, by contract role ("features", "embedding").
-    extra_outputs: tuple[str, ...] = ()
-    #: batches run at once, each in its own session with ``threads // streams`` threads;
-    #: 0 means :func:`default_streams`.
-    streams: int = 0
-
-    def __post_init__(self) -> None:
-        if self.streams < 0:
-            raise ValueError("streams must be 0 (automatic) or more")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if self.threads < 0:
-            raise ValueError("threads must be 0 (automatic) or more")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            raise ValueError("decode_workers must be at least 1")
 
 
 # --------------------------------------------------------------------------- model resolution
@@ -491,43 +457,6 @@ def meta_dict(meta: ModelMeta) -> dict[str, Any]:
 
 
 @dataclass
-class Result:
-    """The outcome for one file. ``status`` is ``"ok"`` or ``"error"`` (then ``error`` says why).
-
-    ``fields`` holds the extra report columns a reader filled in (DICOM: ``modality``,
-    ``view_position``, ``sop_instance_uid``, ``study_instance_uid``); ``outputs`` the extra
-    model outputs asked for with ``extra_outputs`` (one row of each, by role).
-    """
-
-    path: str  #: the report's path (see :class:`cxr_batch.io.inputs.InputFile`)
-    file: str  #: the path that was opened
-    status: str
-    model: str
-    label: str | None = None
-    confidence: float | None = None
-    probs: dict[str, float] = field(default_factory=dict)
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    fields: dict[str, str] = field(default_factory=dict)
-    ood_score: float | None = None
-    in_distribution: bool | None = None
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def error_reason(self) -> str | None:
-        """The error without its details (the text before the first ': '): the summary's grouping key."""
-        if self.error is None:
-            return None
-        return self.error.split(": ", 1)[0]
-
-
-@dataclass
 class _Prepared:
     item: InputFile
     tensor: np.ndarray | None = None
@@ -708,6 +637,17 @@ class Classifier:
     def self_check(self) -> CheckResult | None:
         """The load-time self-check's result (None: the model's contract has no reference images)."""
         return self._loaded.check
+
+    def run_settings(self) -> dict[str, Any]:
+        """The batch and thread settings as they really run (for the provenance record)."""
+        cfg = self.config
+        return {
+            "batch_size": cfg.batch_size,
+            "threads_requested": cfg.threads,
+            "streams": self._streams,
+            "threads_per_stream": self._threads or physical_cores() or None,  # None: onnxruntime's default
+            "decode_workers": cfg.decode_workers or default_workers(),
+        }
 
     def classify(self, paths: Iterable[InputFile | str | os.PathLike[str]]) -> Iterator[Result]:
         """Yield one :class:`Result` per path, in input order. ``paths`` may be a lazy iterator."""

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr_batch.contract import ModelMeta
+from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import ModelError
-from cxr_batch.evaluation.metrics import softmax
 from cxr_batch.io.preprocess import prepare
 
 if TYPE_CHECKING:

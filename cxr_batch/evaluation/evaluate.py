@@ -31,10 +31,10 @@ from cxr_batch import __version__
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.errors import DataError, OutputError
-from cxr_batch.evaluation.metrics import classification_metrics, reliability_bins
-from cxr_batch.evaluation.tables import print_metrics
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, reliability_bins
+from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.labelled import _canon, find_labelled
+from cxr_batch.io.labelled import _canon, find_labelled, roots_by_source
 from cxr_batch.report.writer import (
     ReportConfig,
     ReportWriter,
@@ -57,6 +57,10 @@ class EvaluateConfig:
     data_dir: str
     #: the metrics JSON
     out: str
+    #: more labelled roots after ``data_dir``; each root is a source, with metrics of its own
+    extra_data_dirs: tuple[str, ...] = ()
+    #: with ``labels_file``: keep only its rows whose ``split`` column says this (e.g. ``test`` of a split.csv)
+    part: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     #: a ``path,label`` CSV (paths relative to ``data_dir``) instead of class folders
     labels_file: str | None = None
@@ -78,6 +82,8 @@ class GroundTruth:
     source: str
     #: left out: {"label", "folder" (folders only), "files", "reason"}
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: report path → the source (data root name) it belongs to
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,8 +108,13 @@ def _model_label(label: str, model_labels: tuple[str, ...]) -> str | None:
     return canon if canon in model_labels else None
 
 
-def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) -> GroundTruth:
+def folder_truth(
+    root: str | os.PathLike[str], model_labels: tuple[str, ...], source: str | None = None, prefix: bool = False
+) -> GroundTruth:
     """Ground truth from class folders under ``root``, for the labels the model knows.
+
+    ``source`` names the root in per-source metrics (default: its folder name); ``prefix`` writes
+    report paths as ``SOURCE/relative path`` (several roots in one report).
 
     Raises:
         DataError: no class folders, an empty class folder, or no folder the model has a label for.
@@ -118,12 +129,17 @@ def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) ->
             f"({', '.join(model_labels)}); pass --labels FILE.csv to give labels another way"
         )
     data = find_labelled(root, classes=use)
+    name = source or data.source
     files: list[InputFile] = []
     labels: dict[str, str] = {}
+    sources: dict[str, str] = {}
     for path, label in data.items:
         rel = path.relative_to(root).as_posix()
+        if prefix:
+            rel = f"{name}/{rel}"
         files.append(InputFile(str(path), rel))
         labels[rel] = label
+        sources[rel] = name
     skipped = []
     for folder in data.ignored:
         try:
@@ -131,18 +147,39 @@ def folder_truth(root: str | os.PathLike[str], model_labels: tuple[str, ...]) ->
         except DataError:
             n = 0
         skipped.append({"label": _canon(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
-    return GroundTruth(files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped)
+    return GroundTruth(
+        files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
+    )
+
+
+def merge_truths(truths: list[GroundTruth]) -> GroundTruth:
+    """Several roots' ground truth as one (report paths are already unique: see ``prefix``)."""
+    if len(truths) == 1:
+        return truths[0]
+    out = GroundTruth(files=[], labels={}, source=" + ".join(t.source for t in truths))
+    for t in truths:
+        out.files.extend(t.files)
+        out.labels.update(t.labels)
+        out.sources.update(t.sources)
+        out.skipped.extend({**s, "source": next(iter(t.sources.values()), "")} for s in t.skipped)
+    return out
 
 
 def csv_truth(
-    labels_file: str | os.PathLike[str], root: str | os.PathLike[str], model_labels: tuple[str, ...]
+    labels_file: str | os.PathLike[str],
+    root: str | os.PathLike[str] | dict[str, Path],
+    model_labels: tuple[str, ...],
+    part: str | None = None,
 ) -> GroundTruth:
     """Ground truth from a CSV with ``path`` and ``label`` columns (others are ignored).
 
     Relative paths are under ``root``. Each path is normalised (``./a.png``, ``a//b.png`` and
     ``x/../a.png`` name one file, shown in the report as ``a.png``), and must lie inside ``root``
     (an absolute path too). Rows whose label the model doesn't know are skipped and counted; a
-    missing file becomes an error row when it is classified.
+    missing file becomes an error row when it is classified. ``root`` may map source names to
+    roots: then a ``source`` column (as train's split.csv has) says which root each row is under,
+    and the report path is ``SOURCE/path``. ``part`` keeps only the rows whose ``split`` column
+    equals it.
 
     Raises:
         DataError: the file can't be read, lacks the columns, has an incomplete row, names a
@@ -152,8 +189,8 @@ def csv_truth(
     files: list[InputFile] = []
     labels: dict[str, str] = {}
     first_seen: dict[str, tuple[int, str, str]] = {}  # normalised path → (line, path as written, label)
+    sources: dict[str, str] = {}
     unknown: Counter[str] = Counter()
-    base = os.path.abspath(root)
     try:
         with open(src, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -165,16 +202,20 @@ def csv_truth(
                 if not path and not label:
                     continue
                 line = reader.line_num
+                if part is not None and row.get("split", "") != part:
+                    continue
+                base, src_name = _csv_root(root, row.get("source", ""), src, line)
                 if not path or not label:
                     raise DataError(f"{src}: line {line}: needs both a path and a label")
                 full = os.path.normpath(os.path.join(base, path))  # an absolute path stays itself
                 if os.path.commonpath([base, full]) != base or full == base:
                     raise DataError(
-                        f"{src}: line {line}: {path!r} is outside DATA_DIR {root}; labelled files must lie "
+                        f"{src}: line {line}: {path!r} is outside DATA_DIR {base}; labelled files must lie "
                         "under DATA_DIR (paths are relative to it)"
                     )
                 rel = Path(os.path.relpath(full, base)).as_posix()
-                earlier = first_seen.get(rel)
+                key = f"{src_name}\0{rel}"
+                earlier = first_seen.get(key)
                 if earlier is not None:
                     e_line, e_path, e_label = earlier
                     same = "the same label" if e_label == label else f"labels {e_label!r} and {label!r}"
@@ -182,13 +223,15 @@ def csv_truth(
                         f"{src}: lines {e_line} ({e_path!r}) and {line} ({path!r}) both name the file {rel!r}, "
                         f"with {same}; list each file once"
                     )
-                first_seen[rel] = (line, path, label)
+                first_seen[key] = (line, path, label)
                 as_model = _model_label(label, model_labels)
                 if as_model is None:
                     unknown[label] += 1
                     continue
-                files.append(InputFile(full, rel))
-                labels[rel] = as_model
+                shown = f"{src_name}/{rel}" if isinstance(root, dict) and len(root) > 1 else rel
+                files.append(InputFile(full, shown))
+                labels[shown] = as_model
+                sources[shown] = src_name
     except OSError as exc:
         raise DataError(f"cannot read the labels file {src}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -196,7 +239,21 @@ def csv_truth(
     skipped = [
         {"label": label, "files": n, "reason": "the model has no such label"} for label, n in sorted(unknown.items())
     ]
-    return GroundTruth(files=files, labels=labels, source=f"labels file {src}", skipped=skipped)
+    return GroundTruth(files=files, labels=labels, source=f"labels file {src}", skipped=skipped, sources=sources)
+
+
+def _csv_root(root: str | os.PathLike[str] | dict[str, Path], source: str, src: Path, line: int) -> tuple[str, str]:
+    """(the absolute root a labels-file row is under, its source name)."""
+    if not isinstance(root, dict):
+        return os.path.abspath(root), source or Path(root).resolve().name
+    if len(root) == 1:
+        name, only = next(iter(root.items()))
+        return os.path.abspath(only), source or name
+    if source not in root:
+        raise DataError(
+            f"{src}: line {line}: source {source!r} is not one of the data folders given ({', '.join(sorted(root))})"
+        )
+    return os.path.abspath(root[source]), source
 
 
 def json_safe(value: Any) -> Any:
@@ -262,12 +319,14 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         require_matplotlib()
     classifier = Classifier.from_config(config.engine)
     for notice in classifier.notices:  # once: the model in use is not the one asked for by default
-        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
     labels = classifier.labels
+    dirs = [config.data_dir, *config.extra_data_dirs]
+    roots = roots_by_source(dirs)
     if config.labels_file is not None:
-        truth = csv_truth(config.labels_file, config.data_dir, labels)
+        truth = csv_truth(config.labels_file, roots, labels, config.part)
     else:
-        truth = folder_truth(config.data_dir, labels)
+        truth = merge_truths([folder_truth(r, labels, name, len(dirs) > 1) for name, r in roots.items()])
     if not truth.files:
         raise DataError(f"{truth.source}: no labelled images with a label the model knows ({', '.join(labels)})")
 
@@ -277,6 +336,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         identity = RunIdentity(classifier.meta.ident, model_sha256, classifier.meta.precision)
         writer, _ = open_report(report, labels, identity)
     ys: list[int] = []
+    row_sources: list[str] = []
     probs: list[list[float]] = []
     errors: list[dict[str, Any]] = []
     flagged = 0
@@ -291,6 +351,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
                         label = truth.labels[r.path]
                         if r.ok:
                             ys.append(labels.index(label))
+                            row_sources.append(truth.sources.get(r.path, ""))
                             probs.append(report_probabilities(r, labels))
                             flagged += r.in_distribution is False
                         else:
@@ -305,13 +366,19 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     metrics = classification_metrics(y, p, labels)
     document: dict[str, Any] = {
         **metrics,
+        "by_source": metrics_by_source(y, p, labels, row_sources),
         "reliability": reliability_bins(p, y),
         "files": len(truth.files),
         "error_count": len(errors),
         "errors": errors,
         "skipped": truth.skipped,
         "out_of_distribution": flagged if "ood_score" in classifier.meta.outputs else None,
-        "data": {"root": str(config.data_dir), "source": truth.source},
+        "data": {
+            "root": str(config.data_dir),
+            "roots": {name: str(r) for name, r in roots.items()},
+            "source": truth.source,
+            "part": config.part,
+        },
         "model": classifier.meta.ident,
         "model_path": str(classifier.model_path),
         "model_sha256": model_sha256,
@@ -368,6 +435,12 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
         "ece": nan if doc["ece"] is None else doc["ece"],
     }
     print_metrics(shown, console, title=f"evaluate {markup(doc['model'])}")
+    if len(doc.get("by_source") or {}) > 1:
+        nan_safe = {
+            k: {**m, **{x: nan if m[x] is None else m[x] for x in ("accuracy", "macro_f1")}}
+            for k, m in doc["by_source"].items()
+        }
+        print_by_source(nan_safe, console)
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)

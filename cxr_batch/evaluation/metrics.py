@@ -147,10 +147,20 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequen
     }
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable), returned as float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
+def metrics_by_source(
+    y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str], sources: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """:func:`classification_metrics` for the images of each source (sorted by name), so a user sees
+    where a model fails. A source with one class only has recall and accuracy for it; its other
+    classes' precision, recall and F1 are NaN where undefined."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    src = np.asarray(list(sources), dtype=object)
+    if len(src) != len(y):
+        raise ValueError(f"{len(src)} sources for {len(y)} images")
+    return {
+        name: classification_metrics(y[src == name], p[src == name].reshape(-1, len(labels)), labels)
+        for name in sorted(set(src.tolist()))
+    }
+
+

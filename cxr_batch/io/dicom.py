@@ -285,8 +285,44 @@ def _meta_end(head: bytes) -> int | None:
     if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or len(head) < 144:
         return None
     explicit = head[136:138] == b"UL"
-    length = struct.unpack("<I", head[140:144] if explicit else head[136:140])[0]
+    length = int(struct.unpack("<I", head[140:144] if explicit else head[136:140])[0])
     return 132 + (12 if explicit else 8) + length
+
+
+def _is_deflated(fh: BinaryIO, head: bytes) -> bool:
+    meta_end = _meta_end(head)
+    if meta_end is None:
+        return False
+    fh.seek(132)
+    return _DEFLATED_UID in fh.read(meta_end - 132)
+
+
+#: Inflated bytes read for the header of a deflated dataset before its size is checked.
+DEFLATED_HEADER_BYTES = 4 << 20
+
+
+def _check_deflated(fh: BinaryIO, head: bytes) -> None:
+    """Refuse a deflated dataset whose frame is over the pixel limit, or that inflates to too much."""
+    from pydicom import dcmread
+
+    meta_end = _meta_end(head)
+    assert meta_end is not None
+    fh.seek(meta_end)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    prefix = b""
+    try:
+        while len(prefix) < DEFLATED_HEADER_BYTES and (chunk := fh.read(1 << 16)):
+            prefix += inflater.decompress(chunk, DEFLATED_HEADER_BYTES - len(prefix))
+            if inflater.eof:
+                break
+        rows_cols = dcmread(
+            io.BytesIO(prefix), force=True, stop_before_pixels=True, specific_tags=[0x00280010, 0x00280011]
+        )
+    except (*_DECODE_ERRORS, _ScanLimitError):
+        rows_cols = None  # a header longer than the prefix, or broken: the full read decides
+    if rows_cols is not None:
+        _check_frame_size(rows_cols)
+    _check_inflated_size(fh, head)
 
 
 def _check_inflated_size(fh: BinaryIO, head: bytes) -> None:
@@ -321,17 +357,22 @@ def _check_inflated_size(fh: BinaryIO, head: bytes) -> None:
 def _load_first_frame(fh: BinaryIO) -> tuple[Dataset, np.ndarray]:
     """The header (only the elements cxr-batch reads) and the first frame's stored values."""
     head = _check_start(fh)
-    header = _read_header(fh)
-    tsyntax = header.file_meta.get("TransferSyntaxUID")
+    if _is_deflated(fh, head):
+        # pydicom inflates a deflated dataset in one piece, even for the header: check the frame
+        # size from an inflated prefix, and the inflated size by streaming, before it does.
+        _check_deflated(fh, head)
+        header = None
+    else:
+        header = _read_header(fh)
+        _check_frame_size(header)  # before reading any pixel data
+    tsyntax = header.file_meta.get("TransferSyntaxUID") if header is not None else None
     # pixel_array(file) needs a file meta header and can't inflate deflated datasets.
     streamable = tsyntax is not None and not tsyntax.is_deflated
-    _check_frame_size(header)  # before reading (or inflating) any pixel data
     if not streamable:
-        if tsyntax is not None and tsyntax.is_deflated:
-            _check_inflated_size(fh, head)
         ds = _read_whole(fh)
         _check_frame_size(ds)
     else:
+        assert header is not None
         ds = header
     tsyntax = ds.file_meta.TransferSyntaxUID
     _check_decoder(tsyntax)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import requests
     from pydicom.dataset import Dataset
 
-    from cxr_batch.engine.classifier import Result
+    from cxr_batch.engine.types import Result
 
 TOKEN_ENV = "CXR_BATCH_DICOMWEB_TOKEN"
 USER_ENV = "CXR_BATCH_DICOMWEB_USER"

@@ -35,7 +35,8 @@ class InputFile:
 
     path: str  #: the path to open (as found; symbolic links are not resolved)
     display: str  #: the report's ``path`` column
-    #: Set when discovery already knows the row is an error (a folder that can't be listed).
+    #: Set when discovery or a source already knows the row is an error (a folder that can't be
+    #: listed, a DICOMweb instance that could not be fetched).
     error: str | None = None
 
 

@@ -6,7 +6,7 @@ import csv
 import hashlib
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,12 @@ class LabelledSet:
     items: list[tuple[Path, str]]
     layout: str
     ignored: list[str] = field(default_factory=list)
+    #: the name this root goes by in a split and in per-source metrics (its folder name by default)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            self.source = Path(self.root).resolve().name or "data"
 
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(self.labels, 0)
@@ -134,63 +140,160 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: Where a split's files are: one root for every row, or one root per source name.
+Roots = Path | Mapping[str, Path]
+
+
+def source_names(roots: Sequence[str | Path]) -> list[str]:
+    """One source name per data root: the folder's name, made unique with ``-2``, ``-3`` ... in order."""
+    names: list[str] = []
+    for r in roots:
+        base = Path(r).resolve().name or "data"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
+    return dict(zip(source_names(roots), (Path(r) for r in roots), strict=True))
+
+
 @dataclass
 class Split:
-    """Rows of (relative path, label, split, sha256)."""
+    """Rows of (relative path, label, split, sha256, source).
 
-    rows: list[tuple[str, str, str, str]]
+    ``source`` names the data root a file was found under (see :func:`source_names`); the path is
+    relative to that root. Split files written before sources existed have no ``source`` column:
+    their rows get ``""``, which :meth:`paths` resolves against the single root it is given.
+    """
 
-    def paths(self, root: Path, part: str) -> list[tuple[Path, str]]:
-        return [(root / rel, label) for rel, label, s, _ in self.rows if s == part]
+    rows: list[tuple[str, str, str, str, str]]
+
+    def sources(self) -> list[str]:
+        return sorted({r[4] for r in self.rows})
+
+    def paths(self, roots: Roots, part: str) -> list[tuple[Path, str]]:
+        return [(p, label) for p, label, _ in self.items(roots, part)]
+
+    def items(self, roots: Roots, part: str) -> list[tuple[Path, str, str]]:
+        """``(path, label, source)`` of every row in ``part`` (train, val or test)."""
+        out = []
+        for rel, label, s, _, source in self.rows:
+            if s != part:
+                continue
+            if isinstance(roots, Path):
+                root = roots
+            elif source in roots:
+                root = roots[source]
+            elif len(roots) == 1:
+                root = next(iter(roots.values()))
+            else:
+                raise DataError(f"the split names source '{source}', which is not among the data roots {sorted(roots)}")
+            out.append((root / rel, label, source))
+        return out
 
     def fingerprint(self) -> str:
+        """sha256 of the sorted rows. With a single source the source column is left out, so a
+        one-root split has the same fingerprint as before sources were recorded."""
+        single = len({r[4] for r in self.rows}) <= 1
         h = hashlib.sha256()
-        for row in sorted(self.rows):
+        for row in sorted(r[:4] if single else (r[4], *r[:4]) for r in self.rows):
             h.update(("\t".join(row) + "\n").encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def write(self, path: Path) -> None:
         with open(path, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["path", "label", "split", "sha256"])
+            w.writerow(["path", "label", "split", "sha256", "source"])
             w.writerows(self.rows)
 
     @classmethod
     def read(cls, path: Path) -> Split:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
                 raise DataError(f"{path}: a split file needs the columns path,label,split")
-            rows = [(r["path"], r["label"], r["split"], r.get("sha256") or "") for r in reader]
+            rows = [
+                (r["path"], r["label"], r["split"], r.get("sha256") or "", r.get("source") or "") for r in reader
+            ]
         bad = {r[2] for r in rows} - {"train", "val", "test"}
         if bad:
             raise DataError(f"{path}: unknown split names {sorted(bad)}")
         return cls(rows)
 
 
-def make_split(data: LabelledSet, seed: int = 0, val: float = 0.15, test: float = 0.15) -> Split:
-    """Stratified, seeded split. Files with identical content always land on the same side."""
-    groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    digests: dict[Path, str] = {}
-    for path, label in data.items:
-        d = file_digest(path)
-        digests[path] = d
-        groups[d].append((path, label))
-    per_label: dict[str, list[str]] = defaultdict(list)
-    for d, members in groups.items():
-        per_label[members[0][1]].append(d)
+def find_labelled_many(roots: Sequence[str | Path], classes: Sequence[str] | None = None) -> list[LabelledSet]:
+    """:func:`find_labelled` for each root, merged into one class list.
+
+    The class list is the first root's (or ``classes``); a later root may hold a subset of the
+    classes (``kermany-normal/normal`` beside the three-class database), never a class the first
+    lacks. Each set's ``source`` is its unique root name.
+
+    Raises:
+        DataError: as :func:`find_labelled`, or a root with a class outside the class list.
+    """
+    if not roots:
+        raise DataError("no data folders given")
+    names = source_names(roots)
+    first = find_labelled(roots[0], classes)
+    sets = [first]
+    for root in roots[1:]:
+        found = find_labelled(root)
+        extra = [x for x in found.labels if x not in first.labels]
+        if extra and classes is None:
+            raise DataError(
+                f"{root}: class folder(s) {extra} are not among the classes {first.labels} of {roots[0]}; "
+                "pass --classes to choose"
+            )
+        wanted = [x for x in first.labels if x in found.labels]
+        if not wanted:
+            raise DataError(f"{root}: none of the classes {first.labels} has a folder here")
+        sets.append(find_labelled(root, wanted))
+    for s, name in zip(sets, names, strict=True):
+        s.source = name
+    return sets
+
+
+def make_split(
+    data: LabelledSet | Sequence[LabelledSet], seed: int = 0, val: float = 0.15, test: float = 0.15
+) -> Split:
+    """Seeded split, stratified by source and class; files with identical content (within or across
+    roots) always land on the same side, decided where the content is first seen.
+
+    Sources are drawn in the order given, classes in label order, from one random stream: a single
+    root gives exactly the split of earlier versions, and adding a root after it leaves the first
+    root's assignment unchanged.
+    """
+    sets = [data] if isinstance(data, LabelledSet) else list(data)
+    labels: list[str] = []
+    for ds in sets:
+        labels.extend(x for x in ds.labels if x not in labels)
+    digests: dict[tuple[int, Path], str] = {}
+    first_seen: dict[str, tuple[int, str]] = {}  # digest -> (set index, label)
+    for i, ds in enumerate(sets):
+        for path, label in ds.items:
+            d = file_digest(path)
+            digests[(i, path)] = d
+            first_seen.setdefault(d, (i, label))
+    per_group: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for d, (i, label) in first_seen.items():
+        per_group[(i, label)].append(d)
     rng = random.Random(seed)
     side: dict[str, str] = {}
-    for label in data.labels:
-        ds = sorted(per_label[label])
-        rng.shuffle(ds)
-        n = len(ds)
-        n_test = round(n * test)
-        n_val = round(n * val)
-        for i, d in enumerate(ds):
-            side[d] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    for i, ds in enumerate(sets):
+        for label in ds.labels:
+            group = sorted(per_group[(i, label)])
+            rng.shuffle(group)
+            n = len(group)
+            n_test = round(n * test)
+            n_val = round(n * val)
+            for k, d in enumerate(group):
+                side[d] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
     rows = [
-        (path.relative_to(data.root).as_posix(), label, side[digests[path]], digests[path])
-        for path, label in data.items
+        (path.relative_to(ds.root).as_posix(), label, side[digests[(i, path)]], digests[(i, path)], ds.source)
+        for i, ds in enumerate(sets)
+        for path, label in ds.items
     ]
     return Split(rows)

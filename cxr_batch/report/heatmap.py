@@ -47,7 +47,7 @@ from cxr_batch.report.lock import lock_or_refuse
 from cxr_batch.text import markup
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.classifier import Result
+    from cxr_batch.engine.types import Result
 
 #: Heatmaps keep the image's aspect; the longer side is at most this many pixels (never upscaled).
 MAX_SIDE = 1024

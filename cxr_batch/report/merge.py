@@ -21,7 +21,10 @@ paths split at ``/`` and compared part by part (:func:`walk_key`). Each part is 
 order, so the parts are merged as streams (memory stays flat for millions of rows); a part that
 is not (several inputs, ``--files-from``) is sorted in memory instead. CSV rows are written back
 field by field with the writer ``classify`` uses, JSON lines byte for byte, so merging the parts
-gives the same file as one unsharded run.
+gives the same file as one unsharded run, but for the ``run_id`` column (each shard is its own run).
+
+Beside the merged report goes its provenance record (:func:`cxr_batch.report.provenance.merge_records`):
+the runs of every part's ``<part>.provenance.json``, each with the part it came from.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from typing import IO, Any
 
 from rich.console import Console
 
-from cxr_batch.engine.classifier import Result
+from cxr_batch.engine.types import Result
 from cxr_batch.errors import MergeError, OutputError
 from cxr_batch.io.shard import shard_of
+from cxr_batch.report import provenance
 from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.writer import (
     ENCODING,
@@ -86,6 +90,10 @@ class MergeConfig:
     expect: int | None = None
     overwrite: bool = False
     quiet: bool = False
+    #: the merged provenance record; None: ``<out>.provenance.json``
+    provenance: str | None = None
+    #: False writes no merged provenance record
+    record_provenance: bool = True
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -102,6 +110,8 @@ class MergeStats:
     parts: int
     #: the shard of N each part holds (None: the part has no rows); only with ``expect``
     shards: dict[str, int | None] = field(default_factory=dict)
+    #: the merged provenance record written, if any
+    record: str | None = None
 
 
 @dataclass
@@ -129,6 +139,9 @@ class _Part:
         self.columns: list[str] | None = None
         self.shard: int | None = None
         self.rows = 0
+        #: the run ids of its rows and their counts, for the merged provenance record
+        self.run_ids: set[str] = set()
+        self.counts = provenance.Counts()
         size = os.path.getsize(path)
         if size:
             with open(path, "rb") as fh:
@@ -214,6 +227,7 @@ class _Part:
                     "confidence": float(row["confidence"]) if row["confidence"] else None,
                     "error": row["error"] or None,
                     "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
+                    "run_id": row.get("run_id") or None,
                 }
                 identity = RunIdentity(row["model"], row["model_sha256"], row["precision"])
                 yield _Row(walk_key(row["path"]), self.index, number, row["path"], identity, values, record)
@@ -237,7 +251,7 @@ class _Part:
                 for c in ("status", "model", "model_sha256", "precision"):
                     if not isinstance(obj[c], str):
                         raise MergeError(f"{self.path} line {number}: {c} is {obj[c]!r}, not text; the part is damaged")
-                values = {k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution")}
+                values = {k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")}
                 identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
                 yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
 
@@ -298,6 +312,8 @@ class _Checker:
     def check(self, row: _Row) -> None:
         part = self.parts[row.part]
         part.rows += 1
+        if row.values.get("run_id"):
+            part.run_ids.add(str(row.values["run_id"]))
         if self.model is None:
             self.model = (row.model, part)
         elif row.model != self.model[0]:
@@ -388,15 +404,18 @@ def _labels(columns: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(c[len("prob_") :] for c in columns or () if c.startswith("prob_"))
 
 
-def _write(parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | None, streaming: bool) -> RunStats:
+def _write(
+    parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | None, streaming: bool, paths: list[str]
+) -> RunStats:
     columns = next((p.columns for p in parts if p.columns is not None), None)
     checker = _Checker(parts, expect)
     stats: RunStats | None = None
     writer = csv.writer(stream, lineterminator="\r\n")  # as report.CsvWriter writes
     if fmt == "csv" and columns is not None:
         writer.writerow(columns)
+    paths.clear()
     for p in parts:
-        p.rows, p.shard = 0, None
+        p.rows, p.shard, p.run_ids, p.counts = 0, None, set(), provenance.Counts()
     for row in _merged(parts, streaming):
         checker.check(row)
         if stats is None:
@@ -406,22 +425,57 @@ def _write(parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | N
         else:
             writer.writerow(row.record)
         v = row.values
-        stats.add(
-            [
-                Result(
-                    path=row.path,
-                    file=row.path,
-                    status=str(v["status"]),
-                    model=row.model.model,
-                    label=v["label"],
-                    confidence=v["confidence"],
-                    error=v["error"],
-                    in_distribution=v["in_distribution"],
-                )
-            ]
+        result = Result(
+            path=row.path,
+            file=row.path,
+            status=str(v["status"]),
+            model=row.model.model,
+            label=v["label"],
+            confidence=v["confidence"],
+            error=v["error"],
+            in_distribution=v["in_distribution"],
         )
+        stats.add([result])
+        parts[row.part].counts.add([result])
+        paths.append(row.path)
     checker.finish()
     return stats or RunStats(labels=_labels(columns), model="(no rows)", provider="")
+
+
+def _write_record(
+    config: MergeConfig, parts: Sequence[_Part], fmt: Format, record: str, paths: list[str], started: str
+) -> list[str]:
+    """Write the merged provenance record; returns the warnings to show."""
+    columns = next((p.columns for p in parts if p.columns is not None), None)
+    total = provenance.Counts()
+    for p in parts:
+        for key in ("status", "labels", "errors"):
+            getattr(total, key).update(getattr(p.counts, key))
+        total.rows += p.counts.rows
+        total.flagged += p.counts.flagged
+    doc, warnings = provenance.merge_records(
+        [
+            provenance.PartRecord(
+                part=p.path,
+                record_path=provenance.part_record_path(p.path),
+                rows=p.rows,
+                shard=p.shard,
+                run_ids=p.run_ids,
+                counts=p.counts,
+            )
+            for p in parts
+        ],
+        report=config.out,
+        report_format=fmt,
+        labels=_labels(columns),
+        paths_sha256=provenance.input_list_sha256(paths),
+        rows=len(paths),
+        counts=total,
+        expect=config.expect,
+        started=started,
+    )
+    provenance.write_record(record, doc)
+    return warnings
 
 
 def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeStats:
@@ -437,11 +491,22 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
     Raises:
         MergeError: the parts conflict (columns, model, a path twice, shards), or one is damaged
             or missing; the message names the files.
-        OutputError: ``out`` exists without ``overwrite``, is one of the parts, or can't be written.
+        OutputError: ``out`` (or its provenance record) exists without ``overwrite``, is one of the
+            parts, or can't be written; or a part's provenance record is damaged.
     """
     console = console or Console(stderr=True)
+    started = provenance.utc_now()
     _check_output(config, config.parts)
+    record = provenance.record_path(config.out, config.provenance) if config.record_provenance else None
+    if record is not None:
+        provenance.check_record_output(record, report=config.out, resume=False, overwrite=config.overwrite)
+        for part in config.parts:
+            if os.path.abspath(record) in (os.path.abspath(part), os.path.abspath(provenance.part_record_path(part))):
+                raise OutputError(f"--provenance {record} is a part or a part's record; write the merged record elsewhere")
+            if os.path.exists(provenance.part_record_path(part)):
+                provenance.read_record(provenance.part_record_path(part))  # damaged: say so before merging
     parts, fmt = _open_parts(config)
+    paths: list[str] = []  # the merged rows' paths, for the input-list hash of the merged record
     out = Path(config.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -451,11 +516,11 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
     try:
         with open(fd, "w", encoding=ENCODING, errors=ERRORS, newline="") as stream:
             try:
-                stats = _write(parts, fmt, stream, config.expect, streaming=True)
+                stats = _write(parts, fmt, stream, config.expect, streaming=True, paths=paths)
             except _Unsorted:
                 stream.seek(0)
                 stream.truncate()
-                stats = _write(parts, fmt, stream, config.expect, streaming=False)
+                stats = _write(parts, fmt, stream, config.expect, streaming=False, paths=paths)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, out)
@@ -468,7 +533,10 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
             raise OutputError(f"cannot write {config.out}: {exc.strerror or exc} (nothing was written)") from None
         raise
     stats.finish()
-    result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts})
+    result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts}, record=record)
+    if record is not None:
+        for warning in _write_record(config, parts, fmt, record, paths, started):
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console, title="cxr-batch merge", timing=False)
         line = f"merged {len(parts)} part(s), {stats.total} rows, into {config.out}"

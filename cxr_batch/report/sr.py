@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from cxr_batch.contract import ModelMeta
-    from cxr_batch.engine.classifier import Result
+    from cxr_batch.engine.types import Result
 
 #: The private coding scheme of the probability, verdict and intended-use concepts.
 SCHEME = "99CXRBATCH"

@@ -4,7 +4,8 @@ Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model o
 ``width, height, error``, the model's identity ``model, model_sha256, precision`` (the same on
 every row of a run; ``resume`` and ``merge`` refuse rows of another identity), then ``notes`` and the columns other features fill (empty
 until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
-``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``.
+``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``; last ``run_id``,
+the run that wrote the row (its entry in the provenance record).
 
 Encoding: UTF-8 with ``surrogateescape``. A file name that is not valid UTF-8 is written
 with its original bytes (CSV), so reading the CSV back with
@@ -43,7 +44,7 @@ from typing import IO, Any, BinaryIO, Literal, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from cxr_batch.engine.classifier import Result
+from cxr_batch.engine.types import Result
 from cxr_batch.errors import OutputError
 from cxr_batch.report.cells import escape_cell, unescape_cell
 from cxr_batch.report.lock import lock_or_refuse
@@ -60,6 +61,8 @@ TAIL_COLUMNS = ("width", "height", "error", *IDENTITY_COLUMNS)
 #: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
 FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
 EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
+#: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
+RUN_COLUMNS = ("run_id",)
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -67,7 +70,7 @@ ERRORS = "surrogateescape"
 
 def columns(labels: Sequence[str]) -> list[str]:
     """The report's columns for a model with these labels (the one place that defines them)."""
-    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS]
+    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS, *RUN_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def _num(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-def row_values(result: Result, labels: Sequence[str], identity: RunIdentity | None = None) -> dict[str, Any]:
+def row_values(
+    result: Result, labels: Sequence[str], identity: RunIdentity | None = None, run_id: str | None = None
+) -> dict[str, Any]:
     """One report row with typed values (None for empty), keys in column order."""
     row: dict[str, Any] = {
         "path": result.path,
@@ -118,6 +123,7 @@ def row_values(result: Result, labels: Sequence[str], identity: RunIdentity | No
         row[key] = result.fields.get(key) or None
     row["ood_score"] = _num(result.ood_score)
     row["in_distribution"] = result.in_distribution
+    row["run_id"] = run_id
     return row
 
 
@@ -225,11 +231,13 @@ class CsvWriter:
         labels: Sequence[str],
         header: bool,
         identity: RunIdentity | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
         self.identity = identity
+        self.run_id = run_id
         self._csv = csv.writer(sink.stream, lineterminator="\r\n")
         if header:
             try:
@@ -241,7 +249,7 @@ class CsvWriter:
     def write(self, results: Sequence[Result]) -> None:
         try:
             for r in results:
-                row = row_values(r, self.labels, self.identity)
+                row = row_values(r, self.labels, self.identity, self.run_id)
                 self._csv.writerow([_csv_text(row[c]) for c in self.columns])
         except OSError as exc:
             raise self.sink.fail(exc) from None
@@ -255,17 +263,23 @@ class JsonlWriter:
     """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
 
     def __init__(
-        self, sink: _Sink, cols: Sequence[str], labels: Sequence[str], identity: RunIdentity | None = None
+        self,
+        sink: _Sink,
+        cols: Sequence[str],
+        labels: Sequence[str],
+        identity: RunIdentity | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
         self.identity = identity
+        self.run_id = run_id
 
     def write(self, results: Sequence[Result]) -> None:
         try:
             for r in results:
-                row = row_values(r, self.labels, self.identity)
+                row = row_values(r, self.labels, self.identity, self.run_id)
                 self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
         except OSError as exc:
             raise self.sink.fail(exc) from None
@@ -458,7 +472,11 @@ def read_existing(
 
 
 def open_report(
-    config: ReportConfig, labels: Sequence[str], model: str | RunIdentity, stdout: BinaryIO | None = None
+    config: ReportConfig,
+    labels: Sequence[str],
+    model: str | RunIdentity,
+    stdout: BinaryIO | None = None,
+    run_id: str | None = None,
 ) -> tuple[ReportWriter, Existing]:
     """Open the report for writing (after :func:`read_existing` when resuming).
 
@@ -467,6 +485,7 @@ def open_report(
         labels: the model's labels (they name the ``prob_`` columns).
         model: the run's identity (or just ``name@version``); resume refuses rows of another.
         stdout: the binary stream for ``--out -`` (default ``sys.stdout.buffer``).
+        run_id: the ``run_id`` column of every row written (the run's provenance record entry).
 
     Raises:
         OutputError: see :func:`check_output` and :func:`read_existing`; the file can't be opened,
@@ -482,9 +501,9 @@ def open_report(
         text = io.TextIOWrapper(binary, encoding=ENCODING, errors=ERRORS, newline="", write_through=True)
         sink = _Sink(text, sync=False, detach=True)
         if config.format == "jsonl":
-            writer = JsonlWriter(sink, cols, labels, identity)
+            writer = JsonlWriter(sink, cols, labels, identity, run_id)
         else:
-            writer = CsvWriter(sink, cols, labels, header=True, identity=identity)
+            writer = CsvWriter(sink, cols, labels, header=True, identity=identity, run_id=run_id)
         return writer, Existing()
 
     check_output(config)
@@ -524,8 +543,8 @@ def open_report(
         raise
     sink = _Sink(stream, sync=regular, detach=False, name=config.out)
     if config.format == "jsonl":
-        return JsonlWriter(sink, cols, labels, identity), existing
-    return CsvWriter(sink, cols, labels, header=not existing.has_header, identity=identity), existing
+        return JsonlWriter(sink, cols, labels, identity, run_id), existing
+    return CsvWriter(sink, cols, labels, header=not existing.has_header, identity=identity, run_id=run_id), existing
 
 
 # --------------------------------------------------------------------------- summary

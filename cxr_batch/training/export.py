@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from cxr_batch.contract import CONTRACT_KEY, DEFAULT_PREPROCESSING, ModelMeta
+from cxr_batch.contract import DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.engine.cpu import cpu_summary
+from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
-from cxr_batch.evaluation.metrics import classification_metrics, softmax
-from cxr_batch.io.labelled import Split
+from cxr_batch.evaluation.metrics import classification_metrics
+from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.training.card import write_card
+from cxr_batch.training.onnx_file import _onnx, read_contract_file, write_contract
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -47,14 +51,8 @@ class ExportConfig:
     parity_images: int = 64
     ood: bool = True  # fit the out-of-distribution guard when the run's data is available
     fp16: bool = False  # also write NAME-fp16.onnx, the model classify prefers on CUDA
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingExtraError("export", "train", "onnx") from exc
-    return onnx
+    #: a recipe sweep's JSON (benchmarks/augment_sweep.py): how the recipe was chosen, for the card
+    selection: str | None = None
 
 
 def latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -68,13 +66,19 @@ def latest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
-def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Path | None, Split | None]:
+def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Roots | None, Split | None]:
+    """The run's config, where its images are (one root, or one per source) and its split."""
     run = ckpt_path.parent
     config: dict[str, Any] = {}
     if (run / "config.json").exists():
         config = json.loads((run / "config.json").read_text())
-    root = Path(data_dir or config.get("data_dir", "")) if (data_dir or config.get("data_dir")) else None
     split = Split.read(run / "split.csv") if (run / "split.csv").exists() else None
+    sources: dict[str, str] = config.get("sources") or {}
+    if not data_dir and len(sources) > 1:
+        roots = {name: Path(p) for name, p in sources.items()}
+        return config, (roots if all(p.is_dir() for p in roots.values()) else None), split
+    first = data_dir or config.get("data_dir") or (config.get("data_dirs") or [None])[0]
+    root = Path(first) if first else None
     if root is not None and not root.is_dir():
         root = None
     return config, root, split
@@ -198,7 +202,14 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
         metrics=metrics,
         training_data=training_data,
         precision="fp32",
-        extra={"arch": "resnet18", "opset": OPSET, "parity_max_abs_prob_diff": parity, "recipe": _recipe(tcfg)},
+        extra={
+            "arch": "resnet18",
+            "opset": OPSET,
+            "parity_max_abs_prob_diff": parity,
+            "recipe": _recipe(tcfg),
+            **({"init": init} if (init := _init_facts(tcfg)) else {}),
+            **({"selection": _selection(cfg.selection)} if cfg.selection else {}),
+        },
     )
     from cxr_batch.training.cam import add_cam_output
 
@@ -213,7 +224,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
 
 def derive_from_master(
     master: Path,
-    root: Path | None,
+    root: Roots | None,
     split: Split | None,
     cfg: ExportConfig,
     console: Console,
@@ -270,7 +281,7 @@ SELF_CHECK_FACTOR = 2.0
 SELF_CHECK_FLOOR = {"int8": 0.25, "fp16": 0.05}
 
 
-def self_check_candidates(root: Path | None, split: Split | None, n: int = SELF_CHECK_CANDIDATES) -> list[Path]:
+def self_check_candidates(root: Roots | None, split: Split | None, n: int = SELF_CHECK_CANDIDATES) -> list[Path]:
     """Real X-rays the self-check's references are picked from: the test split, else sample_images."""
     if root is not None and split is not None:
         test = [p for p, _ in split.paths(root, "test")]
@@ -368,30 +379,22 @@ def write_self_checks(
     return written
 
 
-def write_contract(proto: Any, meta: ModelMeta) -> None:
-    """Set (or replace) the contract in an ONNX ModelProto's metadata_props."""
-    for prop in list(proto.metadata_props):
-        if prop.key == CONTRACT_KEY:
-            proto.metadata_props.remove(prop)
-    entry = proto.metadata_props.add()
-    entry.key = CONTRACT_KEY
-    entry.value = meta.to_json()
-
-
-def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
-    onnx = _onnx()
-    proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    if CONTRACT_KEY not in props:
-        raise ModelError(f"{path}: no '{CONTRACT_KEY}' metadata; not a cxr-batch model")
-    return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
+def _finite(value: Any) -> Any:
+    """NaN and infinity as None, so the contract is strict JSON (per-source metrics have undefined cells)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _read_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.exists():
         return {}
-    m = json.loads(p.read_text())
+    m = _finite(json.loads(p.read_text()))
     return {
         k: m[k]
         for k in (
@@ -405,18 +408,26 @@ def _read_metrics(run: Path) -> dict[str, Any]:
             "confusion_matrix",
             "best_epoch",
             "ci_method",
+            "by_source",
         )
         if k in m
     }
 
 
 def _training_data(config: dict[str, Any], split: Split | None, tcfg: dict[str, Any]) -> dict[str, Any]:
-    d: dict[str, Any] = {"source": Path(str(tcfg.get("data_dir", ""))).name, "layout": config.get("layout")}
+    dirs = tcfg.get("data_dirs") or [tcfg.get("data_dir", "")]
+    names = list(config.get("sources") or {}) or [Path(str(d)).name for d in dirs]
+    d: dict[str, Any] = {"source": " + ".join(names), "sources": names, "layout": config.get("layout")}
     if split is not None:
         parts: dict[str, dict[str, int]] = {}
-        for _, label, s, _ in split.rows:
+        by_source: dict[str, dict[str, dict[str, int]]] = {}
+        for _, label, s, _, src in split.rows:
             parts.setdefault(s, {}).setdefault(label, 0)
             parts[s][label] += 1
+            cell = by_source.setdefault(src or names[0], {}).setdefault(s, {})
+            cell[label] = cell.get(label, 0) + 1
+        if len(by_source) > 1:
+            d["split_counts_by_source"] = by_source
         d.update(
             {
                 "files": len(split.rows),
@@ -438,8 +449,15 @@ def _file_list_hash(split: Split) -> str:
 
 
 def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience")
-    return {k: tcfg.get(k) for k in keys} | {"optimizer": "AdamW + OneCycle", "sampling": "class-balanced"}
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience",
+            "augment", "epoch_images", "warmup")
+    weights = str(tcfg.get("weights") or "none")
+    balance = tcfg.get("balance") or "class"
+    return {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]} | {
+        "weights": Path(weights).name if weights.endswith(".onnx") else weights,
+        "optimizer": "AdamW + OneCycle",
+        "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
+    }
 
 
 class _Calibration:
@@ -511,7 +529,7 @@ def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = 
     return out
 
 
-def calibration_images(meta: ModelMeta, root: Path, split: Split, n: int) -> np.ndarray:
+def calibration_images(meta: ModelMeta, root: Roots, split: Split, n: int) -> np.ndarray:
     """``n`` training images of ``split`` (seeded pick), preprocessed for ``meta``."""
     rng = np.random.default_rng(0)
     train = split.paths(root, "train")
@@ -521,7 +539,7 @@ def calibration_images(meta: ModelMeta, root: Path, split: Split, n: int) -> np.
 
 def derive_int8(
     fp32: Path,
-    root: Path | None,
+    root: Roots | None,
     split: Split | None,
     cfg: ExportConfig,
     console: Console,
@@ -637,153 +655,38 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     return out
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _init_facts(tcfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The released model a run started from (``train --weights MODEL.onnx``), as the card names it."""
+    weights = str(tcfg.get("weights") or "")
+    if not weights.endswith(".onnx") or not Path(weights).is_file():
+        return None
+    from cxr_batch.contract import file_sha256
+
+    _, start = read_contract_file(Path(weights))
+    r = start.extra.get("recipe", {}) or {}
+    how = "random initialisation" if str(r.get("weights", "none")) == "none" else f"`{r.get('weights')}` initialisation"
+    td = start.training_data or {}
+    return {
+        "file": Path(weights).name,
+        "model": start.ident,
+        "sha256": file_sha256(Path(weights)),
+        "origin": f"trained from {how} on the training split of `{td.get('source')}` "
+        f"(split sha256 `{td.get('split_sha256')}`)",
+    }
 
 
-def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> Path:
-    """A human-readable model card next to the ONNX file (``NAME.md``)."""
-    sibling = onnx_path.with_name(onnx_path.stem + "-int8.onnx")
-    if int8 is None and sibling.exists():  # keep the int8 section when only the fp32 master changed
-        int8 = read_contract_file(sibling)[1].extra.get("quantization")
-    m = meta.metrics
-    lines = [
-        f"# Model card: {meta.name} {meta.version}",
-        "",
-        "**A research tool, not a medical device.** Not for clinical use: never use this model's output to",
-        "diagnose, triage or treat anyone.",
-        "",
-        "## Model",
-        f"- Architecture: torchvision ResNet-18, `fc` replaced for {len(meta.labels)} classes "
-        f"({', '.join(meta.labels)}, in that order). Input {meta.input_size[0]}×{meta.input_size[1]}, 3 identical grey channels,",
-        f"  normalised with mean {list(meta.mean)} and std {list(meta.std)} (ImageNet's).",
-        f"- Weights: `{meta.extra.get('recipe', {}).get('weights', 'none')}` initialisation. The shipped model was trained "
-        "from **random initialisation**: ImageNet weights could not be downloaded on the training machine.",
-        f"- Files: `{onnx_path.name}` (fp32, the master copy)"
-        + (f", `{onnx_path.stem}-int8.onnx` (int8, the default on CPUs with VNNI, AMX or ARM dot product)" if int8 else "")
-        + (
-            f", `{onnx_path.stem}-fp16.onnx` (fp16, preferred on CUDA)"
-            if onnx_path.with_name(onnx_path.stem + "-fp16.onnx").exists()
-            else ""
-        )
-        + ".",
-        f"- ONNX opset {meta.extra.get('opset')}; outputs {meta.outputs}. Parity with PyTorch on real images: "
-        f"max |Δprob| = {meta.extra.get('parity_max_abs_prob_diff', float('nan')):.1e}.",
-        f"- Created {meta.created}.",
-        "",
-        "## Training data",
-        "- COVID-19 Radiography Database (Kaggle; M.E.H. Chowdhury et al., IEEE Access 8, 2020; T. Rahman et al.,",
-        "  Computers in Biology and Medicine 132, 2021), a 5,553-image subset stored as 256×256 greyscale PNGs.",
-        f"- Files: {meta.training_data.get('files')}; split counts: `{json.dumps(meta.training_data.get('split_counts'))}`.",
-        "- Split: stratified 70/15/15 train/validation/test, seeded; files with identical content are kept on one side.",
-        "  Checkpoints were chosen and early stopping decided on validation only; the test split was used once, for the numbers below.",
-        f"- Fingerprint: split sha256 `{meta.training_data.get('split_sha256')}`, file list sha256 `{meta.training_data.get('file_list_sha256')}`.",
-        "",
-        "## Recipe",
-        f"`{json.dumps(meta.extra.get('recipe'))}`",
-        "",
-        "Augmentation: random affine (rotation ±7°, scale 0.9–1.1, shift ±6%) and brightness/contrast ±10%. No horizontal",
-        "flip: a flipped chest X-ray puts the heart on the wrong side, which no real PA/AP film shows (a judgement, not measured).",
-        "bf16 autocast and channels-last on the CPU (measured 3× faster than fp32 for a training step on this machine).",
-        "",
-        "## Test-split metrics (fp32)",
-    ]
-    if m:
-        lines += [
-            f"- n = {m.get('n')}, accuracy **{_fmt(m.get('accuracy'))}** (95% CI {[round(v, 4) for v in m.get('accuracy_ci95', [])]}),",
-            f"  macro-F1 **{_fmt(m.get('macro_f1'))}**, expected calibration error {_fmt(m.get('ece'))}; best epoch {m.get('best_epoch')}.",
-            "",
-            "| class | support | precision | recall (sensitivity) | specificity | F1 | ROC AUC |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        per_class = m.get("per_class", {})
-        for name, pc in ((n, per_class[n]) for n in meta.labels if n in per_class):
-            lines.append(
-                f"| {name} | {pc['support']} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | "
-                f"{_fmt(pc['specificity'])} | {_fmt(pc['f1'])} | {_fmt(pc['roc_auc'])} |"
-            )
-        lines += [
-            "",
-            "Confusion matrix (rows true, columns predicted, order " + ", ".join(meta.labels) + "):",
-            "",
-            "```",
-            *[" ".join(f"{v:5d}" for v in row) for row in m.get("confusion_matrix", [])],
-            "```",
-        ]
-        covid = m.get("per_class", {}).get("covid")
-        if covid is not None and meta.labels == ("normal", "viral", "covid"):
-            checks = [
-                ("accuracy ≥ 0.97", m.get("accuracy", 0.0) >= 0.97, m.get("accuracy")),
-                ("macro-F1 ≥ 0.96", m.get("macro_f1", 0.0) >= 0.96, m.get("macro_f1")),
-                ("COVID-19 sensitivity ≥ 0.96", covid["recall"] >= 0.96, covid["recall"]),
-            ]
-            lines += ["", "Project targets on the test split: " + "; ".join(
-                f"{name}: {_fmt(value)} ({'met' if ok else 'missed'})" for name, ok, value in checks) + "."]
-            if not all(ok for _, ok, _ in checks):
-                lines += ["Training from ImageNet weights (`--weights imagenet`), more epochs, and the full database "
-                          "(about 3,600 COVID images instead of 2,200) are the obvious ways to close the gap; none was "
-                          "possible in the CPU time this model had."]
-    else:
-        lines.append("No test metrics were recorded for this checkpoint.")
-    if int8:
-        lines += [
-            "",
-            "## int8 model",
-            "",
-            f"{int8['scheme']}; calibrated on {int8['calibration_images']} training images.",
-            "",
-            "| | fp32 | int8 |",
-            "| --- | ---: | ---: |",
-            f"| test accuracy | {_fmt(int8['fp32_accuracy'])} | {_fmt(int8['int8_accuracy'])} |",
-            f"| test macro-F1 | {_fmt(int8['fp32_macro_f1'])} | {_fmt(int8['int8_macro_f1'])} |",
-            "",
-            f"Top-1 agreement with fp32 on the test split: {_fmt(int8['top1_agreement_with_fp32'])}; "
-            f"largest probability difference {_fmt(int8['max_abs_prob_diff'])}."
-            + (
-                f" Measured on {int8['measured_on'].get('model')} (flags: {', '.join(int8['measured_on'].get('flags', [])) or 'none relevant'})."
-                if isinstance(int8.get("measured_on"), dict)
-                else ""
-            ),
-        ]
-    if meta.ood:
-        ood = meta.ood
-        lines += ["", "## Out-of-distribution guard", "",
-                  f"{ood.get('description')}. Output `{ood.get('output')}`; an image is flagged (`in_distribution=false`) "
-                  f"when its score is above {ood.get('threshold', float('nan')):.3f}, set so that "
-                  f"{ood.get('calibration')} (measured pass rate {_fmt(ood.get('val_pass_rate'))} on {ood.get('n_calibration')} images). "
-                  "DICOM files whose modality is not a projection radiograph (CT, MR, ...) are flagged whatever the score."]
-        ev = ood.get("evaluation")
-        if ev:
-            lines += ["", f"Measured with `{ev.get('command')}`:", "",
-                      "| group | images | flagged | AUROC vs test split |", "| --- | ---: | ---: | ---: |"]
-            for g in ev.get("groups", []):
-                auroc = "-" if g.get("auroc") is None else _fmt(g["auroc"])
-                lines.append(f"| {g['name']} | {g['n']} | {g['flagged']:.1%} | {auroc} |")
-            first = (ev.get("groups") or [{}])[0]
-            if first.get("flagged", 0.0) > 0.05:
-                lines += ["", f"The test split is flagged at {first['flagged']:.1%}, above the 5% target: the threshold "
-                          "was set on the validation split (where 5% are flagged) and deliberately not re-tuned on test. "
-                          "Lateral chest views were not available to measure."]
-    lines += [
-        "",
-        "## Intended use",
-        "Research on batches of chest radiographs: screening experiments, dataset triage, method comparisons.",
-        "Not for clinical use, not a medical device, not validated on any clinical population.",
-        "",
-        "## Known biases and limits of the data",
-        "- **Every viral pneumonia image is pediatric**, from one hospital in Guangzhou (Kermany et al. 2018); normal and",
-        "  COVID images are mostly adults from other hospitals. The model can separate the classes by the patient's age",
-        "  or the hospital rather than the disease. Expect it to call pediatric films 'viral' and to do worse on adult viral pneumonia.",
-        "- **The classes come from different hospitals and scanners**, so acquisition differences are confounded with the label.",
-        "- **Burned-in text**: many COVID images carry captions, arrows, 'D'/'R' markers or scanner labels; the other classes",
-        "  rarely do. The model may use the text.",
-        "- No patient identifiers: images of one patient can fall on both sides of the split, which flatters the test numbers.",
-        "- The test split comes from the same sources as the training data; the numbers above are not an estimate of",
-        "  performance on another hospital's images.",
-    ]
-    card = onnx_path.with_suffix(".md")
-    card.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return card
+def _selection(path: str) -> dict[str, Any]:
+    doc = json.loads(Path(path).read_text())
+    chosen = doc.get("chosen")
+    return {
+        "chosen": chosen,
+        "rule": doc.get("rule"),
+        "command": doc.get("command"),
+        "cpu": doc.get("cpu"),
+        "summary": f"Each recipe was fine-tuned briefly and scored on the validation split, clean and stressed "
+        f"(passed once through a fixed, seeded scanner-like degradation); rule: {doc.get('rule')}. Chosen: `{chosen}`.",
+        "recipes": doc.get("recipes"),
+    }
 
 
 #: The earlier name of :func:`derive_int8`.

@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 
 from cxr_batch.errors import CxrBatchError
-from cxr_batch.io.labelled import Split
+from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 
 OOD_OUTPUT = "ood_score"
@@ -105,7 +105,7 @@ def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.nd
 
 
 def fit_model(
-    model_path: Path, root: Path, split: Split, out: Path | None = None, quantile: float = 0.95,
+    model_path: Path, root: Roots, split: Split, out: Path | None = None, quantile: float = 0.95,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Fit the guard on a model's own train embeddings, calibrate on val, write it into the model.
@@ -114,7 +114,7 @@ def fit_model(
     """
     import onnx
 
-    from cxr_batch.training.export import read_contract_file, write_contract
+    from cxr_batch.training.onnx_file import read_contract_file, write_contract
 
     console = console or Console(stderr=True)
     proto, meta = read_contract_file(model_path)

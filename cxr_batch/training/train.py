@@ -32,10 +32,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cxr_batch import __version__
+from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
-from cxr_batch.evaluation.metrics import classification_metrics, softmax
-from cxr_batch.evaluation.tables import print_metrics
-from cxr_batch.io.labelled import Split, find_labelled, make_split
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source
+from cxr_batch.evaluation.tables import print_by_source, print_metrics
+from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,7 +47,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TrainConfig:
     """The effective configuration of a run; saved as ``config.json`` in the run folder."""
 
-    data_dir: str
+    data_dirs: tuple[str, ...]
     out: str
     classes: tuple[str, ...] | None = None
     split: str | None = None
@@ -68,6 +69,20 @@ class TrainConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     threads: int | None = None
     limit_per_class: int | None = None  # smoke tests: use only the first N files of each class
+    #: augmentation preset: "light" (affine + brightness/contrast) or "scanner" (see augment_scanner)
+    augment: str = "light"
+    #: sampling weights: "class" (each class equally often) or "class+source" (each class equally
+    #: often and, within a class, each source equally often)
+    balance: str = "class"
+    #: images drawn per epoch (default: the size of the training split)
+    epoch_images: int | None = None
+    #: the OneCycle schedule's warm-up share of the steps
+    warmup: float = 0.15
+
+    @property
+    def data_dir(self) -> str:
+        """The first data root (the only one for single-root runs)."""
+        return self.data_dirs[0]
 
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec((self.image_size, self.image_size), self.mean, self.std, self.resize)
@@ -105,6 +120,15 @@ def build_model(num_classes: int, weights: str = "none") -> torch.nn.Module:
             ) from None
     else:
         model = torchvision.models.resnet18(weights=None)
+        if weights.endswith(".onnx"):
+            from cxr_batch.training.onnx_init import load_onnx_weights
+
+            path = Path(weights)
+            if not path.is_file():
+                raise CxrBatchError(f"--weights {weights}: no such file")
+            model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+            load_onnx_weights(model, path, num_classes)
+            return model  # type: ignore[no-any-return]
         if weights not in ("none", ""):
             path = Path(weights)
             if not path.is_file():
@@ -133,7 +157,7 @@ def _load_cache(
     console: Console,
     what: str,
     workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """Decode and resize every file once (the first half of the shared preprocessing), in threads.
 
     Stored as float16 to halve the memory; validation during training reads this cache, the final
@@ -161,7 +185,7 @@ def _load_cache(
             else:
                 arr[i] = got
             progress.advance(task)
-    return arr[keep], ys[keep], errors
+    return arr[keep], ys[keep], errors, keep
 
 
 def _progress(console: Console) -> Progress:
@@ -203,6 +227,96 @@ def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
     return ((x - mean) * contrast + mean + bright).clamp(0.0, 1.0)
 
 
+def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """(1, H, W) grey in [0, 1] through a JPEG encode/decode at ``quality`` (Pillow)."""
+    import io
+
+    from PIL import Image
+
+    u8 = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    back = np.asarray(Image.open(buf).convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(back)[None].to(x.device, x.dtype)
+
+
+def augment_scanner(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
+    """What differs between hospitals' pipelines, on top of :func:`augment`'s geometry:
+
+    - crop and scale (0.85-1.15), rotation ±10°, shift ±8%;
+    - resolution loss: half the images shrunk to 35-90% and re-sampled back;
+    - JPEG re-compression (quality 30-90) on a third;
+    - gamma 0.7-1.45 (log-uniform) on half, contrast ±20% and brightness ±10%;
+    - Gaussian noise (σ up to 0.03) on a third.
+
+    ``x``: (N, 1, H, W) grey in [0, 1]. Every draw comes from ``gen``, so a resumed epoch repeats.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def u(lo: float, hi: float, k: int = n) -> torch.Tensor:
+        return torch.rand(k, generator=gen) * (hi - lo) + lo
+
+    angle = u(-10, 10) * math.pi / 180
+    scale = u(0.85, 1.15)
+    tx, ty = u(-0.08, 0.08), u(-0.08, 0.08)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(dev)
+    if hflip:
+        flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+        theta[flip, 0, :2] *= -1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    shrink, factor = torch.rand(n, generator=gen) < 0.5, u(0.35, 0.9)
+    jpeg, quality = torch.rand(n, generator=gen) < 1 / 3, u(30, 90)
+    gamma_on, gamma = torch.rand(n, generator=gen) < 0.5, torch.exp(u(math.log(0.7), math.log(1.45)))
+    noise_on, sigma = torch.rand(n, generator=gen) < 1 / 3, u(0.0, 0.03)
+    noise = torch.randn(x.shape, generator=gen).to(dev)
+    out = []
+    for i in range(n):
+        xi = x[i : i + 1]
+        if shrink[i]:
+            size = (max(8, int(h * float(factor[i]))), max(8, int(w * float(factor[i]))))
+            xi = F.interpolate(xi, size=size, mode="area")
+            xi = F.interpolate(xi, size=(h, w), mode="bilinear", align_corners=False)
+        if jpeg[i]:
+            xi = _jpeg(xi[0], int(quality[i]))[None]
+        if gamma_on[i]:
+            xi = xi.clamp(0, 1) ** float(gamma[i])
+        if noise_on[i]:
+            xi = xi + noise[i : i + 1] * float(sigma[i])
+        out.append(xi)
+    x = torch.cat(out)
+    contrast = u(0.8, 1.2).view(n, 1, 1, 1).to(dev)
+    bright = u(-0.1, 0.1).view(n, 1, 1, 1).to(dev)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + bright).clamp(0.0, 1.0)
+
+
+AUGMENTATIONS = {"light": augment, "scanner": augment_scanner}
+
+
+def sampling_weights(y: np.ndarray, sources: Sequence[str], n_labels: int, balance: str) -> np.ndarray:
+    """Per-image draw weights: each class drawn equally often; with ``class+source`` each source within
+    a class equally often too (so no source's share of a class is a shortcut to learn)."""
+    y = np.asarray(y)
+    src = np.asarray(list(sources), dtype=object)
+    w = np.zeros(len(y), dtype=np.float64)
+    for c in range(n_labels):
+        in_c = y == c
+        if not in_c.any():
+            continue
+        if balance == "class+source":
+            names = sorted(set(src[in_c].tolist()))
+            for name in names:
+                m = in_c & (src == name)
+                w[m] = 1.0 / (n_labels * len(names) * m.sum())
+        else:
+            w[in_c] = 1.0 / (n_labels * in_c.sum())
+    return w
+
+
 def normalise_torch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, 1, H, W) grey → (N, 3, H, W), ``(x - mean) / std``: cxr_batch.io.preprocess.normalise in torch."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -242,16 +356,18 @@ def _bf16_ok() -> bool:
 @torch.no_grad()
 def evaluate_files(
     model: torch.nn.Module,
-    items: Sequence[tuple[Path, str]],
+    items: Sequence[tuple[Path, str] | tuple[Path, str, str]],
     labels: Sequence[str],
     spec: PreprocessSpec,
     device: torch.device,
     batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The final report's path: cxr_batch.io.preprocess.preprocess_file (what classify runs),
-    then the model in fp32. Returns (y_true, probabilities, errors)."""
+    then the model in fp32. ``items``: (path, label) or (path, label, source).
+    Returns (y_true, probabilities, errors, the source of each row)."""
     model.eval()
     ys, probs, errors = [], [], []
+    sources: list[str] = []
     batch: list[np.ndarray] = []
     batch_y: list[int] = []
 
@@ -263,23 +379,29 @@ def evaluate_files(
             batch.clear()
             batch_y.clear()
 
-    for path, label in items:
+    for item in items:
+        path, label = item[0], item[1]
         try:
             tensor, _ = preprocess_file(path, spec)
         except ImageError as exc:
             errors.append(f"{path}: {exc}")
             continue
+        sources.append(str(item[2]) if len(item) > 2 else "")
         batch.append(tensor)
         batch_y.append(list(labels).index(label))
         if len(batch) == batch_size:
             flush()
     flush()
     p = np.concatenate(probs) if probs else np.zeros((0, len(labels)))
-    return np.asarray(ys, dtype=np.int64), p, errors
+    return np.asarray(ys, dtype=np.int64), p, errors, sources
 
 
-def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def train_model(
+    cfg: TrainConfig, resume: bool = False, console: Console | None = None, report_test: bool = True
+) -> dict[str, Any]:
     """Train, select on validation, report once on test. Returns the test metrics.
+
+    ``report_test=False`` (recipe sweeps) stops after training without reading the test split.
 
     The run folder gets config.json, split.csv, last.ckpt, best.ckpt, history.json and metrics.json.
     """
@@ -296,20 +418,26 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
     if not resume and last_path.exists():
         raise CxrBatchError(f"{out} already holds a run; use --resume to continue it or another --out")
 
-    data = find_labelled(cfg.data_dir, cfg.classes)
+    sets = find_labelled_many(list(cfg.data_dirs), cfg.classes)
     if cfg.limit_per_class:
-        kept: list[tuple[Path, str]] = []
-        for label in data.labels:
-            kept.extend([it for it in data.items if it[1] == label][: cfg.limit_per_class])
-        data.items = kept
-    labels = data.labels
+        for data in sets:
+            kept: list[tuple[Path, str]] = []
+            for label in data.labels:
+                kept.extend([it for it in data.items if it[1] == label][: cfg.limit_per_class])
+            data.items = kept
+    if cfg.augment not in AUGMENTATIONS:
+        raise CxrBatchError(f"unknown augmentation {cfg.augment!r}; choose from {sorted(AUGMENTATIONS)}")
+    if cfg.balance not in ("class", "class+source"):
+        raise CxrBatchError(f"unknown balance {cfg.balance!r}; choose class or class+source")
+    labels = sets[0].labels
+    layout = " + ".join(f"{d.source} ({d.layout})" for d in sets) if len(sets) > 1 else sets[0].layout
     split_file = out / "split.csv"
     if cfg.split:
         split = Split.read(Path(cfg.split))
     elif resume and split_file.exists():
         split = Split.read(split_file)
     else:
-        split = make_split(data, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        split = make_split(sets, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     unknown = {r[1] for r in split.rows} - set(labels)
     if unknown:
         raise DataError(f"the split has labels {sorted(unknown)} that are not among the classes {labels}")
@@ -319,8 +447,9 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
             {
                 **asdict(cfg),
                 "labels": labels,
-                "layout": data.layout,
-                "ignored_folders": data.ignored,
+                "layout": layout,
+                "sources": {d.source: str(d.root) for d in sets},
+                "ignored_folders": [f"{d.source}/{x}" if len(sets) > 1 else x for d in sets for x in d.ignored],
                 "device_resolved": str(device),
                 "autocast": amp,
                 "cxr_batch": __version__,
@@ -331,10 +460,11 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
             indent=2,
         )
     )
-    root = Path(cfg.data_dir)
-    train_items, val_items, test_items = (split.paths(root, s) for s in ("train", "val", "test"))
+    roots = {d.source: Path(d.root) for d in sets}
+    train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
+    train_items, val_items, test_items = ([(p, x) for p, x, _ in part] for part in (train_src, val_src, test_src))
     console.print(
-        f"[bold]{data.layout}[/]: {len(split.rows)} files, labels {labels}; "
+        f"[bold]{layout}[/]: {len(split.rows)} files, labels {labels}; "
         f"train {len(train_items)} / val {len(val_items)} / test {len(test_items)}; device {device}"
         + (" (autocast)" if amp else "")
     )
@@ -342,17 +472,28 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         raise DataError("the split has no training or no validation files; add images or change the fractions")
 
     size = cfg.image_size
-    x_train, y_train, err_train = _load_cache(train_items, labels, size, cfg.resize, console, "train", cfg.workers)
-    x_val, y_val, err_val = _load_cache(val_items, labels, size, cfg.resize, console, "val", cfg.workers)
+    x_train, y_train, err_train, keep_train = _load_cache(
+        train_items, labels, size, cfg.resize, console, "train", cfg.workers
+    )
+    x_val, y_val, err_val, keep_val = _load_cache(val_items, labels, size, cfg.resize, console, "val", cfg.workers)
+    s_train = [s for (_, _, s), k in zip(train_src, keep_train, strict=True) if k]
+    s_val = [s for (_, _, s), k in zip(val_src, keep_val, strict=True) if k]
     for e in err_train + err_val:
         console.print(f"[yellow]skipped[/] {e}")
 
     torch.manual_seed(cfg.seed)
-    model = build_model(len(labels), cfg.weights).to(device).to(memory_format=torch.channels_last)
+    model = build_model(len(labels), cfg.weights)
+    if cfg.weights.endswith(".onnx") and not resume:
+        from cxr_batch.training.onnx_init import recalibrate_batchnorm
+
+        pick = np.linspace(0, len(x_train) - 1, min(len(x_train), 512)).astype(np.int64)
+        xb0 = torch.from_numpy(x_train[pick].astype(np.float32)).unsqueeze(1)
+        recalibrate_batchnorm(model, normalise_torch(xb0, cfg.mean, cfg.std))
+    model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
+    steps_per_epoch = max(1, (cfg.epoch_images or len(x_train)) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     history = History()
@@ -366,9 +507,9 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         start_epoch = ck["epoch"] + 1
         console.print(f"resuming after epoch {ck['epoch'] + 1}")
 
-    # Class-balanced sampling: each class drawn equally often, with replacement.
-    counts = np.bincount(y_train, minlength=len(labels)).astype(np.float64)
-    weights = torch.from_numpy(1.0 / counts[y_train])
+    # Balanced sampling with replacement: each class (and with class+source each source in it) equally often.
+    weights = torch.from_numpy(sampling_weights(y_train, s_train, len(labels), cfg.balance))
+    augment_fn = AUGMENTATIONS[cfg.augment]
     gen = torch.Generator().manual_seed(cfg.seed)
     patience_left = cfg.patience
 
@@ -384,7 +525,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
                 xb = torch.from_numpy(x_train[idx].astype(np.float32)).unsqueeze(1).to(device)
                 yb = torch.from_numpy(y_train[idx]).to(device)
-                xb = normalise_torch(augment(xb, gen, cfg.hflip), cfg.mean, cfg.std)
+                xb = normalise_torch(augment_fn(xb, gen, cfg.hflip), cfg.mean, cfg.std)
                 xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, amp):
                     loss = F.cross_entropy(model(xb), yb)
@@ -399,6 +540,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
         train_time = time.time() - t0
         logits = predict_cached(model, x_val, cfg, device, amp)
         vm = classification_metrics(y_val, softmax(logits), labels)
+        vs = metrics_by_source(y_val, softmax(logits), labels, s_val) if len(roots) > 1 else {}
         val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)))
         row = {
             "epoch": epoch + 1,
@@ -407,6 +549,7 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
             "val_accuracy": vm["accuracy"],
             "val_macro_f1": vm["macro_f1"],
             **{f"val_recall_{k}": v["recall"] for k, v in vm["per_class"].items()},
+            **{f"val_accuracy[{k}]": v["accuracy"] for k, v in vs.items()},
             "lr": sched.get_last_lr()[0],
             "seconds": round(time.time() - t0, 1),
             "images_per_s": round(seen / train_time, 1),
@@ -440,29 +583,34 @@ def train_model(cfg: TrainConfig, resume: bool = False, console: Console | None 
             console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
             break
 
-    return final_report(out, cfg, labels, test_items, device, console)
+    if not report_test:
+        return {}
+    return final_report(out, cfg, labels, test_src, device, console)
 
 
 def final_report(
     out: Path,
     cfg: TrainConfig,
     labels: Sequence[str],
-    test_items: Sequence[tuple[Path, str]],
+    test_items: Sequence[tuple[Path, str, str]],
     device: torch.device,
     console: Console,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint on the test split, once, through the shared numpy path."""
+    """Evaluate the best checkpoint on the test split, once, through the shared numpy path,
+    overall and per source."""
     ck = torch.load(out / "best.ckpt", map_location=device, weights_only=False)
     model = build_model(len(labels)).to(device)
     model.load_state_dict(ck["model"])
     model.float().eval()
-    y, probs, errors = evaluate_files(model, test_items, labels, cfg.spec(), device)
+    y, probs, errors, sources = evaluate_files(model, test_items, labels, cfg.spec(), device)
     metrics = classification_metrics(y, probs, labels)
+    metrics["by_source"] = metrics_by_source(y, probs, labels, sources)
     metrics["split"] = "test"
     metrics["best_epoch"] = ck["history"]["best_epoch"]
     metrics["errors"] = errors
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print_metrics(metrics, console, title=f"test split, best epoch {metrics['best_epoch']}")
+    print_by_source(metrics["by_source"], console, title="test split per source")
     return metrics
 
 

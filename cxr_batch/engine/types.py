@@ -1,0 +1,94 @@
+"""The engine's light types: what callers pass in (:class:`EngineConfig`) and get back (:class:`Result`).
+
+No numpy, no onnxruntime: the report writer, ``merge`` and the HTML report import these without
+loading the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "int8", "fp16"]
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run the model; built from the ``classify`` options."""
+
+    model: str | None = None
+    device: Device = "auto"
+    precision: Precision = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    #: onnxruntime threads in all; 0 means one per physical core.
+    threads: int = 0
+    #: decoder threads; None means :func:`default_workers`.
+    decode_workers: int | None = None
+    #: extra model outputs to return with each result, by contract role ("features", "embedding").
+    extra_outputs: tuple[str, ...] = ()
+    #: batches run at once, each in its own session with ``threads // streams`` threads;
+    #: 0 means :func:`default_streams`.
+    streams: int = 0
+
+    def __post_init__(self) -> None:
+        if self.streams < 0:
+            raise ValueError("streams must be 0 (automatic) or more")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.threads < 0:
+            raise ValueError("threads must be 0 (automatic) or more")
+        if self.decode_workers is not None and self.decode_workers < 1:
+            raise ValueError("decode_workers must be at least 1")
+
+
+@dataclass
+class Result:
+    """The outcome for one file. ``status`` is ``"ok"`` or ``"error"`` (then ``error`` says why).
+
+    ``fields`` holds the extra report columns a reader filled in (DICOM: ``modality``,
+    ``view_position``, ``sop_instance_uid``, ``study_instance_uid``); ``outputs`` the extra
+    model outputs asked for with ``extra_outputs`` (one row of each, by role).
+    """
+
+    path: str  #: the report's path (see :class:`cxr_batch.io.inputs.InputFile`)
+    file: str  #: the path that was opened
+    status: str
+    model: str
+    label: str | None = None
+    confidence: float | None = None
+    probs: dict[str, float] = field(default_factory=dict)
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def error_reason(self) -> str | None:
+        """The error without its details (the text before the first ': '): the summary's grouping key."""
+        if self.error is None:
+            return None
+        return self.error.split(": ", 1)[0]
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEVICES", "PRECISIONS", "Device", "EngineConfig", "Precision", "Result"]

@@ -1,0 +1,881 @@
+"""The provenance record: what produced a report, written beside it as ``<report>.provenance.json``.
+
+One JSON document per report (schema: ``docs/provenance.schema.json``, described in
+``docs/provenance.md``), with a ``schema_version`` and a list of ``runs``. Each run says when it
+ran, the command line (secrets never: :func:`redact_argv`), the versions, the model (name,
+version, precision, sha256 of the file), the execution provider that really ran, the CPU or GPU,
+the thread and batch settings, the preprocessing contract, the out-of-distribution threshold, a
+sha256 of the sorted input list (:func:`input_list_sha256`), the shard, and the counts of the rows
+it wrote by status and label. Every report row carries the ``run_id`` of the run that wrote it.
+
+- ``classify`` writes the record when the run starts (status ``running``), every
+  :data:`CHECKPOINT_S` seconds while it runs, and at the end (``finished``, ``interrupted`` on
+  Ctrl-C, ``failed`` on a fatal error). Every write is atomic (a temporary file, fsync, rename):
+  the record on disk is always a complete document. A run killed with ``kill -9`` stays
+  ``running`` with the counts of its last checkpoint.
+- ``classify --resume`` appends a run to the existing record; earlier runs are kept as they are.
+- ``merge`` writes the merged report's record: every run of every part, each with the ``part``
+  it came from, and a ``merge`` entry (:func:`merge_records`).
+
+Library use (what ``classify`` does; other input sources, such as DICOMweb, do the same)::
+
+    run_id = new_run_id()
+    writer, existing = open_report(report_config, labels, ident, run_id=run_id)
+    recorder = RunRecorder.start(record_file, run_id=run_id, report=out, model=model_facts(...), ...)
+    try:
+        for batch in batches:
+            writer.write(batch)
+            recorder.add(batch)
+    except BaseException as exc:
+        recorder.note_exception(exc)
+        raise
+    finally:
+        writer.close()
+        recorder.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxr_batch import __version__
+from cxr_batch.contract import ModelMeta, file_sha256
+from cxr_batch.errors import CxrBatchError, OutputError
+
+if TYPE_CHECKING:
+    from cxr_batch.engine.classifier import Classifier
+    from cxr_batch.engine.ray import RayEngine
+    from cxr_batch.engine.types import EngineConfig, Result
+    from cxr_batch.io.shard import Shard
+    from cxr_batch.report.writer import ReportConfig
+
+#: The version of the record's layout (``schema_version``); see docs/provenance.schema.json.
+SCHEMA_VERSION = 1
+KIND = "cxr-batch provenance"
+#: The suffix of the record written beside a report.
+SUFFIX = ".provenance.json"
+#: Seconds between the record's checkpoints during a run (so ``kill -9`` loses at most that much of it).
+CHECKPOINT_S = 10.0
+#: How :func:`input_list_sha256` hashes, recorded with the hash so it can be recomputed.
+INPUT_HASH_METHOD = "sha256 of each path as UTF-8 (surrogateescape) followed by a NUL byte, paths sorted by those bytes"
+
+REDACTED = "<redacted>"
+
+STATUSES = ("running", "finished", "interrupted", "failed")
+
+
+# --------------------------------------------------------------------------- small facts
+
+
+def utc_now(when: datetime | None = None) -> str:
+    """``when`` (default now) in UTC, ISO 8601 with milliseconds and a ``Z``."""
+    when = when or datetime.now(timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_run_id() -> str:
+    """A time-sortable run id: a UUID version 7 (48-bit Unix milliseconds, then 74 random bits)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return str(uuid.UUID(int=value))
+
+
+def input_list_sha256(paths: Iterable[str]) -> str:
+    """The sha256 of the sorted input list (see :data:`INPUT_HASH_METHOD`).
+
+    ``paths`` are the report's ``path`` values (or, for other sources, whatever names each input
+    in the report). A path may hold any character but NUL, so NUL ends each one unambiguously.
+    """
+    import hashlib
+
+    encoded = sorted(p.encode("utf-8", "surrogateescape") for p in paths)
+    h = hashlib.sha256()
+    for raw in encoded:
+        h.update(raw)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def record_path(report_out: str, provenance: str | None) -> str | None:
+    """Where the record of the report ``report_out`` goes: ``provenance`` when given, else
+    ``<report>.provenance.json``; for a report on stdout (``-``) only when ``provenance`` is given."""
+    if provenance is not None:
+        return provenance
+    if report_out == "-":
+        return None
+    return report_out + SUFFIX
+
+
+# ---- secrets: never in the record
+
+_SECRET_NAME = re.compile(
+    r"(pass(word|wd|phrase)?|secret|token|api[-_]?key|auth|credential|cookie|bearer|private[-_]?key|session[-_]?id)",
+    re.IGNORECASE,
+)
+#: An option whose name is secret-looking but that names where a secret is, not the secret itself.
+_POINTER_NAME = re.compile(r"[-_](file|env|var|path)$", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_QUERY_PARAM = re.compile(r"(?P<key>[?&;][^=&;#]+)=(?P<value>[^&;#]*)")
+_AUTH_VALUE = re.compile(r"^\s*(bearer|basic|token|digest)\s+\S", re.IGNORECASE)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.")
+
+
+def _secret_name(name: str) -> bool:
+    name = name.lstrip("-")
+    return bool(_SECRET_NAME.search(name)) and not _POINTER_NAME.search(name)
+
+
+def _redact_value(arg: str) -> str:
+    """One argument with the secrets inside it removed (URL credentials, secret query parameters,
+    ``KEY=VALUE`` with a secret-looking key, authorization values, JWTs)."""
+    if _AUTH_VALUE.match(arg) or _JWT.search(arg):
+        return REDACTED
+    arg = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", arg)
+    arg = _QUERY_PARAM.sub(lambda m: f"{m['key']}={REDACTED}" if _secret_name(m["key"][1:]) else m[0], arg)
+    if not arg.startswith("-") and "=" in arg and "://" not in arg.split("=", 1)[0]:
+        key = arg.split("=", 1)[0]
+        if _secret_name(key):
+            return f"{key}={REDACTED}"
+    return arg
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """The command line with every secret-looking value replaced by ``<redacted>``.
+
+    - the value of an option whose name looks secret (``--token X``, ``--password=X``, ``--api-key X``;
+      not ``--token-file PATH`` or ``--auth-env NAME``, which say where a secret is);
+    - credentials in URLs (``https://user:pass@host`` → ``https://<redacted>@host``) and secret-looking
+      query parameters (``?access_token=...``);
+    - ``KEY=VALUE`` arguments with a secret-looking key (``--query password=x``), authorization
+      values (``Bearer ...``, ``Basic ...``) and anything that looks like a JSON web token.
+
+    It errs on the side of removing too much: the argument after a secret-looking flag is
+    redacted even if that flag takes no value.
+    """
+    out: list[str] = []
+    redact_next = False
+    for arg in argv:
+        if redact_next:
+            out.append(REDACTED)
+            redact_next = False
+            continue
+        if arg.startswith("-") and len(arg) > 1 and not arg.startswith("---"):
+            name, eq, value = arg.partition("=")
+            if _secret_name(name):
+                if eq:
+                    out.append(f"{name}={REDACTED}")
+                else:
+                    out.append(arg)
+                    redact_next = True
+                continue
+            out.append(f"{name}={_redact_value(value)}" if eq else arg)
+            continue
+        out.append(_redact_value(arg))
+    return out
+
+
+# ---- the machine
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU: model, inference-relevant ISA flags (:mod:`cxr_batch.engine.cpu`, read once),
+    architecture, the logical CPUs this process may use, physical cores."""
+    from cxr_batch.engine.cpu import cpu_facts as host
+    from cxr_batch.engine.cpu import physical_cores, usable_cpus
+
+    facts = host()
+    return {
+        "model": facts.model or platform.processor() or None,
+        "isa_flags": list(facts.flags),
+        "architecture": facts.arch or platform.machine() or None,
+        "usable_cpus": usable_cpus(),
+        "physical_cores": physical_cores(),
+    }
+
+
+def gpu_facts() -> list[dict[str, Any]] | None:
+    """The NVIDIA GPUs ``nvidia-smi`` lists (name, driver, memory); None when it can't be asked."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        done = subprocess.run(
+            [smi, "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus: list[dict[str, Any]] = []
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) == 4:
+            memory = int(cells[3]) if cells[3].isdigit() else None
+            gpus.append({"index": int(cells[0]) if cells[0].isdigit() else None, "name": cells[1],
+                         "driver": cells[2], "memory_mib": memory})  # fmt: skip
+    return gpus or None
+
+
+def versions() -> dict[str, str | None]:
+    """cxr-batch, onnxruntime, Python, numpy, Pillow, and pydicom when this run imported it."""
+    import numpy
+    import onnxruntime
+    import PIL
+
+    found: dict[str, str | None] = {
+        "cxr_batch": __version__,
+        "onnxruntime": str(onnxruntime.__version__),
+        "python": platform.python_version(),
+        "numpy": str(numpy.__version__),
+        "pillow": str(PIL.__version__),
+    }
+    pydicom = sys.modules.get("pydicom")
+    if pydicom is not None:
+        found["pydicom"] = str(getattr(pydicom, "__version__", None))
+    return found
+
+
+def host_facts() -> dict[str, Any]:
+    return {"hostname": socket.gethostname() or None, "platform": platform.platform(), "pid": os.getpid()}
+
+
+# ---- the model
+
+
+def model_facts(
+    meta: ModelMeta, path: str | os.PathLike[str], origin: str | None = None, *, sha256: bool = True
+) -> dict[str, Any]:
+    """The model's identity: name, version, precision, the sha256 of the file, where it came from.
+
+    ``sha256=False`` leaves the hash to :class:`RunRecorder`, which computes it in a thread while
+    the run starts (hashing a 45 MB model takes a few tenths of a second on a busy CPU).
+    """
+    return {
+        "name": meta.name,
+        "version": meta.version,
+        "ident": meta.ident,
+        "precision": meta.precision,
+        "sha256": file_sha256(path) if sha256 else None,
+        "path": os.fspath(path),
+        "origin": origin,
+        "created": meta.created,
+        "contract_version": meta.contract_version,
+        "labels": list(meta.labels),
+    }
+
+
+def preprocessing_facts(meta: ModelMeta) -> dict[str, Any]:
+    """The preprocessing contract the images went through (from the model's contract)."""
+    return {
+        "input_size": list(meta.input_size),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "steps": dict(meta.preprocessing),
+    }
+
+
+def ood_facts(meta: ModelMeta) -> dict[str, Any] | None:
+    """The out-of-distribution guard's threshold and method; None for a model without one."""
+    ood = meta.ood
+    if not ood:
+        return None
+    threshold = ood.get("threshold")
+    return {
+        "threshold": float(threshold) if isinstance(threshold, int | float) else None,
+        "method": ood.get("method"),
+        "output": ood.get("output"),
+        "calibration": ood.get("calibration"),
+    }
+
+
+# --------------------------------------------------------------------------- counts
+
+
+class Counts:
+    """Rows a run wrote, by status, by label (ok rows), flagged out of distribution, by error reason."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.status: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.flagged = 0
+
+    def add(self, results: Iterable[Result]) -> None:
+        for r in results:
+            self.add_row(r.status, r.label, r.error, r.in_distribution)
+
+    def add_row(self, status: str, label: str | None, error: str | None, in_distribution: bool | None) -> None:
+        self.rows += 1
+        self.status[status] += 1
+        if status == "ok" and label:
+            self.labels[label] += 1
+            if in_distribution is False:
+                self.flagged += 1
+        elif status != "ok":
+            self.errors[error.split(": ", 1)[0] if error else "error"] += 1
+
+    def to_dict(self, labels: Sequence[str] = ()) -> dict[str, Any]:
+        by_label = {label: self.labels.get(label, 0) for label in labels}
+        by_label.update({k: v for k, v in sorted(self.labels.items()) if k not in by_label})
+        by_status = {s: self.status.get(s, 0) for s in ("ok", "error")}
+        by_status.update({k: v for k, v in sorted(self.status.items()) if k not in by_status})
+        return {
+            "rows": self.rows,
+            "status": by_status,
+            "labels": by_label,
+            "out_of_distribution": self.flagged,
+            "errors": dict(self.errors.most_common()),
+        }
+
+
+def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offset: int = 0) -> Counts:
+    """Count the complete rows of run ``run_id`` in a report file, from byte ``offset`` on.
+
+    What a run that stopped early (Ctrl-C can land between writing a batch and counting it) really
+    left in the report. A partial last row (its ``run_id`` cut or missing) is not counted.
+    """
+    import csv
+    import io
+
+    from cxr_batch.report.writer import ENCODING, ERRORS
+
+    counts = Counts()
+    with open(path, "rb") as fh:
+        if fmt == "csv":
+            header = next(csv.reader([fh.readline().decode(ENCODING, ERRORS)]), [])
+            if "run_id" not in header:
+                return counts
+            fh.seek(max(offset, fh.tell()))
+            text = io.TextIOWrapper(fh, encoding=ENCODING, errors=ERRORS, newline="")
+            reader = csv.reader(text, strict=True)
+            while True:
+                try:
+                    record = next(reader)
+                except (StopIteration, csv.Error):  # the end, or a quoted field cut by it
+                    break
+                if len(record) != len(header):
+                    continue
+                row = dict(zip(header, record, strict=True))
+                if row["run_id"] == run_id:
+                    flag = {"true": True, "false": False}.get(row.get("in_distribution", ""))
+                    counts.add_row(row["status"], row["label"] or None, row["error"] or None, flag)
+        else:
+            fh.seek(offset)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    obj = json.loads(raw.decode(ENCODING, ERRORS))
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and obj.get("run_id") == run_id:
+                    counts.add_row(str(obj.get("status")), obj.get("label"), obj.get("error"), obj.get("in_distribution"))
+    return counts
+
+
+# --------------------------------------------------------------------------- reading and writing
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def write_record(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
+    """Write ``doc`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync the folder.
+
+    Raises:
+        OutputError: the file can't be written.
+    """
+    target = Path(path)
+    data = json.dumps(doc, indent=2, ensure_ascii=True) + "\n"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write the provenance record {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the provenance record {path}: {exc.strerror or exc}") from None
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a record and check its frame (a ``schema_version`` this version knows, a ``runs`` list).
+
+    Raises:
+        OutputError: the file can't be read, is not a record, or has a newer schema version.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot read the provenance record {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise OutputError(f"{path} is not a valid provenance record (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list) or "schema_version" not in doc:
+        raise OutputError(f"{path} is not a cxr-batch provenance record (no schema_version and runs)")
+    version = doc["schema_version"]
+    if not isinstance(version, int) or version < 1:
+        raise OutputError(f"{path}: schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise OutputError(
+            f"{path} has provenance schema version {version}; this cxr-batch ({__version__}) writes "
+            f"version {SCHEMA_VERSION}: upgrade cxr-batch to add runs to it"
+        )
+    return doc
+
+
+def check_record_output(path: str, *, report: str | None, resume: bool, overwrite: bool) -> None:
+    """Refuse early what can be refused before anything runs.
+
+    Raises:
+        OutputError: the record is a folder, is the report itself, exists without ``resume`` or
+            ``overwrite``, or (with ``resume``) exists but can't be added to.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"--provenance {path} is a folder; give a file name such as {p / 'results.provenance.json'}")
+    if report is not None and report != "-" and os.path.abspath(path) == os.path.abspath(report):
+        raise OutputError(f"--provenance {path} is the report itself; give another file name")
+    if not p.exists():
+        return
+    if resume:
+        read_record(p)  # damaged or newer: say so now, not after the run
+    elif not overwrite:
+        raise OutputError(
+            f"the provenance record {path} already exists (of an earlier report of that name?); "
+            "pass --overwrite to replace it, --resume to add this run to it, or --provenance FILE"
+        )
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class _Outcome:
+    status: str = "finished"
+    error: str | None = None
+
+
+class RunRecorder:
+    """Records one run into a provenance record file, appending to the record when resuming.
+
+    Build it with :meth:`start` (which writes the record with this run as ``running``, or, when
+    the model's sha256 is left to it, as soon as that is computed), call
+    :meth:`add` with every batch written to the report, :meth:`note_exception` when the run
+    stops on an exception, and :meth:`close` at the end (after the report is closed).
+    """
+
+    def __init__(self, path: str, doc: dict[str, Any], run: dict[str, Any], labels: Sequence[str]) -> None:
+        self.path = path
+        self.doc = doc
+        self.run = run
+        self.labels = tuple(labels)
+        self.counts = Counts()
+        self._started = datetime.now(timezone.utc)
+        self._last_write = time.monotonic()
+        self._outcome = _Outcome()
+        self._closed = False
+        #: (report file, format, byte offset where this run's rows start): recount from there on an early stop
+        self._recount: tuple[str, str, int] | None = None
+        #: the model file being hashed in a thread (the record is first written once it is done)
+        self._hashing: threading.Thread | None = None
+        self._hash: list[str | BaseException] = []
+        self._written = False
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["run_id"])
+
+    @classmethod
+    def start(
+        cls,
+        path: str,
+        *,
+        run_id: str,
+        report: str,
+        report_format: str,
+        model: Mapping[str, Any],
+        provider: str,
+        settings: Mapping[str, Any],
+        preprocessing: Mapping[str, Any],
+        ood: Mapping[str, Any] | None,
+        inputs: Iterable[str],
+        shard: Shard | None = None,
+        resume: bool = False,
+        kept_rows: int = 0,
+        source: Mapping[str, Any] | None = None,
+        argv: Sequence[str] | None = None,
+        command: str = "classify",
+        started: datetime | None = None,
+        report_offset: int | None = None,
+    ) -> RunRecorder:
+        """Open (or, with ``resume``, read) the record at ``path``, add this run and write it.
+
+        Args:
+            path: the record file.
+            run_id: the id the report's rows carry (:func:`new_run_id`).
+            report: the report's path as given (``-`` for stdout); report_format: ``csv`` or ``jsonl``.
+            model: :func:`model_facts`. provider: the execution provider that runs the model
+                (updated at the end with :meth:`set_provider` if it is only known then).
+            settings: the engine's batch and thread settings, as they really are.
+            preprocessing: :func:`preprocessing_facts`; ood: :func:`ood_facts`.
+            inputs: the names of this run's inputs (the report's ``path`` values), hashed here.
+            shard: the shard this run classifies. resume: add to an existing record.
+            kept_rows: rows already in the report that this run keeps (resume).
+            source: where the inputs come from (default ``{"kind": "files"}``); no credentials.
+            argv: the command line (default ``sys.argv``); always passed through :func:`redact_argv`.
+            command: the cxr-batch command (``classify``).
+            started: when the run began (default now), timezone-aware.
+            report_offset: the report file's size before this run's first row. When given and the run
+                stops early (Ctrl-C, a fatal error), the counts are taken from the rows that really
+                reached the report (:func:`count_report_rows`), not from what :meth:`add` was given.
+
+        Raises:
+            OutputError: the record can't be read (resume) or written.
+        """
+        names = list(inputs)
+        doc: dict[str, Any] | None = None
+        if resume and os.path.exists(path):
+            doc = read_record(path)
+        if doc is None:
+            doc = {"schema_version": SCHEMA_VERSION, "kind": KIND, "report": report, "runs": []}
+        doc["schema_version"] = max(int(doc["schema_version"]), SCHEMA_VERSION)
+        execution: dict[str, Any] = {
+            "provider": provider,
+            "device_requested": settings.get("device"),
+            "engine": settings.get("engine", "local"),
+            "cpu": cpu_facts(),
+            "gpu": gpu_facts() if "CUDA" in provider else None,
+        }
+        run: dict[str, Any] = {
+            "run_id": run_id,
+            "command": command,
+            "status": "running",
+            "interrupted": False,
+            "error": None,
+            "started": utc_now(started),
+            "ended": None,
+            "duration_s": None,
+            "argv": redact_argv(sys.argv if argv is None else argv),
+            "host": host_facts(),
+            "versions": versions(),
+            "report": {"path": report, "format": report_format},
+            "source": dict(source) if source is not None else {"kind": "files"},
+            "model": dict(model),
+            "execution": execution,
+            "settings": {k: v for k, v in settings.items() if k not in ("device", "engine")},
+            "preprocessing": dict(preprocessing),
+            "ood": dict(ood) if ood is not None else None,
+            "inputs": {"count": len(names), "sha256": input_list_sha256(names), "method": INPUT_HASH_METHOD},
+            "shard": None if shard is None else {"index": shard.index, "count": shard.count},
+            "resumed": resume and kept_rows > 0,
+            "kept_rows": kept_rows,
+            "counts": Counts().to_dict(model.get("labels") or ()),
+        }
+        doc["runs"].append(run)
+        recorder = cls(path, doc, run, model.get("labels") or ())
+        if started is not None:
+            recorder._started = started
+        if report_offset is not None and report != "-":
+            recorder._recount = (report, report_format, report_offset)
+        if run["model"].get("sha256") is None and run["model"].get("path"):
+            recorder._start_hashing(str(run["model"]["path"]))
+        else:
+            recorder._write()
+        return recorder
+
+    def _start_hashing(self, path: str) -> None:
+        def work() -> None:
+            try:
+                self._hash.append(file_sha256(path))
+            except OSError as exc:
+                self._hash.append(OutputError(f"cannot read the model file {path} to hash it: {exc.strerror or exc}"))
+
+        self._hashing = threading.Thread(target=work, name="cxr-provenance-hash", daemon=True)
+        self._hashing.start()
+
+    def _hash_ready(self, wait: bool) -> bool:
+        """Whether the model's sha256 is in the run (waiting for the thread when ``wait``)."""
+        if self._hashing is None:
+            return True
+        if wait:
+            self._hashing.join()
+        if self._hashing.is_alive():
+            return False
+        self._hashing = None
+        result = self._hash[0]
+        if isinstance(result, BaseException):
+            raise result
+        self.run["model"]["sha256"] = result
+        return True
+
+    def add(self, results: Sequence[Result]) -> None:
+        """Count a batch written to the report; checkpoints the record every :data:`CHECKPOINT_S` s.
+
+        Raises:
+            OutputError: a checkpoint can't be written.
+        """
+        self.counts.add(results)
+        now = time.monotonic()
+        if not self._written and self._hash_ready(wait=False):
+            self._last_write = now
+            self._write()
+        elif now - self._last_write >= CHECKPOINT_S:
+            self._last_write = now
+            self._hash_ready(wait=True)
+            self._write()
+
+    def set_provider(self, provider: str) -> None:
+        self.run["execution"]["provider"] = provider
+
+    def note_exception(self, exc: BaseException) -> None:
+        """The run stops on ``exc``: Ctrl-C (or a signal turned into SystemExit) is ``interrupted``,
+        anything else ``failed`` with the error (a library error's message, else its type)."""
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            self._outcome = _Outcome("interrupted", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "interrupted")
+        elif isinstance(exc, CxrBatchError):
+            self._outcome = _Outcome("failed", str(exc))
+        else:
+            self._outcome = _Outcome("failed", f"unexpected error: {type(exc).__name__}")
+
+    def close(self) -> str | None:
+        """Write the final record (end time, status, counts). Idempotent.
+
+        Returns:
+            None, or, when the run already stopped on an exception and the record can't be written,
+            the message (so the first exception is the one the caller sees).
+
+        Raises:
+            OutputError: the record can't be written (only when the run itself went well).
+        """
+        if self._closed:
+            return None
+        self._closed = True
+        if self._outcome.status != "finished" and self._recount is not None:
+            with contextlib.suppress(OSError, UnicodeError):
+                report, fmt, offset = self._recount
+                self.counts = count_report_rows(report, fmt, self.run_id, offset)
+        ended = datetime.now(timezone.utc)
+        self.run.update(
+            status=self._outcome.status,
+            interrupted=self._outcome.status == "interrupted",
+            error=self._outcome.error,
+            ended=utc_now(ended),
+            duration_s=round(max(0.0, (ended - self._started).total_seconds()), 3),
+        )
+        try:
+            self._hash_ready(wait=True)
+            self._write()
+        except OutputError as exc:
+            if self._outcome.status != "finished":
+                return str(exc)
+            raise
+        return None
+
+    def _write(self) -> None:
+        self.run["counts"] = self.counts.to_dict(self.labels)
+        write_record(self.path, self.doc)
+        self._written = True
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@dataclass
+class PartRecord:
+    """What ``merge`` saw of one part: its rows' run ids and counts, and its record if found."""
+
+    part: str
+    record_path: str
+    rows: int
+    shard: int | None
+    run_ids: set[str]
+    counts: Counts
+
+
+def part_record_path(part: str) -> str:
+    """Where ``merge`` looks for a part's record: ``<part>.provenance.json``."""
+    return part + SUFFIX
+
+
+def merge_records(
+    parts: Sequence[PartRecord],
+    *,
+    report: str,
+    report_format: str,
+    labels: Sequence[str],
+    paths_sha256: str,
+    rows: int,
+    counts: Counts,
+    expect: int | None,
+    started: str,
+    argv: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The merged report's record: every run of every part (each with the ``part`` it came from),
+    ``merged_from`` (one entry per part) and ``merge`` (the merge itself).
+
+    Returns:
+        The record and warnings (a part without a record; rows whose run id no record holds).
+
+    Raises:
+        OutputError: a part's record exists but is damaged.
+    """
+    warnings: list[str] = []
+    runs: list[dict[str, Any]] = []
+    merged_from: list[dict[str, Any]] = []
+    for part in parts:
+        entry: dict[str, Any] = {
+            "part": part.part,
+            "record": None,
+            "rows": part.rows,
+            "shard": part.shard,
+            "run_ids": sorted(part.run_ids),
+            "unrecorded_run_ids": [],
+            "counts": part.counts.to_dict(labels),
+        }
+        if os.path.exists(part.record_path):
+            doc = read_record(part.record_path)
+            entry["record"] = part.record_path
+            known = set()
+            for run in doc["runs"]:
+                if isinstance(run, dict):
+                    runs.append({**run, "part": part.part})
+                    known.add(run.get("run_id"))
+            missing = sorted(part.run_ids - known)
+            entry["unrecorded_run_ids"] = missing
+            if missing:
+                warnings.append(
+                    f"{part.record_path} does not record run(s) {', '.join(missing)} that wrote rows of {part.part}"
+                )
+        else:
+            entry["unrecorded_run_ids"] = sorted(part.run_ids)
+            if part.rows:
+                warnings.append(f"{part.part} has no provenance record ({part.record_path}); its runs are not recorded")
+        merged_from.append(entry)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "report": report,
+        "runs": runs,
+        "merged_from": merged_from,
+        "merge": {
+            "started": started,
+            "ended": utc_now(),
+            "argv": redact_argv(sys.argv if argv is None else argv),
+            "host": host_facts(),
+            "versions": {"cxr_batch": __version__, "python": platform.python_version()},
+            "report": {"path": report, "format": report_format},
+            "parts": len(parts),
+            "expect": expect,
+            "inputs": {"count": rows, "sha256": paths_sha256, "method": INPUT_HASH_METHOD},
+            "counts": counts.to_dict(labels),
+        },
+    }
+    return doc, warnings
+
+
+def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = False) -> dict[str, Any]:
+    """The settings part of a run: what the engine really runs with (``Classifier.run_settings``),
+    the device, precision and threads asked for, and the engine (local or Ray)."""
+    settings: dict[str, Any] = {"batch_size": engine.batch_size, "threads_requested": engine.threads}
+    real = getattr(classifier, "run_settings", None)
+    if isinstance(real, dict):
+        settings.update(real)
+    if ray:
+        settings["cpus_per_actor"] = getattr(classifier, "cpus_per_actor", None)
+    settings.update(device=engine.device, engine="ray" if ray else "local", precision_requested=engine.precision)
+    return settings
+
+
+def start_classifier_run(
+    path: str,
+    run_id: str,
+    classifier: Classifier | RayEngine,
+    engine: EngineConfig,
+    report: ReportConfig,
+    inputs: Iterable[str],
+    *,
+    shard: Shard | None = None,
+    kept_rows: int = 0,
+    started: datetime | None = None,
+    report_offset: int | None = None,
+    ray: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> RunRecorder:
+    """:meth:`RunRecorder.start` with every fact taken from a loaded classifier (what ``classify`` does).
+
+    The model file is hashed in a thread, so the first batch is not held up by it.
+
+    Raises:
+        OutputError: the record can't be read (resume) or written.
+    """
+    meta = classifier.meta
+    return RunRecorder.start(
+        path,
+        run_id=run_id,
+        report=report.out,
+        report_format=report.format,
+        model=model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False),
+        provider=classifier.provider,
+        settings=engine_settings(classifier, engine, ray=ray),
+        preprocessing=preprocessing_facts(meta),
+        ood=ood_facts(meta),
+        inputs=inputs,
+        shard=shard,
+        resume=report.resume,
+        kept_rows=kept_rows,
+        started=started,
+        report_offset=report_offset,
+        source=source,
+    )

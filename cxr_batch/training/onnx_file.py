@@ -1,0 +1,50 @@
+"""The model contract inside an ONNX file, read and written with the ``onnx`` package (train extra).
+
+The runtime reads the contract through onnxruntime (:func:`cxr_batch.contract.read_contract`);
+training, export, the OOD fitter and the card edit files, which needs ``onnx``. One place for both
+directions, so the modules that edit a file don't import each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cxr_batch.contract import CONTRACT_KEY, ModelMeta
+from cxr_batch.errors import MissingExtraError, ModelError
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingExtraError("export", "train", "onnx") from exc
+    return onnx
+
+
+def write_contract(proto: Any, meta: ModelMeta) -> None:
+    """Set (or replace) the contract in an ONNX ModelProto's metadata_props."""
+    for prop in list(proto.metadata_props):
+        if prop.key == CONTRACT_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key = CONTRACT_KEY
+    entry.value = meta.to_json()
+
+
+def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
+    """(the ONNX ModelProto, its contract) of the file at ``path``.
+
+    Raises:
+        ModelError: the file has no cxr-batch contract.
+        MissingExtraError: ``onnx`` is not installed.
+    """
+    onnx = _onnx()
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    if CONTRACT_KEY not in props:
+        raise ModelError(f"{path}: no '{CONTRACT_KEY}' metadata; not a cxr-batch model")
+    return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
+
+
+__all__ = ["read_contract_file", "write_contract"]

@@ -1,0 +1,230 @@
+"""Several data roots (sources): the split, per-source metrics, the recipe pieces, starting from a
+released ONNX model. Real X-rays from ../shared/data (two small roots copied from it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_batch.evaluation.metrics import metrics_by_source, wilson_interval
+from cxr_batch.io.labelled import Split, find_labelled, find_labelled_many, make_split, source_names
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+POOL = SHARED / "covid19-radiography"
+KERMANY = SHARED / "kermany-normal"
+needs_data = pytest.mark.skipif(
+    not (POOL.is_dir() and KERMANY.is_dir()), reason="../shared/data (covid19-radiography, kermany-normal) is absent"
+)
+
+
+@pytest.fixture(scope="module")
+def two_roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 3-class root (20 real films a class) and a normal-only root (20 real pediatric normals
+    plus one file whose bytes are also in the first root)."""
+    if not (POOL.is_dir() and KERMANY.is_dir()):
+        pytest.skip("../shared/data (covid19-radiography, kermany-normal) is absent")
+    base = tmp_path_factory.mktemp("roots")
+    a, b = base / "pool", base / "kids"
+    for label in ("normal", "viral", "covid"):
+        (a / label).mkdir(parents=True)
+        for f in sorted((POOL / label).iterdir())[:20]:
+            shutil.copy(f, a / label / f.name)
+    (b / "normal").mkdir(parents=True)
+    for f in sorted((KERMANY / "normal").glob("*.png"))[:20]:
+        shutil.copy(f, b / "normal" / f.name)
+    shutil.copy(sorted((a / "normal").iterdir())[0], b / "normal" / "same-bytes-as-pool.png")
+    return a, b
+
+
+def test_source_names_are_unique(tmp_path: Path) -> None:
+    assert source_names([tmp_path / "x" / "data", tmp_path / "y" / "data", tmp_path / "z"]) == ["data", "data-2", "z"]
+
+
+def test_split_of_two_roots_is_stratified_by_source_and_deduplicated(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two_roots
+    sets = find_labelled_many([a, b])
+    assert [s.source for s in sets] == ["pool", "kids"]
+    assert sets[1].labels == ["normal"]
+    split = make_split(sets, seed=3, val=0.25, test=0.25)
+    assert len(split.rows) == 60 + 21
+    cells = Counter((src, label, part) for _, label, part, _, src in split.rows)
+    for src, label, n in (("pool", "normal", 20), ("pool", "viral", 20), ("pool", "covid", 20), ("kids", "normal", 20)):
+        assert cells[(src, label, "test")] == cells[(src, label, "val")] == n // 4, (src, label, cells)
+    # the file present in both roots lands on the side its first copy got
+    dup = next(r for r in split.rows if r[0] == "normal/same-bytes-as-pool.png")
+    first = next(r for r in split.rows if r[4] == "pool" and r[3] == dup[3])
+    assert dup[2] == first[2]
+    # the first root's assignment is the same as when it is split alone
+    alone = {r[0]: r[2] for r in make_split(find_labelled(a), seed=3, val=0.25, test=0.25).rows}
+    assert all(alone[r[0]] == r[2] for r in split.rows if r[4] == "pool")
+    # written and read back with the source column; paths resolve under each row's own root
+    split.write(tmp_path / "split.csv")
+    back = Split.read(tmp_path / "split.csv")
+    assert back.rows == split.rows
+    with open(tmp_path / "split.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == ["path", "label", "split", "sha256", "source"]
+    for path, label, src in back.items({"pool": a, "kids": b}, "train"):
+        assert path.is_file() and path.parent.name == label and path.is_relative_to(a if src == "pool" else b)
+
+
+def test_a_root_with_a_class_the_first_lacks_is_refused(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+    from cxr_batch.errors import DataError
+
+    odd = tmp_path / "odd" / "bacterial"
+    odd.mkdir(parents=True)
+    shutil.copy(next((two_roots[1] / "normal").iterdir()), odd / "x.png")
+    with pytest.raises(DataError, match="bacterial"):
+        find_labelled_many([two_roots[0], odd.parent])
+
+
+@needs_data
+def test_the_pool_split_is_the_one_the_shipped_model_was_trained_on() -> None:
+    """One root gives the split of earlier versions: the fingerprint the released 1.0.0 contract records."""
+    split = make_split(find_labelled(POOL), seed=0)
+    assert split.fingerprint() == "70e20da84e5da312fe1fb535832ca77f203b3a7211add6a5312a63b30a25537d"
+    both = make_split(find_labelled_many([POOL, KERMANY]), seed=0)
+    assert {r[0]: r[2] for r in both.rows if r[4] == "covid19-radiography"} == {r[0]: r[2] for r in split.rows}
+
+
+def test_metrics_by_source_match_a_hand_count() -> None:
+    labels = ["normal", "viral", "covid"]
+    y = np.array([0, 0, 1, 2, 0, 0, 0])
+    pred = np.array([0, 1, 1, 2, 0, 1, 1])
+    src = ["a", "a", "a", "a", "b", "b", "b"]
+    probs = np.eye(3)[pred] * 0.9 + 0.1 / 3
+    by = metrics_by_source(y, probs, labels, src)
+    assert by["a"]["n"] == 4 and by["a"]["accuracy"] == 3 / 4
+    assert by["b"]["n"] == 3 and by["b"]["accuracy"] == 1 / 3
+    assert by["b"]["per_class"]["normal"]["recall"] == 1 / 3
+    assert by["b"]["accuracy_ci95"] == list(wilson_interval(1, 3))
+    assert by["b"]["per_class"]["viral"]["support"] == 0
+
+
+@needs_data
+def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+    """evaluate DIR DIR: by_source in the JSON equals a count by hand over the predictions CSV."""
+    a, b = two_roots
+    out, pred = tmp_path / "m.json", tmp_path / "p.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "evaluate", str(a), str(b), "--out", str(out),
+         "--predictions", str(pred), "--precision", "fp32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "per source" in proc.stderr and "kids" in proc.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["by_source"]) == {"pool", "kids"}
+    with open(pred, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 81
+    for src in ("pool", "kids"):
+        mine = [r for r in rows if r["path"].startswith(src + "/")]
+        right = sum(r["label"] == r["path"].split("/")[1] for r in mine)
+        m = doc["by_source"][src]
+        assert m["n"] == len(mine)
+        assert m["accuracy"] == pytest.approx(right / len(mine))
+        assert m["accuracy_ci95"] == pytest.approx(list(wilson_interval(right, len(mine))))
+    assert doc["n"] == 81 and doc["accuracy"] == pytest.approx(
+        sum(r["label"] == r["path"].split("/")[1] for r in rows) / 81
+    )
+
+
+@needs_data
+def test_evaluate_reads_a_split_file_with_sources(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two_roots
+    split = make_split(find_labelled_many([a, b]), seed=0, val=0.25, test=0.25)
+    split.write(tmp_path / "split.csv")
+    out = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "evaluate", str(a), str(b), "--labels", str(tmp_path / "split.csv"),
+         "--part", "test", "--out", str(out), "--precision", "fp32", "-q"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    n_test = Counter(r[4] for r in split.rows if r[2] == "test")
+    assert {k: v["n"] for k, v in doc["by_source"].items()} == dict(n_test)
+
+
+def test_class_and_source_balanced_weights() -> None:
+    pytest.importorskip("torch")
+    from cxr_batch.training.train import sampling_weights
+
+    y = np.array([0] * 30 + [0] * 10 + [1] * 5 + [2] * 50)
+    src = ["a"] * 30 + ["b"] * 10 + ["a"] * 5 + ["a"] * 50
+    w = sampling_weights(y, src, 3, "class+source")
+    assert w.sum() == pytest.approx(1.0)
+    assert w[:30].sum() == pytest.approx(1 / 6) and w[30:40].sum() == pytest.approx(1 / 6)
+    assert w[40:45].sum() == pytest.approx(1 / 3) and w[45:].sum() == pytest.approx(1 / 3)
+    plain = sampling_weights(y, src, 3, "class")
+    assert plain[:40].sum() == pytest.approx(1 / 3) and plain[0] == plain[35]
+
+
+def test_scanner_augmentation_is_seeded_and_in_range() -> None:
+    torch = pytest.importorskip("torch")
+    from cxr_batch.training.train import augment_scanner
+
+    x = torch.rand(8, 1, 64, 64)
+    a = augment_scanner(x, torch.Generator().manual_seed(1), False)
+    b = augment_scanner(x, torch.Generator().manual_seed(1), False)
+    c = augment_scanner(x, torch.Generator().manual_seed(2), False)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@needs_data
+def test_training_can_start_from_the_released_onnx_model() -> None:
+    """--weights MODEL.onnx: the folded network, BatchNorm recalibrated, computes what the file computes."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from cxr_batch.contract import read_contract
+    from cxr_batch.io.preprocess import preprocess_file
+    from cxr_batch.training.onnx_init import recalibrate_batchnorm
+    from cxr_batch.training.train import build_model
+
+    model_file = REPO / "export" / "cxr-resnet18.onnx"
+    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    meta = read_contract(sess)
+    files = [sorted((POOL / label).iterdir())[i] for label in ("normal", "viral", "covid") for i in range(4)]
+    x = np.stack([preprocess_file(f, meta.spec)[0] for f in files])
+    want = sess.run([meta.outputs["logits"]], {meta.input_name: x})[0]
+    model = build_model(3, str(model_file))
+    recalibrate_batchnorm(model, torch.from_numpy(x))
+    model.eval()
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max()))
+    assert any(float(m.running_var.mean()) != pytest.approx(1.0, abs=1e-3)
+               for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@needs_data
+@pytest.mark.slow
+def test_train_on_two_roots_reports_the_test_split_per_source(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two_roots
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_batch.cli", "train", str(a), str(b), "--out", str(out), "--epochs", "1",
+         "--image-size", "32", "--batch-size", "8", "--threads", "2", "--augment", "scanner",
+         "--balance", "class+source"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = Split.read(out / "split.csv")
+    n_test = Counter(r[4] for r in split.rows if r[2] == "test")
+    assert {k: v["n"] for k, v in metrics["by_source"].items()} == dict(n_test)
+    assert sum(v["n"] for v in metrics["by_source"].values()) == metrics["n"]
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["sources"]) == {"pool", "kids"} and config["augment"] == "scanner"
+    assert "per source" in proc.stderr
