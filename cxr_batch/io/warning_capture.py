@@ -38,7 +38,9 @@ def _hook(
 ) -> None:
     sink: list[str] | None = getattr(_local, "sink", None)
     if sink is not None:
-        sink.append(describe(category, str(message)))
+        note = describe(category, str(message))
+        if note:
+            sink.append(note)
         return
     previous = _previous or warnings._showwarning_orig  # type: ignore[attr-defined]
     previous(message, category, filename, lineno, file, line)
@@ -55,10 +57,13 @@ def _install() -> None:
 
 
 def describe(category: type[Warning], message: str) -> str:
-    """A warning as a note, without the values it quotes."""
-    vr = _VR.search(message)
-    if vr:
-        return f"DICOM header element with an invalid {vr.group(1)} value ignored"
+    """A warning as a note, without the values it quotes; "" for none.
+
+    pydicom's "Invalid value for VR ..." gives no note: the DICOM reader checks the values it
+    reports itself and notes each one it leaves empty (:mod:`cxr_batch.io.dicom`).
+    """
+    if _VR.search(message):
+        return ""
     text = _QUOTED.sub("…", " ".join(message.split()))
     if len(text) > 200:
         text = text[:197] + "..."
