@@ -309,10 +309,17 @@ def test_screenshot_and_pages_without_javascript(hostile_run: dict[str, Path], t
         with Image.open(out) as img:
             assert (img.convert("RGB").getpixel((100, 100)) == (255, 0, 0)) is javascript
     for page, on in ((site / "index.html", shot), (gallery, shot2)):
-        off = tmp_path / f"nojs-{page.stem}.png"
-        chromium(tmp_path, "--window-size=1200,900", f"--screenshot={off}", page.as_uri(), javascript=False)
-        with Image.open(on) as a, Image.open(off) as b:
-            assert a.convert("RGB").tobytes() == b.convert("RGB").tobytes(), page.name
+        same = False
+        for attempt in range(3):  # on a loaded machine a screenshot can be taken before every image is painted
+            if attempt:
+                chromium(tmp_path, "--window-size=1200,900", f"--screenshot={on}", page.as_uri())
+            off = tmp_path / f"nojs-{page.stem}-{attempt}.png"
+            chromium(tmp_path, "--window-size=1200,900", f"--screenshot={off}", page.as_uri(), javascript=False)
+            with Image.open(on) as a, Image.open(off) as b:
+                same = a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
+            if same:
+                break
+        assert same, f"{page.name} renders differently with JavaScript off"
 
 
 def test_cards_show_probabilities_heatmaps_and_errors(hostile_run: dict[str, Path]) -> None:
@@ -448,7 +455,8 @@ def test_partial_last_row_and_bad_inputs(tmp_path: Path, sample_images: Path) ->
     report = tmp_path / "r.csv"
     assert invoke(runner, "classify", str(sample_images / "viral"), "--out", str(report), "-q").exit_code == 0
     data = report.read_bytes()
-    report.write_bytes(data[: len(data) - 30])  # a run killed mid-row
+    last = data.rstrip(b"\r\n").rfind(b"\n") + 1
+    report.write_bytes(data[: last + (len(data) - last) // 3])  # a run killed a third of the way into its last row
     res = invoke(runner, "report", str(report), "--images", str(sample_images / "viral"), "--html", str(tmp_path / "s"))
     assert res.exit_code == 0, res.output
     assert "row 3 is incomplete or damaged; left out" in res.output
@@ -488,31 +496,31 @@ def test_rerun_updates_the_folder_and_reuses_thumbnails(tmp_path: Path, sample_i
 
 
 def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample_images: Path) -> None:
-    """Columns other features add (read by name) and a provenance file are shown, escaped; a CSV
-    cell neutralised with a leading "'" (a name starting with = + - @) still finds its file."""
+    """Columns other features add (read by name) and a provenance file are shown, escaped; CSV cells
+    the writer neutralised with a leading "'" (names starting with = + - @ or ') round-trip."""
     images = tmp_path / "images"
     images.mkdir()
     shutil.copyfile(sample_images / "viral" / "person1612_virus_2797.jpeg", images / "=1+2.jpeg")
-    shutil.copyfile(sample_images / "viral" / "person1669_virus_2884.jpeg", images / "plain.jpeg")
+    shutil.copyfile(sample_images / "viral" / "person1669_virus_2884.jpeg", images / "'quoted.jpeg")
     report = tmp_path / "r.csv"
     assert invoke(CliRunner(), "classify", str(images), "--out", str(report), "-q").exit_code == 0
     rows = read_csv(report)
-    assert {r["path"] for r in rows} >= {"plain.jpeg"}
+    assert {r["path"] for r in rows} == {"'=1+2.jpeg", "''quoted.jpeg"}  # as the CSV writer neutralises them
     extended = tmp_path / "x.csv"
     with open(extended, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, [*rows[0], "model_sha256", "precision", "run_id"], lineterminator="\r\n")
         writer.writeheader()
         for r in rows:
-            if r["path"].startswith("="):
-                r["path"] = "'" + r["path"]
             writer.writerow({**r, "model_sha256": "ab" * 32, "precision": "int8", "run_id": "run-<b>7</b>"})
     (tmp_path / "x.csv.provenance.json").write_text(json.dumps({"host": "<i>node1</i>", "argv": ["classify", "x"]}))
     res = invoke(CliRunner(), "report", str(extended), "--images", str(images), "--html", str(tmp_path / "site"))
     assert res.exit_code == 0, res.output
-    assert "could not be shown" not in res.output  # the neutralised name found its file
+    assert "could not be shown" not in res.output  # the neutralised names found their files
     index = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
     assert "ab" * 32 in index and ">int8<" in index
     assert "run-&lt;b&gt;7&lt;/b&gt;" in index and "<b>7" not in index
     assert "&lt;i&gt;node1&lt;/i&gt;" in index and "<i>" not in index
     gallery = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "site").glob("label-*.html"))
-    assert "&#x27;=1+2.jpeg" in gallery and "unavailable.png" not in gallery
+    names = re.findall(r'<div class="name">(.*?)</div>', gallery)
+    assert sorted(map(html.unescape, names)) == ["'quoted.jpeg", "=1+2.jpeg"]
+    assert "unavailable.png" not in gallery

@@ -51,6 +51,7 @@ from cxr_batch import __version__
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
+from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size
 from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, report_format
 
@@ -67,8 +68,6 @@ PLACEHOLDER = f"{THUMBS}/unavailable.png"
 MARKER = ".cxr-batch-report.json"
 #: Report columns shown as model facts when present (read by name; any may be absent).
 FACT_COLUMNS = ("model", "model_sha256", "precision", "run_id")
-#: CSV cells a spreadsheet would read as a formula; a writer may neutralise them with a leading "'".
-FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 #: Report columns that are required.
 REQUIRED = ("path", "status", "label", "confidence", "error", "model")
 PROVENANCE_MAX_BYTES = 1 << 20
@@ -213,7 +212,8 @@ def _csv_records(path: str) -> Iterator[tuple[int, dict[str, str] | None, list[s
             if len(record) != len(header):
                 yield number, None, header
                 continue
-            yield number, dict(zip(header, record, strict=True)), header
+            # Cells the writer neutralised against spreadsheet formulas come back as they were.
+            yield number, dict(zip(header, map(unescape_cell, record), strict=True)), header
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any] | None, list[str]]]:
@@ -607,15 +607,11 @@ def _progress(console: Console, total: int, show: bool) -> Iterator[Callable[[in
 
 
 def _candidates(path: str, roots: Sequence[str]) -> Iterator[str]:
-    names = [path]
-    if len(path) > 1 and path[0] == "'" and path[1] in FORMULA_LEADS:
-        names.append(path[1:])  # a formula-neutralised CSV cell: the file is named without the "'"
-    for name in names:
-        if os.path.isabs(name):
-            yield name
-        else:
-            for root in roots:
-                yield os.path.join(root, name)
+    if os.path.isabs(path):
+        yield path
+    else:
+        for root in roots:
+            yield os.path.join(root, path)
 
 
 def _resolve(path: str, roots: Sequence[str]) -> str | None:
