@@ -61,16 +61,27 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"cpu": cpu(), "torch": torch.__version__, "command": "python benchmarks/augment_sweep.py " + " ".join(
-        f"{a}" for a in __import__("sys").argv[1:]), "recipes": {}}
+    results = {
+        "cpu": cpu(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/augment_sweep.py " + " ".join(f"{a}" for a in __import__("sys").argv[1:]),
+        "recipes": {},
+    }
     split_file = None
     stressed = None
     for name in args.recipes.split(","):
         run = out / name.replace("/", "_").replace("+", "-")
         cfg = TrainConfig(
-            data_dirs=tuple(args.data), out=str(run), epochs=args.epochs, image_size=args.image_size,
-            epoch_images=args.epoch_images, weights=args.weights, lr=args.lr, split=split_file,
-            patience=args.epochs, **RECIPES[name],
+            data_dirs=tuple(args.data),
+            out=str(run),
+            epochs=args.epochs,
+            image_size=args.image_size,
+            epoch_images=args.epoch_images,
+            weights=args.weights,
+            lr=args.lr,
+            split=split_file,
+            patience=args.epochs,
+            **RECIPES[name],
         )
         t0 = time.time()
         if not (run / "best.ckpt").exists():
@@ -83,8 +94,9 @@ def main() -> None:
         val = split.items(roots, "val")
         from rich.console import Console
 
-        x_val, y_val, _, keep = _load_cache([(p, x) for p, x, _ in val], labels, args.image_size, "bilinear",
-                                            Console(stderr=True), "val")
+        x_val, y_val, _, keep = _load_cache(
+            [(p, x) for p, x, _ in val], labels, args.image_size, "bilinear", Console(stderr=True), "val"
+        )
         s_val = [s for (_, _, s), k in zip(val, keep, strict=True) if k]
         if stressed is None:
             gen = torch.Generator().manual_seed(12345)
@@ -100,15 +112,19 @@ def main() -> None:
             m = classification_metrics(y_val, p, labels)
             bs = metrics_by_source(y_val, p, labels, s_val)
             row[tag] = {
-                "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                "accuracy": m["accuracy"],
+                "macro_f1": m["macro_f1"],
                 "recall": {k: v["recall"] for k, v in m["per_class"].items()},
                 "by_source_accuracy": {k: v["accuracy"] for k, v in bs.items()},
             }
         row["score"] = 0.5 * (row["val"]["macro_f1"] + row["val_stressed"]["macro_f1"])
         results["recipes"][name] = row
-        print(f"{name}: val acc {row['val']['accuracy']:.4f} F1 {row['val']['macro_f1']:.4f} | stressed acc "
-              f"{row['val_stressed']['accuracy']:.4f} F1 {row['val_stressed']['macro_f1']:.4f} | per source "
-              f"{row['val']['by_source_accuracy']} / {row['val_stressed']['by_source_accuracy']}", flush=True)
+        print(
+            f"{name}: val acc {row['val']['accuracy']:.4f} F1 {row['val']['macro_f1']:.4f} | stressed acc "
+            f"{row['val_stressed']['accuracy']:.4f} F1 {row['val_stressed']['macro_f1']:.4f} | per source "
+            f"{row['val']['by_source_accuracy']} / {row['val_stressed']['by_source_accuracy']}",
+            flush=True,
+        )
         (out / "sweep.json").write_text(json.dumps(results, indent=2))
     best = max(results["recipes"], key=lambda k: results["recipes"][k]["score"])
     results["chosen"] = best

@@ -326,7 +326,9 @@ def machine() -> dict[str, str]:
         info["physical cores"] = str(int(cores) * int(sockets))
     info["logical CPUs"] = str(os.cpu_count())
     flags = fields.get("Flags", "").split()
-    info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags)
+    info["isa"] = " ".join(
+        f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags
+    )
     facts = cpu_summary()
     info["flags (cxr-batch)"] = " ".join(facts["flags"]) or "none relevant"  # type: ignore[arg-type]
     info["--precision auto"] = str(facts["auto_cpu_precision"])
@@ -444,7 +446,9 @@ def write_results(path: Path, section: str, mark_begin: str = MARK_BEGIN, mark_e
 
 def run_benchmark(args: argparse.Namespace) -> None:
     with_notebook = not args.no_notebook
-    checked = [(args.model, "--model"), (args.int8_model, "--int8-model")] + ([(args.checkpoint, "--checkpoint")] if with_notebook else [])
+    checked = [(args.model, "--model"), (args.int8_model, "--int8-model")] + (
+        [(args.checkpoint, "--checkpoint")] if with_notebook else []
+    )
     for needed, flag in checked:
         if not Path(needed).is_file():
             raise SystemExit(f"{flag} {needed}: no such file (export the model first, or pass the path)")
@@ -457,7 +461,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     notes: list[str] = []
     if n < 8 * n_warm:
-        notes.append(f"only {n} images for a {n_warm}-image start-up run: the steady rates are rough; use --n 500 or more")
+        notes.append(
+            f"only {n} images for a {n_warm}-image start-up run: the steady rates are rough; use --n 500 or more"
+        )
     if load_before[0] > 0.5:
         notes.append(
             f"load average {load_before[0]:.2f} when the run started: something else was using the CPU, "
@@ -474,7 +480,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
         py = [sys.executable, str(Path(__file__).resolve())]
         common = ["--threads", str(args.threads), "--device", args.device]
         bs = args.batch_size
-        cli_extra = [*(["--batch-size", str(bs)] if bs else []), *(["--threads", str(args.threads)] if args.threads else [])]
+        cli_extra = [
+            *(["--batch-size", str(bs)] if bs else []),
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]
         from cxr_batch.engine.classifier import DEFAULT_BATCH_SIZE
 
         pipes = {
@@ -568,7 +577,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--model", default=rel(REPO / "export/cxr-resnet18.onnx"), help="fp32 ONNX model")
     ap.add_argument("--int8-model", default=rel(REPO / "export/cxr-resnet18-int8.onnx"), help="int8 ONNX model")
-    ap.add_argument("--checkpoint", default=rel(REPO / "runs/default-r18-224/best.ckpt"), help="the same weights, for (a)")
+    ap.add_argument(
+        "--checkpoint", default=rel(REPO / "runs/default-r18-224/best.ckpt"), help="the same weights, for (a)"
+    )
     ap.add_argument("--batch-size", type=int, default=0, help="classify's --batch-size (default: classify's own)")
     ap.add_argument("--threads", type=int, default=0, help="threads for torch and onnxruntime (0: their default)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

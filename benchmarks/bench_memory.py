@@ -142,7 +142,11 @@ def main() -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     info = machine()
-    begin, end = (MARK_BEGIN, MARK_END) if not args.tag else (f"<!-- bench_memory {args.tag} -->", f"<!-- /bench_memory {args.tag} -->")
+    begin, end = (
+        (MARK_BEGIN, MARK_END)
+        if not args.tag
+        else (f"<!-- bench_memory {args.tag} -->", f"<!-- /bench_memory {args.tag} -->")
+    )
     facts = cpu_summary()
     lines = [
         begin,
@@ -173,7 +177,9 @@ def main() -> None:
         f"| start → first result row in the report (median of {len(first_rows)}) | {first_s:.2f} s | < {FIRST_ROW_TARGET_S:.0f} s "
         f"| {verdict(first_s < FIRST_ROW_TARGET_S)} |",
         "",
-        f"Load average at the end: {os.getloadavg()[0]:.2f}. Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        f"Load average at the end: {os.getloadavg()[0]:.2f}. Machine: "
+        + "; ".join(f"{k} {v}" for k, v in info.items())
+        + ".",
         end,
     ]
     section = "\n".join(lines) + "\n"

@@ -130,12 +130,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"\nCPU: {facts.describe()}. {len(test)} test-split images + {len(kermany)} kermany-normal images.\n")
-    print("| model | top-1 agreement with fp32 | largest Δprob | mean of per-image largest Δprob | largest Δ centred logit "
-          "| accuracy, test split | accuracy, kermany-normal | OOD flagged, test | OOD flagged, kermany | alone img/s |")
+    print(
+        "| model | top-1 agreement with fp32 | largest Δprob | mean of per-image largest Δprob | largest Δ centred logit "
+        "| accuracy, test split | accuracy, kermany-normal | OOD flagged, test | OOD flagged, kermany | alone img/s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['agree']:.2%} | {r['max_dp']:.3f} | {r['mean_dp']:.4f} | {r['max_dlogit']:.2f} | "
-              f"{r['acc_test']:.3f} | {r['acc_kermany']:.3f} | {r['ood_test']:.1%} | {r['ood_kermany']:.1%} | {r['img_s']:.1f} |")
+        print(
+            f"| {r['model']} | {r['agree']:.2%} | {r['max_dp']:.3f} | {r['mean_dp']:.4f} | {r['max_dlogit']:.2f} | "
+            f"{r['acc_test']:.3f} | {r['acc_kermany']:.3f} | {r['ood_test']:.1%} | {r['ood_kermany']:.1%} | {r['img_s']:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"cpu": facts.as_dict(), "rows": rows}, indent=2))
 

@@ -49,9 +49,33 @@ def _natural(dst: Path) -> list[Path]:
     except ImportError:
         print("scikit-image is not installed: no natural photographs (pip install scikit-image)", file=sys.stderr)
         return []
-    names = ["astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "coins", "moon", "page", "text",
-             "horse", "clock", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina",
-             "skin", "brick", "grass", "gravel", "colorwheel", "logo", "microaneurysms", "cell", "eagle"]
+    names = [
+        "astronaut",
+        "camera",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "cat",
+        "coins",
+        "moon",
+        "page",
+        "text",
+        "horse",
+        "clock",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "motorcycle_left",
+        "retina",
+        "skin",
+        "brick",
+        "grass",
+        "gravel",
+        "colorwheel",
+        "logo",
+        "microaneurysms",
+        "cell",
+        "eagle",
+    ]
     out = []
     for n in names:
         fn = getattr(sd, n, None)
@@ -106,8 +130,16 @@ def main() -> None:
     if clf.meta.ood is None:
         sys.exit(f"{args.model} has no OOD guard (export it with --ood)")
     split = Split.read(args.run / "split.csv")
-    sources = json.loads((args.run / "config.json").read_text()).get("sources") if (args.run / "config.json").exists() else None
-    roots = {name: args.data / Path(p).name for name, p in sources.items()} if sources else args.data / "covid19-radiography"
+    sources = (
+        json.loads((args.run / "config.json").read_text()).get("sources")
+        if (args.run / "config.json").exists()
+        else None
+    )
+    roots = (
+        {name: args.data / Path(p).name for name, p in sources.items()}
+        if sources
+        else args.data / "covid19-radiography"
+    )
     test = [p for p, _ in split.paths(roots, "test")]
     groups: list[tuple[str, list[Path]]] = [("test split (in distribution)", test)]
     with tempfile.TemporaryDirectory() as td:
@@ -117,13 +149,19 @@ def main() -> None:
         dicom = args.data / "dicom"
         ctmr = sorted((dicom / "pydicom-testfiles").rglob("*.dcm"))
         rsna = sorted((dicom / "rsna-pneumonia-challenge_lungbox").rglob("*.dcm"))
-        samples = sorted(p for p in (REPO / "sample_images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        samples = sorted(
+            p for p in (REPO / "sample_images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+        )
         bacterial = sorted((args.data / "near-ood" / "bacterial").glob("*.png"))
-        groups += [("pediatric bacterial pneumonia (near-ood; not a class)", bacterial),
-                   ("natural photographs (scikit-image)", natural), ("CT and MR slices (DICOM)", ctmr),
-                   ("blank images", blank), ("random noise", noise),
-                   ("RSNA chest radiographs (DICOM, other hospitals; information)", rsna),
-                   ("sample_images chest X-rays (information)", samples)]
+        groups += [
+            ("pediatric bacterial pneumonia (near-ood; not a class)", bacterial),
+            ("natural photographs (scikit-image)", natural),
+            ("CT and MR slices (DICOM)", ctmr),
+            ("blank images", blank),
+            ("random noise", noise),
+            ("RSNA chest radiographs (DICOM, other hospitals; information)", rsna),
+            ("sample_images chest X-rays (information)", samples),
+        ]
         results: list[dict[str, Any]] = []
         base_scores: np.ndarray | None = None
         for name, paths in groups:
@@ -137,24 +175,38 @@ def main() -> None:
                 y = np.r_[np.zeros(len(base_scores)), np.ones(len(s))].astype(bool)
                 auroc = roc_auc(np.r_[base_scores, s], y)
             called = {label: sum(r.label == label for r in rows) for label in clf.labels}
-            entry: dict[str, Any] = {"name": name, "n": len(s), "flagged": float(f.mean()) if len(f) else float("nan"),
-                                     "auroc": auroc, "score_median": float(np.median(s)) if len(s) else None,
-                                     "called": called}
+            entry: dict[str, Any] = {
+                "name": name,
+                "n": len(s),
+                "flagged": float(f.mean()) if len(f) else float("nan"),
+                "auroc": auroc,
+                "score_median": float(np.median(s)) if len(s) else None,
+                "called": called,
+            }
             if name.startswith("sample_images"):
                 entry["predictions"] = [
-                    {"file": Path(r.path).relative_to(REPO / "sample_images").as_posix(), "label": r.label,
-                     "confidence": round(float(r.confidence), 4), "in_distribution": r.in_distribution}
+                    {
+                        "file": Path(r.path).relative_to(REPO / "sample_images").as_posix(),
+                        "label": r.label,
+                        "confidence": round(float(r.confidence), 4),
+                        "in_distribution": r.in_distribution,
+                    }
                     for r in rows
                 ]
             results.append(entry)
             print(f"{name}: n={len(s)} flagged={f.mean():.1%} auroc={auroc}", file=sys.stderr)
     threshold = clf.meta.ood["threshold"]
-    lines = [f"# Out-of-distribution guard: {clf.meta.ident} ({clf.meta.precision})", "",
-             f"Command: `{command}`", "",
-             f"Threshold {threshold:.3f} ({clf.meta.ood.get('calibration')}). Lateral chest views: none were available "
-             "to measure.", "",
-             "| group | images | flagged | AUROC vs test split | median score | called " + " / ".join(clf.labels) + " |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Out-of-distribution guard: {clf.meta.ident} ({clf.meta.precision})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Threshold {threshold:.3f} ({clf.meta.ood.get('calibration')}). Lateral chest views: none were available "
+        "to measure.",
+        "",
+        "| group | images | flagged | AUROC vs test split | median score | called " + " / ".join(clf.labels) + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
         called = " / ".join(str(r["called"][x]) for x in clf.labels)

@@ -137,7 +137,17 @@ VARIANTS = {
 
 
 def run(folder: Path, model: Path, variant: str, out: Path) -> float:
-    base = [sys.executable, "-m", "cxr_batch.cli.main", "classify", str(folder), "--model", str(model), "--overwrite", "-q"]
+    base = [
+        sys.executable,
+        "-m",
+        "cxr_batch.cli.main",
+        "classify",
+        str(folder),
+        "--model",
+        str(model),
+        "--overwrite",
+        "-q",
+    ]
     extra = VARIANTS[variant]
     if variant.startswith("2 shards"):
         parts = [out.with_name(f"{out.stem}-{k}.csv") for k in range(2)]

@@ -34,7 +34,9 @@ def main() -> None:
             x = torch.randn(args.batch, 3, size, size).contiguous(memory_format=fmt)
             y = torch.randint(0, 3, (args.batch,))
 
-            def step(m: torch.nn.Module = m, x: torch.Tensor = x, y: torch.Tensor = y, bf16: bool = "bf16" in mode) -> None:
+            def step(
+                m: torch.nn.Module = m, x: torch.Tensor = x, y: torch.Tensor = y, bf16: bool = "bf16" in mode
+            ) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = torch.nn.functional.cross_entropy(m(x), y)
                 opt.zero_grad()

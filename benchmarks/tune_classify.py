@@ -211,7 +211,11 @@ def main() -> None:
                     swap(batch_module, "Classifier", original)
                 rate = stats.total / wall
                 rows[v].append((rate, alone, 1e3 * cpu / stats.total, 1e3 * alone_cpu))
-                print(f"round {r + 1}/{args.rounds} {v:24s} classify {rate:6.1f} img/s, alone {alone:6.1f}, ratio {rate / alone:.2f}", file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds} {v:24s} classify {rate:6.1f} img/s, alone {alone:6.1f}, ratio {rate / alone:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -209,8 +209,17 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         stats.kept, stats.kept_errors = existing.rows, existing.errors
         if record is not None and run_id is not None:
             recorder = provenance.start_classifier_run(
-                record, run_id, classifier, config.engine, config.report, (f.display for f in files),
-                shard=shard, kept_rows=existing.rows, started=started, report_offset=offset, ray=config.ray is not None,
+                record,
+                run_id,
+                classifier,
+                config.engine,
+                config.report,
+                (f.display for f in files),
+                shard=shard,
+                kept_rows=existing.rows,
+                started=started,
+                report_offset=offset,
+                ray=config.ray is not None,
                 source=source.describe() if source is not None else None,
             )
         if existing.truncated:
@@ -282,7 +291,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     return stats
 
 
-def _in_report_style(files: list[InputFile], existing: Existing, config: ClassifyConfig, console: Console) -> list[InputFile]:
+def _in_report_style(
+    files: list[InputFile], existing: Existing, config: ClassifyConfig, console: Console
+) -> list[InputFile]:
     """``--resume --absolute-paths`` on a report written with relative paths: name the files as
     the report does.
 

@@ -144,8 +144,20 @@ def test_ct_and_mr_are_flagged_as_not_radiographs(path: Path, modality: str) -> 
 @needs_data
 @pytest.mark.parametrize(
     ("modality", "flagged"),
-    [("CR", False), ("DX", False), ("RG", False), ("dx", False), ("", False), ("OT", False), ("SC", False),
-     ("MG", True), ("US", True), ("XA", True), ("PX", True), ("NM", True)],
+    [
+        ("CR", False),
+        ("DX", False),
+        ("RG", False),
+        ("dx", False),
+        ("", False),
+        ("OT", False),
+        ("SC", False),
+        ("MG", True),
+        ("US", True),
+        ("XA", True),
+        ("PX", True),
+        ("NM", True),
+    ],
 )
 def test_modality_decides_not_radiograph(pydicom: Any, tmp_path: Path, modality: str, flagged: bool) -> None:
     ds = pydicom.dcmread(RSNA_ONE)
@@ -180,8 +192,13 @@ def test_monochrome1_with_window_matches_inverted_monochrome2(pydicom: Any, tmp_
     top = 2**ds.BitsStored - 1
     # x' = top - x maps the LINEAR window's centre c to top - c + 1 (PS3.3 C.11.2.1.2.1).
     mono2 = _save_native(
-        pydicom, ds, (top - arr.astype(np.int64)).astype(np.uint16), tmp_path / "mono2.dcm",
-        PhotometricInterpretation="MONOCHROME2", WindowCenter=top - 15000 + 1, WindowWidth=30000,
+        pydicom,
+        ds,
+        (top - arr.astype(np.int64)).astype(np.uint16),
+        tmp_path / "mono2.dcm",
+        PhotometricInterpretation="MONOCHROME2",
+        WindowCenter=top - 15000 + 1,
+        WindowWidth=30000,
     )
     _assert_same_input(RG1_UNCI, mono2)
 
@@ -191,8 +208,15 @@ def test_rescale_slope_and_intercept_give_the_same_image(pydicom: Any, tmp_path:
     ds, arr = _load(pydicom, RG1_UNCI)  # values 803..26512, window 15000/30000 in output units
     stored = ((arr.astype(np.int64) - 100) * 2).astype(np.uint16)  # 0.5 * stored + 100 == original
     variant = _save_native(
-        pydicom, ds, stored, tmp_path / "rescaled.dcm",
-        BitsStored=16, HighBit=15, RescaleSlope=0.5, RescaleIntercept=100, RescaleType="US",
+        pydicom,
+        ds,
+        stored,
+        tmp_path / "rescaled.dcm",
+        BitsStored=16,
+        HighBit=15,
+        RescaleSlope=0.5,
+        RescaleIntercept=100,
+        RescaleType="US",
     )
     _assert_same_input(variant, RG1_UNCI)
     np.testing.assert_allclose(read_dicom(variant).grey, read_dicom(RG1_UNCI).grey, atol=1e-5)
@@ -202,8 +226,14 @@ def test_rescale_slope_and_intercept_give_the_same_image(pydicom: Any, tmp_path:
 def test_modality_lut_is_applied_before_the_window(pydicom: Any, tmp_path: Path) -> None:
     ds, arr = _load(pydicom, RSNA_ONE)
     path = _save_native(
-        pydicom, ds, arr, tmp_path / "w.dcm",
-        RescaleSlope=4, RescaleIntercept=-200, WindowCenter=300, WindowWidth=400,
+        pydicom,
+        ds,
+        arr,
+        tmp_path / "w.dcm",
+        RescaleSlope=4,
+        RescaleIntercept=-200,
+        WindowCenter=300,
+        WindowWidth=400,
     )
     expected = _window(arr.astype(np.float64) * 4 - 200, 300, 400)
     np.testing.assert_allclose(read_dicom(path).grey, expected, atol=1e-6)
@@ -250,7 +280,13 @@ def test_voi_lut_sequence_is_used_and_scaled_by_the_bits_its_entries_need(pydico
     item["LUTDescriptor"].VR = "US"
     item["LUTData"].VR = "US"
     path = _save_native(
-        pydicom, ds, arr, tmp_path / "voi.dcm", VOILUTSequence=[item], WindowCenter=10, WindowWidth=20,
+        pydicom,
+        ds,
+        arr,
+        tmp_path / "voi.dcm",
+        VOILUTSequence=[item],
+        WindowCenter=10,
+        WindowWidth=20,
     )
     expected = (255 - arr.astype(np.float64)) * 16 / 4095
     np.testing.assert_allclose(read_dicom(path).grey, expected, atol=1e-6)  # the LUT wins over the window
@@ -286,7 +322,11 @@ def test_enhanced_multi_frame_rescale_and_window_come_from_functional_groups(pyd
     shared.PixelValueTransformationSequence = [transform]
     shared.FrameVOILUTSequence = [voi]
     path = _save_native(
-        pydicom, ds, np.stack([arr, arr]), tmp_path / "enh.dcm", NumberOfFrames=2,
+        pydicom,
+        ds,
+        np.stack([arr, arr]),
+        tmp_path / "enh.dcm",
+        NumberOfFrames=2,
         SharedFunctionalGroupsSequence=[shared],
     )
     d = read_dicom(path)
@@ -540,8 +580,13 @@ def test_classify_gives_monochrome1_and_inverted_monochrome2_the_same_probabilit
     shutil.copyfile(RG1_UNCI, folder / "rg1-mono1.dcm")
     ds, arr = _load(pydicom, RG1_UNCI)
     _save_native(
-        pydicom, ds, (32767 - arr.astype(np.int64)).astype(np.uint16), folder / "rg1-mono2.dcm",
-        PhotometricInterpretation="MONOCHROME2", WindowCenter=32767 - 15000 + 1, WindowWidth=30000,
+        pydicom,
+        ds,
+        (32767 - arr.astype(np.int64)).astype(np.uint16),
+        folder / "rg1-mono2.dcm",
+        PhotometricInterpretation="MONOCHROME2",
+        WindowCenter=32767 - 15000 + 1,
+        WindowWidth=30000,
     )
     rows, result = _classify(runner, tiny_onnx, folder, tmp_path / "out.csv")
     assert result.exit_code == 0, result.output

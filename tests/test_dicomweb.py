@@ -112,7 +112,9 @@ def test_a_study_classified_from_orthanc_matches_the_files_and_its_srs_are_store
         timeout=10,
     ).json()
     assert len(found) == 1
-    listed = runner.invoke(main, ["dicomweb-list", orthanc.dicomweb, "--study", rg1.study, "--modality", "SR", "--content"])
+    listed = runner.invoke(
+        main, ["dicomweb-list", orthanc.dicomweb, "--study", rg1.study, "--modality", "SR", "--content"]
+    )
     assert listed.exit_code == 0, listed.output
     lines = listed.output.splitlines()
     sr_uid = lines[0].split("\t")[2]
@@ -173,13 +175,25 @@ def test_query_finds_every_cr_and_the_srs_round_trip(
 
     # The same run again: the same SR UIDs (derived from image and model), so no duplicates pile up.
     code, output = _classify(
-        runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(out), "--overwrite",
-        "--sr", str(tmp_path / "sr2"), "--stow",
+        runner,
+        "--dicomweb",
+        orthanc.dicomweb,
+        "--query",
+        "Modality=CR",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--sr",
+        str(tmp_path / "sr2"),
+        "--stow",
     )
     assert code == 0, output
     again = requests.get(
-        f"{orthanc.dicomweb}/instances", params={"Modality": "SR"}, auth=orthanc.auth,
-        headers={"Accept": "application/dicom+json"}, timeout=10,
+        f"{orthanc.dicomweb}/instances",
+        params={"Modality": "SR"},
+        auth=orthanc.auth,
+        headers={"Accept": "application/dicom+json"},
+        timeout=10,
     ).json()
     assert len(again) == len(search)
 
@@ -191,8 +205,17 @@ def test_study_search_skips_the_srs_already_there_and_flags_the_ct(
     rg1 = _uids(RG1_UNCI)
     out = tmp_path / "two.csv"
     code, output = _classify(
-        runner, "--dicomweb", orthanc.dicomweb, "--study", ct.study, "--study", rg1.study, "--out", str(out),
-        "--sr", str(tmp_path / "sr"),
+        runner,
+        "--dicomweb",
+        orthanc.dicomweb,
+        "--study",
+        ct.study,
+        "--study",
+        rg1.study,
+        "--out",
+        str(out),
+        "--sr",
+        str(tmp_path / "sr"),
     )
     assert code == 0, output
     rows = {r["path"]: r for r in _rows(out)}
@@ -208,7 +231,9 @@ def test_resume_and_shards_work_by_sop_instance_uid(
     code, _ = _classify(runner, "--dicomweb", orthanc.dicomweb, "--study", rg1.study, "--out", str(out))
     assert code == 0
     first = out.read_text()
-    code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(out), "--resume")
+    code, output = _classify(
+        runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(out), "--resume"
+    )
     assert code == 0, output
     assert out.read_text().startswith(first)
     rows = _rows(out)
@@ -267,15 +292,21 @@ def test_wrong_credentials_are_a_clear_fatal_error(
 ) -> None:
     monkeypatch.setenv("CXR_BATCH_DICOMWEB_USER", USER)
     monkeypatch.setenv("CXR_BATCH_DICOMWEB_PASSWORD", "wrong-password-xyz")
-    code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv"))
+    code, output = _classify(
+        runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv")
+    )
     assert code == 1
     assert "HTTP 401" in output and "wrong-password-xyz" not in output
     monkeypatch.delenv("CXR_BATCH_DICOMWEB_USER")
     monkeypatch.delenv("CXR_BATCH_DICOMWEB_PASSWORD")
-    code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv"))
+    code, output = _classify(
+        runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv")
+    )
     assert code == 1 and "HTTP 401" in output
     monkeypatch.setenv("CXR_BATCH_DICOMWEB_TOKEN", "tok-secret-9876")  # Orthanc knows no tokens: 401
-    code, output = _classify(runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv"))
+    code, output = _classify(
+        runner, "--dicomweb", orthanc.dicomweb, "--query", "Modality=CR", "--out", str(tmp_path / "r.csv")
+    )
     assert code == 1 and "HTTP 401" in output and "tok-secret-9876" not in output
 
 
@@ -297,7 +328,15 @@ def test_credentials_from_an_auth_file(
     _all_outputs_free_of_password(output, out.read_text())
     auth.chmod(0o644)
     code, output = _classify(
-        runner, "--dicomweb", orthanc.dicomweb, "--study", rg1.study, "--auth-file", str(auth), "--out", str(out),
+        runner,
+        "--dicomweb",
+        orthanc.dicomweb,
+        "--study",
+        rg1.study,
+        "--auth-file",
+        str(auth),
+        "--out",
+        str(out),
         "--overwrite",
     )
     assert code == 0 and "readable by others" in output
@@ -337,8 +376,15 @@ def test_an_unreachable_server_is_a_clear_fatal_error(creds: None, tmp_path: Pat
     from orthanc_server import free_port
 
     code, output = _classify(
-        runner, "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--query", "Modality=CR",
-        "--out", str(tmp_path / "r.csv"), "--dicomweb-timeout", "2",
+        runner,
+        "--dicomweb",
+        f"http://127.0.0.1:{free_port()}/dicom-web",
+        "--query",
+        "Modality=CR",
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--dicomweb-timeout",
+        "2",
     )
     assert code == 1 and "connection failed" in output
     assert "Traceback" not in output
@@ -352,9 +398,25 @@ def test_a_server_that_goes_away_mid_run_loses_no_result(tmp_path: Path) -> None
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     out = tmp_path / "r.csv"
     args = [
-        sys.executable, "-m", "cxr_batch.cli", "classify", "--model", str(MODEL), "--dicomweb", server.dicomweb,
-        "--query", "Modality=CR", "--out", str(out), "--batch-size", "1", "--threads", "1", "--quiet",
-        "--dicomweb-timeout", "15",
+        sys.executable,
+        "-m",
+        "cxr_batch.cli",
+        "classify",
+        "--model",
+        str(MODEL),
+        "--dicomweb",
+        server.dicomweb,
+        "--query",
+        "Modality=CR",
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--dicomweb-timeout",
+        "15",
     ]
     try:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -189,7 +189,9 @@ def test_labels_csv_problems_are_fatal(labelled: Path, eval_model: Path, runner:
     assert "needs a header with the columns path,label" in result.stderr
     bad.write_text("path,label\nnormal/a.png,normal\nnormal/a.png,covid\n")
     result = runner.invoke(main, [*args, str(bad)])
-    assert result.exit_code == 1 and "lines 2 ('normal/a.png') and 3 ('normal/a.png') both name the file" in result.stderr
+    assert (
+        result.exit_code == 1 and "lines 2 ('normal/a.png') and 3 ('normal/a.png') both name the file" in result.stderr
+    )
     assert not (tmp_path / "m.json").exists()
 
 

@@ -85,8 +85,17 @@ def test_special_files_get_an_error_row_at_once_and_the_run_goes_on(tiny: Path, 
 
     t0 = time.monotonic()
     proc = cli(
-        "classify", str(data), str(named), "--files-from", str(tmp_path / "list.txt"),
-        "--model", str(tiny), "--threads", "1", "--out", str(out),
+        "classify",
+        str(data),
+        str(named),
+        "--files-from",
+        str(tmp_path / "list.txt"),
+        "--model",
+        str(tiny),
+        "--threads",
+        "1",
+        "--out",
+        str(out),
         timeout=60,
     )
     assert time.monotonic() - t0 < 60
@@ -121,7 +130,10 @@ def test_decode_never_opens_a_special_file(tmp_path: Path) -> None:
                 f"try:\n    {fn.__name__}({str(target)!r})\nexcept ImageError as e:\n    print(e)\n"
             )
             proc = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=30,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
             )
             assert proc.stdout.strip() == f"not a regular file: {kind}", (fn, proc.stdout, proc.stderr)
@@ -175,10 +187,21 @@ def many_page_tiff(path: Path, pages: int) -> Path:
     for i in range(pages):
         pixel_at = len(out) + ifd_size
         following = 0 if i == pages - 1 else pixel_at + 1
-        tags = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, pixel_at), (278, 3, 1), (279, 4, 1)]
+        tags = [
+            (256, 3, 1),
+            (257, 3, 1),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, pixel_at),
+            (278, 3, 1),
+            (279, 4, 1),
+        ]
         out += struct.pack("<H", entries)
         for tag, typ, value in tags:
-            out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
+            out += struct.pack("<HHI", tag, typ, 1) + (
+                struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+            )
         out += struct.pack("<I", following) + bytes([i % 256])
     path.write_bytes(bytes(out))
     return path
@@ -227,7 +250,11 @@ def test_the_runs_own_outputs_are_never_inputs(tiny_cam: Path, tmp_path: Path) -
     args = ["classify", str(studies), "--model", str(tiny_cam), "--threads", "1", "--out", str(report)]
     first = cli(*args, "--heatmaps", str(heat))
     assert first.returncode == 0, first.stderr
-    assert sorted(p.relative_to(heat).as_posix() for p in heat.rglob("*.png")) == ["a.png.png", "b.png.png", "sub/c.png.png"]
+    assert sorted(p.relative_to(heat).as_posix() for p in heat.rglob("*.png")) == [
+        "a.png.png",
+        "b.png.png",
+        "sub/c.png.png",
+    ]
     again = cli(*args, "--heatmaps", str(heat), "--resume")
     assert again.returncode == 0, again.stderr
     assert [r["path"] for r in rows(report)] == ["a.png", "b.png", "sub/c.png"]
@@ -313,7 +340,12 @@ def test_invalid_dicom_header_values_are_left_empty_and_never_echoed(tiny: Path,
         config.settings.writing_validation_mode = saved
 
     d = decode(path)
-    assert d.fields == {"modality": "CR", "view_position": "", "sop_instance_uid": "", "study_instance_uid": "1.2.840.99"}
+    assert d.fields == {
+        "modality": "CR",
+        "view_position": "",
+        "sop_instance_uid": "",
+        "study_instance_uid": "1.2.840.99",
+    }
     assert "invalid sop_instance_uid header value left empty (not a valid DICOM UI)" in d.notes
     assert "invalid view_position header value left empty (not a valid DICOM CS)" in d.notes
     assert not any("HYPERLINK" in n or "1+2" in n for n in d.notes)
@@ -428,7 +460,12 @@ def test_absurd_input_size_is_refused_by_the_contract(tmp_path: Path, image_dir:
     pytest.importorskip("onnx")
     model = build_model(tmp_path / "huge.onnx", meta=contract(input_size=[60000, 60000]), size=(60000, 60000))
     proc = cli(
-        "classify", str(image_dir), "--model", str(model), "--out", str(tmp_path / "r.csv"),
+        "classify",
+        str(image_dir),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "r.csv"),
         preexec_fn=_limit_memory,
     )
     assert proc.returncode == 1, proc.stderr
@@ -487,8 +524,14 @@ def test_dicom_pixels_are_the_same_in_blocks_as_in_one_piece(monkeypatch: pytest
     variants: dict[str, Any] = {"file": RG1_UNCI}
     for name, change in (
         ("no-window", lambda d: [d.__delattr__(k) for k in ("WindowCenter", "WindowWidth") if k in d]),
-        ("rescaled-mono1", lambda d: (setattr(d, "RescaleSlope", 0.5), setattr(d, "RescaleIntercept", -3),
-                                      setattr(d, "PhotometricInterpretation", "MONOCHROME1"))),
+        (
+            "rescaled-mono1",
+            lambda d: (
+                setattr(d, "RescaleSlope", 0.5),
+                setattr(d, "RescaleIntercept", -3),
+                setattr(d, "PhotometricInterpretation", "MONOCHROME1"),
+            ),
+        ),
     ):
         copy = pydicom.dcmread(RG1_UNCI)
         change(copy)
@@ -532,7 +575,16 @@ def test_ray_engine_prints_no_core_worker_error(tiny: Path, image_dir: Path, tmp
     pytest.importorskip("ray")
     out = tmp_path / "r.csv"
     proc = cli(
-        "classify", str(image_dir), "--engine", "ray", "--model", str(tiny), "--threads", "1", "--out", str(out),
+        "classify",
+        str(image_dir),
+        "--engine",
+        "ray",
+        "--model",
+        str(tiny),
+        "--threads",
+        "1",
+        "--out",
+        str(out),
         timeout=400,
     )
     if proc.returncode == 1 and "could not start Ray on this machine" in proc.stderr and "timed out" in proc.stderr:
@@ -571,8 +623,18 @@ def test_bad_input_corpus_still_gives_one_row_per_file(tiny: Path, tmp_path: Pat
     assert proc.returncode == 3, proc.stderr
     got = {r["path"]: r for r in rows(out)}
     assert sorted(got) == sorted(
-        ["good.png", "empty.png", "text.jpg", "truncated.png", "noise.dcm", "zeros.dcm", "broken.png",
-         "fifo.tif", "dev.bmp", "pages.tif"]
+        [
+            "good.png",
+            "empty.png",
+            "text.jpg",
+            "truncated.png",
+            "noise.dcm",
+            "zeros.dcm",
+            "broken.png",
+            "fifo.tif",
+            "dev.bmp",
+            "pages.tif",
+        ]
     )  # the folder named like an image is walked (empty), not a row
     assert {p for p, r in got.items() if r["status"] == "ok"} == {"good.png", "pages.tif"}
     assert all(r["error"] for p, r in got.items() if p not in ("good.png", "pages.tif"))

@@ -475,7 +475,19 @@ def test_sigterm_is_an_interruption_and_resume_finishes(shared_data: Path, tmp_p
     root = tmp_path / "many"
     real_xrays(shared_data, root, 20)
     out = tmp_path / "r.csv"
-    args = ["classify", str(root), "--out", str(out), "--precision", "fp32", "--threads", "1", "--batch-size", "1", "-q"]
+    args = [
+        "classify",
+        str(root),
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "-q",
+    ]
     proc = spawn(*args)
     try:
         wait_for_rows(out, proc, 3)

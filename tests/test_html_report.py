@@ -42,6 +42,7 @@ def need_chromium() -> None:
             pytest.fail(f"{NO_CHROMIUM}, and CXR_BATCH_REQUIRE_CHROMIUM is set")
         pytest.skip(NO_CHROMIUM)
 
+
 #: Hostile file names (a "/" makes a sub-folder, so the report path holds a whole <script> tag)
 #: and the text a reader must see for each: controls, bidi overrides and bytes that are not
 #: UTF-8 as visible escapes, everything else verbatim.
@@ -160,12 +161,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [{k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v)) for k, v in r.items()}
-                for r in rows]
+        return [
+            {k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v)) for k, v in r.items()}
+            for r in rows
+        ]
     return read_csv(path)
 
 
-def expected_counts(rows: list[dict[str, Any]], labels: tuple[str, ...] = ("normal", "viral", "covid")) -> dict[str, int]:
+def expected_counts(
+    rows: list[dict[str, Any]], labels: tuple[str, ...] = ("normal", "viral", "covid")
+) -> dict[str, int]:
     """The summary's numbers, computed here from the report rows independently of the library."""
     ok = [r for r in rows if r["status"] == "ok" and r["label"]]
     out = {f"label:{lab}": sum(r["label"] == lab for r in ok) for lab in labels}

@@ -96,7 +96,9 @@ def test_report_has_ood_columns_and_noise_scores_higher(
 
 
 @pytest.mark.skipif(not (DICOM / "pydicom-testfiles").is_dir(), reason="the shared DICOM files are not here")
-def test_ct_and_mr_are_flagged_whatever_the_score(guarded: tuple[Path, dict[str, object], Path], tmp_path: Path) -> None:
+def test_ct_and_mr_are_flagged_whatever_the_score(
+    guarded: tuple[Path, dict[str, object], Path], tmp_path: Path
+) -> None:
     pytest.importorskip("pydicom")
     model = guarded[0]
     out = tmp_path / "r.csv"

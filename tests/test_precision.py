@@ -131,7 +131,9 @@ def test_auto_takes_fp32_on_an_avx2_cpu_and_int8_with_vnni(monkeypatch: pytest.M
     monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
     monkeypatch.setenv(cpu.CPU_FLAGS_ENV, "avx2")
     clf = Classifier(device="cpu", threads=1)
-    assert clf.meta.precision == "fp32" and clf.precision_reason.startswith("fp32: ") and "no VNNI" in clf.precision_reason
+    assert (
+        clf.meta.precision == "fp32" and clf.precision_reason.startswith("fp32: ") and "no VNNI" in clf.precision_reason
+    )
     monkeypatch.setenv(cpu.CPU_FLAGS_ENV, "avx2 avx_vnni")
     clf = Classifier(device="cpu", threads=1)
     assert clf.meta.precision == "int8" and "AVX_VNNI" in clf.precision_reason
@@ -228,7 +230,9 @@ def test_damaged_int8_asked_for_explicitly_is_refused(
         assert message.startswith("Error: ") and "Traceback" not in result.output
         assert "largest logit deviation from fp32" in message and "--precision fp32" in message
         assert not out.exists()
-    evaluate = runner.invoke(main, ["evaluate", str(sample_images), "--out", str(tmp_path / "e.json"), "--precision", "int8"])
+    evaluate = runner.invoke(
+        main, ["evaluate", str(sample_images), "--out", str(tmp_path / "e.json"), "--precision", "int8"]
+    )
     assert evaluate.exit_code == 1 and "--precision fp32" in " ".join(evaluate.stderr.split())
 
 
@@ -244,7 +248,11 @@ def test_the_ray_driver_applies_the_same_self_check(damaged_default: Path) -> No
 
 
 def test_a_malformed_self_check_entry_is_a_clear_error(make_model: Callable[..., Path]) -> None:
-    bad = contract(extra={SELF_CHECK_KEY: {"images": {"encoding": "zlib+base64", "dtype": "uint8", "shape": [1, 2, 2], "data": "!!"}}})
+    bad = contract(
+        extra={
+            SELF_CHECK_KEY: {"images": {"encoding": "zlib+base64", "dtype": "uint8", "shape": [1, 2, 2], "data": "!!"}}
+        }
+    )
     model = make_model("bad-self-check.onnx", meta=bad)
     with pytest.raises(ModelError, match="self_check' entry is malformed"):
         Classifier(model, device="cpu", threads=1)

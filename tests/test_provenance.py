@@ -281,7 +281,9 @@ def test_ctrl_c_leaves_a_valid_record_and_resume_completes_it(tmp_path: Path) ->
                 running = load(record)  # written atomically: always a whole document
                 break
             if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be interrupted: {proc.stderr.read() if proc.stderr else ''}")
+                pytest.fail(
+                    f"the run ended before it could be interrupted: {proc.stderr.read() if proc.stderr else ''}"
+                )
             time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -464,5 +466,7 @@ def test_redact_argv() -> None:
     assert red[4:10] == ["--token", REDACTED, f"--password={REDACTED}", "--api-key", REDACTED, "--query"]
     # Kept: ordinary values, and options that say where a secret is rather than what it is.
     assert "Modality=CR" in red and f"Password={REDACTED}" in red
-    assert red[red.index("--token-file") + 1] == "/run/secrets/pacs" and red[red.index("--auth-env") + 1] == "PACS_TOKEN"
+    assert (
+        red[red.index("--token-file") + 1] == "/run/secrets/pacs" and red[red.index("--auth-env") + 1] == "PACS_TOKEN"
+    )
     assert red[-2:] == ["--out", "r.csv"]

@@ -49,7 +49,9 @@ def test_source_names_are_unique(tmp_path: Path) -> None:
     assert source_names([tmp_path / "x" / "data", tmp_path / "y" / "data", tmp_path / "z"]) == ["data", "data-2", "z"]
 
 
-def test_split_of_two_roots_is_stratified_by_source_and_deduplicated(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
+def test_split_of_two_roots_is_stratified_by_source_and_deduplicated(
+    two_roots: tuple[Path, Path], tmp_path: Path
+) -> None:
     a, b = two_roots
     sets = find_labelled_many([a, b])
     assert [s.source for s in sets] == ["pool", "kids"]
@@ -115,9 +117,23 @@ def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tm
     a, b = two_roots
     out, pred = tmp_path / "m.json", tmp_path / "p.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "evaluate", str(a), str(b), "--out", str(out),
-         "--predictions", str(pred), "--precision", "fp32"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "evaluate",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+            "--predictions",
+            str(pred),
+            "--precision",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "per source" in proc.stderr and "kids" in proc.stderr
@@ -145,9 +161,26 @@ def test_evaluate_reads_a_split_file_with_sources(two_roots: tuple[Path, Path], 
     split.write(tmp_path / "split.csv")
     out = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "evaluate", str(a), str(b), "--labels", str(tmp_path / "split.csv"),
-         "--part", "test", "--out", str(out), "--precision", "fp32", "-q"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "evaluate",
+            str(a),
+            str(b),
+            "--labels",
+            str(tmp_path / "split.csv"),
+            "--part",
+            "test",
+            "--out",
+            str(out),
+            "--precision",
+            "fp32",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -204,8 +237,11 @@ def test_training_can_start_from_the_released_onnx_model() -> None:
     with torch.no_grad():
         got = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max()))
-    assert any(float(m.running_var.mean()) != pytest.approx(1.0, abs=1e-3)
-               for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert any(
+        float(m.running_var.mean()) != pytest.approx(1.0, abs=1e-3)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    )
 
 
 @needs_data
@@ -214,10 +250,31 @@ def test_train_on_two_roots_reports_the_test_split_per_source(two_roots: tuple[P
     a, b = two_roots
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "train", str(a), str(b), "--out", str(out), "--epochs", "1",
-         "--image-size", "32", "--batch-size", "8", "--threads", "2", "--augment", "scanner",
-         "--balance", "class+source"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            "train",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--threads",
+            "2",
+            "--augment",
+            "scanner",
+            "--balance",
+            "class+source",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())

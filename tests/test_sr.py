@@ -179,7 +179,9 @@ def test_sr_uids_are_stable_for_the_same_image_and_model(tmp_path: Path, runner:
     uids = []
     for n in range(2):
         out, srs = tmp_path / f"r{n}.csv", tmp_path / f"sr{n}"
-        result = runner.invoke(main, ["classify", str(RG1_UNCI), "--model", str(MODEL), "--out", str(out), "--sr", str(srs)])
+        result = runner.invoke(
+            main, ["classify", str(RG1_UNCI), "--model", str(MODEL), "--out", str(out), "--sr", str(srs)]
+        )
         assert result.exit_code == 0, result.output
         ds = pydicom.dcmread(next(srs.rglob("*.sr.dcm")))
         uids.append((ds.SOPInstanceUID, ds.SeriesInstanceUID))
@@ -194,7 +196,9 @@ def test_an_sr_that_cannot_be_written_keeps_the_row(tmp_path: Path, runner: CliR
     inputs.mkdir()
     shutil.copy(RG1_UNCI, inputs / "RG1_UNCI.dcm")
     out = tmp_path / "r.csv"
-    result = runner.invoke(main, ["classify", str(inputs), "--model", str(MODEL), "--out", str(out), "--sr", str(blocker)])
+    result = runner.invoke(
+        main, ["classify", str(inputs), "--model", str(MODEL), "--out", str(out), "--sr", str(blocker)]
+    )
     assert result.exit_code == 0, result.output
     [row] = _rows(out)
     assert row["status"] == "ok" and "cannot write" in row["notes"]

@@ -267,8 +267,16 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
 
     onnx_path = tmp_path / "no-ood.onnx"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli.main", "export", str(trained_run / "best.ckpt"),
-         "--out", str(onnx_path), "--no-ood"],
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli.main",
+            "export",
+            str(trained_run / "best.ckpt"),
+            "--out",
+            str(onnx_path),
+            "--no-ood",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -282,7 +290,11 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli.main", "export"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cxr_batch.cli.main", "export"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "no checkpoint found" in proc.stderr and "cxr-batch export runs/NAME/best.ckpt" in proc.stderr

@@ -94,17 +94,21 @@ def dicomweb_options(func: F) -> F:
     return func
 
 
-def _config(url: str, studies: tuple[str, ...], series: tuple[str, ...], query: tuple[str, ...], auth_file: str | None,
-            timeout: float) -> DicomwebConfig:
+def _config(
+    url: str,
+    studies: tuple[str, ...],
+    series: tuple[str, ...],
+    query: tuple[str, ...],
+    auth_file: str | None,
+    timeout: float,
+) -> DicomwebConfig:
     from cxr_batch.io.dicomweb import DicomwebConfig, parse_query
 
     try:
         pairs = parse_query(query)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--query") from None
-    return DicomwebConfig(
-        url=url, studies=studies, series=series, query=pairs, auth_file=auth_file, timeout=timeout
-    )
+    return DicomwebConfig(url=url, studies=studies, series=series, query=pairs, auth_file=auth_file, timeout=timeout)
 
 
 def dicomweb_settings(

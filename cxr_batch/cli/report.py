@@ -102,7 +102,9 @@ def check_html_dir(html_dir: str | None, out: str) -> None:
     check_html_output(html_dir)
 
 
-def html_after_classify(html_dir: str | None, out: str, inputs: Sequence[str], heatmaps: str | None, quiet: bool) -> None:
+def html_after_classify(
+    html_dir: str | None, out: str, inputs: Sequence[str], heatmaps: str | None, quiet: bool
+) -> None:
     """``classify --html``: the report of the run just written, its paths resolved against its inputs."""
     if html_dir is None:
         return

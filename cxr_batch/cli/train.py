@@ -66,7 +66,9 @@ from cxr_batch.cli.options import library_errors
     show_default=True,
     help="Draw each class equally often; class+source also each data root equally often within a class.",
 )
-@click.option("--epoch-images", type=click.IntRange(1), help="Images drawn per epoch (default: the training split's size).")
+@click.option(
+    "--epoch-images", type=click.IntRange(1), help="Images drawn per epoch (default: the training split's size)."
+)
 @click.option("--warmup", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="One-cycle warm-up share.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
 @click.option(
@@ -181,8 +183,12 @@ def train_command(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A recipe sweep's JSON (benchmarks/augment_sweep.py) to record how the recipe was chosen.",
 )
-@click.option("--ood/--no-ood", default=True, show_default=True,
-              help="Fit the out-of-distribution guard on the run's training images (needs the data).")
+@click.option(
+    "--ood/--no-ood",
+    default=True,
+    show_default=True,
+    help="Fit the out-of-distribution guard on the run's training images (needs the data).",
+)
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -218,8 +224,15 @@ def export_command(
 
         from cxr_batch.io.labelled import Split
 
-        cfg = ExportConfig(checkpoint=str(checkpoint), out=str(checkpoint), quantize=quantize,
-                           calibration_images=calibration_images, force=force, ood=ood, fp16=fp16)
+        cfg = ExportConfig(
+            checkpoint=str(checkpoint),
+            out=str(checkpoint),
+            quantize=quantize,
+            calibration_images=calibration_images,
+            force=force,
+            ood=ood,
+            fp16=fp16,
+        )
         derive_from_master(checkpoint, data_dir, Split.read(split_file), cfg, Console(stderr=True))
         return
     ckpt = checkpoint or latest_checkpoint()

@@ -52,7 +52,11 @@ DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.o
 #: with 8-bit dot products (VNNI, AMX, ARM dot product; :func:`cxr_batch.engine.cpu.int8_choice`),
 #: fp32 is as fast and exact on the others; fp16 uses the GPU's tensor cores; fp16 on a CPU is
 #: emulated, so it comes last there. See :func:`auto_order`.
-AUTO_ORDER = {"cpu": ("int8", "fp32", "fp16"), "cpu-no-int8": ("fp32", "int8", "fp16"), "cuda": ("fp16", "fp32", "int8")}
+AUTO_ORDER = {
+    "cpu": ("int8", "fp32", "fp16"),
+    "cpu-no-int8": ("fp32", "int8", "fp16"),
+    "cuda": ("fp16", "fp32", "int8"),
+}
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -276,7 +280,9 @@ def precision_reason(meta: ModelMeta, origin: str, precision: Precision, provide
     if precision != "auto":
         return f"{meta.precision}: --precision {precision}"
     if provider == CUDA:
-        return f"{meta.precision}: on CUDA" + (" (the GPU's tensor cores)" if meta.precision == "fp16" else ", no fp16 model installed")
+        return f"{meta.precision}: on CUDA" + (
+            " (the GPU's tensor cores)" if meta.precision == "fp16" else ", no fp16 model installed"
+        )
     use_int8, why = int8_choice()
     if (meta.precision == "int8") == use_int8:
         return why
@@ -373,7 +379,9 @@ def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device |
             f"run with --precision fp32 (the embedded fp32 model), or pass the fp32 master with --model; "
             f"{precision} kernels of this CPU or onnxruntime build don't compute it as exported, or the file is damaged"
         )
-    raise ModelError(f"{loaded.path}: the {precision} model gives wrong results on this machine: {check.describe()}. {way_out}")
+    raise ModelError(
+        f"{loaded.path}: the {precision} model gives wrong results on this machine: {check.describe()}. {way_out}"
+    )
 
 
 def load_model(config: EngineConfig) -> LoadedModel:

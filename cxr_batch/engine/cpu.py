@@ -176,7 +176,9 @@ def physical_cores() -> int | None:
     for cpu in cpus:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            cores.add(
+                ((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip())
+            )
         except OSError:
             cores.add(("cpu", str(cpu)))
     return len(cores) or None
@@ -191,7 +193,12 @@ def cpu_summary() -> dict[str, object]:
     """The CPU facts and the int8 decision, as recorded by exports and benchmarks."""
     facts = cpu_facts()
     use_int8, reason = int8_choice(facts)
-    return {**facts.as_dict(), "cores_usable": usable_cpus(), "auto_cpu_precision": "int8" if use_int8 else "fp32", "why": reason}
+    return {
+        **facts.as_dict(),
+        "cores_usable": usable_cpus(),
+        "auto_cpu_precision": "int8" if use_int8 else "fp32",
+        "why": reason,
+    }
 
 
 __all__ = [

@@ -111,7 +111,9 @@ def reference_inputs(meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, float] | 
         expected = np.asarray(doc["logits_fp32"], dtype=np.float64)
         tolerance = float(doc["tolerance"])
         if expected.shape != (len(grey), len(meta.labels)):
-            raise ValueError(f"logits_fp32 has shape {list(expected.shape)}, expected [{len(grey)}, {len(meta.labels)}]")
+            raise ValueError(
+                f"logits_fp32 has shape {list(expected.shape)}, expected [{len(grey)}, {len(meta.labels)}]"
+            )
     except (KeyError, TypeError, ValueError, zlib.error) as exc:
         raise ModelError(f"invalid model contract: its '{SELF_CHECK_KEY}' entry is malformed ({exc})") from None
     spec = meta.spec
@@ -162,4 +164,12 @@ def run_self_check(session: ort.InferenceSession, meta: ModelMeta) -> CheckResul
     return compare(got, expected, tolerance, time.perf_counter() - start)
 
 
-__all__ = ["SELF_CHECK_KEY", "CheckResult", "compare", "decode_images", "encode_images", "reference_inputs", "run_self_check"]
+__all__ = [
+    "SELF_CHECK_KEY",
+    "CheckResult",
+    "compare",
+    "decode_images",
+    "encode_images",
+    "reference_inputs",
+    "run_self_check",
+]

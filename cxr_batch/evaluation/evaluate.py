@@ -286,7 +286,9 @@ def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
     if config.predictions == "-":
         raise OutputError("--predictions needs a file name ('-' is not supported: stdout is for data)")
     pred = Path(config.predictions)
-    if os.path.abspath(pred) == os.path.abspath(out) or (out.exists() and pred.exists() and os.path.samefile(pred, out)):
+    if os.path.abspath(pred) == os.path.abspath(out) or (
+        out.exists() and pred.exists() and os.path.samefile(pred, out)
+    ):
         raise OutputError(
             f"--out and --predictions name the same file ({config.out}): one would overwrite the other; "
             "give two file names"

@@ -162,5 +162,3 @@ def metrics_by_source(
         name: classification_metrics(y[src == name], p[src == name].reshape(-1, len(labels)), labels)
         for name in sorted(set(src.tolist()))
     }
-
-

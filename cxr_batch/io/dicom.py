@@ -272,7 +272,9 @@ def _check_start(fh: BinaryIO) -> bytes:
     # A bare dataset (no preamble): its first element must be of a low even group (0002 file
     # meta, 0008 identification), in either byte order. Zeros (group 0000) and most random
     # data stop here, before pydicom would walk them element by element.
-    if len(head) < 8 or not any(int.from_bytes(head[:2], order) in (0x0002, 0x0004, 0x0008) for order in ("little", "big")):
+    if len(head) < 8 or not any(
+        int.from_bytes(head[:2], order) in (0x0002, 0x0004, 0x0008) for order in ("little", "big")
+    ):
         raise ImageError("not a valid DICOM file (no DICM marker and no DICOM element at the start)")
     return head
 
@@ -437,9 +439,7 @@ def _check_frame_size(ds: Dataset) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
     if limit and rows * cols > limit:
-        raise ImageError(
-            f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {int(limit)}"
-        )
+        raise ImageError(f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {int(limit)}")
 
 
 def _check_decoder(tsyntax: Any) -> None:

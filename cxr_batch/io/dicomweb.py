@@ -441,7 +441,10 @@ class DicomwebSource:
         for item in getattr(response, "FailedSOPSequence", None) or []:
             reason = item.get("FailureReason")
             failed[str(item.get("ReferencedSOPInstanceUID", ""))] = f"the server refused it (failure reason {reason})"
-        stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in getattr(response, "ReferencedSOPSequence", None) or []}
+        stored = {
+            str(item.get("ReferencedSOPInstanceUID", ""))
+            for item in getattr(response, "ReferencedSOPSequence", None) or []
+        }
         out: list[str | None] = []
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)

@@ -139,7 +139,9 @@ def _read_nul_separated(stream: BinaryIO, head: bytes, name: str) -> list[str]:
                     "not a NUL-separated list of paths (find -print0)?"
                 )
             if len(record) > MAX_LISTED_PATH:
-                raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")
+                raise InputError(
+                    f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is"
+                )
             out.append(os.fsdecode(record))
         if len(pending) > MAX_LISTED_PATH:
             raise InputError(f"{name}: path {len(out) + 1} is longer than {MAX_LISTED_PATH} bytes, which no path is")

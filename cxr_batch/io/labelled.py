@@ -215,9 +215,7 @@ class Split:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
                 raise DataError(f"{path}: a split file needs the columns path,label,split")
-            rows = [
-                (r["path"], r["label"], r["split"], r.get("sha256") or "", r.get("source") or "") for r in reader
-            ]
+            rows = [(r["path"], r["label"], r["split"], r.get("sha256") or "", r.get("source") or "") for r in reader]
         bad = {r[2] for r in rows} - {"train", "val", "test"}
         if bad:
             raise DataError(f"{path}: unknown split names {sorted(bad)}")

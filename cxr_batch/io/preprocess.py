@@ -351,9 +351,7 @@ def preprocess_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> tuple
     return prepare(decoded.grey, spec), decoded
 
 
-def preprocess_labelled(
-    items: Iterable[tuple[Path, str]], spec: PreprocessSpec
-) -> Iterator[tuple[np.ndarray, str]]:
+def preprocess_labelled(items: Iterable[tuple[Path, str]], spec: PreprocessSpec) -> Iterator[tuple[np.ndarray, str]]:
     """(model input, label) for each labelled file that decodes; unreadable files are skipped."""
     for path, label in items:
         try:

@@ -182,7 +182,9 @@ class HeatmapWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.folder, _DIR_FLAGS)  # the folder itself may be a link; what is inside may not
         except OSError as exc:
-            raise OutputError(f"--heatmaps {self.folder}: cannot create or open the folder: {exc.strerror or exc}") from None
+            raise OutputError(
+                f"--heatmaps {self.folder}: cannot create or open the folder: {exc.strerror or exc}"
+            ) from None
         try:
             lock_or_refuse(self._fd, f"the heatmap folder {self.folder}")
             self._check_writable()
@@ -210,8 +212,7 @@ class HeatmapWriter:
                 os.unlink(probe, dir_fd=self._fd)
         except OSError as exc:
             raise OutputError(
-                f"--heatmaps {self.folder}: the folder is not writable ({exc.strerror or exc}); "
-                "nothing was classified"
+                f"--heatmaps {self.folder}: the folder is not writable ({exc.strerror or exc}); nothing was classified"
             ) from None
 
     def target(self, report_path: str) -> Path:
@@ -348,4 +349,3 @@ class HeatmapWriter:
             )
         if len(self.failures) > show:
             console.print(f"[yellow]warning:[/] {len(self.failures) - show} more heatmaps failed", highlight=False)
-

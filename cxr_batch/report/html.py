@@ -829,7 +829,9 @@ def _galleries(run: RunReport, low: float) -> list[_Gallery]:
         rows = sorted(by_label.get(label, []), key=lambda r: (-(r.confidence or 0.0), r.path))
         slug = _slug(label)
         out.append(
-            _Gallery(f"label-{i}{'-' + slug if slug else ''}", f"predicted {label}", label, "most confident first", rows)
+            _Gallery(
+                f"label-{i}{'-' + slug if slug else ''}", f"predicted {label}", label, "most confident first", rows
+            )
         )
     flagged = sorted((r for r in ok if r.in_distribution is False), key=lambda r: (-(r.confidence or 0.0), r.path))
     out.append(_Gallery("flagged", "flagged out of distribution", "flagged", "most confident first", flagged))
@@ -928,8 +930,9 @@ def _card(row: Row, labels: Sequence[str], low: float) -> str:
     return "".join(parts)
 
 
-def _gallery_page(g: _Gallery, number: int, per_page: int, galleries: Sequence[_Gallery], run: RunReport,
-                  low: float, wide: bool) -> str:
+def _gallery_page(
+    g: _Gallery, number: int, per_page: int, galleries: Sequence[_Gallery], run: RunReport, low: float, wide: bool
+) -> str:
     total = g.pages(per_page)
     rows = g.rows[(number - 1) * per_page : number * per_page]
     start = (number - 1) * per_page
@@ -960,11 +963,15 @@ def _summary_tables(run: RunReport, galleries: Sequence[_Gallery]) -> str:
         mean = stats.confidence_sum.get(label, 0.0) / n if n else None
         g = label_pages.get(label)
         name = f'<a href="{href(g.page_name(1))}">{text(label)}</a>' if g else text(label)
-        rows.append(f"<tr><td>{name}</td>{_count_cell('label:' + label, n)}<td class=n>{_pct(n, total)}</td>"
-                    f"<td class=n>{_fmt(mean)}</td></tr>")
+        rows.append(
+            f"<tr><td>{name}</td>{_count_cell('label:' + label, n)}<td class=n>{_pct(n, total)}</td>"
+            f"<td class=n>{_fmt(mean)}</td></tr>"
+        )
     for label, n in sorted(stats.per_label.items()):
         if label not in stats.labels:
-            rows.append(f"<tr><td>{text(label)}</td>{_count_cell('label:' + label, n)}<td class=n>{_pct(n, total)}</td><td></td></tr>")
+            rows.append(
+                f"<tr><td>{text(label)}</td>{_count_cell('label:' + label, n)}<td class=n>{_pct(n, total)}</td><td></td></tr>"
+            )
     for reason, n in stats.errors.most_common():
         rows.append(
             f'<tr><td><a href="errors-1.html">error:</a> {text(reason)}</td>{_count_cell("error:" + reason, n)}'
@@ -989,13 +996,8 @@ def _summary_tables(run: RunReport, galleries: Sequence[_Gallery]) -> str:
         f"{_count_cell('ood:' + v, verdicts.get(v, 0))}<td class=n>{_pct(verdicts.get(v, 0), len(ok))}</td></tr>"
         for v in ("in distribution", "flagged", "no verdict")
     )
-    ood_table = (
-        f"<table><tr><th>out-of-distribution verdict (classified rows)</th><th>images</th><th>%</th></tr>{ood_rows}</table>"
-    )
-    return (
-        '<h2>Counts</h2><div class="cols">'
-        f"<div>{labels_table}</div><div>{status_table}{ood_table}</div></div>"
-    )
+    ood_table = f"<table><tr><th>out-of-distribution verdict (classified rows)</th><th>images</th><th>%</th></tr>{ood_rows}</table>"
+    return f'<h2>Counts</h2><div class="cols"><div>{labels_table}</div><div>{status_table}{ood_table}</div></div>'
 
 
 def _flatten(doc: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, str]]:
@@ -1097,7 +1099,7 @@ def _confusion(doc: dict[str, Any], labels: Sequence[str]) -> str:
         )
         body.append(f"<tr><th>{text(labels[i])}</th>{tds}</tr>")
     return (
-        f'<table><tr><th>true \\ predicted</th>{head}</tr>{"".join(body)}</table>'
+        f"<table><tr><th>true \\ predicted</th>{head}</tr>{''.join(body)}</table>"
         '<p class="note">Rows: true class; columns: predicted class.</p>'
     )
 
@@ -1130,8 +1132,10 @@ def _reliability_svg(bins: Any) -> str:
         lo, hi, n, acc, conf = (b.get(k) for k in ("lower", "upper", "n", "accuracy", "confidence"))
         if not (isinstance(lo, int | float) and isinstance(hi, int | float) and isinstance(n, int | float)):
             continue
-        rows.append(f"<tr><td class=n>{lo:.2f}-{hi:.2f}</td><td class=n>{int(n)}</td><td class=n>{_fmt(conf)}</td>"
-                    f"<td class=n>{_fmt(acc)}</td></tr>")
+        rows.append(
+            f"<tr><td class=n>{lo:.2f}-{hi:.2f}</td><td class=n>{int(n)}</td><td class=n>{_fmt(conf)}</td>"
+            f"<td class=n>{_fmt(acc)}</td></tr>"
+        )
         if not isinstance(acc, int | float) or not n:
             continue
         w = x(float(hi)) - x(float(lo))
@@ -1152,7 +1156,11 @@ def _reliability_svg(bins: Any) -> str:
         "<details><summary>bins</summary><table><tr><th>confidence</th><th>images</th><th>mean confidence</th>"
         f"<th>accuracy</th></tr>{''.join(rows)}</table></details>"
     )
-    return "".join(parts) + '<p class="note">Bars: accuracy per bin; dots: mean confidence; dashed: perfect calibration.</p>' + table
+    return (
+        "".join(parts)
+        + '<p class="note">Bars: accuracy per bin; dots: mean confidence; dashed: perfect calibration.</p>'
+        + table
+    )
 
 
 def _gallery_links(galleries: Sequence[_Gallery], per_page: int) -> str:
@@ -1161,7 +1169,9 @@ def _gallery_links(galleries: Sequence[_Gallery], per_page: int) -> str:
         f"<td class=n>{g.pages(per_page)}</td><td>{text(g.order)}</td></tr>"
         for g in galleries
     )
-    return f"<h2>Galleries</h2><table><tr><th>gallery</th><th>images</th><th>pages</th><th>order</th></tr>{items}</table>"
+    return (
+        f"<h2>Galleries</h2><table><tr><th>gallery</th><th>images</th><th>pages</th><th>order</th></tr>{items}</table>"
+    )
 
 
 def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlConfig, out_dir: Path) -> list[str]:
@@ -1185,6 +1195,8 @@ def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlCon
     wide = config.heatmaps is not None
     for g in galleries:
         for number in range(1, g.pages(config.per_page) + 1):
-            write(g.page_name(number), _gallery_page(g, number, config.per_page, galleries, run,
-                                                    config.low_confidence, wide))
+            write(
+                g.page_name(number),
+                _gallery_page(g, number, config.per_page, galleries, run, config.low_confidence, wide),
+            )
     return written

@@ -244,14 +244,20 @@ class _Part:
                 if not isinstance(obj["path"], str):
                     raise MergeError(f"{self.path} line {number}: no path")
                 for c, v in obj.items():
-                    if _is_number_column(c) and v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    if (
+                        _is_number_column(c)
+                        and v is not None
+                        and (isinstance(v, bool) or not isinstance(v, int | float))
+                    ):
                         raise MergeError(
                             f"{self.path} line {number}: {c} is {v!r}, not a number; the part is damaged (edited by hand?)"
                         )
                 for c in ("status", "model", "model_sha256", "precision"):
                     if not isinstance(obj[c], str):
                         raise MergeError(f"{self.path} line {number}: {c} is {obj[c]!r}, not text; the part is damaged")
-                values = {k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")}
+                values = {
+                    k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")
+                }
                 identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
                 yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
 
@@ -502,7 +508,9 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
         provenance.check_record_output(record, report=config.out, resume=False, overwrite=config.overwrite)
         for part in config.parts:
             if os.path.abspath(record) in (os.path.abspath(part), os.path.abspath(provenance.part_record_path(part))):
-                raise OutputError(f"--provenance {record} is a part or a part's record; write the merged record elsewhere")
+                raise OutputError(
+                    f"--provenance {record} is a part or a part's record; write the merged record elsewhere"
+                )
             if os.path.exists(provenance.part_record_path(part)):
                 provenance.read_record(provenance.part_record_path(part))  # damaged: say so before merging
     parts, fmt = _open_parts(config)

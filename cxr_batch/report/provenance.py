@@ -396,7 +396,9 @@ def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offse
                 except ValueError:
                     continue
                 if isinstance(obj, dict) and obj.get("run_id") == run_id:
-                    counts.add_row(str(obj.get("status")), obj.get("label"), obj.get("error"), obj.get("in_distribution"))
+                    counts.add_row(
+                        str(obj.get("status")), obj.get("label"), obj.get("error"), obj.get("in_distribution")
+                    )
     return counts
 
 
@@ -683,7 +685,9 @@ class RunRecorder:
         """The run stops on ``exc``: Ctrl-C (or a signal turned into SystemExit) is ``interrupted``,
         anything else ``failed`` with the error (a library error's message, else its type)."""
         if isinstance(exc, KeyboardInterrupt | SystemExit):
-            self._outcome = _Outcome("interrupted", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "interrupted")
+            self._outcome = _Outcome(
+                "interrupted", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "interrupted"
+            )
         elif isinstance(exc, CxrBatchError):
             self._outcome = _Outcome("failed", str(exc))
         else:

@@ -447,9 +447,7 @@ def _take_row(existing: Existing, row: dict[str, str], model: RunIdentity, path:
         existing.error_paths.add(row["path"])
 
 
-def read_existing(
-    path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str | RunIdentity
-) -> Existing:
+def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str | RunIdentity) -> Existing:
     """Read a report for ``resume`` and cut a partial last row (left by a killed run) off the file.
 
     Raises:
@@ -606,7 +604,9 @@ class RunStats:
         return self.total / self.wall_s if self.wall_s > 0 else math.nan
 
 
-def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch classify", timing: bool = True) -> None:
+def render_summary(
+    stats: RunStats, console: Console, *, title: str = "cxr-batch classify", timing: bool = True
+) -> None:
     """The rich summary table (per label, errors by reason, totals, speed, provider, model).
 
     ``timing=False`` leaves out the speed line (``merge`` did not classify anything itself).
@@ -639,7 +639,11 @@ def render_summary(stats: RunStats, console: Console, *, title: str = "cxr-batch
     if stats.flagged:
         lines.append(
             f"{stats.flagged} images flagged out of distribution (in_distribution=false)"
-            + (", left out of the label counts (--drop-ood)" if stats.drop_ood else "; --drop-ood leaves them out of the label counts")
+            + (
+                ", left out of the label counts (--drop-ood)"
+                if stats.drop_ood
+                else "; --drop-ood leaves them out of the label counts"
+            )
         )
     if stats.kept:
         lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")

@@ -330,9 +330,7 @@ def write_self_checks(
         raise CxrBatchError("no readable images to make the self-check's references from")
     x = np.stack([prepare(t.astype(np.float32) / 255.0, meta.spec) for t in thumbs])
     ref = ort_logits(master, x).astype(np.float64)
-    deviation = {
-        path: np.abs(centred(ort_logits(path, x)) - centred(ref)).max(axis=1) for path in derived
-    }
+    deviation = {path: np.abs(centred(ort_logits(path, x)) - centred(ref)).max(axis=1) for path in derived}
     order = {"int8": 0, "fp16": 1, "fp32": 2}
     precisions = {path: read_contract_file(path)[1].precision for path in derived}
     driver = min(derived, key=lambda p: order.get(precisions[p], 3)) if derived else None
@@ -449,8 +447,20 @@ def _file_list_hash(split: Split) -> str:
 
 
 def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "seed", "weights", "hflip", "patience",
-            "augment", "epoch_images", "warmup")
+    keys = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "image_size",
+        "seed",
+        "weights",
+        "hflip",
+        "patience",
+        "augment",
+        "epoch_images",
+        "warmup",
+    )
     weights = str(tcfg.get("weights") or "none")
     balance = tcfg.get("balance") or "class"
     return {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]} | {
@@ -642,11 +652,17 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     p32, p16 = softmax(ort_logits(fp32, x)), softmax(ort_logits(tmp, x))
     diff = float(np.abs(p32 - p16).max())
     agree = float((p32.argmax(1) == p16.argmax(1)).mean())
-    console.print(f"fp16 parity on {len(x)} images: max |Δprob| = {diff:.2e} (limit {FP16_TOLERANCE:.0e}), top-1 agreement {agree:.4f}")
+    console.print(
+        f"fp16 parity on {len(x)} images: max |Δprob| = {diff:.2e} (limit {FP16_TOLERANCE:.0e}), top-1 agreement {agree:.4f}"
+    )
     if diff > FP16_TOLERANCE:
         tmp.unlink(missing_ok=True)
         raise ModelError(f"the fp16 model differs from fp32 by {diff:.2e} > {FP16_TOLERANCE:.0e}; not written")
-    extra = {**_without_self_check(meta.extra), "master": fp32.name, "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree}}
+    extra = {
+        **_without_self_check(meta.extra),
+        "master": fp32.name,
+        "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree},
+    }
     proto16 = onnx.load(str(tmp))
     write_contract(proto16, meta.with_updates(precision="fp16", extra=extra))
     onnx.save(proto16, str(out))

@@ -94,7 +94,9 @@ def load_onnx_weights(model: torch.nn.Module, path: Path, num_classes: int) -> N
     trans_b = next((a.i for a in gemm[0].attribute if a.name == "transB"), 0)
     w = w if trans_b else w.T
     if w.shape != tuple(fc.weight.shape):
-        raise CxrBatchError(f"--weights {path}: classifier {w.shape}, expected {tuple(fc.weight.shape)} ({num_classes} classes)")
+        raise CxrBatchError(
+            f"--weights {path}: classifier {w.shape}, expected {tuple(fc.weight.shape)} ({num_classes} classes)"
+        )
     with torch.no_grad():
         fc.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
         fc.bias.copy_(torch.from_numpy(init[gemm[0].input[2]].copy()))

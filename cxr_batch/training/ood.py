@@ -24,8 +24,12 @@ METHOD = "mahalanobis_tied"
 
 
 def embeddings(
-    model_path: Path | str, items: Sequence[tuple[Path, str]], spec: PreprocessSpec, labels: Sequence[str],
-    output: str = "embedding", batch: int = 32,
+    model_path: Path | str,
+    items: Sequence[tuple[Path, str]],
+    spec: PreprocessSpec,
+    labels: Sequence[str],
+    output: str = "embedding",
+    batch: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the model's embedding output over files (shared preprocessing). Returns (E, y)."""
     import onnxruntime as ort
@@ -78,12 +82,14 @@ def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.nd
     for out in list(g.output):
         if out.name == OOD_OUTPUT:
             g.output.remove(out)
-    g.initializer.extend([
-        numpy_helper.from_array(means.astype(np.float32), "ood/means"),
-        numpy_helper.from_array(precision.astype(np.float32), "ood/precision"),
-        numpy_helper.from_array(np.array([1], np.int64), "ood/axis1"),
-        numpy_helper.from_array(np.array([2], np.int64), "ood/axis2"),
-    ])
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(means.astype(np.float32), "ood/means"),
+            numpy_helper.from_array(precision.astype(np.float32), "ood/precision"),
+            numpy_helper.from_array(np.array([1], np.int64), "ood/axis1"),
+            numpy_helper.from_array(np.array([2], np.int64), "ood/axis2"),
+        ]
+    )
     opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     nodes = [
         helper.make_node("Unsqueeze", [embedding, "ood/axis1"], ["ood/e"], name="ood/unsqueeze"),
@@ -105,7 +111,11 @@ def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.nd
 
 
 def fit_model(
-    model_path: Path, root: Roots, split: Split, out: Path | None = None, quantile: float = 0.95,
+    model_path: Path,
+    root: Roots,
+    split: Split,
+    out: Path | None = None,
+    quantile: float = 0.95,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Fit the guard on a model's own train embeddings, calibrate on val, write it into the model.
