@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import REPO, strip_run_ids
 from PIL import Image
 
 from cxr_batch.cli.main import main
@@ -314,7 +314,7 @@ def test_formula_leading_names_are_neutralised_and_round_trip(shared_data: Path,
     whole, merged = tmp_path / "whole.csv", tmp_path / "merged.csv"
     assert cli("classify", str(root), "--out", str(whole), "-q")[0] == 0
     assert cli("merge", *map(str, parts), "--out", str(merged), "--expect", "3", "-q")[0] == 0
-    assert merged.read_bytes() == whole.read_bytes()
+    assert strip_run_ids(merged.read_bytes()) == strip_run_ids(whole.read_bytes())
     # JSON lines are left alone
     jsonl = tmp_path / "r.jsonl"
     assert cli("classify", str(root), "--out", str(jsonl), "-q")[0] == 0
@@ -384,7 +384,9 @@ def test_full_disk_rows_written_are_kept_and_resume_finishes(
     real_xrays(shared_data, root, 15)  # 30 rows: more than the 4 KiB disk holds
     disk = mount_tmpfs("rep", "4k")  # type: ignore[operator]
     out = disk / "r.csv"
-    code, err = cli("classify", str(root), "--out", str(out), "--batch-size", "4", "-q")
+    # the provenance record goes elsewhere: this test fills the disk with report rows only
+    prov = tmp_path / "r.provenance.json"
+    code, err = cli("classify", str(root), "--out", str(out), "--batch-size", "4", "-q", "--provenance", str(prov))
     assert code == 1 and f"cannot write the report {out}: No space left on device" in err and "--resume" in err
     kept = out.read_bytes()
     assert kept.count(b"\r\n") >= 2
@@ -575,7 +577,7 @@ def test_merge_accepts_a_part_saved_with_a_bom(xrays: Path, tmp_path: Path) -> N
     assert cli("classify", str(xrays), "--out", str(whole), "-q")[0] == 0
     code, err = cli("merge", *map(str, parts), "--out", str(merged), "--expect", "2", "-q")
     assert code == 0, err
-    assert merged.read_bytes() == whole.read_bytes()
+    assert strip_run_ids(merged.read_bytes()) == strip_run_ids(whole.read_bytes())
     jparts = [tmp_path / f"p{k}.jsonl" for k in range(2)]
     for k, p in enumerate(jparts):
         assert cli("classify", str(xrays), "--out", str(p), "--shard", f"{k}/2", "-q")[0] == 0
