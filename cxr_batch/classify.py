@@ -85,7 +85,7 @@ class _RateColumn(ProgressColumn):
 
 
 @contextmanager
-def _progress(console: Console, total: int, show: bool) -> Iterator[Callable[[int], None]]:
+def progress_bar(console: Console, total: int, show: bool) -> Iterator[Callable[[int], None]]:
     """A rich progress bar (count, rate, ETA) when ``show``; otherwise a no-op."""
     if not show:
         yield lambda n: None
@@ -237,7 +237,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 soft_wrap=True,
             )
         show = console.is_terminal and not config.quiet
-        with _progress(console, len(todo), show) as advance:
+        with progress_bar(console, len(todo), show) as advance:
             if source is None:
                 batches = classifier.iter_batches(todo)
             elif isinstance(classifier, Classifier):

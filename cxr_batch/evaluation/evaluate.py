@@ -34,7 +34,7 @@ from cxr_batch.errors import DataError, OutputError
 from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, reliability_bins
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.labelled import _canon, find_labelled, roots_by_source
+from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
 from cxr_batch.report.writer import (
     ReportConfig,
     ReportWriter,
@@ -104,7 +104,7 @@ def _model_label(label: str, model_labels: tuple[str, ...]) -> str | None:
     """A ground-truth label as the model names it (folder aliases such as 'COVID-19' included), or None."""
     if label in model_labels:
         return label
-    canon = _canon(label)
+    canon = canonical_label(label)
     return canon if canon in model_labels else None
 
 
@@ -121,7 +121,7 @@ def folder_truth(
     """
     root = Path(root)
     found = find_labelled(root)  # the layout as train sees it; lists the folders it leaves out
-    candidates = [*found.labels, *(_canon(name) for name in found.ignored)]
+    candidates = [*found.labels, *(canonical_label(name) for name in found.ignored)]
     use = [label for label in model_labels if label in candidates]
     if not use:
         raise DataError(
@@ -146,7 +146,7 @@ def folder_truth(
             n = len(find_labelled(root, classes=[folder]).items)
         except DataError:
             n = 0
-        skipped.append({"label": _canon(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
+        skipped.append({"label": canonical_label(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
     return GroundTruth(
         files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
     )
@@ -311,7 +311,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         OutputError: an output exists without ``overwrite`` or can't be written.
         MissingExtraError: ``plots`` without matplotlib.
     """
-    from cxr_batch.classify import _progress
+    from cxr_batch.classify import progress_bar
 
     console = console or Console(stderr=True)
     report = _check_outputs(config)  # fail fast, before the model load and the walk
@@ -343,7 +343,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     errors: list[dict[str, Any]] = []
     flagged = 0
     try:
-        with _progress(console, len(truth.files), console.is_terminal and not config.quiet) as advance:
+        with progress_bar(console, len(truth.files), console.is_terminal and not config.quiet) as advance:
             batches = classifier.iter_batches(truth.files)
             with closing(batches):
                 for batch in batches:

@@ -55,7 +55,7 @@ class LabelledSet:
         return c
 
 
-def _canon(name: str) -> str:
+def canonical_label(name: str) -> str:
     key = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
     return _ALIASES.get(key, name)
 
@@ -93,7 +93,7 @@ def find_labelled(root: str | Path, classes: Sequence[str] | None = None) -> Lab
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     by_label: dict[str, Path] = {}
     for d in dirs:
-        label = _canon(d.name)
+        label = canonical_label(d.name)
         if label in by_label:
             raise DataError(f"{root}: folders '{by_label[label].name}' and '{d.name}' both mean class '{label}'")
         by_label[label] = d
@@ -114,7 +114,7 @@ def find_labelled(root: str | Path, classes: Sequence[str] | None = None) -> Lab
         default = sorted(by_label)
 
     if classes:
-        wanted = [_canon(c) for c in classes]
+        wanted = [canonical_label(c) for c in classes]
         unknown = [c for c, w in zip(classes, wanted, strict=True) if w not in by_label]
         if unknown:
             raise DataError(f"{root}: no folder for class(es) {unknown}; found {sorted(by_label)}")
