@@ -136,7 +136,8 @@ def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tm
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "per source" in proc.stderr and "kids" in proc.stderr
+    assert "per source" in proc.stderr
+    assert "  kids: n=21, accuracy " in proc.stderr and "  pool: n=60, accuracy " in proc.stderr  # one line each
     doc = json.loads(out.read_text())
     assert set(doc["by_source"]) == {"pool", "kids"}
     with open(pred, newline="", encoding="utf-8") as fh:

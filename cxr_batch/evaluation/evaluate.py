@@ -146,7 +146,9 @@ def folder_truth(
             n = len(find_labelled(root, classes=[folder]).items)
         except DataError:
             n = 0
-        skipped.append({"label": canonical_label(folder), "folder": folder, "files": n, "reason": "the model has no such label"})
+        skipped.append(
+            {"label": canonical_label(folder), "folder": folder, "files": n, "reason": "the model has no such label"}
+        )
     return GroundTruth(
         files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
     )

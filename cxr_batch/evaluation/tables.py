@@ -59,15 +59,17 @@ def print_metrics(metrics: dict[str, Any], console: Console, title: str = "metri
 
 def print_by_source(by_source: dict[str, dict[str, Any]], console: Console, title: str = "per source") -> None:
     """One line per source: n, accuracy with its 95% interval, macro-F1 and each class's recall
-    (``-`` for a class the source has no image of)."""
+    (classes the source has no image of are left out). Lines, not a table: they fit any width."""
     if not by_source:
         return
-    labels = next(iter(by_source.values()))["labels"]
-    t = Table(title=title, caption="recall: share of the class's images called that class; 95% CI: Wilson")
-    t.add_column("source", no_wrap=True)
-    for col in ("n", "accuracy", "95% CI", "macro-F1", *[f"recall {x}" for x in labels]):
-        t.add_column(col, justify="right", no_wrap=col == "95% CI")
+    console.print(f"{title} (95% CI: Wilson):", highlight=False)
     for name, m in by_source.items():
-        recalls = [_num(m["per_class"][x]["recall"]) if m["per_class"][x]["support"] else "-" for x in labels]
-        t.add_row(name, str(m["n"]), _num(m["accuracy"]), _ci(m.get("accuracy_ci95")), _num(m["macro_f1"]), *recalls)
-    console.print(t)
+        recalls = ", ".join(
+            f"{x} {_num(pc['recall'])} ({pc['support']})" for x, pc in m["per_class"].items() if pc["support"]
+        )
+        console.print(
+            f"  {name}: n={m['n']}, accuracy {_num(m['accuracy'])} {_ci(m.get('accuracy_ci95'))}, "
+            f"macro-F1 {_num(m['macro_f1'])}; recall {recalls}",
+            highlight=False,
+            soft_wrap=True,
+        )
