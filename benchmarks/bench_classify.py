@@ -156,7 +156,7 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None, timeout:
 
 def cxr_batch_command() -> list[str]:
     script = Path(sys.executable).with_name("cxr-batch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cxr_batch.cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cxr_batch.cli"]
 
 
 # --------------------------------------------------------------------------- workers (subprocesses)

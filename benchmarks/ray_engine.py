@@ -140,7 +140,7 @@ def run(folder: Path, model: Path, variant: str, out: Path) -> float:
     base = [
         sys.executable,
         "-m",
-        "cxr_batch.cli.main",
+        "cxr_batch.cli",
         "classify",
         str(folder),
         "--model",
@@ -155,7 +155,7 @@ def run(folder: Path, model: Path, variant: str, out: Path) -> float:
         merge = [
             sys.executable,
             "-m",
-            "cxr_batch.cli.main",
+            "cxr_batch.cli",
             "merge",
             *map(str, parts),
             "--out",

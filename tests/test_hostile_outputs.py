@@ -47,7 +47,7 @@ def cli(*args: str) -> tuple[int, str]:
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "cxr_batch.cli.main", *args]
+    cmd = [sys.executable, "-m", "cxr_batch.cli", *args]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
 
 
@@ -434,7 +434,7 @@ def test_files_from_nul_separated_and_unbounded_input(xrays: Path, tmp_path: Pat
     assert sorted(r["path"] for r in read_rows(out)) == sorted(os.fsdecode(p) for p in find.stdout.split(b"\0") if p)
     # /dev/zero: a clear error at once, not a memory leak or a hang (a real subprocess, bounded in time)
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli.main", "classify", "--files-from", "/dev/zero", "--out",
+        [sys.executable, "-m", "cxr_batch.cli", "classify", "--files-from", "/dev/zero", "--out",
          str(tmp_path / "z.csv")], capture_output=True, env=ENV, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1 and b"Error: --files-from: empty record" in proc.stderr

@@ -31,7 +31,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="the schema tests need jso
 
 SCHEMA = json.loads((REPO / "docs" / "provenance.schema.json").read_text(encoding="utf-8"))
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-CLI = [sys.executable, "-m", "cxr_batch.cli.main"]
+CLI = [sys.executable, "-m", "cxr_batch.cli"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

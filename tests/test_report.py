@@ -275,7 +275,7 @@ def test_resume_after_kill_9(
     for i in range(80):
         png_factory(root / f"img{i:03d}.png", i)
     out = tmp_path / "r.csv"
-    cmd = [sys.executable, "-m", "cxr_batch.cli.main", "classify", str(root), "--model", str(slow), "--out", str(out),
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "classify", str(root), "--model", str(slow), "--out", str(out),
            "--batch-size", "1", "--threads", "1", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -130,7 +130,7 @@ def _train_args(pool: Path, out: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "cxr_batch.cli.main",
+        "cxr_batch.cli",
         "train",
         str(pool),
         "--out",
@@ -186,7 +186,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         [
             sys.executable,
             "-m",
-            "cxr_batch.cli.main",
+            "cxr_batch.cli",
             "export",
             str(trained_run / "best.ckpt"),
             "--out",
@@ -233,7 +233,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         [
             sys.executable,
             "-m",
-            "cxr_batch.cli.main",
+            "cxr_batch.cli",
             "classify",
             *[str(p) for p, _ in items],
             "--model",
@@ -270,7 +270,7 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "cxr_batch.cli.main",
+            "cxr_batch.cli",
             "export",
             str(trained_run / "best.ckpt"),
             "--out",
@@ -290,7 +290,7 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli.main", "export"],
+        [sys.executable, "-m", "cxr_batch.cli", "export"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

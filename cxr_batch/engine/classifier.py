@@ -108,7 +108,7 @@ def default_model_dirs() -> list[Path]:
                     dirs.append(candidate)
     except ModuleNotFoundError:
         pass
-    source_tree = Path(__file__).resolve().parent.parent / "export"
+    source_tree = Path(__file__).resolve().parents[2] / "export"  # cxr_batch/engine/ -> the repository
     if source_tree.is_dir():
         dirs.append(source_tree)
     unique: list[Path] = []
