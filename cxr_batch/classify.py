@@ -7,24 +7,12 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from cxr_batch.contract import CAM_ROLE, file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig
@@ -33,6 +21,7 @@ from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputFile, InputSpec, discove
 from cxr_batch.io.shard import Shard
 from cxr_batch.report import provenance
 from cxr_batch.report.heatmap import HeatmapWriter
+from cxr_batch.report.progress import progress_bar
 from cxr_batch.report.writer import (
     Existing,
     ReportConfig,
@@ -76,34 +65,6 @@ class ClassifyConfig:
     sr: str | None = None
     #: store the SRs back by STOW-RS (``--stow``; needs ``dicomweb`` and ``sr``)
     stow: bool = False
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s")
-
-
-@contextmanager
-def progress_bar(console: Console, total: int, show: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (count, rate, ETA) when ``show``; otherwise a no-op."""
-    if not show:
-        yield lambda n: None
-        return
-    progress = Progress(
-        TextColumn("classify"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("classify", total=total)
-        yield lambda n: progress.advance(task, n)
 
 
 def run_classify(config: ClassifyConfig, console: Console | None = None, stdout: BinaryIO | None = None) -> RunStats:
@@ -237,7 +198,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 soft_wrap=True,
             )
         show = console.is_terminal and not config.quiet
-        with progress_bar(console, len(todo), show) as advance:
+        with progress_bar(console, len(todo), show, "classify", "img/s") as advance:
             if source is None:
                 batches = classifier.iter_batches(todo)
             elif isinstance(classifier, Classifier):

@@ -313,7 +313,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         OutputError: an output exists without ``overwrite`` or can't be written.
         MissingExtraError: ``plots`` without matplotlib.
     """
-    from cxr_batch.classify import progress_bar
+    from cxr_batch.report.progress import progress_bar
 
     console = console or Console(stderr=True)
     report = _check_outputs(config)  # fail fast, before the model load and the walk

@@ -35,7 +35,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cxr_batch import __version__
 from cxr_batch.engine.types import Result
@@ -53,6 +51,7 @@ from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
 from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size
+from cxr_batch.report.progress import progress_bar
 from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, report_format
 
 #: Cards per gallery page.
@@ -586,26 +585,6 @@ def _prepare_out(out_dir: Path) -> None:
         raise OutputError(f"cannot write the report folder {out_dir}: {exc.strerror or exc}") from None
 
 
-@contextmanager
-def _progress(console: Console, total: int, show: bool) -> Iterator[Callable[[int], None]]:
-    if not show:
-        yield lambda n: None
-        return
-    progress = Progress(
-        TextColumn("thumbnails"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("thumbnails", total=total)
-        yield lambda n: progress.advance(task, n)
-
-
 def _candidates(path: str, roots: Sequence[str]) -> Iterator[str]:
     if os.path.isabs(path):
         yield path
@@ -676,7 +655,10 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
 
     workers = config.workers or max(1, min(8, os.cpu_count() or 1))
     show = console.is_terminal and not config.quiet
-    with _progress(console, len(run.rows), show) as advance, ThreadPoolExecutor(workers, "cxr-thumb") as pool:
+    with (
+        progress_bar(console, len(run.rows), show, "thumbnails", None) as advance,
+        ThreadPoolExecutor(workers, "cxr-thumb") as pool,
+    ):
         chunk = 256
         for start in range(0, len(run.rows), chunk):
             batch = run.rows[start : start + chunk]
