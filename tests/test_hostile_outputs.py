@@ -130,6 +130,15 @@ def fill(where: Path, leave: int = 0) -> None:
 # --------------------------------------------------------------------------- 4: model identity
 
 
+def shipped_version() -> str:
+    import onnxruntime as ort
+
+    from cxr_batch.contract import read_contract
+
+    sess = ort.InferenceSession(str(REPO / "export" / "cxr-resnet18.onnx"), providers=["CPUExecutionProvider"])
+    return read_contract(sess).version
+
+
 def test_rows_name_the_model_file_and_precision_and_resume_refuses_another(xrays: Path, tmp_path: Path) -> None:
     int8, fp32 = find_default_model("int8"), find_default_model("fp32")
     out = tmp_path / "r.csv"
@@ -137,7 +146,7 @@ def test_rows_name_the_model_file_and_precision_and_resume_refuses_another(xrays
     rows = read_rows(out)
     assert len(rows) == 4
     assert {(r["model"], r["model_sha256"], r["precision"]) for r in rows} == {
-        ("cxr-resnet18@1.0.0", sha256(int8), "int8")
+        (f"cxr-resnet18@{shipped_version()}", sha256(int8), "int8")
     }
     # Drop two rows (an interrupted run), then resume with the fp32 model of the same name@version.
     lines = out.read_bytes().split(b"\r\n")
