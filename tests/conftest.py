@@ -221,3 +221,12 @@ def strip_run_ids(data: bytes) -> bytes:
     """A report's bytes with every run id replaced by ``<run>``: two runs over the same files then
     compare equal byte for byte (each run writes its own ``run_id``; nothing else may differ)."""
     return RUN_ID.sub(b"<run>", data)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell's background job (CI
+    started with ``&``, ``nohup``) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt; reset it so the child behaves as under a terminal's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

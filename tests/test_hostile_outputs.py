@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, strip_run_ids
+from conftest import REPO, sigint_default, strip_run_ids
 from PIL import Image
 
 from cxr_batch.cli.main import main
@@ -48,7 +48,9 @@ def cli(*args: str) -> tuple[int, str]:
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "cxr_batch.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO, preexec_fn=sigint_default
+    )
 
 
 def wait_for_rows(out: Path, proc: subprocess.Popen[bytes], rows: int, timeout: float = 180) -> None:
