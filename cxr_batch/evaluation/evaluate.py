@@ -440,11 +440,7 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
     }
     print_metrics(shown, console, title=f"evaluate {markup(doc['model'])}")
     if len(doc.get("by_source") or {}) > 1:
-        nan_safe = {
-            k: {**m, **{x: nan if m[x] is None else m[x] for x in ("accuracy", "macro_f1")}}
-            for k, m in doc["by_source"].items()
-        }
-        print_by_source(nan_safe, console)
+        print_by_source(doc["by_source"], console)  # its cells show None (undefined) as "-"
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from cxr_batch.contract import DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
+from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
@@ -394,22 +394,11 @@ def write_self_checks(
     return written
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinity as None, so the contract is strict JSON (per-source metrics have undefined cells)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _read_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.exists():
         return {}
-    m = _finite(json.loads(p.read_text()))
+    m = json_safe(json.loads(p.read_text()))  # per-source cells can be NaN: strict JSON in the contract
     return {
         k: m[k]
         for k in (
