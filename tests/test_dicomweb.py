@@ -269,8 +269,8 @@ def test_the_spool_stays_bounded_and_is_removed(orthanc: Orthanc, creds: None, t
     """Retrieved instances wait on disk only until their row is written: never more than the
     engine's look-ahead, however many instances there are."""
     clf = Classifier(MODEL, "cpu", batch_size=2, threads=2, decode_workers=1)
-    bound = (2 + 2) * 2 + 1  # (streams + 2) * batch_size + workers
     config = DicomwebConfig(url=orthanc.dicomweb, query=(("Modality", "CR"),), spool_parent=str(tmp_path))
+    bound = (2 + 2) * 2 + 1 + config.workers  # (streams + 2) * batch_size + decode workers + requests in flight
     peak = 0
     with DicomwebSource(config) as source:
         items = source.discover().files

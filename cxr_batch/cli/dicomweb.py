@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cxr_batch.cli.options import F, library_errors
+from cxr_batch.text import shown
 
 if TYPE_CHECKING:
     from cxr_batch.io.dicomweb import DicomwebConfig
@@ -59,6 +60,22 @@ def _source_options(func: F) -> F:
                 metavar="SECONDS",
                 help="DICOMweb: seconds to wait to connect and for each read.",
             ),
+            click.option(
+                "--dicomweb-deadline",
+                type=click.FloatRange(min=1.0),
+                default=300.0,
+                show_default=True,
+                metavar="SECONDS",
+                help="DICOMweb: seconds for a whole request (a server that drips bytes is cut off).",
+            ),
+            click.option(
+                "--dicomweb-workers",
+                type=click.IntRange(1, 32),
+                default=4,
+                show_default=True,
+                metavar="N",
+                help="DICOMweb: WADO-RS retrievals in flight at once (a PACS across a network is bound by round trips).",
+            ),
         ]
     ):
         func = option(func)
@@ -101,14 +118,31 @@ def _config(
     query: tuple[str, ...],
     auth_file: str | None,
     timeout: float,
+    deadline: float = 300.0,
+    workers: int = 4,
 ) -> DicomwebConfig:
-    from cxr_batch.io.dicomweb import DicomwebConfig, parse_query
+    from cxr_batch.io.dicomweb import DicomwebConfig, parse_query, valid_uid
 
     try:
         pairs = parse_query(query)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--query") from None
-    return DicomwebConfig(url=url, studies=studies, series=series, query=pairs, auth_file=auth_file, timeout=timeout)
+    for flag, uids in (("--study", studies), ("--series", series)):
+        for uid in uids:
+            if not valid_uid(uid):
+                raise click.BadParameter(
+                    f"{shown(uid)[:80]!r} is not a DICOM UID (digits and dots, at most 64 characters)", param_hint=flag
+                )
+    return DicomwebConfig(
+        url=url,
+        studies=studies,
+        series=series,
+        query=pairs,
+        auth_file=auth_file,
+        timeout=timeout,
+        deadline=deadline,
+        workers=workers,
+    )
 
 
 def dicomweb_settings(
@@ -139,7 +173,16 @@ def dicomweb_settings(
         raise click.UsageError("--sr needs --engine local")
     config = None
     if url is not None:
-        config = _config(url, studies, series, query, options["auth_file"], options["dicomweb_timeout"])
+        config = _config(
+            url,
+            studies,
+            series,
+            query,
+            options["auth_file"],
+            options["dicomweb_timeout"],
+            options["dicomweb_deadline"],
+            options["dicomweb_workers"],
+        )
     return config, sr, stow
 
 
@@ -160,6 +203,8 @@ def dicomweb_list_command(
     query: tuple[str, ...],
     auth_file: str | None,
     dicomweb_timeout: float,
+    dicomweb_deadline: float,
+    dicomweb_workers: int,
     modality: str | None,
     content: bool,
 ) -> None:
@@ -174,14 +219,15 @@ def dicomweb_list_command(
         query = (*query, f"Modality={modality}")
     if not (studies or series or query):
         raise click.UsageError("give --study UID, --series UID, --modality M or --query KEY=VALUE")
-    config = _config(url, studies, series, query, auth_file, dicomweb_timeout)
+    config = _config(url, studies, series, query, auth_file, dicomweb_timeout, dicomweb_deadline, dicomweb_workers)
     rows = list_instances(config)
+    # Every field is the server's: escaped (tabs too), so it can't drive the terminal or split a line.
     for row in rows:
-        click.echo("\t".join(row[k] for k in ("study", "series", "sop", "modality", "series_description")))
+        click.echo("\t".join(shown(row[k]) for k in ("study", "series", "sop", "modality", "series_description")))
         if content and row["modality"] == "SR":
             from cxr_batch.report.sr import describe_sr
 
             summary = describe_sr(retrieve_dataset(config, row["study"], row["series"], row["sop"]))
             for key, value in summary.items():
-                click.echo(f"\t{key}: {value}")
+                click.echo(f"\t{shown(key)}: {shown(value)}")
     click.echo(f"{len(rows)} instance(s)", err=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cxr_batch.errors import CxrBatchError
+from cxr_batch.redact import redact_text
 from cxr_batch.text import shown
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def library_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CxrBatchError as exc:
-            raise click.ClickException(shown(exc)) from exc
+            raise click.ClickException(shown(redact_text(str(exc)))) from exc
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename is not None else ""
             raise click.ClickException(shown(f"{where}{exc.strerror or exc}")) from exc

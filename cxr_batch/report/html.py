@@ -49,6 +49,7 @@ from cxr_batch import __version__
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
+from cxr_batch.redact import redact_record
 from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size
 from cxr_batch.report.progress import progress_bar
@@ -1009,7 +1010,7 @@ def _facts(run: RunReport, metrics: dict[str, Any] | None) -> str:
         if isinstance(data, dict):
             rows.append(("evaluate: data", f"{data.get('root', '')} ({data.get('source', '')})"))
     for source, doc in run.provenance.items():
-        for key, value in _flatten(doc):
+        for key, value in _flatten(redact_record(doc)):  # a record written by any version: no secret, no patient value
             rows.append((f"provenance ({Path(source).name}): {key}", value))
     if run.skipped_partial:
         rows.append(("left out", f"{run.skipped_partial} incomplete or damaged rows"))

@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import socket
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from cxr_batch import __version__
 from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
+from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
 
 if TYPE_CHECKING:
     from cxr_batch.engine.classifier import Classifier
@@ -75,7 +75,6 @@ CHECKPOINT_S = 10.0
 #: How :func:`input_list_sha256` hashes, recorded with the hash so it can be recomputed.
 INPUT_HASH_METHOD = "sha256 of each path as UTF-8 (surrogateescape) followed by a NUL byte, paths sorted by those bytes"
 
-REDACTED = "<redacted>"
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -127,72 +126,7 @@ def record_path(report_out: str, provenance: str | None) -> str | None:
     return report_out + SUFFIX
 
 
-# ---- secrets: never in the record
-
-_SECRET_NAME = re.compile(
-    r"(pass(word|wd|phrase)?|secret|token|api[-_]?key|auth|credential|cookie|bearer|private[-_]?key|session[-_]?id)",
-    re.IGNORECASE,
-)
-#: An option whose name is secret-looking but that names where a secret is, not the secret itself.
-_POINTER_NAME = re.compile(r"[-_](file|env|var|path)$", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-_QUERY_PARAM = re.compile(r"(?P<key>[?&;][^=&;#]+)=(?P<value>[^&;#]*)")
-_AUTH_VALUE = re.compile(r"^\s*(bearer|basic|token|digest)\s+\S", re.IGNORECASE)
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.")
-
-
-def _secret_name(name: str) -> bool:
-    name = name.lstrip("-")
-    return bool(_SECRET_NAME.search(name)) and not _POINTER_NAME.search(name)
-
-
-def _redact_value(arg: str) -> str:
-    """One argument with the secrets inside it removed (URL credentials, secret query parameters,
-    ``KEY=VALUE`` with a secret-looking key, authorization values, JWTs)."""
-    if _AUTH_VALUE.match(arg) or _JWT.search(arg):
-        return REDACTED
-    arg = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", arg)
-    arg = _QUERY_PARAM.sub(lambda m: f"{m['key']}={REDACTED}" if _secret_name(m["key"][1:]) else m[0], arg)
-    if not arg.startswith("-") and "=" in arg and "://" not in arg.split("=", 1)[0]:
-        key = arg.split("=", 1)[0]
-        if _secret_name(key):
-            return f"{key}={REDACTED}"
-    return arg
-
-
-def redact_argv(argv: Sequence[str]) -> list[str]:
-    """The command line with every secret-looking value replaced by ``<redacted>``.
-
-    - the value of an option whose name looks secret (``--token X``, ``--password=X``, ``--api-key X``;
-      not ``--token-file PATH`` or ``--auth-env NAME``, which say where a secret is);
-    - credentials in URLs (``https://user:pass@host`` → ``https://<redacted>@host``) and secret-looking
-      query parameters (``?access_token=...``);
-    - ``KEY=VALUE`` arguments with a secret-looking key (``--query password=x``), authorization
-      values (``Bearer ...``, ``Basic ...``) and anything that looks like a JSON web token.
-
-    It errs on the side of removing too much: the argument after a secret-looking flag is
-    redacted even if that flag takes no value.
-    """
-    out: list[str] = []
-    redact_next = False
-    for arg in argv:
-        if redact_next:
-            out.append(REDACTED)
-            redact_next = False
-            continue
-        if arg.startswith("-") and len(arg) > 1 and not arg.startswith("---"):
-            name, eq, value = arg.partition("=")
-            if _secret_name(name):
-                if eq:
-                    out.append(f"{name}={REDACTED}")
-                else:
-                    out.append(arg)
-                    redact_next = True
-                continue
-            out.append(f"{name}={_redact_value(value)}" if eq else arg)
-            continue
-        out.append(_redact_value(arg))
-    return out
+# ---- secrets: never in the record (one redactor for everything recorded: cxr_batch.redact)
 
 
 # ---- the machine
@@ -613,7 +547,7 @@ class RunRecorder:
             "host": host_facts(),
             "versions": versions(),
             "report": {"path": report, "format": report_format},
-            "source": dict(source) if source is not None else {"kind": "files"},
+            "source": redact_source(source) if source is not None else {"kind": "files"},
             "model": dict(model),
             "execution": execution,
             "settings": {k: v for k, v in settings.items() if k not in ("device", "engine")},
