@@ -95,7 +95,7 @@ class HostileServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._record()
                 parts = urlsplit(self.path)
                 segs = [s for s in parts.path.split("/") if s]
@@ -136,7 +136,7 @@ class HostileServer:
                 self.send_bytes(200, f"multipart/related; type=application/dicom; boundary={BOUNDARY}",
                                 multipart(instance.data))  # fmt: skip
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
                 self._record(body)

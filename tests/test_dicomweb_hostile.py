@@ -96,7 +96,7 @@ def test_urls_with_secrets_are_refused_and_never_recorded_or_shown(
     no_creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
     for url in SECRET_URLS:
-        with pytest.raises(InputError, match="query|fragment") as info:
+        with pytest.raises(InputError, match=r"query|fragment") as info:
             check_url(url)
         assert "TOPSECRET" not in str(info.value)
         assert "TOPSECRET" not in redact_url(url) and "TOPSECRET" not in redact_text(f"failed on {url} (x)")
@@ -187,9 +187,11 @@ def test_stow_never_follows_a_redirect_to_another_port(
 @needs_files
 def test_wado_follows_no_redirect_to_another_port(instances: list[Instance], no_creds: None) -> None:
     with HostileServer(instances[:1]) as elsewhere:
-        with HostileServer(instances[:1], Behaviour(wado=redirect_to(f"http://127.0.0.1:{elsewhere.port}"))) as server:
-            with DicomwebSource(DicomwebConfig(url=server.url)) as source:
-                [item] = _retrieve(source, [_display(instances[0])])
+        with (
+            HostileServer(instances[:1], Behaviour(wado=redirect_to(f"http://127.0.0.1:{elsewhere.port}"))) as server,
+            DicomwebSource(DicomwebConfig(url=server.url)) as source,
+        ):
+            [item] = _retrieve(source, [_display(instances[0])])
         assert item.error is not None and "another origin" in item.error
         assert elsewhere.requests == []
 
@@ -218,15 +220,19 @@ def test_a_401_mid_run_is_fatal_and_resume_retries_the_rest(
 @needs_files
 def test_429_is_retried_and_then_treated_like_a_5xx(instances: list[Instance], no_creds: None) -> None:
     # Two 429s, then the answer: retried (with backoff), the instance is retrieved.
-    with HostileServer(instances[:1], Behaviour(wado=status_after(0, 429, times=2))) as server:
-        with DicomwebSource(DicomwebConfig(url=server.url)) as source:
-            [item] = _retrieve(source, [_display(instances[0])])
-            assert item.error is None and source.fatal is None
+    with (
+        HostileServer(instances[:1], Behaviour(wado=status_after(0, 429, times=2))) as server,
+        DicomwebSource(DicomwebConfig(url=server.url)) as source,
+    ):
+        [item] = _retrieve(source, [_display(instances[0])])
+        assert item.error is None and source.fatal is None
     # Always 429: no error rows, the run stops for --resume, like a server that went away.
-    with HostileServer(instances, Behaviour(wado=status_after(0, 429))) as server:
-        with DicomwebSource(DicomwebConfig(url=server.url, workers=1)) as source:
-            items = _retrieve(source, [_display(i) for i in instances])
-            assert items == [] and source.fatal is not None and "HTTP 429" in source.fatal
+    with (
+        HostileServer(instances, Behaviour(wado=status_after(0, 429))) as server,
+        DicomwebSource(DicomwebConfig(url=server.url, workers=1)) as source,
+    ):
+        items = _retrieve(source, [_display(i) for i in instances])
+        assert items == [] and source.fatal is not None and "HTTP 429" in source.fatal
 
 
 # --------------------------------------------------------------------------- unbounded servers (item 9)
@@ -247,13 +253,17 @@ def test_a_drip_feeding_server_is_cut_off_at_the_deadline(instances: list[Instan
 @needs_files
 def test_a_server_that_ignores_offset_does_not_page_forever(instances: list[Instance], no_creds: None) -> None:
     with HostileServer(instances, Behaviour(ignore_offset=True)) as server:
-        with DicomwebSource(DicomwebConfig(url=server.url, page_size=2)) as source:
-            with pytest.raises(DicomwebError, match="ignores 'offset'"):
-                source.find()
+        with (
+            DicomwebSource(DicomwebConfig(url=server.url, page_size=2)) as source,
+            pytest.raises(DicomwebError, match="ignores 'offset'"),
+        ):
+            source.find()
         assert len(server.requests) == 2
-    with HostileServer(instances) as server:  # the same paging against a server that honours offset
-        with DicomwebSource(DicomwebConfig(url=server.url, page_size=2)) as source:
-            assert [r.sop for r in source.find().refs] == [i.sop for i in instances]
+    with (
+        HostileServer(instances) as server,
+        DicomwebSource(DicomwebConfig(url=server.url, page_size=2)) as source,
+    ):  # the same paging against a server that honours offset
+        assert [r.sop for r in source.find().refs] == [i.sop for i in instances]
 
 
 @needs_files
@@ -261,10 +271,12 @@ def test_huge_answers_gzip_bombs_and_endless_bodies_are_capped(
     instances: list[Instance], no_creds: None, tmp_path: Path
 ) -> None:
     huge = json.dumps([instances[0].record()] * 20000).encode()  # about 6 MB
-    with HostileServer(instances, Behaviour(qido_body=huge)) as server:
-        with DicomwebSource(DicomwebConfig(url=server.url, max_answer_bytes=1 << 20)) as source:
-            with pytest.raises(DicomwebError, match="larger than"):
-                source.find()
+    with (
+        HostileServer(instances, Behaviour(qido_body=huge)) as server,
+        DicomwebSource(DicomwebConfig(url=server.url, max_answer_bytes=1 << 20)) as source,
+        pytest.raises(DicomwebError, match="larger than"),
+    ):
+        source.find()
     for behaviour in (gzip_bomb(64 << 20), endless):
         with HostileServer(instances[:1], Behaviour(wado=behaviour)) as server:
             config = DicomwebConfig(url=server.url, max_instance_bytes=4 << 20, spool_parent=str(tmp_path))
@@ -305,9 +317,11 @@ def test_bad_uids_from_qido_are_skipped_never_put_in_a_url(instances: list[Insta
 
 @needs_files
 def test_the_retrieved_instance_must_be_the_one_asked_for(instances: list[Instance], no_creds: None) -> None:
-    with HostileServer(instances[:2], Behaviour(wrong_instance=instances[0])) as server:
-        with DicomwebSource(DicomwebConfig(url=server.url)) as source:
-            first, second = _retrieve(source, [_display(instances[0]), _display(instances[1])])
+    with (
+        HostileServer(instances[:2], Behaviour(wrong_instance=instances[0])) as server,
+        DicomwebSource(DicomwebConfig(url=server.url)) as source,
+    ):
+        first, second = _retrieve(source, [_display(instances[0]), _display(instances[1])])
     assert first.error is None
     assert second.error is not None and "another instance" in second.error
 
