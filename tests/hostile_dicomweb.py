@@ -30,6 +30,8 @@ class Instance:
     series: str
     sop: str
     data: bytes
+    #: StudyDate (YYYYMMDD), for date-window searches
+    date: str = "20240101"
 
     @classmethod
     def of(cls, path: Path) -> Instance:
@@ -43,6 +45,7 @@ class Instance:
             "00080018": {"vr": "UI", "Value": [self.sop]},
             "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]},
             "00080060": {"vr": "CS", "Value": ["CR"]},
+            "00080020": {"vr": "DA", "Value": [self.date]},
         }
 
 
@@ -115,7 +118,12 @@ class HostileServer:
                 if b.qido_body is not None:
                     self.send_bytes(200, "application/dicom+json", b.qido_body, extra)
                     return
-                records = [i.record() for i in server.instances] + b.qido_extra
+                chosen = server.instances
+                if "StudyDate" in query:  # a date or a range: 20240101, 20240101-20240131
+                    low, dash, high = query["StudyDate"][0].partition("-")
+                    high = high if dash else low
+                    chosen = [i for i in chosen if (low or "00000000") <= i.date <= (high or "99999999")]
+                records = [i.record() for i in chosen] + b.qido_extra
                 limit = int(query.get("limit", ["1000000"])[0])
                 offset = 0 if b.ignore_offset else int(query.get("offset", ["0"])[0])
                 page = records[offset : offset + limit]
@@ -161,6 +169,9 @@ class HostileServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def wado_paths(self) -> list[str]:
+        return [r[1] for r in self.requests if r[0] == "GET" and "/series/" in r[1]]
 
     def posts(self) -> list[tuple[str, str, dict[str, str], bytes]]:
         return [r for r in self.requests if r[0] == "POST"]

@@ -9,6 +9,7 @@ import base64
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,29 @@ def test_what_the_server_says_reaches_the_terminal_escaped(
     assert "\x1b" not in output and "\\x1b]0;pwned" in output
     assert listed.exit_code == 0, listed.output
     assert "\x1b" not in listed.output and "desc\\x1b[31mred\\ttab" in listed.output
+
+
+# --------------------------------------------------------------------------- the nightly run (issue 23, item 10)
+
+
+@needs_files
+def test_a_nightly_window_that_overlaps_skips_what_is_done_without_retrieving_it(
+    instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
+) -> None:
+    """The README's cron recipe: each night a date window that overlaps the previous one, --resume
+    into the same report: what is done is skipped by SOP instance UID and never retrieved again."""
+    dated = [replace(i, date="20240101") for i in instances[:2]] + [replace(i, date="20240102") for i in instances[2:]]
+    out = tmp_path / "nightly.csv"
+    with HostileServer(dated) as server:
+        code, output = _classify(runner, server.url, out, "--query", "StudyDate=20231231-20240101", "--resume")
+        assert code == 0, output
+        first = server.wado_paths()
+        assert len(first) == 2
+        code, output = _classify(runner, server.url, out, "--query", "StudyDate=20240101-20240102", "--resume")
+        assert code == 0, output
+        second = server.wado_paths()[len(first) :]
+    assert sorted(p.rsplit("/", 1)[1] for p in second) == sorted(i.sop for i in dated[2:])  # only the new ones
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [_display(i) for i in dated] and all(r["status"] == "ok" for r in rows)
+    runs = json.loads((tmp_path / "nightly.csv.provenance.json").read_text())["runs"]
+    assert [r["source"]["query"]["StudyDate"] for r in runs] == ["20231231-20240101", "20240101-20240102"]
