@@ -103,8 +103,8 @@ def latency_proxy(port: int, delay: float) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = _forward  # noqa: N815
-        do_POST = _forward  # noqa: N815
+        do_GET = _forward
+        do_POST = _forward
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     server.daemon_threads = True
@@ -143,6 +143,24 @@ def encoding_benchmark(base: str, uids: list[tuple[str, str, str]]) -> None:
     print(f"  gzip/identity time ratio: {statistics.median(times['gzip']) / statistics.median(times['identity']):.2f}")
 
 
+def retrieval_benchmark(web: str, n: int, workers: list[int]) -> None:
+    """DicomwebSource.retrieve alone (no classification): what round trips cost, per worker count."""
+    from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
+
+    os.environ["CXR_BATCH_DICOMWEB_USER"], os.environ["CXR_BATCH_DICOMWEB_PASSWORD"] = USER, PASSWORD
+    for w in workers:
+        with DicomwebSource(DicomwebConfig(url=web, query=(("Modality", "CR"),), workers=w)) as source:
+            items = source.discover().files
+            start = time.perf_counter()
+            got = 0
+            for item in source.retrieve(items):
+                assert item.error is None, item.error
+                got += 1
+                os.unlink(item.path)
+            seconds = time.perf_counter() - start
+        print(f"  --dicomweb-workers {w}: {got} instances in {seconds:6.2f} s ({got / seconds:6.1f} instances/s)")
+
+
 def run(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """(seconds, exit code, peak RSS in MB) of one cxr-batch command."""
     start = time.perf_counter()
@@ -165,6 +183,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-encoding", action="store_true")
+    parser.add_argument("--retrieval-only", action="store_true", help="only parts 1 and 2a (no classify runs)")
     a = parser.parse_args()
     if not RSNA:
         sys.exit("needs the RSNA DICOMs in ../shared/data/dicom")
@@ -189,6 +208,12 @@ def main() -> None:
             web = f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web"
             env = {**os.environ, "CXR_BATCH_DICOMWEB_USER": USER, "CXR_BATCH_DICOMWEB_PASSWORD": PASSWORD}
             env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+            print(
+                f"\n2a. WADO-RS retrieval alone of {n} instances through the proxy ({a.delay * 1000:.0f} ms per request):"
+            )
+            retrieval_benchmark(web, n, a.workers)
+            if a.retrieval_only:
+                return
             common = ["classify", "--quiet", "--overwrite"]
             print(f"\n2. classify {n} instances: from disk vs DICOMweb through a proxy adding {a.delay * 1000:.0f} ms")
             results: dict[str, list[float]] = {"disk": [], **{f"web{w}": [] for w in a.workers}}
@@ -218,7 +243,9 @@ def main() -> None:
             studies = [x for s in half for x in ("--study", s)]
             few = sum(1 for _, s in files if s in half)
             out = str(root / "few.csv")
-            _, code, peak_few = run([*common, "--dicomweb", web, *studies, "--out", out, "--dicomweb-workers", str(w)], env)
+            _, code, peak_few = run(
+                [*common, "--dicomweb", web, *studies, "--out", out, "--dicomweb-workers", str(w)], env
+            )
             assert code == 0
             print(f"  peak RSS, --dicomweb-workers {w}: {few} instances {peak_few} MB, {n} instances "
                   f"{max(peaks[f'web{w}'])} MB")  # fmt: skip

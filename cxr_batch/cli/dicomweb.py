@@ -71,7 +71,7 @@ def _source_options(func: F) -> F:
             click.option(
                 "--dicomweb-workers",
                 type=click.IntRange(1, 32),
-                default=4,
+                default=8,
                 show_default=True,
                 metavar="N",
                 help="DICOMweb: WADO-RS retrievals in flight at once (a PACS across a network is bound by round trips).",
@@ -119,7 +119,7 @@ def _config(
     auth_file: str | None,
     timeout: float,
     deadline: float = 300.0,
-    workers: int = 4,
+    workers: int = 8,
 ) -> DicomwebConfig:
     from cxr_batch.io.dicomweb import DicomwebConfig, parse_query, valid_uid
 

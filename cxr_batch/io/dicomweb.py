@@ -113,7 +113,7 @@ class DicomwebConfig:
     #: where the spool folder is made (default: the system's temporary folder)
     spool_parent: str | None = None
     #: WADO-RS retrievals in flight at once
-    workers: int = 4
+    workers: int = 8
     #: the largest instance retrieved (decoded bytes spooled); larger ones are error rows
     max_instance_bytes: int = 1 << 30
     #: the largest QIDO-RS answer (one page) and STOW-RS answer
