@@ -130,6 +130,7 @@ def test_patient_values_in_query_are_redacted_everywhere(tmp_path: Path) -> None
 
 
 @needs_files
+@pytest.mark.slow
 def test_query_values_stay_out_of_the_record_and_the_html_report(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -170,6 +171,7 @@ def test_a_non_latin1_password_works_and_is_never_quoted(
 
 
 @needs_files
+@pytest.mark.slow
 def test_stow_never_follows_a_redirect_to_another_port(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -219,6 +221,7 @@ def test_a_401_mid_run_is_fatal_and_resume_retries_the_rest(
 
 
 @needs_files
+@pytest.mark.slow
 def test_429_is_retried_and_then_treated_like_a_5xx(instances: list[Instance], no_creds: None) -> None:
     # Two 429s, then the answer: retried (with backoff), the instance is retrieved.
     with (
@@ -268,6 +271,7 @@ def test_a_server_that_ignores_offset_does_not_page_forever(instances: list[Inst
 
 
 @needs_files
+@pytest.mark.slow
 def test_huge_answers_gzip_bombs_and_endless_bodies_are_capped(
     instances: list[Instance], no_creds: None, tmp_path: Path
 ) -> None:
@@ -328,6 +332,7 @@ def test_the_retrieved_instance_must_be_the_one_asked_for(instances: list[Instan
 
 
 @needs_files
+@pytest.mark.slow
 def test_a_stow_answer_that_lists_nothing_is_not_a_store(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -380,6 +385,7 @@ def test_what_the_server_says_reaches_the_terminal_escaped(
 
 
 @needs_files
+@pytest.mark.slow
 def test_a_nightly_window_that_overlaps_skips_what_is_done_without_retrieving_it(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
