@@ -1,0 +1,83 @@
+"""What a new user meets in the first hour (issue 23): the short ``info``, shipped contracts without
+machine paths, the grouped ``classify --help``, ``--version``, ``doctor``, progress in a pipeline,
+filters and ``--dry-run``, shell completion."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import REPO
+
+from cxr_batch.cli.main import main
+
+SHIPPED = sorted((REPO / "export").glob("*.onnx"))
+#: An absolute path of a machine: what a shipped contract must never hold.
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:root|home|work|tmp)(?:/|\b)")
+
+
+# --------------------------------------------------------------------------- item 2: info, machine paths
+
+
+def _contract_text(path: Path) -> str:
+    import onnxruntime as ort
+
+    from cxr_batch.contract import CONTRACT_KEY
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return str(session.get_modelmeta().custom_metadata_map[CONTRACT_KEY])
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_no_machine_path_in_a_shipped_contract(model: Path) -> None:
+    text = _contract_text(model)
+    json.loads(text)  # a whole contract, not a fragment
+    found = MACHINE_PATH.findall(text)
+    assert not found, f"{model.name}: machine paths in the contract: {found}"
+
+
+def test_the_pattern_sees_machine_paths() -> None:
+    assert MACHINE_PATH.search('"command": "x /work/shared/data"') and MACHINE_PATH.search("a /root/x")
+    assert not MACHINE_PATH.search("../shared/data runs/sweep ~/data http://host/tmpl")
+
+
+def test_export_records_a_portable_command(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cxr_batch.training.export import _selection, portable_command
+
+    base = str(tmp_path / "repo")
+    command = f"python s.py {tmp_path}/shared/data/a --out {base}/runs/sweep --x /opt/other/place/f.json"
+    assert portable_command(command, base) == "python s.py ../shared/data/a --out runs/sweep --x <...>/f.json"
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"chosen": "scanner", "rule": "r", "command": f"go /work/x/{tmp_path.name}/y"}))
+    assert not MACHINE_PATH.search(json.dumps(_selection(str(sweep))))
+
+
+def test_rewriting_a_contract_keeps_the_weights(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from conftest import build_model, contract
+
+    from cxr_batch.training.onnx_file import read_contract_file, rewrite_contract
+
+    model = build_model(tmp_path / "m.onnx", meta=contract(extra={"selection": {"command": "x /work/a"}}))
+    graph = onnx.load(str(model)).graph.SerializeToString()
+    rewrite_contract(model, lambda m: m.with_updates(extra={"selection": {"command": "x a"}}))
+    assert onnx.load(str(model)).graph.SerializeToString() == graph
+    assert read_contract_file(model)[1].extra == {"selection": {"command": "x a"}}
+
+
+def test_info_is_short_and_names_the_card(runner: CliRunner) -> None:
+    fp32 = REPO / "export" / "cxr-resnet18.onnx"
+    if not fp32.is_file():
+        pytest.skip("the shipped model is not in export/")
+    result = runner.invoke(main, ["info", str(fp32)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 15, result.stdout
+    facts = dict(line.split(": ", 1) for line in lines)
+    assert facts["model"].startswith("cxr-resnet18@") and facts["model card"].endswith("cxr-resnet18.md")
+    assert facts["self-check"].startswith("passed: fp32 gives the same label as fp32 on all 4 reference images")
+    assert "FAILED" not in result.stdout
