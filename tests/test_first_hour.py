@@ -81,3 +81,62 @@ def test_info_is_short_and_names_the_card(runner: CliRunner) -> None:
     assert facts["model"].startswith("cxr-resnet18@") and facts["model card"].endswith("cxr-resnet18.md")
     assert facts["self-check"].startswith("passed: fp32 gives the same label as fp32 on all 4 reference images")
     assert "FAILED" not in result.stdout
+
+
+# --------------------------------------------------------------------------- item 3: grouped help, one precision rule
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_classify_help_is_in_sections(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["classify", "--help"], terminal_width=100)
+    assert result.exit_code == 0
+    text = result.stdout
+    titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles[:5] == [
+        "Everyday options",
+        "Output",
+        "DICOM and DICOMweb",
+        "DICOM Structured Reports (research use only)",
+        "Engine, shards and Ray",
+    ]
+
+    def section(title: str) -> str:
+        return text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0]
+
+    assert "--out FILE" in section("Everyday options") and "--resume" in section("Everyday options")
+    assert "--dicomweb URL" not in section("Everyday options") and "--sr DIR" not in section("Everyday options")
+    assert "--ray-address" in section("Engine, shards and Ray") and "--engine" in section("Engine, shards and Ray")
+    assert "--auth-file" in section("DICOM and DICOMweb") and "--stow" in section(
+        "DICOM Structured Reports (research use only)"
+    )
+    assert "Other options" not in text  # every classify option has its section
+    assert text.count("$CXR_BATCH_DICOMWEB_TOKEN") == 1  # the credentials paragraph, once
+    assert "[INPUTS]..." in text.splitlines()[0]
+
+
+def test_an_option_without_a_section_is_still_listed() -> None:
+    import click
+
+    from cxr_batch.cli.options import SectionedCommand
+
+    @click.command(cls=SectionedCommand, sections=(("Main", "A note.", ("--a",)),))
+    @click.option("--a", help="first")
+    @click.option("--b/--no-b", help="second")
+    def cmd(a: str, b: bool) -> None: ...
+
+    text = CliRunner().invoke(cmd, ["--help"]).stdout
+    assert "Main:\n  A note.\n  --a TEXT" in text and "Other options:\n  --b / --no-b" in text
+
+
+def test_one_precision_rule_in_help_and_readme(runner: CliRunner) -> None:
+    from cxr_batch.engine.cpu import PRECISION_AUTO_RULE
+
+    for command in ("classify", "evaluate", "info"):
+        text = runner.invoke(main, [command, "--help"]).stdout
+        assert PRECISION_AUTO_RULE in _flat(text), command
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--precision"))
+    assert PRECISION_AUTO_RULE in row

@@ -19,6 +19,8 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
+    CLASSIFY_SECTIONS,
+    SectionedCommand,
     _model_options,
     engine_config,
     engine_options,
@@ -73,7 +75,7 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     )
 
 
-@main.command("classify")
+@main.command("classify", cls=SectionedCommand, sections=CLASSIFY_SECTIONS)
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=str))
 @click.option(
     "--out",

@@ -546,7 +546,7 @@ class Classifier:
     Args:
         model: an ONNX file; None takes ``$CXR_BATCH_MODEL``, else the embedded default.
         device: "auto" (CUDA when it really starts, else CPU), "cpu" or "cuda".
-        precision: for the embedded default only: "auto" (int8 on CPU, fp16 on CUDA, when installed),
+        precision: for the embedded default only: "auto" (:data:`~cxr_batch.engine.cpu.PRECISION_AUTO_RULE`),
             "fp32", "int8", "fp16".
         batch_size: images per onnxruntime call.
         threads: onnxruntime threads in all; 0 = one per physical core.
