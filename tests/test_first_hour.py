@@ -140,3 +140,46 @@ def test_one_precision_rule_in_help_and_readme(runner: CliRunner) -> None:
     readme = (REPO / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `--precision"))
     assert PRECISION_AUTO_RULE in row
+
+
+# --------------------------------------------------------------------------- item 4: --version, doctor
+
+
+def test_version_names_model_runtime_python_extras_and_precision(runner: CliRunner) -> None:
+    import platform
+
+    from cxr_batch import __version__
+    from cxr_batch.engine.cpu import int8_choice
+    from cxr_batch.engine.environment import version_of
+
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0, result.output
+    facts = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert facts["cxr-batch"] == __version__
+    assert facts["onnxruntime"] == version_of("onnxruntime")
+    assert facts["python"].startswith(platform.python_version())
+    assert facts["cpu precision"] == int8_choice()[1]
+    assert "extras installed" in facts
+    assert facts["default model"].startswith(("cxr-resnet18@", "none ("))
+
+
+def test_doctor_says_what_to_install(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cxr_batch.engine import environment
+
+    if environment.extras() is None:
+        pytest.skip("cxr-batch is not installed here (its extras are read from the installed metadata)")
+    real = environment.version_of
+    monkeypatch.setattr(environment, "version_of", lambda d: None if d in ("matplotlib", "torch") else real(d))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Orthanc, Chromium or dciodvfy on this PATH
+    result = runner.invoke(main, ["doctor"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "missing  plots" in out and 'pip install "cxr-batch[plots]"' in out
+    assert "missing  train" in out and "torch missing" in out
+    assert "torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu" in out
+    assert "missing  Chromium" in out and "apt-get install -y chromium" in out
+    assert "apt-get install -y orthanc orthanc-dicomweb" in out and "apt-get install -y dicom3tools" in out
+    assert "providers: " in out and "CPUExecutionProvider" in out and "cpu: " in out
+    doc = json.loads(runner.invoke(main, ["doctor", "--json"]).stdout)
+    assert doc["extras"]["plots"]["installed"] is False and doc["programs"]["dciodvfy"]["path"] is None
+    assert "CPUExecutionProvider" in doc["providers"]

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cxr_batch import __version__
 from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
+from cxr_batch.cli.doctor import doctor_command, version_option
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
+    CLASSIFY_SECTIONS,
     EXIT_FATAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
-    CLASSIFY_SECTIONS,
     SectionedCommand,
     _model_options,
     engine_config,
@@ -38,7 +38,7 @@ FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="cxr-batch")
+@version_option
 def main() -> None:
     """Screen chest X-rays (normal / viral pneumonia / COVID-19) in batch with ONNX Runtime.
 
@@ -357,6 +357,7 @@ from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 main.add_command(evaluate_command)
 main.add_command(dicomweb_list_command)
 main.add_command(report_command)
+main.add_command(doctor_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
