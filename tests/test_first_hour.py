@@ -5,7 +5,9 @@ filters and ``--dry-run``, shell completion."""
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,60 @@ def test_doctor_says_what_to_install(runner: CliRunner, monkeypatch: pytest.Monk
     doc = json.loads(runner.invoke(main, ["doctor", "--json"]).stdout)
     assert doc["extras"]["plots"]["installed"] is False and doc["programs"]["dciodvfy"]["path"] is None
     assert "CPUExecutionProvider" in doc["providers"]
+
+
+# --------------------------------------------------------------------------- item 6: filters, --dry-run
+
+
+@pytest.fixture
+def mixed(tmp_path: Path, png_factory: Callable[..., Path]) -> Path:
+    root = tmp_path / "mixed"
+    png_factory(root / "a.png", 1)
+    png_factory(root / "B.PNG", 2)
+    png_factory(root / "sub" / "c.jpg", 3)
+    png_factory(root / ".hidden.png", 4)
+    (root / "notes.txt").write_text("not an image")
+    (root / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"x")
+    (root / "UID.1.2.3").write_bytes(b"\0" * 128 + b"DICM" + b"x")
+    os.mkfifo(root / "pipe.png")
+    return root
+
+
+def test_include_ignores_case(mixed: Path) -> None:
+    from cxr_batch.io.inputs import InputSpec, discover
+
+    found = discover(InputSpec(paths=(str(mixed),), include=("*.png",)))
+    assert [f.display for f in found.files] == ["B.PNG", "a.png", "pipe.png"]
+    assert found.skipped["files not matching --include"] == 4 and found.skipped["hidden files and folders"] == 1
+    found = discover(InputSpec(paths=(str(mixed),), exclude=("*.PNG", "SUB")))
+    assert [f.display for f in found.files] == ["UID.1.2.3", "scan.dcm"]
+    assert found.skipped["folders matching --exclude"] == 1 and found.skipped["files matching --exclude"] == 3
+
+
+def test_no_input_files_says_what_was_left_out(runner: CliRunner, mixed: Path, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["classify", str(mixed), "--include", "*.gif", "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 1
+    message = " ".join(result.stderr.split())
+    assert "no input files found" in message and "left out: 7 files not matching --include '*.gif'" in message
+    assert "1 hidden files and folders" in message and not (tmp_path / "r.csv").exists()
+
+
+def test_dry_run_lists_counts_and_loads_no_model(runner: CliRunner, mixed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    args = ["classify", str(mixed), "--out", str(out), "--model", str(tmp_path / "no-such-model.onnx"), "--dry-run"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["B.PNG", "UID.1.2.3", "a.png", "pipe.png", "scan.dcm", "sub/c.jpg"]
+    err = result.stderr
+    assert "dry run: 6 file(s) would be classified: 2 dicom, 2 png, 1 jpeg" in err
+    assert "1 would be error rows without being decoded:\n  pipe.png: not a regular file: fifo" in err
+    assert "left out: 1 files that are not images or DICOM, 1 hidden files and folders" in err
+    assert "no model loaded, nothing written" in err
+    assert not out.exists() and not (tmp_path / "r.csv.provenance.json").exists()
+
+    out.write_text("path\n")
+    again = runner.invoke(main, [*args, "--include", "*.PNG", "--shard", "0/1", "-q"])
+    assert again.exit_code == 0 and again.stdout.splitlines() == ["B.PNG", "a.png", "pipe.png"]
+    assert again.stderr == ""
+    told = runner.invoke(main, args)
+    assert "the run would stop: " in told.stderr and "already exists" in told.stderr

@@ -143,6 +143,12 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     help="Also write the HTML report of the run into OUT_DIR (as 'cxr-batch report --html' does).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the files that would be classified (stdout, one a line) and, on stderr, their count by type, "
+    "the unreadable ones and what the filters left out; loads no model and writes nothing.",
+)
 @dicomweb_options
 @click.option(
     "--shard",
@@ -190,6 +196,7 @@ def classify_command(
     provenance: str | None,
     html_dir: str | None,
     quiet: bool,
+    dry_run: bool,
     shard: Shard | None,
     engine_kind: str,
     ray_address: str | None,
@@ -221,13 +228,26 @@ def classify_command(
         raise click.UsageError("--heatmaps needs --engine local")
     check_html_dir(html_dir, out)
 
-    from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
-    from cxr_batch.report.writer import ReportConfig, report_format
 
     listed: tuple[str, ...] = ()
     if files_from is not None:
         listed = tuple(read_path_list(files_from))
+    if dry_run:
+        spec = InputSpec(
+            paths=inputs,
+            recursive=recursive,
+            include=include,
+            exclude=exclude,
+            absolute_paths=absolute_paths,
+            listed=listed,
+            outputs=tuple(p for p in (out, heatmaps, dicomweb["sr"]) if p is not None and p != "-"),
+        )
+        dry_run_report(spec, shard, web, out, overwrite, resume, quiet)
+        return
+
+    from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
+    from cxr_batch.report.writer import ReportConfig, report_format
     config = ClassifyConfig(
         inputs=InputSpec(
             paths=inputs,
@@ -253,6 +273,46 @@ def classify_command(
     html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
     if stats.all_errors:
         sys.exit(EXIT_PARTIAL)
+
+
+def dry_run_report(
+    spec: Any, shard: Shard | None, web: Any, out: str, overwrite: bool, resume: bool, quiet: bool
+) -> None:
+    """``classify --dry-run``: the files to stdout, the counts to stderr; no model, no output written."""
+    from cxr_batch.errors import InputError, OutputError
+    from cxr_batch.io.inputs import describe_skipped, no_input_files
+    from cxr_batch.io.plan import plan_inputs
+    from cxr_batch.report.writer import ReportConfig, check_output, report_format
+
+    plan = plan_inputs(spec, shard, web)
+    for warning in plan.warnings:
+        click.echo(f"warning: {shown(warning)}", err=True)
+    if not plan.files and plan.before_shard is None:
+        raise InputError(no_input_files(spec, plan.skipped))
+    for item in plan.files:
+        click.echo(shown(item.display))
+    if quiet:
+        return
+    types = ", ".join(f"{n} {kind}" for kind, n in sorted(plan.by_type.items(), key=lambda kn: (-kn[1], kn[0])))
+    lines = [f"dry run: {len(plan.files)} file(s) would be classified: {types or 'none'}"]
+    if plan.before_shard is not None:
+        lines.append(f"shard {shard}: {len(plan.files)} of {plan.before_shard} files")
+    if plan.unreadable:
+        lines.append(f"{len(plan.unreadable)} would be error rows without being decoded:")
+        lines += [f"  {shown(path)}: {shown(why)}" for path, why in plan.unreadable[:20]]
+        if len(plan.unreadable) > 20:
+            lines.append(f"  ... and {len(plan.unreadable) - 20} more")
+    left_out = describe_skipped(plan.skipped, spec)
+    lines.append(f"left out: {left_out}" if left_out else "left out: nothing")
+    try:
+        check_output(ReportConfig(out=out, format=report_format(out, None), overwrite=overwrite, resume=resume))
+    except OutputError as exc:
+        lines.append(f"the run would stop: {shown(exc)}")
+    if resume:
+        lines.append("with --resume, the files already in the report are skipped when the run starts")
+    lines.append("no model loaded, nothing written")
+    for line in lines:
+        click.echo(line, err=True)
 
 
 @main.command("merge")
