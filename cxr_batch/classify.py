@@ -194,7 +194,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 soft_wrap=True,
             )
         show = console.is_terminal and not config.quiet
-        with progress_bar(console, len(todo), show, "classify", "img/s") as advance:
+        with progress_bar(console, len(todo), show, "classify", "img/s", log=not config.quiet) as advance:
             if source is None:
                 batches = classifier.iter_batches(todo)
             elif isinstance(classifier, Classifier):
@@ -237,6 +237,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                     console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console)
+        report = "stdout" if config.report.to_stdout else config.report.out
+        where = f"report: {report}" + (f"; provenance record: {record}" if record is not None else "")
+        console.print(markup(where), highlight=False, soft_wrap=True)
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
     if srs is not None:

@@ -242,3 +242,74 @@ def test_dry_run_lists_counts_and_loads_no_model(runner: CliRunner, mixed: Path,
     assert again.stderr == ""
     told = runner.invoke(main, args)
     assert "the run would stop: " in told.stderr and "already exists" in told.stderr
+
+
+# --------------------------------------------------------------------------- item 5: progress in a pipeline, summary
+
+PROGRESS = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ classify: (\d+)/(\d+) \(\d+\.\d%\), (?:--|\d+\.\d) img/s, "
+    r"elapsed \d+:\d\d:\d\d, ETA (?:--|\d+:\d\d:\d\d)$",
+    re.MULTILINE,
+)
+
+
+def test_no_rate_before_the_minimum_time() -> None:
+    from cxr_batch.report.progress import MIN_RATE_SECONDS, rate
+
+    assert rate(32, 0.0066) is None  # two batches at once: 4,800 img/s would be noise
+    assert rate(0, 10.0) is None
+    assert rate(100, MIN_RATE_SECONDS * 2) == pytest.approx(50 / MIN_RATE_SECONDS)
+
+
+def test_log_lines_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from cxr_batch.report import progress
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.02")
+    monkeypatch.setattr(progress, "MIN_RATE_SECONDS", 0.01)
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=False, width=40)
+    with progress.progress_bar(console, 100, False, "classify", "img/s", log=True) as advance:
+        for _ in range(5):
+            time.sleep(0.03)
+            advance(10)
+    lines = sink.getvalue().splitlines()
+    assert len(lines) >= 3 and all(PROGRESS.match(line) for line in lines), lines  # one line each, never wrapped
+    assert "-- img/s" not in lines[-1] and "ETA --" not in lines[-1]
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=False, width=40)
+    with progress.progress_bar(console, 100, False, log=False) as advance:  # --quiet
+        time.sleep(0.03)
+        advance(10)
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")  # off
+    with progress.progress_bar(console, 100, False, log=True) as advance:
+        time.sleep(0.03)
+        advance(10)
+    assert sink.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_a_pipeline_gets_progress_lines_and_the_summary_says_where(
+    tiny_onnx: Path, tmp_path: Path, png_factory: Callable[..., Path]
+) -> None:
+    import subprocess
+    import sys
+
+    for i in range(24):
+        png_factory(tmp_path / "in" / f"{i:02d}.png", i)
+    out = tmp_path / "r.csv"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CXR_BATCH_PROGRESS_INTERVAL": "0.001"}
+    args = [sys.executable, "-m", "cxr_batch.cli", "classify", str(tmp_path / "in"), "--model", str(tiny_onnx)]
+    args += ["--out", str(out), "--batch-size", "2", "--threads", "1"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)  # stderr: a pipe
+    assert done.returncode == 0, done.stderr
+    found = PROGRESS.findall(done.stderr)
+    assert found and all(total == "24" for _, total in found), done.stderr
+    assert [int(n) for n, _ in found] == sorted(int(n) for n, _ in found)
+    assert f"report: {out}; provenance record: {out}.provenance.json" in done.stderr
+    quiet = subprocess.run([*args, "--overwrite", "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == ""

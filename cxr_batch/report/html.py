@@ -656,7 +656,7 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
     workers = config.workers or max(1, min(8, os.cpu_count() or 1))
     show = console.is_terminal and not config.quiet
     with (
-        progress_bar(console, len(run.rows), show, "thumbnails", None) as advance,
+        progress_bar(console, len(run.rows), show, "thumbnails", None, log=not config.quiet) as advance,
         ThreadPoolExecutor(workers, "cxr-thumb") as pool,
     ):
         chunk = 256
