@@ -313,3 +313,70 @@ def test_a_pipeline_gets_progress_lines_and_the_summary_says_where(
     assert f"report: {out}; provenance record: {out}.provenance.json" in done.stderr
     quiet = subprocess.run([*args, "--overwrite", "-q"], capture_output=True, text=True, env=env, timeout=120)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+# --------------------------------------------------------------------------- items 1, 8: the README runs as pasted
+
+RUN_IN_ORDER = "<!-- run-in-order -->"
+
+
+def readme_blocks() -> list[str]:
+    """The README's code blocks marked ``<!-- run-in-order -->``, in order."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(re.escape(RUN_IN_ORDER) + r"\s*\n```bash\n(.*?)\n```", text, re.DOTALL)
+    return blocks
+
+
+def test_the_readme_marks_its_runnable_examples() -> None:
+    blocks = readme_blocks()
+    assert len(blocks) >= 4
+    assert (REPO / "README.md").read_text().count(RUN_IN_ORDER) == len(blocks)  # every marker is on a block
+    assert "pip install ." in blocks[0] and "--html report/" in blocks[0]  # the quick start ends with a report
+
+
+@pytest.mark.slow
+def test_the_readme_examples_run_as_pasted_twice(tmp_path: Path, sample_images: Path) -> None:
+    """The quick start and the examples after it, pasted in order into bash in a fresh folder,
+    then pasted again: every command succeeds both times. ``pip install`` is skipped (the package
+    under test is this tree); ``cxr-batch`` is this tree's command line."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(sample_images, tmp_path / "sample_images")
+    prelude = (
+        'pip() { echo "skipped in the test: pip $*"; }\n'
+        f'cxr-batch() {{ PYTHONPATH={str(REPO)!r} {sys.executable!r} -m cxr_batch.cli "$@"; }}\n'
+    )
+    script = prelude + "\n".join(f"echo '== block {i}'\n{b}" for i, b in enumerate(readme_blocks()))
+    env = {**os.environ, "CXR_BATCH_PROGRESS_INTERVAL": "0"}
+    env.pop("CXR_BATCH_MODEL", None)
+    for attempt in (1, 2):
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
+        assert done.returncode == 0, f"attempt {attempt}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report-eval" / "index.html").is_file()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 10
+    assert "warning" not in done.stderr.lower(), done.stderr[-3000:]
+
+
+def test_shell_completion_script() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "_CXR_BATCH_COMPLETE": "bash_source", "PYTHONPATH": str(REPO)}
+    code = "from cxr_batch.cli.main import main; main(prog_name='cxr-batch')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "_cxr_batch_completion()" in done.stdout and "complete " in done.stdout and "cxr-batch" in done.stdout
+    env |= {"_CXR_BATCH_COMPLETE": "bash_complete", "COMP_WORDS": "cxr-batch cl", "COMP_CWORD": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "plain,classify" in done.stdout.splitlines()
+    readme = (REPO / "README.md").read_text()
+    assert "_CXR_BATCH_COMPLETE=bash_source cxr-batch" in readme
