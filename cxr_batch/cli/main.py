@@ -248,6 +248,7 @@ def classify_command(
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.report.writer import ReportConfig, report_format
+
     config = ClassifyConfig(
         inputs=InputSpec(
             paths=inputs,
@@ -353,8 +354,13 @@ def merge_command(
 @main.command("info")
 @click.argument("model", required=False, metavar="[MODEL]")
 @_model_options
-@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON document: the whole contract, "
-              "the graph's inputs and outputs, the providers, the CPU and the self-check.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print everything as one JSON document: the whole contract, "
+    "the graph's inputs and outputs, the providers, the CPU and the self-check.",
+)
 @library_errors
 def info_command(model: str | None, precision: str, as_json: bool) -> None:
     """Show which model classify would use, its precision and why, the CPU, the model card and the

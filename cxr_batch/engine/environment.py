@@ -30,7 +30,9 @@ EXTRA_PURPOSE = {
 
 #: Where Orthanc's DICOMweb plugin is installed by the Debian/Ubuntu packages.
 ORTHANC_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))
-_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*([^;]*?)\s*;\s*extra\s*==\s*['\"]([\w-]+)['\"]")
+_REQUIREMENT = re.compile(
+    r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*([^;]*?)\s*;\s*extra\s*==\s*['\"]([\w-]+)['\"]"
+)
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,10 @@ def default_model() -> str:
 def version_lines() -> list[tuple[str, str]]:
     """``cxr-batch --version``: what to paste into a bug report."""
     found = extras()
-    installed = "unknown (cxr-batch is not installed)" if found is None else (
-        ", ".join(e.name for e in found if e.installed) or "none"
+    installed = (
+        "unknown (cxr-batch is not installed)"
+        if found is None
+        else (", ".join(e.name for e in found if e.installed) or "none")
     )
     return [
         ("cxr-batch", __version__),

@@ -71,7 +71,6 @@ class CheckResult:
             f"largest probability difference {self.max_prob_diff:.3f}, top-1 {self.top1_agree}/{self.images} as fp32"
         )
 
-
     def in_words(self, precision: str) -> str:
         """The result as a user reads it (``cxr-batch info``): what was compared and whether it is
         within tolerance, without a count that reads like a failure when it is not one."""

@@ -622,7 +622,10 @@ def find_heatmaps(given: str | None, reports: Sequence[str]) -> tuple[str | None
         return None, None
     beside = os.path.join(os.path.dirname(reports[0]), "heatmaps")
     if os.path.isdir(beside):
-        return beside, f"note: showing the heatmaps in {beside}, found beside {reports[0]} (--heatmaps DIR names another)"
+        return (
+            beside,
+            f"note: showing the heatmaps in {beside}, found beside {reports[0]} (--heatmaps DIR names another)",
+        )
     return None, None
 
 

@@ -56,8 +56,8 @@ def rate(done: int, elapsed: float) -> float | None:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def progress_line(what: str, done: int, total: int, elapsed: float, unit: str | None = "img/s") -> str:
