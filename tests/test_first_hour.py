@@ -315,6 +315,36 @@ def test_a_pipeline_gets_progress_lines_and_the_summary_says_where(
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+# --------------------------------------------------------------------------- item 1: report's heatmap folder
+
+
+def test_report_without_its_heatmap_folder_warns_and_finds_one_beside(
+    runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "results.csv"
+    done = runner.invoke(main, ["classify", str(image_dir), "--model", str(tiny_onnx), "-o", str(report), "-q"])
+    assert done.exit_code == 0, done.output
+    args = ["report", str(report), "--images", str(image_dir)]
+    missing = runner.invoke(main, [*args, "--heatmaps", str(tmp_path / "heatmaps"), "--html", str(tmp_path / "a")])
+    assert missing.exit_code == 0, missing.output
+    assert f"warning: no heatmap folder {tmp_path / 'heatmaps'}: the report shows no heatmaps" in missing.stderr
+    assert (tmp_path / "a" / "index.html").is_file()
+
+    heat = tmp_path / "heatmaps"
+    (heat / "sub").mkdir(parents=True)
+    (heat / "sub" / "c.png.png").write_bytes((image_dir / "sub" / "c.png").read_bytes())  # a PNG as c's heatmap
+    found = runner.invoke(main, [*args, "--html", str(tmp_path / "b")])
+    assert found.exit_code == 0, found.output
+    assert f"note: showing the heatmaps in {heat}, found beside {report}" in found.stderr
+    pages = "".join(p.read_text() for p in (tmp_path / "b").rglob("*.html"))
+    assert "c.png.png" in pages
+    quiet = runner.invoke(main, [*args, "--html", str(tmp_path / "c"), "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    (tmp_path / "file").write_text("x")
+    refused = runner.invoke(main, [*args, "--heatmaps", str(tmp_path / "file"), "--html", str(tmp_path / "d")])
+    assert refused.exit_code == 2 and "is a file" in refused.stderr  # a file is still a usage error
+
+
 # --------------------------------------------------------------------------- items 1, 8: the README runs as pasted
 
 RUN_IN_ORDER = "<!-- run-in-order -->"

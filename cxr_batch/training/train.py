@@ -28,7 +28,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingExtraError("training", "train", "torch, torchvision") from exc
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cxr_batch import __version__
 from cxr_batch.engine.postprocess import softmax
@@ -37,6 +36,7 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.report.progress import progress_bar
 from cxr_batch.text import markup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,28 +176,18 @@ def _load_cache(
         except ImageError as exc:
             return f"{path}: {exc}"
 
-    with _progress(console) as progress, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        task = progress.add_task(f"decode {what}", total=len(items))
+    with (
+        progress_bar(console, len(items), console.is_terminal, f"decode {what}", "img/s", log=True) as advance,
+        ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool,
+    ):
         for i, got in enumerate(pool.map(load, [p for p, _ in items])):
             if isinstance(got, str):
                 keep[i] = False
                 errors.append(got)
             else:
                 arr[i] = got
-            progress.advance(task)
+            advance(1)
     return arr[keep], ys[keep], errors, keep
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -520,8 +510,8 @@ def train_model(
         model.train()
         t0 = time.time()
         loss_sum, seen = 0.0, 0
-        with _progress(console) as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
+        what = f"epoch {epoch + 1}/{cfg.epochs}"
+        with progress_bar(console, steps_per_epoch, console.is_terminal, what, "steps/s", log=True) as advance:
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
                 xb = torch.from_numpy(x_train[idx].astype(np.float32)).unsqueeze(1).to(device)
@@ -537,7 +527,7 @@ def train_model(
                 sched.step()
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
-                progress.advance(task)
+                advance(1)
         train_time = time.time() - t0
         logits = predict_cached(model, x_val, cfg, device, amp)
         vm = classification_metrics(y_val, softmax(logits), labels)
