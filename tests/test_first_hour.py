@@ -244,6 +244,33 @@ def test_dry_run_lists_counts_and_loads_no_model(runner: CliRunner, mixed: Path,
     assert "the run would stop: " in told.stderr and "already exists" in told.stderr
 
 
+@pytest.mark.slow
+def test_dry_run_over_dicomweb_lists_instances_without_retrieving(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from orthanc_server import PASSWORD, USER, orthanc_or_skip, start_orthanc
+
+    orthanc_or_skip()
+    dicoms = sorted((REPO.parent / "shared" / "data" / "dicom" / "rsna-pneumonia-challenge_lungbox").glob("*/*.dcm"))
+    if len(dicoms) < 3:
+        pytest.skip("needs the shared RSNA chest DICOMs (../shared/data/dicom)")
+    server = start_orthanc(tmp_path / "orthanc", dicoms[:3])
+    try:
+        monkeypatch.setenv("CXR_BATCH_DICOMWEB_USER", USER)
+        monkeypatch.setenv("CXR_BATCH_DICOMWEB_PASSWORD", PASSWORD)
+        args = ["classify", "--dicomweb", server.dicomweb, "--query", "Modality=CR", "-o", str(tmp_path / "r.csv")]
+        result = runner.invoke(main, [*args, "--dry-run"])
+        assert result.exit_code == 0, result.output
+        listed = result.stdout.splitlines()
+        assert len(listed) == 3 and all(line.startswith("dicomweb:") for line in listed)
+        assert "dry run: 3 file(s) would be classified: 3 dicomweb instance" in result.stderr
+        none = runner.invoke(main, [*args[:4], "Modality=MR", "-o", str(tmp_path / "r.csv"), "--dry-run"])
+        assert none.exit_code == 1 and "no image instances found" in none.stderr
+        assert not (tmp_path / "r.csv").exists()
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- item 5: progress in a pipeline, summary
 
 PROGRESS = re.compile(

@@ -289,6 +289,8 @@ def dry_run_report(
     for warning in plan.warnings:
         click.echo(f"warning: {shown(warning)}", err=True)
     if not plan.files and plan.before_shard is None:
+        if web is not None:
+            raise InputError(f"no image instances found on {web.url} for the given --study/--series/--query")
         raise InputError(no_input_files(spec, plan.skipped))
     for item in plan.files:
         click.echo(shown(item.display))
