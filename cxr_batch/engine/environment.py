@@ -117,7 +117,7 @@ def programs() -> tuple[Program, ...]:
         ),
         Program(
             "Chromium",
-            "the HTML report's browser tests (3 tests skip without it)",
+            "the HTML report's browser tests (they skip without it)",
             shutil.which("chromium") or shutil.which("chromium-browser"),
             "apt-get install -y chromium",
         ),
