@@ -17,7 +17,7 @@ from rich.console import Console
 from cxr_batch.contract import CAM_ROLE, file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
-from cxr_batch.io.inputs import ACCEPTED_SUFFIXES, InputFile, InputSpec, discover
+from cxr_batch.io.inputs import InputFile, InputSpec, discover, no_input_files
 from cxr_batch.io.shard import Shard
 from cxr_batch.report import provenance
 from cxr_batch.report.heatmap import HeatmapWriter
@@ -109,11 +109,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         source.close()
         raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
     if not found.files:
-        where = ", ".join([*config.inputs.paths, *(["--files-from"] if config.inputs.listed else [])]) or "(none)"
-        raise InputError(
-            f"no input files found in {where}: looked for {', '.join(sorted(ACCEPTED_SUFFIXES))} "
-            "and DICOM files (hidden files and folders are skipped; check --include/--exclude/--no-recursive)"
-        )
+        raise InputError(no_input_files(config.inputs, found.skipped))
     files = found.files
     shard = config.shard
     if shard is not None:
@@ -198,7 +194,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 soft_wrap=True,
             )
         show = console.is_terminal and not config.quiet
-        with progress_bar(console, len(todo), show, "classify", "img/s") as advance:
+        with progress_bar(console, len(todo), show, "classify", "img/s", log=not config.quiet) as advance:
             if source is None:
                 batches = classifier.iter_batches(todo)
             elif isinstance(classifier, Classifier):
@@ -241,6 +237,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                     console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console)
+        report = "stdout" if config.report.to_stdout else config.report.out
+        where = f"report: {report}" + (f"; provenance record: {record}" if record is not None else "")
+        console.print(markup(where), highlight=False, soft_wrap=True)
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
     if srs is not None:

@@ -96,7 +96,8 @@ def test_info_prints_contract_sha_and_graph(runner: CliRunner, tiny_onnx: Path) 
     human = runner.invoke(main, ["info", str(tiny_onnx)])
     assert human.exit_code == 0, human.output
     assert file_sha256(tiny_onnx) in human.stdout
-    assert '"labels"' in human.stdout and "logits" in human.stdout and "tiny@1" in human.stdout
+    assert "labels: normal, viral, covid" in human.stdout and "logits" in human.stdout and "tiny@1" in human.stdout
+    assert '"labels"' not in human.stdout and len(human.stdout.splitlines()) <= 15  # short; --json has the contract
 
 
 def test_info_refuses_a_broken_model(runner: CliRunner, make_model: Callable[..., Path]) -> None:

@@ -153,8 +153,9 @@ def test_info_reports_the_cpu_the_precision_and_the_self_check(runner: CliRunner
     assert info["self_check"]["passed"] is True and info["self_check"]["deviation"] <= info["self_check"]["tolerance"]
     text = runner.invoke(main, ["info", str(SHIPPED["int8"])])
     assert text.exit_code == 0
-    assert "cpu: " in text.stdout and "self-check: self-check passed" in text.stdout
-    assert "--precision auto on this cpu: " in text.stdout and "characters>" in text.stdout  # the blob is elided
+    assert "cpu: " in text.stdout and "self-check: passed: int8 gives the same label as fp32 on " in text.stdout
+    assert "--precision auto on this cpu: " in text.stdout and "model card: " in text.stdout
+    assert "characters>" not in text.stdout and '"self_check"' not in text.stdout  # the contract is in --json
 
 
 # --------------------------------------------------------------------------- a damaged int8 model

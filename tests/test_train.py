@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,7 @@ def trained_run(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("runs") / "smoke"
     proc = _train(small_pool, out, epochs=1)
     assert proc.returncode == 0, proc.stderr
+    (out.parent / "train-stderr.txt").write_text(proc.stderr)
     return out
 
 
@@ -171,6 +173,24 @@ def test_train_writes_the_run_folder(trained_run: Path) -> None:
         assert 0.0 <= metrics[key] <= 1.0
     config = json.loads((trained_run / "config.json").read_text())
     assert config["image_size"] == 64 and config["labels"] == ["normal", "viral", "covid"]
+    stderr = (trained_run.parent / "train-stderr.txt").read_text()
+    assert f"run folder: {trained_run}" in stderr  # where the run went, at the start and at the end
+    assert f"cxr-batch export {trained_run / 'best.ckpt'}" in stderr
+
+
+def test_the_epoch_table_stays_aligned() -> None:
+    from cxr_batch.training.train import epoch_lines
+
+    labels = ("normal", "viral", "covid")
+    row = {"epoch": 1, "train_loss": 1.23456, "val_loss": 0.5, "val_accuracy": 0.9, "val_macro_f1": 0.8}
+    row |= {f"val_recall_{x}": 1.0 for x in labels} | {"images_per_s": 12.3, "seconds": 4.5}
+    wide = row | {"epoch": 10, "images_per_s": 1234.5, "seconds": 1234.5, "train_loss": 10.0}
+    lines = epoch_lines([row], labels, header=True) + epoch_lines([wide], labels, header=False)
+    assert len(lines) == 3 and len({len(line) for line in lines}) == 1
+    header = lines[0]
+    ends = [m.end() for m in re.finditer(r"\S+(?= {2}|$)", header)]  # each column ends where its header ends
+    for line in lines[1:]:
+        assert [m.end() for m in re.finditer(r"\S+", line)] == ends
 
 
 @pytest.mark.slow

@@ -7,16 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cxr_batch.cli.options import F, library_errors
+from cxr_batch.cli.options import DICOMWEB_AUTH_HELP, F, library_errors
 from cxr_batch.text import shown
 
 if TYPE_CHECKING:
     from cxr_batch.io.dicomweb import DicomwebConfig
-
-_AUTH_HELP = (
-    "Credentials: $CXR_BATCH_DICOMWEB_TOKEN (bearer token), or $CXR_BATCH_DICOMWEB_USER and "
-    "$CXR_BATCH_DICOMWEB_PASSWORD (basic auth), or --auth-file; never on the command line."
-)
 
 
 def _source_options(func: F) -> F:
@@ -50,7 +45,7 @@ def _source_options(func: F) -> F:
                 type=click.Path(dir_okay=False, path_type=str),
                 default=None,
                 metavar="FILE",
-                help="DICOMweb credentials: 'token=...' or 'user=...' and 'password=...' lines. " + _AUTH_HELP,
+                help="DICOMweb credentials: 'token=...' or 'user=...' and 'password=...' lines.",
             ),
             click.option(
                 "--dicomweb-timeout",
@@ -93,8 +88,7 @@ def dicomweb_options(func: F) -> F:
                 metavar="URL",
                 default=None,
                 help="Classify the instances a DICOMweb service finds (QIDO-RS) instead of files, retrieved by "
-                "WADO-RS; report paths are dicomweb:STUDY/SERIES/SOP. Needs --study, --series or --query. "
-                + _AUTH_HELP,
+                "WADO-RS; report paths are dicomweb:STUDY/SERIES/SOP. Needs --study, --series or --query.",
             ),
             click.option(
                 "--sr",
@@ -186,7 +180,7 @@ def dicomweb_settings(
     return config, sr, stow
 
 
-@click.command("dicomweb-list")
+@click.command("dicomweb-list", epilog=DICOMWEB_AUTH_HELP)
 @click.argument("url")
 @_source_options
 @click.option("--modality", default=None, metavar="M", help="Only instances of this modality (e.g. SR).")

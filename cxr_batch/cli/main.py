@@ -11,14 +11,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cxr_batch import __version__
 from cxr_batch.cli.dicomweb import dicomweb_list_command, dicomweb_options, dicomweb_settings
+from cxr_batch.cli.doctor import doctor_command, version_option
+from cxr_batch.cli.dryrun import dry_run_report
 from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of this module's API)
+    CLASSIFY_SECTIONS,
     EXIT_FATAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
+    SectionedCommand,
     _model_options,
     engine_config,
     engine_options,
@@ -27,6 +30,7 @@ from cxr_batch.cli.options import (  # noqa: F401  (the exit codes are part of t
 )
 from cxr_batch.cli.report import check_html_dir, html_after_classify, report_command
 from cxr_batch.io.shard import Shard  # hashlib and re only
+from cxr_batch.text import shown
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig
@@ -35,7 +39,7 @@ FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="cxr-batch")
+@version_option
 def main() -> None:
     """Screen chest X-rays (normal / viral pneumonia / COVID-19) in batch with ONNX Runtime.
 
@@ -72,7 +76,7 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     )
 
 
-@main.command("classify")
+@main.command("classify", cls=SectionedCommand, sections=CLASSIFY_SECTIONS)
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=str))
 @click.option(
     "--out",
@@ -140,6 +144,12 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     help="Also write the HTML report of the run into OUT_DIR (as 'cxr-batch report --html' does).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the files that would be classified (stdout, one a line) and, on stderr, their count by type, "
+    "the unreadable ones and what the filters left out; loads no model and writes nothing.",
+)
 @dicomweb_options
 @click.option(
     "--shard",
@@ -187,6 +197,7 @@ def classify_command(
     provenance: str | None,
     html_dir: str | None,
     quiet: bool,
+    dry_run: bool,
     shard: Shard | None,
     engine_kind: str,
     ray_address: str | None,
@@ -218,13 +229,27 @@ def classify_command(
         raise click.UsageError("--heatmaps needs --engine local")
     check_html_dir(html_dir, out)
 
-    from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
-    from cxr_batch.report.writer import ReportConfig, report_format
 
     listed: tuple[str, ...] = ()
     if files_from is not None:
         listed = tuple(read_path_list(files_from))
+    if dry_run:
+        spec = InputSpec(
+            paths=inputs,
+            recursive=recursive,
+            include=include,
+            exclude=exclude,
+            absolute_paths=absolute_paths,
+            listed=listed,
+            outputs=tuple(p for p in (out, heatmaps, dicomweb["sr"]) if p is not None and p != "-"),
+        )
+        dry_run_report(spec, shard, web, out, overwrite, resume, quiet)
+        return
+
+    from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
+    from cxr_batch.report.writer import ReportConfig, report_format
+
     config = ClassifyConfig(
         inputs=InputSpec(
             paths=inputs,
@@ -290,10 +315,17 @@ def merge_command(
 @main.command("info")
 @click.argument("model", required=False, metavar="[MODEL]")
 @_model_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print everything as one JSON document: the whole contract, "
+    "the graph's inputs and outputs, the providers, the CPU and the self-check.",
+)
 @library_errors
 def info_command(model: str | None, precision: str, as_json: bool) -> None:
-    """Show a model's contract, sha256, graph inputs and outputs, and the available providers.
+    """Show which model classify would use, its precision and why, the CPU, the model card and the
+    self-check; --json for the whole contract.
 
     MODEL defaults to $CXR_BATCH_MODEL, else the embedded default model.
 
@@ -307,35 +339,38 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
+    for key, value in info_lines(info):  # plain lines: a hash or a path must never be wrapped or cut
+        click.echo(f"{key}: {shown(value)}")
 
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
-    console = Console(highlight=False)
-    facts = [(key, str(info[key])) for key in ("model", "path", "origin", "sha256", "size_bytes")]
-    facts.append(("providers available", ", ".join(info["providers_available"])))
-    cpu = info["cpu"]
-    facts.append(("cpu", f"{cpu['model']} ({cpu['arch']}; flags: {', '.join(cpu['flags']) or 'none relevant'})"))
-    facts.append(("precision", info["precision"]["why"]))
-    facts.append(("--precision auto on this cpu", info["precision"]["auto_on_this_cpu"]))
-    check = info["self_check"]
-    facts.append(("self-check", check["summary"] if check else "none (the contract has no reference images)"))
-    for key, value in facts:  # plain lines: a hash or a path must never be wrapped or cut
-        console.print(f"[bold]{key}:[/] {escape(value)}", soft_wrap=True)
-    graph = Table(title="graph", title_justify="left")
-    for col in ("", "name", "type", "shape"):
-        graph.add_column(col)
-    for kind in ("inputs", "outputs"):
-        for io in info[kind]:
-            graph.add_row(kind[:-1], io["name"], io["type"], str(io["shape"]))
-    console.print(graph)
-    console.print("contract:", style="bold")
+def info_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The short ``info``: a dozen lines a user reads; the rest is in ``--json``."""
     contract = info["contract"]
-    images = contract.get("extra", {}).get("self_check", {}).get("images")
-    if isinstance(images, dict) and "data" in images:  # a blob nobody reads; --json has it whole
-        images["data"] = f"<{len(images['data'])} characters>"
-    console.print_json(json.dumps(contract, sort_keys=True))
+    cpu = info["cpu"]
+    check = info["self_check"]
+    outputs = ", ".join(o["name"] for o in info["outputs"])
+    height, width = contract["input_size"]
+    precision = info["precision"]
+    lines = [
+        ("model", f"{info['model']} ({precision['in_use']})"),
+        ("file", f"{info['path']} ({info['origin']}, {info['size_bytes'] / 1e6:.1f} MB)"),
+        ("sha256", info["sha256"]),
+        ("model card", info["card"] or "none beside the model file"),
+        ("labels", f"{', '.join(contract['labels'])}; input {height}x{width}; outputs {outputs}"),
+        ("precision", precision["why"]),
+    ]
+    if precision["auto_on_this_cpu"] != precision["why"]:
+        lines.append(("--precision auto on this cpu", precision["auto_on_this_cpu"]))
+    lines += [
+        ("cpu", f"{cpu['model']} ({cpu['arch']}; flags: {', '.join(cpu['flags']) or 'none relevant'})"),
+        ("providers available", ", ".join(info["providers_available"])),
+        (
+            "self-check",
+            check["in_words"].removeprefix("self-check ") if check else "none (the contract has no reference images)",
+        ),
+        ("the whole contract", "cxr-batch info --json"),
+    ]
+    return lines
 
 
 from cxr_batch.cli.train import add_cam_command, export_command, train_command  # noqa: E402
@@ -349,6 +384,7 @@ from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 main.add_command(evaluate_command)
 main.add_command(dicomweb_list_command)
 main.add_command(report_command)
+main.add_command(doctor_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

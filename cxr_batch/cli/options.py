@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from cxr_batch.engine.cpu import PRECISION_AUTO_RULE  # the standard library only
 from cxr_batch.errors import CxrBatchError
 from cxr_batch.redact import redact_text
 from cxr_batch.text import shown
@@ -83,6 +84,105 @@ def interruptible(message: str) -> Callable[[F], F]:
     return decorate
 
 
+#: Credentials for DICOMweb, said once per --help (a section note, not in each option's help).
+DICOMWEB_AUTH_HELP = (
+    "Credentials: $CXR_BATCH_DICOMWEB_TOKEN (bearer token), or $CXR_BATCH_DICOMWEB_USER and "
+    "$CXR_BATCH_DICOMWEB_PASSWORD (basic auth), or --auth-file; never on the command line."
+)
+
+#: A section of a command's --help: title, a note printed under it (or None), its options by long name.
+Section = tuple[str, "str | None", tuple[str, ...]]
+
+#: ``classify --help``, in sections. An option that is in no section is listed under "Other options",
+#: so a new option is never hidden: add it to the section where a user looks for it.
+CLASSIFY_SECTIONS: tuple[Section, ...] = (
+    (
+        "Everyday options",
+        None,
+        (
+            "--out",
+            "--model",
+            "--precision",
+            "--device",
+            "--recursive",
+            "--include",
+            "--exclude",
+            "--files-from",
+            "--files-from-dirs",
+            "--overwrite",
+            "--resume",
+            "--dry-run",
+            "--quiet",
+            "--help",
+        ),
+    ),
+    (
+        "Output",
+        None,
+        ("--format", "--absolute-paths", "--html", "--heatmaps", "--provenance", "--drop-ood", "--no-lungs"),
+    ),
+    (
+        "DICOM and DICOMweb",
+        DICOMWEB_AUTH_HELP,
+        (
+            "--dicomweb",
+            "--study",
+            "--series",
+            "--query",
+            "--auth-file",
+            "--dicomweb-timeout",
+            "--dicomweb-deadline",
+            "--dicomweb-workers",
+        ),
+    ),
+    ("DICOM Structured Reports (research use only)", None, ("--sr", "--stow")),
+    ("Engine, shards and Ray", None, ("--batch-size", "--threads", "--shard", "--engine", "--ray-address")),
+    ("Advanced", None, ("--covid-threshold",)),
+)
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options in sections (Click has no option groups).
+
+    ``sections``: see :data:`CLASSIFY_SECTIONS`. Options are matched by their longest name
+    (``--files-from``; ``--recursive`` for ``--recursive/--no-recursive``), so a section lists
+    options as users type them, not Python parameter names.
+    """
+
+    def __init__(self, *args: Any, sections: tuple[Section, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records: dict[str, tuple[str, str]] = {}
+        for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):
+                continue  # arguments are in the usage line
+            record = param.get_help_record(ctx)
+            if record is not None:
+                records[_long_name(param)] = record
+        for title, note, names in self.sections:
+            rows = [records.pop(name) for name in names if name in records]
+            if not rows:
+                continue
+            with formatter.section(title):
+                if note:
+                    formatter.write_text(note)
+                formatter.write_dl(rows)
+        if records:
+            with formatter.section("Other options" if self.sections else "Options"):
+                formatter.write_dl(list(records.values()))
+
+
+def _long_name(param: click.Parameter) -> str:
+    """``--files-from`` for ``--files-from``, ``--recursive`` for ``--recursive/--no-recursive``."""
+    for names in (param.opts, param.secondary_opts):
+        longs = [n for n in names if n.startswith("--")]
+        if longs:
+            return max(longs, key=len)
+    return param.name or ""
+
+
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "fp32", "int8", "fp16")
 
@@ -94,7 +194,7 @@ def _model_options(func: F) -> F:
         type=click.Choice(_PRECISIONS),
         default="auto",
         show_default=True,
-        help="Which embedded default model: auto = int8 on CPU, fp16 on CUDA (when installed), else fp32. "
+        help=f"Which embedded model: {PRECISION_AUTO_RULE}. "
         "With --model or $CXR_BATCH_MODEL the precision is the file's own (leave auto).",
     )(func)
     return func

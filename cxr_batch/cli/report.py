@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import click
 
 from cxr_batch.cli.options import library_errors
+from cxr_batch.text import shown
 
 #: Defaults, repeated here so ``--help`` does not import the report module (numpy, Pillow).
 LOW_CONFIDENCE = 0.6
@@ -34,10 +35,11 @@ PER_PAGE = 200
 )
 @click.option(
     "--heatmaps",
-    type=click.Path(exists=True, file_okay=False, path_type=str),
+    type=click.Path(file_okay=False, path_type=str),
     default=None,
     metavar="DIR",
-    help="The classify --heatmaps folder: show each image's heatmap beside it.",
+    help="The classify --heatmaps folder: show each image's heatmap beside it. Default: the 'heatmaps' folder "
+    "beside the report, when there is one; a folder that does not exist is a warning, not an error.",
 )
 @click.option(
     "--metrics",
@@ -75,8 +77,11 @@ def report_command(
 
     Example: cxr-batch report results.csv --images sample_images --html report/
     """
-    from cxr_batch.report.html import HtmlConfig, build_html  # numpy, Pillow
+    from cxr_batch.report.html import HtmlConfig, build_html, find_heatmaps  # numpy, Pillow
 
+    heatmaps, note = find_heatmaps(heatmaps, results)
+    if note is not None and not (quiet and note.startswith("note:")):
+        click.echo(shown(note), err=True)
     build_html(
         HtmlConfig(
             reports=results,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cxr_batch.cli.options import library_errors
+from cxr_batch.text import shown
 
 
 @click.command("train")
@@ -139,6 +140,11 @@ def train_command(
         threads=threads,
     )
     train_model(cfg, resume=resume)
+    click.echo(
+        f"run folder: {shown(out)} (best.ckpt, last.ckpt, split.csv, config.json, history.json, metrics.json); "
+        f"export the best checkpoint with: cxr-batch export {shown(out / 'best.ckpt')}",
+        err=True,
+    )
 
 
 @click.command("export")

@@ -429,6 +429,7 @@ def model_info(model: str | os.PathLike[str] | None = None, precision: Precision
         "sha256": file_sha256(choice.path),
         "size_bytes": choice.path.stat().st_size,
         "model": meta.ident,
+        "card": model_card(choice.path, meta),
         "contract": meta_dict(meta),
         "inputs": [{"name": i.name, "type": i.type, "shape": shape(i.shape)} for i in session.get_inputs()],
         "outputs": [{"name": o.name, "type": o.type, "shape": shape(o.shape)} for o in session.get_outputs()],
@@ -449,8 +450,18 @@ def model_info(model: str | os.PathLike[str] | None = None, precision: Precision
             "max_prob_diff": check.max_prob_diff,
             "seconds": round(check.seconds, 4),
             "summary": check.describe(),
+            "in_words": check.in_words(meta.precision),
         },
     }
+
+
+def model_card(path: Path, meta: ModelMeta) -> str | None:
+    """The model card beside a model file (``<file stem>.md``, else ``<contract name>.md``), or None."""
+    for name in (f"{path.stem}.md", f"{meta.name}.md"):
+        card = path.parent / name
+        if card.is_file():
+            return str(card)
+    return None
 
 
 def meta_dict(meta: ModelMeta) -> dict[str, Any]:
@@ -535,7 +546,7 @@ class Classifier:
     Args:
         model: an ONNX file; None takes ``$CXR_BATCH_MODEL``, else the embedded default.
         device: "auto" (CUDA when it really starts, else CPU), "cpu" or "cuda".
-        precision: for the embedded default only: "auto" (int8 on CPU, fp16 on CUDA, when installed),
+        precision: for the embedded default only: "auto" (:data:`~cxr_batch.engine.cpu.PRECISION_AUTO_RULE`),
             "fp32", "int8", "fp16".
         batch_size: images per onnxruntime call.
         threads: onnxruntime threads in all; 0 = one per physical core.

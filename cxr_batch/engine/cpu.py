@@ -41,6 +41,12 @@ INT8_FLAGS: dict[str, str] = {
     "amx_int8": "AMX-INT8",
     "asimddp": "the ARM dot-product instructions (asimddp)",
 }
+#: What ``--precision auto`` takes, in one sentence: the one text of the rule, used by ``--help`` and
+#: quoted verbatim in the README's option table (a test checks both).
+PRECISION_AUTO_RULE = (
+    "auto = fp16 on CUDA (when installed); on a CPU, int8 only where the CPU has 8-bit dot products "
+    "(VNNI, AMX, ARM dot product), fp32 elsewhere"
+)
 _ALIASES = {
     "avx512vnni": "avx512_vnni",
     "avxvnni": "avx_vnni",
@@ -203,6 +209,7 @@ def cpu_summary() -> dict[str, object]:
 
 __all__ = [
     "CPU_FLAGS_ENV",
+    "PRECISION_AUTO_RULE",
     "CpuFacts",
     "cpu_facts",
     "cpu_summary",

@@ -71,6 +71,25 @@ class CheckResult:
             f"largest probability difference {self.max_prob_diff:.3f}, top-1 {self.top1_agree}/{self.images} as fp32"
         )
 
+    def in_words(self, precision: str) -> str:
+        """The result as a user reads it (``cxr-batch info``): what was compared and whether it is
+        within tolerance, without a count that reads like a failure when it is not one."""
+        if self.error is not None or not np.isfinite(self.deviation):
+            return self.describe()
+        n, agree = self.images, self.top1_agree
+        within = f"largest logit deviation {self.deviation:.3g}, tolerance {self.tolerance:.3g}"
+        if not self.ok:
+            return (
+                f"self-check FAILED: {precision} deviates from fp32 beyond the tolerance on the {n} reference "
+                f"images ({within}; same label as fp32 on {agree} of {n})"
+            )
+        if agree == n:
+            return f"self-check passed: {precision} gives the same label as fp32 on all {n} reference images ({within})"
+        return (
+            f"self-check passed: {precision} gives the same label as fp32 on {agree} of {n} reference images "
+            f"(the others are near ties, within tolerance: {within})"
+        )
+
 
 def encode_images(grey: np.ndarray) -> dict[str, Any]:
     """(N, H, W) uint8 thumbnails → the contract's compact JSON form."""

@@ -345,7 +345,9 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     errors: list[dict[str, Any]] = []
     flagged = 0
     try:
-        with progress_bar(console, len(truth.files), console.is_terminal and not config.quiet) as advance:
+        with progress_bar(
+            console, len(truth.files), console.is_terminal and not config.quiet, "evaluate", log=not config.quiet
+        ) as advance:
             batches = classifier.iter_batches(truth.files)
             with closing(batches):
                 for batch in batches:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -62,6 +63,19 @@ class Discovery:
 
     files: list[InputFile]
     warnings: list[str] = field(default_factory=list)
+    #: What the walk left out, by reason (:data:`SKIP_REASONS`): for "no input files found" and ``--dry-run``.
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+#: Why the walk left an entry out (the keys of :attr:`Discovery.skipped`), in the order messages list them.
+SKIP_REASONS = (
+    "files not matching --include",
+    "files matching --exclude",
+    "folders matching --exclude",
+    "folders not walked (--no-recursive)",
+    "files that are not images or DICOM",
+    "hidden files and folders",
+)
 
 
 #: The longest path ``--files-from`` takes (Linux's PATH_MAX): a longer "line" is not a path list.
@@ -153,18 +167,24 @@ def _read_nul_separated(stream: BinaryIO, head: bytes, name: str) -> list[str]:
         pending += more
 
 
+def _glob(name: str, glob: str) -> bool:
+    """Globs ignore case, as the suffixes do: ``*.png`` takes ``A.PNG`` (cameras and PACS exports
+    write upper case), on every platform."""
+    return fnmatch.fnmatchcase(name.lower(), glob.lower())
+
+
 def _matches(glob: str, rel: str) -> bool:
     """A glob with a ``/`` matches the relative path; one without matches any path component."""
     if "/" in glob:
-        return fnmatch.fnmatchcase(rel, glob)
-    return any(fnmatch.fnmatchcase(part, glob) for part in rel.split("/"))
+        return _glob(rel, glob)
+    return any(_glob(part, glob) for part in rel.split("/"))
 
 
 def _include_name(rel: str, include: Sequence[str]) -> bool:
     if not include:
         return True
     name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(rel, g) for g in include)
+    return any(_glob(name, g) or _glob(rel, g) for g in include)
 
 
 def _sniff_dicom(path: str) -> bool:
@@ -184,6 +204,7 @@ class _Walker:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
         self.warnings: list[str] = []
+        self.skipped: Counter[str] = Counter()
         self._visited_dirs: set[tuple[int, int]] = set()
         self.output_dirs: set[tuple[int, int]] = set()
         self.output_files: set[tuple[int, int]] = set()
@@ -234,10 +255,15 @@ class _Walker:
             entry = entries[i]
             name = entry.name
             if name.startswith("."):
+                self.skipped["hidden files and folders"] += 1
                 continue
             rel = f"{rel_folder}{name}"
             if self._is_dir(entry):
-                if not self.spec.recursive or self._excluded(rel):
+                if not self.spec.recursive:
+                    self.skipped["folders not walked (--no-recursive)"] += 1
+                    continue
+                if self._excluded(rel):
+                    self.skipped["folders matching --exclude"] += 1
                     continue
                 key = self._dir_key(entry.path)
                 if key is None or key in self._visited_dirs or key in self.output_dirs:
@@ -249,9 +275,15 @@ class _Walker:
                 else:  # a row naming the folder: its files are missing from the report (exit 3)
                     yield InputFile(entry.path, self.display(entry.path, rel + "/"), error=error)
                 continue
-            if self._excluded(rel) or not _include_name(rel, self.spec.include):
+            if self._excluded(rel):
+                self.skipped["files matching --exclude"] += 1
                 continue
-            if self._is_candidate(entry) and not self._is_output_entry(entry):
+            if not _include_name(rel, self.spec.include):
+                self.skipped["files not matching --include"] += 1
+                continue
+            if not self._is_candidate(entry):
+                self.skipped["files that are not images or DICOM"] += 1
+            elif not self._is_output_entry(entry):
                 yield InputFile(entry.path, self.display(entry.path, rel))
 
     def _is_output_entry(self, entry: os.DirEntry[str]) -> bool:
@@ -310,7 +342,9 @@ class _Walker:
         return _sniff_dicom(entry.path)
 
 
-def iter_inputs(spec: InputSpec, warnings: list[str] | None = None) -> Iterator[InputFile]:
+def iter_inputs(
+    spec: InputSpec, warnings: list[str] | None = None, skipped: Counter[str] | None = None
+) -> Iterator[InputFile]:
     """Yield the files ``spec`` names, in order, each once.
 
     A file named on the command line or in the list is always taken, whatever its suffix (it
@@ -354,6 +388,9 @@ def iter_inputs(spec: InputSpec, warnings: list[str] | None = None) -> Iterator[
         if warnings is not None and walker.warnings:
             warnings.extend(walker.warnings)
             walker.warnings.clear()
+        if skipped is not None:
+            skipped.update(walker.skipped)
+            walker.skipped.clear()
 
 
 def _is_dir_path(path: str) -> bool:
@@ -373,5 +410,29 @@ def discover(spec: InputSpec) -> Discovery:
         InputError: see :func:`iter_inputs`.
     """
     warnings: list[str] = []
-    files = list(iter_inputs(spec, warnings))
-    return Discovery(files=files, warnings=warnings)
+    skipped: Counter[str] = Counter()
+    files = list(iter_inputs(spec, warnings, skipped))
+    return Discovery(files=files, warnings=warnings, skipped=skipped)
+
+
+def describe_skipped(skipped: Counter[str], spec: InputSpec) -> str:
+    """``12 files not matching --include '*.PNG', 3 hidden files and folders``: what the walk left out."""
+    parts = []
+    for reason in SKIP_REASONS:
+        n = skipped.get(reason, 0)
+        if not n:
+            continue
+        globs = spec.include if "--include" in reason else spec.exclude if "--exclude" in reason else ()
+        shown = " ".join(repr(g) for g in globs)
+        parts.append(f"{n} {reason}{' ' + shown if shown else ''}")
+    return ", ".join(parts)
+
+
+def no_input_files(spec: InputSpec, skipped: Counter[str]) -> str:
+    """The message when discovery found nothing: where it looked, for what, and what it left out."""
+    where = ", ".join([*spec.paths, *(["--files-from"] if spec.listed else [])]) or "(none)"
+    left_out = describe_skipped(skipped, spec)
+    return (
+        f"no input files found in {where}: looked for {', '.join(sorted(ACCEPTED_SUFFIXES))} and DICOM files "
+        "(suffixes and globs ignore case); " + (f"left out: {left_out}" if left_out else "the folders hold no files")
+    )

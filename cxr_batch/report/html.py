@@ -601,6 +601,35 @@ def _resolve(path: str, roots: Sequence[str]) -> str | None:
     return None
 
 
+def find_heatmaps(given: str | None, reports: Sequence[str]) -> tuple[str | None, str | None]:
+    """``report``'s heatmap folder and a note for the user: ``given`` when it is a folder; none,
+    with a warning, when ``given`` does not exist (a run without ``--heatmaps`` has none, and a
+    report is worth having without them); without ``given``, the ``heatmaps`` folder beside the
+    first report when there is one (the README's layout), named in the note.
+
+    Raises:
+        InputError: ``given`` exists but is not a folder.
+    """
+    if given is not None:
+        if os.path.isdir(given):
+            return given, None
+        if os.path.lexists(given):
+            raise InputError(f"--heatmaps {given} is not a folder")
+        return None, (
+            f"warning: no heatmap folder {given}: the report shows no heatmaps "
+            f"(classify --heatmaps {given} writes them)"
+        )
+    if not reports:
+        return None, None
+    beside = os.path.join(os.path.dirname(reports[0]), "heatmaps")
+    if os.path.isdir(beside):
+        return (
+            beside,
+            f"note: showing the heatmaps in {beside}, found beside {reports[0]} (--heatmaps DIR names another)",
+        )
+    return None, None
+
+
 def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult:
     """Read the report(s) and write the HTML report folder.
 
@@ -657,7 +686,7 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
     workers = config.workers or max(1, min(8, os.cpu_count() or 1))
     show = console.is_terminal and not config.quiet
     with (
-        progress_bar(console, len(run.rows), show, "thumbnails", None) as advance,
+        progress_bar(console, len(run.rows), show, "thumbnails", None, log=not config.quiet) as advance,
         ThreadPoolExecutor(workers, "cxr-thumb") as pool,
     ):
         chunk = 256

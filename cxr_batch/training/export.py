@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -703,12 +705,38 @@ def _selection(path: str) -> dict[str, Any]:
     return {
         "chosen": chosen,
         "rule": doc.get("rule"),
-        "command": doc.get("command"),
+        "command": portable_command(doc.get("command")),
         "cpu": doc.get("cpu"),
         "summary": f"Each recipe was fine-tuned briefly and scored on the validation split, clean and stressed "
         f"(passed once through a fixed, seeded scanner-like degradation); rule: {doc.get('rule')}. Chosen: `{chosen}`.",
         "recipes": doc.get("recipes"),
     }
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"]+")
+
+
+def portable_path(path: str, base: str | None = None) -> str:
+    """An absolute path as a shipped contract may hold it: relative to ``base`` (the current folder)
+    when it lies under ``base`` or its parent (``../shared/data/x``), ``~/...`` under the home folder,
+    else only its last component (``<...>/name``): no machine's layout reaches a shipped model."""
+    base = os.path.abspath(base or os.getcwd())
+    path = os.path.normpath(path)
+    for root in (base, os.path.dirname(base)):
+        if root != "/" and (path == root or path.startswith(root.rstrip("/") + "/")):
+            return os.path.relpath(path, base)
+    home = os.path.expanduser("~")
+    if home not in ("/", "~") and path.startswith(home.rstrip("/") + "/"):
+        return "~/" + os.path.relpath(path, home)
+    return f"<...>/{os.path.basename(path)}"
+
+
+def portable_command(command: Any, base: str | None = None) -> Any:
+    """A recorded command line with every absolute path made portable (:func:`portable_path`);
+    anything that is not a string is returned as is."""
+    if not isinstance(command, str):
+        return command
+    return _ABS_PATH.sub(lambda m: portable_path(m.group(0), base), command)
 
 
 #: The earlier name of :func:`derive_int8`.
@@ -722,6 +750,8 @@ __all__ = [
     "export_checkpoint",
     "export_fp16",
     "latest_checkpoint",
+    "portable_command",
+    "portable_path",
     "quantize_file",
     "quantize_int8",
     "write_card",

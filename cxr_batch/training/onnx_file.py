@@ -7,6 +7,7 @@ directions, so the modules that edit a file don't import each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,4 +48,24 @@ def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
     return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
 
 
-__all__ = ["read_contract_file", "write_contract"]
+def rewrite_contract(path: Path, update: Callable[[ModelMeta], ModelMeta]) -> ModelMeta:
+    """Replace the contract of the ONNX file at ``path`` with ``update(contract)``, atomically,
+    leaving the graph and its weights bit-identical (checked before the file is replaced).
+
+    Raises:
+        ModelError: no contract, or the graph would change.
+        MissingExtraError: ``onnx`` is not installed.
+    """
+    from cxr_batch.io.safe_write import write_file_atomic
+
+    proto, meta = read_contract_file(path)
+    graph = proto.graph.SerializeToString()
+    new = update(meta)
+    write_contract(proto, new)
+    if proto.graph.SerializeToString() != graph:  # pragma: no cover - write_contract touches metadata only
+        raise ModelError(f"{path}: rewriting the contract would change the graph")
+    write_file_atomic(path, proto.SerializeToString())
+    return new
+
+
+__all__ = ["read_contract_file", "rewrite_contract", "write_contract"]

@@ -28,8 +28,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingExtraError("training", "train", "torch, torchvision") from exc
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from cxr_batch import __version__
 from cxr_batch.engine.postprocess import softmax
@@ -38,6 +36,8 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.report.progress import progress_bar
+from cxr_batch.text import markup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -176,28 +176,18 @@ def _load_cache(
         except ImageError as exc:
             return f"{path}: {exc}"
 
-    with _progress(console) as progress, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        task = progress.add_task(f"decode {what}", total=len(items))
+    with (
+        progress_bar(console, len(items), console.is_terminal, f"decode {what}", "img/s", log=True) as advance,
+        ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool,
+    ):
         for i, got in enumerate(pool.map(load, [p for p, _ in items])):
             if isinstance(got, str):
                 keep[i] = False
                 errors.append(got)
             else:
                 arr[i] = got
-            progress.advance(task)
+            advance(1)
     return arr[keep], ys[keep], errors, keep
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -463,6 +453,7 @@ def train_model(
     roots = {d.source: Path(d.root) for d in sets}
     train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
     train_items, val_items, test_items = ([(p, x) for p, x, _ in part] for part in (train_src, val_src, test_src))
+    console.print(f"run folder: {markup(str(out))}", highlight=False, soft_wrap=True)
     console.print(
         f"[bold]{layout}[/]: {len(split.rows)} files, labels {labels}; "
         f"train {len(train_items)} / val {len(val_items)} / test {len(test_items)}; device {device}"
@@ -519,8 +510,8 @@ def train_model(
         model.train()
         t0 = time.time()
         loss_sum, seen = 0.0, 0
-        with _progress(console) as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
+        what = f"epoch {epoch + 1}/{cfg.epochs}"
+        with progress_bar(console, steps_per_epoch, console.is_terminal, what, "steps/s", log=True) as advance:
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
                 xb = torch.from_numpy(x_train[idx].astype(np.float32)).unsqueeze(1).to(device)
@@ -536,7 +527,7 @@ def train_model(
                 sched.step()
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
-                progress.advance(task)
+                advance(1)
         train_time = time.time() - t0
         logits = predict_cached(model, x_val, cfg, device, amp)
         vm = classification_metrics(y_val, softmax(logits), labels)
@@ -578,7 +569,8 @@ def train_model(
             torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt.tmp")
             os.replace(out / "best.ckpt.tmp", out / "best.ckpt")
         (out / "history.json").write_text(json.dumps(asdict(history), indent=2))
-        console.print(_epoch_table(history.epochs[-1:], labels, show_header=epoch == start_epoch), end="")
+        for line in epoch_lines(history.epochs[-1:], labels, header=epoch == start_epoch):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
         if patience_left <= 0:
             console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
             break
@@ -614,20 +606,30 @@ def final_report(
     return metrics
 
 
-def _epoch_table(rows: list[dict[str, Any]], labels: Sequence[str], show_header: bool) -> Table:
-    t = Table(show_header=show_header, box=None, pad_edge=False)
+def _epoch_columns(labels: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(key, header, width) of the per-epoch table: fixed widths, so each row printed after its
+    epoch lines up with the header printed before the first."""
     cols = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"] + [f"val_recall_{x}" for x in labels]
     cols += ["images_per_s", "seconds"]
+    out = []
     for c in cols:
-        t.add_column(c.replace("val_", "val ").replace("_", " "), justify="right", min_width=8)
+        header = c.replace("val_", "val ").replace("_", " ")
+        out.append((c, header, max(8, len(header))))
+    return out
+
+
+def epoch_lines(rows: list[dict[str, Any]], labels: Sequence[str], header: bool) -> list[str]:
+    """The per-epoch table as plain fixed-width lines (the header first when ``header``)."""
+    cols = _epoch_columns(labels)
+    lines = ["  ".join(h.rjust(w) for _, h, w in cols)] if header else []
     for r in rows:
-        t.add_row(
-            *[
-                f"{r[c]:.4f}" if isinstance(r[c], float) and c not in ("images_per_s", "seconds") else str(r[c])
-                for c in cols
-            ]
-        )
-    return t
+        cells = []
+        for c, _, w in cols:
+            v = r.get(c, "")
+            text = f"{v:.4f}" if isinstance(v, float) and c not in ("images_per_s", "seconds") else str(v)
+            cells.append(text.rjust(w))
+        lines.append("  ".join(cells))
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover
