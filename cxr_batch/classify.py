@@ -7,6 +7,7 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -35,8 +36,10 @@ from cxr_batch.text import markup
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig, RayEngine
+    from cxr_batch.engine.types import Result
     from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
     from cxr_batch.report.sr import SRWriter
+    from cxr_batch.report.sr_pool import SRPool
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class ClassifyConfig:
     sr: str | None = None
     #: store the SRs back by STOW-RS (``--stow``; needs ``dicomweb`` and ``sr``)
     stow: bool = False
+    #: worker processes that build and save the SRs (None: half the CPUs); 0 builds them in the
+    #: run's own thread, before each batch's rows (the way before issue 24)
+    sr_workers: int | None = None
 
 
 def run_classify(config: ClassifyConfig, console: Console | None = None, stdout: BinaryIO | None = None) -> RunStats:
@@ -148,12 +154,19 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             raise InputError("--sr needs --engine local")
         store = source.store if (config.stow and source is not None) else None
         srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
+    pool: SRPool | None = None
+    if srs is not None and config.sr_workers != 0:
+        from cxr_batch.report.sr_pool import SRPool
+
+        pool = SRPool(srs, config.sr_workers)
     try:
         writer, existing = open_report(config.report, meta.labels, identity, stdout, run_id=run_id)
         offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
     except BaseException:
         if heatmaps is not None:
             heatmaps.close()
+        if pool is not None:
+            pool.close(cancel=True)
         raise
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     stats.precision_note = classifier.precision_reason
@@ -205,19 +218,32 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 batches = classifier.iter_batches(source.retrieve(todo))
             else:
                 raise InputError("--dicomweb needs --engine local")
+
+            def finish(batch: list[Result]) -> None:
+                """The batch's rows, once its SR outcomes (if any) are in their notes."""
+                writer.write(batch)
+                stats.add(batch)
+                if recorder is not None:
+                    recorder.add(batch)
+                if heatmaps is not None:
+                    heatmaps.write(batch)
+                if source is not None:
+                    source.release(batch)
+                advance(len(batch))
+
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
+                    if pool is not None:
+                        pool.submit(batch)  # SRs off the critical path: rows follow in order
+                        for done in pool.ready():
+                            finish(done)
+                        continue
                     if srs is not None:
                         srs.write(batch)  # first: its notes go into the rows
-                    writer.write(batch)
-                    stats.add(batch)
-                    if recorder is not None:
-                        recorder.add(batch)
-                    if heatmaps is not None:
-                        heatmaps.write(batch)
-                    if source is not None:
-                        source.release(batch)
-                    advance(len(batch))
+                    finish(batch)
+                if pool is not None:
+                    for done in pool.ready(wait_all=True):
+                        finish(done)
         if heatmaps is not None and existing.rows:
             _redo_heatmaps(classifier, heatmaps, files, existing, console, config.quiet)
         stats.provider = classifier.provider  # Ray: known once the workers have reported
@@ -226,6 +252,8 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             recorder.note_exception(exc)
         raise
     finally:
+        if pool is not None:
+            pool.close(cancel=sys.exc_info()[0] is not None)  # on an error, drop the SRs not started
         try:
             writer.close()
         finally:
