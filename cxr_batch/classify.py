@@ -129,6 +129,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         first: list[str] = []
         peek = iter_inputs(spec, first)
         empty = next(peek, None) is None
+        if not empty and len(spec.paths) + len(spec.listed) > 1:
+            for _ in peek:  # several inputs: two files under one name are refused before anything is written
+                pass
         del peek
         if empty:
             for warning in first:

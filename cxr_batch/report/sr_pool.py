@@ -43,7 +43,16 @@ _KEEP: bool = False
 
 def _init_worker(folder: str, model: ModelIdent, keep: bool) -> None:
     global _WORKER, _KEEP
+    import signal
+    import warnings
+
     from cxr_batch.report.sr import SRWriter
+
+    # Ctrl-C reaches the whole process group: the run stops the pool itself, and a worker must
+    # not print a traceback. Nothing a worker warns about may reach the terminal either (a
+    # library warning can quote a patient element): its outcome goes back in the row's note.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")
 
     _WORKER = SRWriter(folder, model)
     _KEEP = keep
