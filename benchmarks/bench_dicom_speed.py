@@ -96,7 +96,7 @@ def classify(tree: Path, inputs: Path, out: Path, *extra: str) -> Run:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=208, help="DICOMs and PNGs per run (208)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each rate (0: only the RSS)")
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--large", type=int, default=100_000)
     ap.add_argument("--baseline", metavar="DIR", help="also run the code tree in DIR (e.g. main's checkout)")
@@ -112,9 +112,10 @@ def main() -> None:
     rates: dict[str, dict[str, list[float]]] = {name: {"png": [], "dicom": [], "sr": []} for name in trees}
     rss: dict[str, dict[str, Run]] = {name: {} for name in trees}
     try:
-        print(f"preparing {args.files} DICOMs and PNGs under {work}", file=sys.stderr, flush=True)
-        replicate_dicoms(work / "dicom", args.files)
-        link_pngs(work / "png", args.files)
+        if args.repeats:
+            print(f"preparing {args.files} DICOMs and PNGs under {work}", file=sys.stderr, flush=True)
+            replicate_dicoms(work / "dicom", args.files)
+            link_pngs(work / "png", args.files)
         for rep in range(args.repeats):
             for name, tree in trees.items():
                 for kind in ("png", "dicom", "sr"):
@@ -153,12 +154,16 @@ def main() -> None:
         cmd,
         "```",
         "",
-        f"Whole runs of {args.files} files each (start-up included), the median of {args.repeats} interleaved runs.",
-        "",
-        "| code | PNG 256² img/s | DICOM 1024² img/s | DICOM `--sr` img/s | DICOM / PNG (≥ 0.7) | `--sr` / without (≥ 0.8) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in trees:
+    if args.repeats:
+        lines += [
+            f"Whole runs of {args.files} files each (start-up included), the median of {args.repeats} interleaved runs.",
+            "",
+            "| code | PNG 256² img/s | DICOM 1024² img/s | DICOM `--sr` img/s | DICOM / PNG (≥ 0.7) "
+            "| `--sr` / without (≥ 0.8) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for name in trees if args.repeats else ():
         png, dicom, sr = (statistics.median(rates[name][k]) for k in ("png", "dicom", "sr"))
         lines.append(
             f"| {name} | {png:.1f} | {dicom:.1f} | {sr:.1f} | {dicom / png:.2f} {verdict(dicom / png >= DICOM_TARGET)} "
