@@ -7,6 +7,9 @@ pipelines can do the same, or use :class:`cxr_batch.Classifier` directly.
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -17,7 +20,7 @@ from rich.console import Console
 from cxr_batch.contract import CAM_ROLE, file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
-from cxr_batch.io.inputs import InputFile, InputSpec, discover, no_input_files
+from cxr_batch.io.inputs import InputFile, InputSpec, discover, iter_inputs, no_input_files
 from cxr_batch.io.shard import Shard
 from cxr_batch.report import provenance
 from cxr_batch.report.heatmap import HeatmapWriter
@@ -35,8 +38,10 @@ from cxr_batch.text import markup
 
 if TYPE_CHECKING:
     from cxr_batch.engine.ray import RayConfig, RayEngine
+    from cxr_batch.engine.types import Result
     from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
     from cxr_batch.report.sr import SRWriter
+    from cxr_batch.report.sr_pool import SRPool
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class ClassifyConfig:
     sr: str | None = None
     #: store the SRs back by STOW-RS (``--stow``; needs ``dicomweb`` and ``sr``)
     stow: bool = False
+    #: worker processes that build and save the SRs (None: half the CPUs); 0 builds them in the
+    #: run's own thread, before each batch's rows (the way before issue 24)
+    sr_workers: int | None = None
 
 
 def run_classify(config: ClassifyConfig, console: Console | None = None, stdout: BinaryIO | None = None) -> RunStats:
@@ -94,30 +102,44 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
         require_ray()  # MissingExtraError before a long walk, not after it
     source: DicomwebSource | None = None
+    walk: Callable[[list[str] | None], Iterator[InputFile]]
     if config.dicomweb is not None:
         from cxr_batch.io.dicomweb import DicomwebSource
 
         source = DicomwebSource(config.dicomweb)
         found = source.discover()
+        for warning in found.warnings:
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+        if not found.files:
+            source.close()
+            raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            return iter(found.files)
+
     else:
         # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
         outputs = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
-        found = discover(replace(config.inputs, outputs=(*config.inputs.outputs, *outputs)))
-    for warning in found.warnings:
-        console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-    if not found.files and source is not None:
-        source.close()
-        raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
-    if not found.files:
-        raise InputError(no_input_files(config.inputs, found.skipped))
-    files = found.files
+        spec = replace(config.inputs, outputs=(*config.inputs.outputs, *outputs))
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            # Lazily, folder by folder: the file list is never held (issue 24, item 4).
+            return iter_inputs(spec, warnings)
+
+        # Fail fast, before the model loads: a missing input path, or no input file at all.
+        first: list[str] = []
+        skipped: Counter[str] = Counter()
+        peek = iter_inputs(spec, first, skipped)
+        empty = next(peek, None) is None
+        if not empty and len(spec.paths) + len(spec.listed) > 1:
+            for _ in peek:  # several inputs: two files under one name are refused before anything is written
+                pass
+        del peek
+        if empty:
+            for warning in first:
+                console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+            raise InputError(no_input_files(config.inputs, skipped))
     shard = config.shard
-    if shard is not None:
-        # An empty shard is not an error: with N larger than a folder, some shards get no files,
-        # and a job array task must still succeed (it writes a report with no rows).
-        files = [f for f in files if shard.owns(f.display)]
-        if not config.quiet:
-            console.print(f"shard {shard}: {len(files)} of {len(found.files)} files", highlight=False)
 
     classifier: Classifier | RayEngine
     if config.ray is not None:
@@ -144,17 +166,43 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
             raise InputError("--sr needs --engine local")
         store = source.store if (config.stow and source is not None) else None
         srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
+    pool: SRPool | None = None
+    if srs is not None and config.sr_workers != 0:
+        from cxr_batch.report.sr_pool import SRPool
+
+        pool = SRPool(srs, config.sr_workers)
     try:
         writer, existing = open_report(config.report, meta.labels, identity, stdout, run_id=run_id)
         offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
     except BaseException:
         if heatmaps is not None:
             heatmaps.close()
+        if pool is not None:
+            pool.close(cancel=True)
         raise
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     stats.precision_note = classifier.precision_reason
     try:
-        files = _in_report_style(files, existing, config, console)
+        restyle = _in_report_style(existing, config, console)
+        counts = _Counts()
+
+        def files(warnings: list[str] | None = None) -> Iterator[InputFile]:
+            """This run's files (its shard's), named as the report names them; walked again each call."""
+            for f in walk(warnings):
+                counts.found += 1
+                if shard is not None and not shard.owns(f.display):
+                    continue
+                yield f if restyle is None else InputFile(f.path, restyle.get(f.path, f.display), f.error)
+
+        def first_pass() -> Iterator[str]:
+            """Counts the files, and those still to do, while the provenance record hashes their names."""
+            for f in files(walk_warnings):
+                counts.files += 1
+                if f.display not in existing.paths:
+                    counts.todo += 1
+                yield f.display
+
+        walk_warnings: list[str] = []
         if shard is not None:
             foreign = sorted(p for p in existing.paths if not shard.owns(p))
             if foreign:
@@ -162,7 +210,6 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                     f"{config.report.out} holds {len(foreign)} row(s) of other shards than {shard} "
                     f"(first: {foreign[0]!r}); resume each shard into its own report"
                 )
-        todo = [f for f in files if f.display not in existing.paths]
         stats.kept, stats.kept_errors = existing.rows, existing.errors
         if record is not None and run_id is not None:
             recorder = provenance.start_classifier_run(
@@ -171,7 +218,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 classifier,
                 config.engine,
                 config.report,
-                (f.display for f in files),
+                first_pass(),
                 shard=shard,
                 kept_rows=existing.rows,
                 started=started,
@@ -179,13 +226,22 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 ray=config.ray is not None,
                 source=source.describe() if source is not None else None,
             )
+        else:
+            for _ in first_pass():
+                pass
+        for warning in walk_warnings:
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+        if shard is not None and not config.quiet:
+            # An empty shard is not an error: with N larger than a folder, some shards get no files,
+            # and a job array task must still succeed (it writes a report with no rows).
+            console.print(f"shard {shard}: {counts.files} of {counts.found} files", highlight=False)
         if existing.truncated:
             console.print(
                 f"resume: removed a partial last row ({existing.truncated} bytes) left by an interrupted run",
                 highlight=False,
                 soft_wrap=True,
             )
-        stale = existing.rows - (len(files) - len(todo))
+        stale = existing.rows - (counts.files - counts.todo)
         if stale > 0:
             console.print(
                 f"[yellow]warning:[/] {stale} row(s) of {markup(config.report.out)} are not among this run's inputs "
@@ -193,35 +249,53 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 highlight=False,
                 soft_wrap=True,
             )
+        todo = (f for f in files() if f.display not in existing.paths)
         show = console.is_terminal and not config.quiet
-        with progress_bar(console, len(todo), show, "classify", "img/s", log=not config.quiet) as advance:
-            if source is None:
+        with progress_bar(console, counts.todo, show, "classify", "img/s", log=not config.quiet) as advance:
+            if source is None and isinstance(classifier, Classifier):
                 batches = classifier.iter_batches(todo)
+            elif source is None:
+                batches = classifier.iter_batches(list(todo))  # Ray Data takes a list
             elif isinstance(classifier, Classifier):
                 batches = classifier.iter_batches(source.retrieve(todo))
             else:
                 raise InputError("--dicomweb needs --engine local")
+
+            def finish(batch: list[Result]) -> None:
+                """The batch's rows, once its SR outcomes (if any) are in their notes."""
+                writer.write(batch)
+                stats.add(batch)
+                if recorder is not None:
+                    recorder.add(batch)
+                if heatmaps is not None:
+                    heatmaps.write(batch)
+                if source is not None:
+                    source.release(batch)
+                advance(len(batch))
+
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
+                    if pool is not None:
+                        pool.submit(batch)  # SRs off the critical path: rows follow in order
+                        for done in pool.ready():
+                            finish(done)
+                        continue
                     if srs is not None:
                         srs.write(batch)  # first: its notes go into the rows
-                    writer.write(batch)
-                    stats.add(batch)
-                    if recorder is not None:
-                        recorder.add(batch)
-                    if heatmaps is not None:
-                        heatmaps.write(batch)
-                    if source is not None:
-                        source.release(batch)
-                    advance(len(batch))
+                    finish(batch)
+                if pool is not None:
+                    for done in pool.ready(wait_all=True):
+                        finish(done)
         if heatmaps is not None and existing.rows:
-            _redo_heatmaps(classifier, heatmaps, files, existing, console, config.quiet)
+            _redo_heatmaps(classifier, heatmaps, files(), existing, console, config.quiet)
         stats.provider = classifier.provider  # Ray: known once the workers have reported
     except BaseException as exc:
         if recorder is not None:
             recorder.note_exception(exc)
         raise
     finally:
+        if pool is not None:
+            pool.close(cancel=sys.exc_info()[0] is not None)  # on an error, drop the SRs not started
         try:
             writer.close()
         finally:
@@ -251,11 +325,16 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     return stats
 
 
-def _in_report_style(
-    files: list[InputFile], existing: Existing, config: ClassifyConfig, console: Console
-) -> list[InputFile]:
-    """``--resume --absolute-paths`` on a report written with relative paths: name the files as
-    the report does.
+@dataclass
+class _Counts:
+    found: int = 0  #: files the walk found (all shards)
+    files: int = 0  #: this run's files (its shard's)
+    todo: int = 0  #: those without a row in the report yet
+
+
+def _in_report_style(existing: Existing, config: ClassifyConfig, console: Console) -> dict[str, str] | None:
+    """``--resume --absolute-paths`` on a report written with relative paths: the report's name of
+    each file (by the path to open), to name the files as the report does; None otherwise.
 
     Without this, none of the report's rows would match and every file would get a second row.
     The inputs are walked again without ``--absolute-paths`` (the walk is deterministic) and each
@@ -263,24 +342,24 @@ def _in_report_style(
     stays one style (and can still be resumed, sharded and merged). The other way round (a
     report of absolute paths resumed without the flag) can't be told apart from a first run
     that named files by absolute paths, so it is left as it is and the stale-rows warning says so.
+    (This one case holds a name per file in memory.)
     """
     if not (config.inputs.absolute_paths and existing.rows and existing.absolute_rows < existing.rows):
-        return files
+        return None
     other = discover(replace(config.inputs, absolute_paths=False))
-    names = {f.path: f.display for f in other.files}
     console.print(
         f"resume: {markup(config.report.out)} was written with relative paths (without --absolute-paths); "
         "matching its rows by file and writing the new rows with relative paths too",
         highlight=False,
         soft_wrap=True,
     )
-    return [InputFile(f.path, names.get(f.path, f.display)) for f in files]
+    return {f.path: f.display for f in other.files}
 
 
 def _redo_heatmaps(
     classifier: Classifier | RayEngine,
     heatmaps: HeatmapWriter,
-    files: list[InputFile],
+    files: Iterable[InputFile],
     existing: Existing,
     console: Console,
     quiet: bool,

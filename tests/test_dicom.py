@@ -18,7 +18,7 @@ from PIL import Image
 
 from cxr_batch.errors import ImageError
 from cxr_batch.io.dicom import read_dicom
-from cxr_batch.io.preprocess import PreprocessSpec, decode, prepare, to_grey
+from cxr_batch.io.preprocess import PreprocessSpec, decode, prepare, reduction_factor, to_grey
 
 DICOM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 RG1_UNCI = DICOM_DIR / "pydicom-data" / "other" / "RG1_UNCI.dcm"
@@ -95,7 +95,11 @@ def test_shared_chest_radiographs_decode(pydicom: Any, path: Path) -> None:
     header = pydicom.dcmread(path, stop_before_pixels=True)
     d = decode(path, SPEC.input_size)
     assert d.grey.dtype == np.float32
-    assert d.grey.shape == (header.Rows, header.Columns)
+    # Box-reduced by an integer factor for the model (issue 24): still at least twice its input.
+    k = reduction_factor((header.Columns, header.Rows), SPEC.input_size)
+    assert k >= 2
+    assert d.grey.shape == (-(-header.Rows // k), -(-header.Columns // k))
+    assert decode(path).grey.shape == (header.Rows, header.Columns)
     assert (d.width, d.height) == (header.Columns, header.Rows)
     assert 0.0 <= d.grey.min() < 0.2 and 0.8 < d.grey.max() <= 1.0
     assert d.fields == {

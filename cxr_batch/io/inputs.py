@@ -359,8 +359,16 @@ def iter_inputs(
     walker = _Walker(spec)
     seen: set[str] = set()
     shown: dict[str, str] = {}
+    # One folder (or one file): the walk itself never yields a file twice (each real folder is
+    # entered once) nor two files under one name, so nothing is kept per file and memory stays
+    # flat for any number of files (issue 24). Several inputs may overlap: each file's path and
+    # name are kept to skip a file reached twice and to refuse two files under one name.
+    single = len(spec.paths) + len(spec.listed) <= 1
 
     def emit(files: Iterable[InputFile]) -> Iterator[InputFile]:
+        if single:
+            yield from files
+            return
         for f in files:
             key = os.path.abspath(f.path)
             if key in seen:
@@ -401,10 +409,10 @@ def _is_dir_path(path: str) -> bool:
 
 
 def discover(spec: InputSpec) -> Discovery:
-    """All the files :func:`iter_inputs` yields, as a list (the progress bar needs the total).
+    """All the files :func:`iter_inputs` yields, as a list.
 
-    Memory grows by one small record per file (two short strings); image data never
-    accumulates (see :class:`cxr_batch.engine.classifier.Classifier`).
+    Memory grows by one small record per file (two short strings); ``classify`` walks with
+    :func:`iter_inputs` instead (twice: once to count and hash, once to classify), which keeps none.
 
     Raises:
         InputError: see :func:`iter_inputs`.

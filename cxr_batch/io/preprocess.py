@@ -7,6 +7,17 @@ numbers reported at training time are the numbers users get.
 
 The recipe: decode → grey in [0, 1] (scaled by the file's real bit depth) → resize to the
 model's input size (Pillow, on float32 data) → 3 identical channels → ``(x - mean) / std``.
+
+Decoding at the scale the model needs: given the model's input size (``target``), a decoder
+never hands on more than about :data:`REDUCED_SCALE` times the target's pixels per side. JPEG
+(files, and JPEG-baseline DICOM pixel data) decodes at 1/2, 1/4 or 1/8 scale with libjpeg's
+``draft``; JPEG 2000 DICOM pixel data at a lower resolution level; everything else is first
+reduced by an integer factor with a box filter (:func:`reduction_factor`, ``Image.reduce``) before
+the float conversion, DICOM windowing and the final resize. The reduced image stays at least
+twice the target on both sides, so the final antialiased resize still averages every pixel:
+``tests/test_decode_scale.py`` runs the shipped model on both paths (``target=None`` is the
+full-size path) and checks the labels are identical and the probabilities within a measured
+tolerance.
 """
 
 from __future__ import annotations
@@ -43,6 +54,9 @@ LUMA = (0.299, 0.587, 0.114)
 #: Pillow applies ``reduce()`` (a fast box filter by an integer factor) first when the image is
 #: at least this many times larger than the target, then the named filter for the rest.
 REDUCING_GAP = 3.0
+
+#: Reduced-scale decoding keeps at least this many times the model's input size on each side.
+REDUCED_SCALE = 2
 
 #: Frames counted for the multi-frame note; beyond this it says "1 of more than N".
 MAX_FRAMES_COUNTED = 100
@@ -192,12 +206,32 @@ def _from_pil(img: Image.Image, target: tuple[int, int] | None) -> Decoded:
         width, height = height, width
     if img.format == "JPEG" and target is not None:
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least twice the target.
-        side = 2 * max(target)
+        side = REDUCED_SCALE * max(target)
         img.draft(img.mode, (side, side))
     img.load()
     img = ImageOps.exif_transpose(img) or img
+    factor = reduction_factor(img.size, target)
+    if factor > 1 and img.mode in _REDUCIBLE_MODES:
+        img = img.reduce(factor)  # a box filter on the stored values, before the float conversion
     grey = to_grey(img)
     return Decoded(grey=grey, width=width, height=height, notes=notes)
+
+
+#: Pillow modes ``Image.reduce`` handles and :func:`to_grey` converts linearly (not palette, 1-bit).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+
+
+def reduction_factor(size: tuple[int, int], target: tuple[int, int] | None) -> int:
+    """The integer factor an image of ``size`` = (W, H) may be shrunk by before the final resize.
+
+    The largest factor that keeps the image at least :data:`REDUCED_SCALE` times the target
+    (H, W) on both sides; 1 (no reduction) without a target or for images already small.
+    """
+    if target is None:
+        return 1
+    width, height = size
+    th, tw = target
+    return max(1, min(height // (REDUCED_SCALE * max(th, 1)), width // (REDUCED_SCALE * max(tw, 1))))
 
 
 def count_frames(img: Image.Image, limit: int | None = None) -> int:

@@ -5,7 +5,7 @@ One JSON document per report (schema: ``docs/provenance.schema.json``, described
 ran, the command line (secrets never: :func:`redact_argv`), the versions, the model (name,
 version, precision, sha256 of the file), the execution provider that really ran, the CPU or GPU,
 the thread and batch settings, the preprocessing contract, the out-of-distribution threshold, a
-sha256 of the sorted input list (:func:`input_list_sha256`), the shard, and the counts of the rows
+hash of the input list (:func:`input_list_sha256`), the shard, and the counts of the rows
 it wrote by status and label. Every report row carries the ``run_id`` of the run that wrote it.
 
 - ``classify`` writes the record when the run starts (status ``running``), every
@@ -72,8 +72,13 @@ KIND = "cxr-batch provenance"
 SUFFIX = ".provenance.json"
 #: Seconds between the record's checkpoints during a run (so ``kill -9`` loses at most that much of it).
 CHECKPOINT_S = 10.0
-#: How :func:`input_list_sha256` hashes, recorded with the hash so it can be recomputed.
-INPUT_HASH_METHOD = "sha256 of each path as UTF-8 (surrogateescape) followed by a NUL byte, paths sorted by those bytes"
+#: How :func:`input_list_sha256` hashes, recorded with the hash so it can be recomputed. Records
+#: written before issue 24 name the earlier method, "sha256 of each path as UTF-8 (surrogateescape)
+#: followed by a NUL byte, paths sorted by those bytes", which needs every path in memory at once.
+INPUT_HASH_METHOD = (
+    "sum modulo 2**256 of the sha256 of each path as UTF-8 (surrogateescape), as 64 hex digits "
+    "(independent of the order, computed streaming)"
+)
 
 
 STATUSES = ("running", "finished", "interrupted", "failed")
@@ -100,19 +105,34 @@ def new_run_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+class InputListHash:
+    """:data:`INPUT_HASH_METHOD`, one path at a time: constant memory for any number of inputs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum = 0
+
+    def add(self, path: str) -> None:
+        import hashlib
+
+        digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
+        self._sum = (self._sum + int.from_bytes(digest, "big")) & ((1 << 256) - 1)
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return f"{self._sum:064x}"
+
+
 def input_list_sha256(paths: Iterable[str]) -> str:
-    """The sha256 of the sorted input list (see :data:`INPUT_HASH_METHOD`).
+    """The input-list hash of ``paths`` (see :data:`INPUT_HASH_METHOD`).
 
     ``paths`` are the report's ``path`` values (or, for other sources, whatever names each input
-    in the report). A path may hold any character but NUL, so NUL ends each one unambiguously.
+    in the report). The sum of the paths' sha256 does not depend on their order, so it is
+    computed as they stream by (the walk never holds the list: issue 24).
     """
-    import hashlib
-
-    encoded = sorted(p.encode("utf-8", "surrogateescape") for p in paths)
-    h = hashlib.sha256()
-    for raw in encoded:
-        h.update(raw)
-        h.update(b"\0")
+    h = InputListHash()
+    for path in paths:
+        h.add(path)
     return h.hexdigest()
 
 
@@ -520,7 +540,9 @@ class RunRecorder:
         Raises:
             OutputError: the record can't be read (resume) or written.
         """
-        names = list(inputs)
+        names = InputListHash()
+        for name in inputs:
+            names.add(name)
         doc: dict[str, Any] | None = None
         if resume and os.path.exists(path):
             doc = read_record(path)
@@ -553,7 +575,7 @@ class RunRecorder:
             "settings": {k: v for k, v in settings.items() if k not in ("device", "engine")},
             "preprocessing": dict(preprocessing),
             "ood": dict(ood) if ood is not None else None,
-            "inputs": {"count": len(names), "sha256": input_list_sha256(names), "method": INPUT_HASH_METHOD},
+            "inputs": {"count": names.count, "sha256": names.hexdigest(), "method": INPUT_HASH_METHOD},
             "shard": None if shard is None else {"index": shard.index, "count": shard.count},
             "resumed": resume and kept_rows > 0,
             "kept_rows": kept_rows,

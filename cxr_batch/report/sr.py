@@ -295,6 +295,11 @@ def sr_relpath(report_path: str) -> Path:
     return png.with_name(png.name.removesuffix(".png") + ".sr.dcm")
 
 
+def wants_sr(r: Result) -> bool:
+    """Whether a result gets an SR: ok rows of DICOM images (others have no study to join)."""
+    return r.ok and bool(r.fields.get("sop_instance_uid"))
+
+
 @dataclass
 class SRStats:
     written: int = 0
@@ -334,34 +339,54 @@ class SRWriter:
         return self.folder / sr_relpath(report_path)
 
     def write(self, results: Sequence[Result]) -> None:
-        """Write (and store) the SRs of one batch, before its rows are written (the notes go in them)."""
+        """Write (and store) the SRs of one batch, before its rows are written (the notes go in them).
+
+        In this thread; ``classify`` runs :meth:`make` in a pool of processes instead
+        (:class:`cxr_batch.report.sr_pool.SRPool`) and hands the outcomes to :meth:`record`.
+        """
         made: list[tuple[Result, Dataset]] = []
         for r in results:
-            if not r.ok or not r.fields.get("sop_instance_uid"):
-                continue  # error rows, and images that are not DICOM (they have no study to join)
-            try:
-                sr = build_sr(read_source(r.file), r, self.model)
-            except Exception as exc:  # one SR that can't be made must never cost the row
-                self._fail(r, f"cannot build the SR: {type(exc).__name__}: {exc}")
+            if not wants_sr(r):
                 continue
-            target = self.target(r.path)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                sr.save_as(target, enforce_file_format=True)
-            except OSError as exc:
-                self._fail(r, f"cannot write {target}: {exc.strerror or exc}")
-                continue
-            self.stats.written += 1
-            r.notes.append(f"SR {sr.SOPInstanceUID} written")
-            made.append((r, sr))
+            sr, error = self.make(r)
+            if self.record(r, None if sr is None else str(sr.SOPInstanceUID), error):
+                assert sr is not None
+                made.append((r, sr))
         if self.store is not None and made:
-            errors = self.store([sr for _, sr in made])
-            for (r, _), error in zip(made, errors, strict=True):
-                if error is None:
-                    self.stats.stored += 1
-                    r.notes[-1] = r.notes[-1].replace(" written", " written and stored")
-                else:
-                    self._fail(r, f"SR not stored (the file is kept): {error}")
+            self.record_stored(made, self.store([sr for _, sr in made]))
+
+    def make(self, r: Result) -> tuple[Dataset | None, str | None]:
+        """Build and save the SR of one result: (the SR, None), or (None, why it could not be made)."""
+        try:
+            sr = build_sr(read_source(r.file), r, self.model)
+        except Exception as exc:  # one SR that can't be made must never cost the row
+            return None, f"cannot build the SR: {type(exc).__name__}: {exc}"
+        target = self.target(r.path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sr.save_as(target, enforce_file_format=True)
+        except OSError as exc:
+            return None, f"cannot write {target}: {exc.strerror or exc}"
+        return sr, None
+
+    def record(self, r: Result, uid: str | None, error: str | None) -> bool:
+        """Count one outcome of :meth:`make` (the SR's SOP instance UID, or the error) and note it
+        in the row; True when the SR was written."""
+        if error is not None or uid is None:
+            self._fail(r, error or "cannot build the SR")
+            return False
+        self.stats.written += 1
+        r.notes.append(f"SR {uid} written")
+        return True
+
+    def record_stored(self, made: Sequence[tuple[Result, Dataset]], errors: Sequence[str | None]) -> None:
+        """Count and note the STOW-RS outcome of the SRs :meth:`record` noted as written."""
+        for (r, _), error in zip(made, errors, strict=True):
+            if error is None:
+                self.stats.stored += 1
+                r.notes[-1] = r.notes[-1].replace(" written", " written and stored")
+            else:
+                self._fail(r, f"SR not stored (the file is kept): {error}")
 
     def _fail(self, r: Result, error: str) -> None:
         self.stats.failures.append((r.path, error))
