@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from cxr_batch.errors import DataError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.safe_write import write_file_atomic
 
 #: The three classes of the COVID-19 Radiography Database, in model order.
 DATABASE_LABELS = ("normal", "viral", "covid")
@@ -204,10 +206,11 @@ class Split:
         return h.hexdigest()
 
     def write(self, path: Path) -> None:
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "split", "sha256", "source"])
-            w.writerows(self.rows)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "split", "sha256", "source"])
+        w.writerows(self.rows)
+        write_file_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))
 
     @classmethod
     def read(cls, path: Path) -> Split:

@@ -112,7 +112,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     try:
         import torch
 
-        from cxr_batch.training.train import build_model
+        from cxr_batch.training.train import build_model, load_checkpoint
     except ImportError as exc:
         raise MissingExtraError("export", "train", "torch, torchvision") from exc
     onnx = _onnx()
@@ -120,10 +120,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     ckpt_path = Path(cfg.checkpoint)
     if not ckpt_path.is_file():
         raise CxrBatchError(f"{ckpt_path}: no such checkpoint")
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CxrBatchError(f"{ckpt_path}: not a cxr-batch checkpoint ({exc})") from None
+    ck = load_checkpoint(ckpt_path)
     labels = list(ck["labels"])
     tcfg = ck["config"]
     size = int(tcfg["image_size"])

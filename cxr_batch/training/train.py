@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -38,6 +39,8 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.io.safe_open import open_regular
+from cxr_batch.io.safe_write import atomic_file, write_file_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +96,55 @@ class History:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = -math.inf
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data a checkpoint may hold and ``torch.load(weights_only=True)`` accepts:
+    dicts, lists, strings, numbers, booleans and None (numpy scalars and arrays become numbers and
+    lists, tuples lists, paths and anything else strings). Tensors are left as they are."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, (int, str)) else k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a cxr-batch checkpoint as plain data only (``weights_only=True``): a checkpoint that
+    holds any other pickled object (which could run code when loaded) is refused, never run.
+
+    Raises:
+        CxrBatchError: the file is missing, not a regular file, damaged, or holds anything but
+            tensors, dicts, lists, strings and numbers.
+    """
+    try:
+        with open_regular(path) as fh:
+            ck = torch.load(fh, map_location=device, weights_only=True)
+    except OSError as exc:
+        raise CxrBatchError(f"{path}: can't read the checkpoint ({exc.strerror or exc})") from None
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            raise CxrBatchError(
+                f"{path}: refused: the checkpoint holds Python objects other than tensors and plain data, "
+                "and loading them could run code; only checkpoints written by cxr-batch train are loaded"
+            ) from None
+        raise CxrBatchError(f"{path}: not a cxr-batch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        raise CxrBatchError(f"{path}: not a cxr-batch checkpoint (no model weights)")
+    return ck
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint atomically (never through a link), as plain data that
+    :func:`load_checkpoint` accepts."""
+    with atomic_file(path) as fh:
+        torch.save(plain(state), fh)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -442,7 +494,8 @@ def train_model(
     if unknown:
         raise DataError(f"the split has labels {sorted(unknown)} that are not among the classes {labels}")
     split.write(split_file)
-    (out / "config.json").write_text(
+    write_file_atomic(
+        out / "config.json",
         json.dumps(
             {
                 **asdict(cfg),
@@ -458,7 +511,7 @@ def train_model(
                 "python": platform.python_version(),
             },
             indent=2,
-        )
+        ),
     )
     roots = {d.source: Path(d.root) for d in sets}
     train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
@@ -499,7 +552,7 @@ def train_model(
     history = History()
     start_epoch = 0
     if resume:
-        ck = torch.load(last_path, map_location=device, weights_only=False)
+        ck = load_checkpoint(last_path, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -572,12 +625,10 @@ def train_model(
             "config": asdict(cfg),
             "arch": "resnet18",
         }
-        torch.save(state, out / "last.ckpt.tmp")
-        os.replace(out / "last.ckpt.tmp", last_path)
+        save_checkpoint(state, last_path)
         if improved:
-            torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt.tmp")
-            os.replace(out / "best.ckpt.tmp", out / "best.ckpt")
-        (out / "history.json").write_text(json.dumps(asdict(history), indent=2))
+            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt")
+        write_file_atomic(out / "history.json", json.dumps(asdict(history), indent=2))
         console.print(_epoch_table(history.epochs[-1:], labels, show_header=epoch == start_epoch), end="")
         if patience_left <= 0:
             console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
@@ -598,7 +649,7 @@ def final_report(
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split, once, through the shared numpy path,
     overall and per source."""
-    ck = torch.load(out / "best.ckpt", map_location=device, weights_only=False)
+    ck = load_checkpoint(out / "best.ckpt", device)
     model = build_model(len(labels)).to(device)
     model.load_state_dict(ck["model"])
     model.float().eval()
@@ -608,7 +659,7 @@ def final_report(
     metrics["split"] = "test"
     metrics["best_epoch"] = ck["history"]["best_epoch"]
     metrics["errors"] = errors
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_file_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     print_metrics(metrics, console, title=f"test split, best epoch {metrics['best_epoch']}")
     print_by_source(metrics["by_source"], console, title="test split per source")
     return metrics
