@@ -248,7 +248,7 @@ def classify_command(
     )
     stats = run_classify(config)
     html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
-    if stats.all_errors:
+    if stats.all_errors or stats.output_failures:
         sys.exit(EXIT_PARTIAL)
 
 

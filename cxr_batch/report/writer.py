@@ -569,6 +569,8 @@ class RunStats:
     drop_ood: bool = False
     #: the precision in use and why (the engine's ``precision_reason``); empty: not shown
     precision_note: str = ""
+    #: outputs asked for that failed (SRs not written or not stored): the run exits 3 then too
+    output_failures: int = 0
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:
