@@ -13,7 +13,6 @@ significant digits), so recomputing from the ``--predictions`` CSV gives identic
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -35,6 +34,7 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
+from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.report.writer import (
     ReportConfig,
     ReportWriter,
@@ -405,26 +405,13 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:
-    """Write atomically: a temporary file beside ``path``, synced, renamed; removed on any failure."""
-    import tempfile
-
+    """Write through the one output writer: atomic, never through a link, mode as the umask says."""
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with open(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_file_atomic(path, text)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path
 
 
