@@ -220,7 +220,7 @@ def classify_command(
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
     from cxr_batch.io.inputs import InputSpec, read_path_list
-    from cxr_batch.report.writer import ReportConfig, report_format
+    from cxr_batch.report.writer import ReportConfig, output_format
 
     listed: tuple[str, ...] = ()
     if files_from is not None:
@@ -235,7 +235,7 @@ def classify_command(
             listed=listed,
         ),
         engine=engine_config(model, device, precision, batch_size, threads),
-        report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
+        report=ReportConfig(out=out, format=output_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
         shard=shard,
         ray=_ray_config(engine_kind, ray_address),
@@ -309,9 +309,12 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
         return
 
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
+    from cxr_batch.text import markup
+
+    # Every field comes from the model file (its contract and graph): escaped as classify escapes
+    # names, so a hostile model's name can't drive the terminal.
     console = Console(highlight=False)
     facts = [(key, str(info[key])) for key in ("model", "path", "origin", "sha256", "size_bytes")]
     facts.append(("providers available", ", ".join(info["providers_available"])))
@@ -322,20 +325,20 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     check = info["self_check"]
     facts.append(("self-check", check["summary"] if check else "none (the contract has no reference images)"))
     for key, value in facts:  # plain lines: a hash or a path must never be wrapped or cut
-        console.print(f"[bold]{key}:[/] {escape(value)}", soft_wrap=True)
+        console.print(f"[bold]{key}:[/] {markup(value)}", soft_wrap=True)
     graph = Table(title="graph", title_justify="left")
     for col in ("", "name", "type", "shape"):
         graph.add_column(col)
     for kind in ("inputs", "outputs"):
         for io in info[kind]:
-            graph.add_row(kind[:-1], io["name"], io["type"], str(io["shape"]))
+            graph.add_row(kind[:-1], markup(io["name"]), markup(io["type"]), markup(io["shape"]))
     console.print(graph)
     console.print("contract:", style="bold")
     contract = info["contract"]
     images = contract.get("extra", {}).get("self_check", {}).get("images")
     if isinstance(images, dict) and "data" in images:  # a blob nobody reads; --json has it whole
         images["data"] = f"<{len(images['data'])} characters>"
-    console.print_json(json.dumps(contract, sort_keys=True))
+    console.print_json(json.dumps(contract, sort_keys=True), ensure_ascii=True)  # controls stay \u escapes
 
 
 from cxr_batch.cli.train import add_cam_command, export_command, train_command  # noqa: E402

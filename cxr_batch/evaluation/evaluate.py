@@ -41,7 +41,7 @@ from cxr_batch.report.writer import (
     RunIdentity,
     check_output,
     open_report,
-    report_format,
+    output_format,
     row_values,
 )
 from cxr_batch.text import markup
@@ -133,7 +133,8 @@ def folder_truth(
     files: list[InputFile] = []
     labels: dict[str, str] = {}
     sources: dict[str, str] = {}
-    for path, label in data.items:
+    # Entries that are not regular files are classified too: each gets its error row (never skipped silently).
+    for path, label in [*data.items, *data.unreadable]:
         rel = path.relative_to(root).as_posix()
         if prefix:
             rel = f"{name}/{rel}"
@@ -150,7 +151,11 @@ def folder_truth(
             {"label": canonical_label(folder), "folder": folder, "files": n, "reason": "the model has no such label"}
         )
     return GroundTruth(
-        files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
+        files=files,
+        labels=labels,
+        source="class folders" if data.layout == "class folders" else f"class folders ({data.layout})",
+        skipped=skipped,
+        sources=sources,
     )
 
 
@@ -295,7 +300,7 @@ def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
             f"--out and --predictions name the same file ({config.out}): one would overwrite the other; "
             "give two file names"
         )
-    report = ReportConfig(out=config.predictions, format=report_format(config.predictions), overwrite=config.overwrite)
+    report = ReportConfig(out=config.predictions, format=output_format(config.predictions), overwrite=config.overwrite)
     check_output(report)
     return report
 

@@ -55,6 +55,7 @@ from cxr_batch.report.writer import (
     RunIdentity,
     RunStats,
     _describe_diff,
+    output_format,
     render_summary,
     report_format,
 )
@@ -291,7 +292,7 @@ def _open_parts(config: MergeConfig) -> tuple[list[_Part], Format]:
     for path, f in formats.items():
         if f != fmt:
             raise MergeError(f"{config.parts[0]} is {fmt} but {path} is {f}; merge parts of one format")
-    out_fmt = report_format(config.out)
+    out_fmt = output_format(config.out)
     if out_fmt != fmt:
         raise MergeError(f"the parts are {fmt} but --out {config.out} names a {out_fmt} file; use a .{fmt} name")
     parts = [_Part(i, path, fmt) for i, path in enumerate(config.parts)]

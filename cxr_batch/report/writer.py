@@ -148,6 +148,28 @@ def report_format(out: str, fmt: str | None = None) -> Format:
     return "jsonl" if Path(out).suffix.lower() in (".jsonl", ".ndjson") else "csv"
 
 
+#: The suffixes a report file may have, by format (no suffix, as ``/dev/null``, is CSV).
+REPORT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "": "csv"}
+
+
+def output_format(out: str, fmt: str | None = None) -> Format:
+    """The format of a report to write: :func:`report_format`, but a file named like another
+    format (``results.json``, ``results.txt``, ``results.xlsx``) is refused instead of silently
+    getting CSV in it; ``--format`` says what to write into such a name on purpose.
+
+    Raises:
+        OutputError: an unknown suffix without ``fmt``.
+    """
+    if fmt is None and out != "-":
+        suffix = Path(out).suffix.lower()
+        if suffix not in REPORT_SUFFIXES:
+            raise OutputError(
+                f"--out {out}: cxr-batch writes CSV (.csv) or JSON lines (.jsonl, .ndjson), not {suffix}; "
+                "name the file .csv or .jsonl, or pass --format csv|jsonl to write that format under this name"
+            )
+    return report_format(out, fmt)
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """Where and how to write; built from the ``classify`` options."""
