@@ -123,9 +123,9 @@ def write_plots(folder: str | os.PathLike[str], doc: dict[str, Any], y: np.ndarr
     figures = [confusion_matrix_figure(doc), roc_figure(doc, y, probs), reliability_figure(doc)]
     written = []
     try:
-        with OutputDir(out) as folder:  # atomic, never through a link (a planted one is replaced)
+        with OutputDir(out) as out_dir:  # atomic, never through a link (a planted one is replaced)
             for name, fig in zip(FILES, figures, strict=True):
-                with folder.atomic(name) as fh:
+                with out_dir.atomic(name) as fh:
                     fig.savefig(fh, format=Path(name).suffix.lstrip("."))
                 written.append(out / name)
     except OSError as exc:

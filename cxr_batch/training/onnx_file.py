@@ -12,6 +12,7 @@ from typing import Any
 
 from cxr_batch.contract import CONTRACT_KEY, ModelMeta
 from cxr_batch.errors import MissingExtraError, ModelError
+from cxr_batch.io.safe_write import write_file_atomic
 
 
 def _onnx() -> Any:
@@ -47,4 +48,9 @@ def read_contract_file(path: Path) -> tuple[Any, ModelMeta]:
     return proto, ModelMeta.from_json(props[CONTRACT_KEY], str(path))
 
 
-__all__ = ["read_contract_file", "write_contract"]
+def save_model(proto: Any, path: str | Path) -> None:
+    """Write an ONNX ModelProto through the one output writer: atomically, never through a link."""
+    write_file_atomic(path, proto.SerializeToString())
+
+
+__all__ = ["read_contract_file", "save_model", "write_contract"]
