@@ -41,6 +41,7 @@ from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
 from cxr_batch.io.safe_open import open_regular
 from cxr_batch.io.safe_write import atomic_file, write_file_atomic
+from cxr_batch.text import markup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -517,7 +518,7 @@ def train_model(
     train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
     train_items, val_items, test_items = ([(p, x) for p, x, _ in part] for part in (train_src, val_src, test_src))
     console.print(
-        f"[bold]{layout}[/]: {len(split.rows)} files, labels {labels}; "
+        f"[bold]{markup(layout)}[/]: {len(split.rows)} files, labels {markup(labels)}; "
         f"train {len(train_items)} / val {len(val_items)} / test {len(test_items)}; device {device}"
         + (" (autocast)" if amp else "")
     )
@@ -532,7 +533,7 @@ def train_model(
     s_train = [s for (_, _, s), k in zip(train_src, keep_train, strict=True) if k]
     s_val = [s for (_, _, s), k in zip(val_src, keep_val, strict=True) if k]
     for e in err_train + err_val:
-        console.print(f"[yellow]skipped[/] {e}")
+        console.print(f"[yellow]skipped[/] {markup(e)}", highlight=False, soft_wrap=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(len(labels), cfg.weights)
@@ -670,7 +671,7 @@ def _epoch_table(rows: list[dict[str, Any]], labels: Sequence[str], show_header:
     cols = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"] + [f"val_recall_{x}" for x in labels]
     cols += ["images_per_s", "seconds"]
     for c in cols:
-        t.add_column(c.replace("val_", "val ").replace("_", " "), justify="right", min_width=8)
+        t.add_column(markup(c.replace("val_", "val ").replace("_", " ")), justify="right", min_width=8)
     for r in rows:
         t.add_row(
             *[
