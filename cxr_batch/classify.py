@@ -301,6 +301,8 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         finally:
             if heatmaps is not None:
                 heatmaps.close()
+            if srs is not None:
+                srs.close()
             if source is not None:
                 source.close()
             stats.finish()
@@ -317,7 +319,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
     if srs is not None:
+        srs.close()
         srs.report(console, quiet=config.quiet)
+        stats.output_failures += len(srs.stats.failures)
     if source is not None and source.fatal is not None:
         from cxr_batch.io.dicomweb import DicomwebError
 

@@ -58,3 +58,42 @@ def test_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.csv").stat().st_mode) == 0o644
+
+
+def test_read_existing_never_follows_links_and_is_bounded(tmp_path):
+    victim = tmp_path / "secret.txt"
+    victim.write_text("secret")
+    out = tmp_path / "out"
+    (out / "thumbs").mkdir(parents=True)
+    (out / "thumbs" / "a.jpg").write_bytes(b"jpeg")
+    (out / "thumbs" / "link.jpg").symlink_to(victim)
+    os.mkfifo(out / "thumbs" / "pipe.jpg")
+    with OutputDir(out) as d:
+        assert d.read_existing("thumbs/a.jpg", 100) == b"jpeg"
+        assert d.read_existing("thumbs/a.jpg", 3) is None  # larger than the bound
+        assert d.read_existing("thumbs/link.jpg", 100) is None
+        assert d.read_existing("thumbs/pipe.jpg", 100) is None  # never blocks on a FIFO
+        assert d.read_existing("thumbs/missing.jpg", 100) is None
+        d.unlink("thumbs/link.jpg")
+    assert victim.read_text() == "secret" and not (out / "thumbs" / "link.jpg").exists()
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".x.png.0123456789ab.tmp").write_bytes(b"")
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    stale = [out / ".a.png.0123456789ab.tmp", out / "sub" / ".cxr-heatmap-a1b2c3d4e5f6.tmp"]
+    for p in stale:
+        p.write_bytes(b"")
+    keep = [out / "notes.tmp", out / ".hidden", out / "a.png"]
+    for p in keep:
+        p.write_bytes(b"x")
+    with OutputDir(out) as d:
+        assert d.remove_stale_temporaries() == 2
+        d.check_writable()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert (elsewhere / ".x.png.0123456789ab.tmp").exists()  # never through a link
+    assert sorted(p.name for p in out.iterdir()) == sorted([".hidden", "a.png", "linked", "notes.tmp", "sub"])

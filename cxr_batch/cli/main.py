@@ -230,6 +230,7 @@ def classify_command(
     check_html_dir(html_dir, out)
 
     from cxr_batch.io.inputs import InputSpec, read_path_list
+    from cxr_batch.report.writer import ReportConfig, output_format
 
     listed: tuple[str, ...] = ()
     if files_from is not None:
@@ -248,7 +249,6 @@ def classify_command(
         return
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
-    from cxr_batch.report.writer import ReportConfig, report_format
 
     config = ClassifyConfig(
         inputs=InputSpec(
@@ -260,7 +260,7 @@ def classify_command(
             listed=listed,
         ),
         engine=engine_config(model, device, precision, batch_size, threads),
-        report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
+        report=ReportConfig(out=out, format=output_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
         shard=shard,
         ray=_ray_config(engine_kind, ray_address),
@@ -273,7 +273,7 @@ def classify_command(
     )
     stats = run_classify(config)
     html_after_classify(html_dir, out, inputs + listed, heatmaps, quiet)
-    if stats.all_errors:
+    if stats.all_errors or stats.output_failures:
         sys.exit(EXIT_PARTIAL)
 
 

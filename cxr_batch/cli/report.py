@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import click
 
-from cxr_batch.cli.options import library_errors
+from cxr_batch.cli.options import interruptible, library_errors
 from cxr_batch.text import shown
 
 #: Defaults, repeated here so ``--help`` does not import the report module (numpy, Pillow).
@@ -31,7 +30,8 @@ PER_PAGE = 200
     type=click.Path(exists=True, file_okay=False, path_type=str),
     metavar="DIR",
     help="Where the report's relative paths point: the folder(s) given to classify, or evaluate's DATA_DIR. "
-    "Repeatable. Default: the metrics file's data folder, else the current folder.",
+    "Repeatable. Only files under these folders are read (absolute or '../' paths outside them, links "
+    "included, get a card saying why). Default: the metrics file's data folder, else the current folder.",
 )
 @click.option(
     "--heatmaps",
@@ -57,6 +57,7 @@ PER_PAGE = 200
 )
 @click.option("--per-page", type=click.IntRange(min=1), default=PER_PAGE, show_default=True, help="Images per page.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no closing line (warnings still show).")
+@interruptible("the report folder is left incomplete; the next run into it rebuilds it.")
 @library_errors
 def report_command(
     results: tuple[str, ...],
@@ -115,5 +116,7 @@ def html_after_classify(
         return
     from cxr_batch.report.html import HtmlConfig, build_html
 
-    roots = (*(p for p in inputs if os.path.isdir(p)), ".")
+    # The folders classified, the files the command line named, and the current folder (where
+    # named files' relative paths point): nothing else is read.
+    roots = (*inputs, ".")
     build_html(HtmlConfig(reports=(out,), out_dir=html_dir, images=roots, heatmaps=heatmaps, quiet=quiet))

@@ -13,7 +13,6 @@ significant digits), so recomputing from the ``--predictions`` CSV gives identic
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -35,13 +34,14 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
+from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.report.writer import (
     ReportConfig,
     ReportWriter,
     RunIdentity,
     check_output,
     open_report,
-    report_format,
+    output_format,
     row_values,
 )
 from cxr_batch.text import markup
@@ -133,7 +133,8 @@ def folder_truth(
     files: list[InputFile] = []
     labels: dict[str, str] = {}
     sources: dict[str, str] = {}
-    for path, label in data.items:
+    # Entries that are not regular files are classified too: each gets its error row (never skipped silently).
+    for path, label in [*data.items, *data.unreadable]:
         rel = path.relative_to(root).as_posix()
         if prefix:
             rel = f"{name}/{rel}"
@@ -150,7 +151,11 @@ def folder_truth(
             {"label": canonical_label(folder), "folder": folder, "files": n, "reason": "the model has no such label"}
         )
     return GroundTruth(
-        files=files, labels=labels, source=f"class folders ({data.layout})", skipped=skipped, sources=sources
+        files=files,
+        labels=labels,
+        source="class folders" if data.layout == "class folders" else f"class folders ({data.layout})",
+        skipped=skipped,
+        sources=sources,
     )
 
 
@@ -295,7 +300,7 @@ def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
             f"--out and --predictions name the same file ({config.out}): one would overwrite the other; "
             "give two file names"
         )
-    report = ReportConfig(out=config.predictions, format=report_format(config.predictions), overwrite=config.overwrite)
+    report = ReportConfig(out=config.predictions, format=output_format(config.predictions), overwrite=config.overwrite)
     check_output(report)
     return report
 
@@ -407,26 +412,13 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:
-    """Write atomically: a temporary file beside ``path``, synced, renamed; removed on any failure."""
-    import tempfile
-
+    """Write through the one output writer: atomic, never through a link, mode as the umask says."""
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with open(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_file_atomic(path, text)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from cxr_batch.errors import MissingExtraError, OutputError
 from cxr_batch.evaluation.metrics import roc_curve
+from cxr_batch.io.safe_write import OutputDir
 
 #: The files written, in this order.
 FILES = ("confusion_matrix.png", "roc_curves.png", "reliability.png")
@@ -122,10 +123,11 @@ def write_plots(folder: str | os.PathLike[str], doc: dict[str, Any], y: np.ndarr
     figures = [confusion_matrix_figure(doc), roc_figure(doc, y, probs), reliability_figure(doc)]
     written = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, fig in zip(FILES, figures, strict=True):
-            fig.savefig(out / name)
-            written.append(out / name)
+        with OutputDir(out) as out_dir:  # atomic, never through a link (a planted one is replaced)
+            for name, fig in zip(FILES, figures, strict=True):
+                with out_dir.atomic(name) as fh:
+                    fig.savefig(fh, format=Path(name).suffix.lstrip("."))
+                written.append(out / name)
     except OSError as exc:
         raise OutputError(f"cannot write the plots into {out}: {exc.strerror or exc}") from None
     return written

@@ -65,10 +65,10 @@ def print_by_source(by_source: dict[str, dict[str, Any]], console: Console, titl
     console.print(f"{title} (95% CI: Wilson):", highlight=False)
     for name, m in by_source.items():
         recalls = ", ".join(
-            f"{x} {_num(pc['recall'])} ({pc['support']})" for x, pc in m["per_class"].items() if pc["support"]
+            f"{markup(x)} {_num(pc['recall'])} ({pc['support']})" for x, pc in m["per_class"].items() if pc["support"]
         )
         console.print(
-            f"  {name}: n={m['n']}, accuracy {_num(m['accuracy'])} {_ci(m.get('accuracy_ci95'))}, "
+            f"  {markup(name)}: n={m['n']}, accuracy {_num(m['accuracy'])} {_ci(m.get('accuracy_ci95'))}, "
             f"macro-F1 {_num(m['macro_f1'])}; recall {recalls}",
             highlight=False,
             soft_wrap=True,

@@ -764,6 +764,13 @@ _VR_PATTERNS = {
     "CS": re.compile(r"[A-Z0-9 _]{1,16}"),
 }
 
+
+def valid_uid(value: str) -> bool:
+    """Whether ``value`` is a UID the report accepts (digits and dots, at most 64 characters):
+    the one check for every UID read from a file or a server."""
+    return bool(_VR_PATTERNS["UI"].fullmatch(value))
+
+
 #: The report's DICOM columns: (column, keyword, VR).
 _REPORT_ELEMENTS = (
     ("modality", "Modality", "CS"),

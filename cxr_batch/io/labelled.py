@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from cxr_batch.errors import DataError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.safe_write import write_file_atomic
 
 #: The three classes of the COVID-19 Radiography Database, in model order.
 DATABASE_LABELS = ("normal", "viral", "covid")
@@ -41,6 +44,8 @@ class LabelledSet:
     items: list[tuple[Path, str]]
     layout: str
     ignored: list[str] = field(default_factory=list)
+    #: entries named like images that are not regular files (FIFOs, devices, broken links), never opened
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
     #: the name this root goes by in a split and in per-source metrics (its folder name by default)
     source: str = ""
 
@@ -60,8 +65,11 @@ def canonical_label(name: str) -> str:
     return _ALIASES.get(key, name)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image and DICOM files under ``folder``, sorted, skipping hidden names and mask folders."""
+def _images_under(folder: Path, unreadable: list[Path] | None = None) -> list[Path]:
+    """Image and DICOM files under ``folder``, sorted, skipping hidden names and mask folders.
+
+    Entries named like images that are not regular files (a FIFO, a device, a broken link) are
+    never opened here; they go to ``unreadable`` (evaluate gives each an error row)."""
     images = folder / "images"
     if images.is_dir():  # release 4 and later: CLASS/images/*.png next to CLASS/masks/
         folder = images
@@ -70,8 +78,12 @@ def _images_under(folder: Path) -> list[Path]:
         rel = path.relative_to(folder).parts
         if any(part.startswith(".") or part.lower() in _SKIP_DIRS for part in rel):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+            continue
+        if path.is_file():
             out.append(path)
+        elif unreadable is not None and not path.is_dir():
+            unreadable.append(path)
     return out
 
 
@@ -128,12 +140,15 @@ def find_labelled(root: str | Path, classes: Sequence[str] | None = None) -> Lab
         raise DataError(f"duplicate classes in {labels}")
 
     items: list[tuple[Path, str]] = []
+    unreadable: list[tuple[Path, str]] = []
     for label in labels:
-        files = _images_under(by_label[label])
+        odd: list[Path] = []
+        files = _images_under(by_label[label], odd)
         if not files:
             raise DataError(f"{by_label[label]}: class '{label}' has no images")
         items.extend((f, label) for f in files)
-    return LabelledSet(root=root, labels=labels, items=items, layout=layout, ignored=ignored)
+        unreadable.extend((f, label) for f in odd)
+    return LabelledSet(root=root, labels=labels, items=items, layout=layout, ignored=ignored, unreadable=unreadable)
 
 
 def file_digest(path: Path) -> str:
@@ -191,7 +206,13 @@ class Split:
                 root = next(iter(roots.values()))
             else:
                 raise DataError(f"the split names source '{source}', which is not among the data roots {sorted(roots)}")
-            out.append((root / rel, label, source))
+            path = root / rel
+            # A split names files under its roots only: an absolute or '../' path is refused (a
+            # split file is input, and may be anyone's). Links inside the data are the data's own.
+            norm = os.path.normpath(rel)
+            if not rel or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+                raise DataError(f"the split names {rel!r}, which is outside its data folder {root}; refused")
+            out.append((path, label, source))
         return out
 
     def fingerprint(self) -> str:
@@ -204,10 +225,11 @@ class Split:
         return h.hexdigest()
 
     def write(self, path: Path) -> None:
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "split", "sha256", "source"])
-            w.writerows(self.rows)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "split", "sha256", "source"])
+        w.writerows(self.rows)
+        write_file_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))
 
     @classmethod
     def read(cls, path: Path) -> Split:

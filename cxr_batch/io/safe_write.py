@@ -20,8 +20,11 @@ The output folder itself may be a link: the user named it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import BinaryIO
@@ -46,6 +49,19 @@ def _parts(rel: str | os.PathLike[str]) -> tuple[str, ...]:
         if part in ("..", ".", ""):
             raise LinkRefused(f"not a plain path inside the output folder: {os.fspath(rel)!r}")
     return pure.parts
+
+
+class _Probe(Exception):
+    """Raised inside :meth:`OutputDir.check_writable` to drop the probe file once written."""
+
+
+#: The names of temporary files: :func:`tmp_name`'s, and the heatmap writer's before it used this module.
+_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp|\.cxr-heatmap-[0-9a-f]{12}\.tmp")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one of this module's temporary names (what a killed writer leaves)."""
+    return bool(_TMP_NAME.fullmatch(name))
 
 
 def tmp_name(name: str) -> str:
@@ -105,7 +121,7 @@ class OutputDir:
         """A descriptor of the folder ``parts`` below this one (caller closes it), link-free."""
         fd = os.dup(self.fd)
         try:
-            for part in parts:
+            for i, part in enumerate(parts):
                 try:
                     nxt = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
                 except FileNotFoundError:
@@ -115,8 +131,17 @@ class OutputDir:
                         os.mkdir(part, 0o777, dir_fd=fd)
                     nxt = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
                 except OSError as exc:  # ELOOP (a link) or ENOTDIR (a file)
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                        raise
+                    where = self.path.joinpath(*parts[: i + 1])
+                    try:
+                        is_link = stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode)
+                    except OSError:
+                        is_link = False
                     raise LinkRefused(
-                        f"{self.path / PurePath(*parts)}: {part!r} is a link or not a folder; nothing is written there"
+                        f"{where} is a symbolic link; nothing is written through links"
+                        if is_link
+                        else f"{where} is not a folder; nothing is written there"
                     ) from exc
                 os.close(fd)
                 fd = nxt
@@ -124,6 +149,69 @@ class OutputDir:
         except BaseException:
             os.close(fd)
             raise
+
+    def check_writable(self) -> None:
+        """Write and remove a small probe file: raises OSError when the folder can't be written."""
+        try:
+            with self.atomic(".cxr-batch-probe") as fh:
+                fh.write(b"cxr-batch")
+                fh.flush()
+                os.fsync(fh.fileno())
+                raise _Probe  # the temporary file is removed, nothing is renamed
+        except _Probe:
+            pass
+
+    def read_existing(self, rel: str | os.PathLike[str], limit: int) -> bytes | None:
+        """The bytes of the regular file ``rel`` below the folder (at most ``limit``), reached
+        without following any link; None when it is missing, a link, not a regular file, larger
+        than ``limit`` or can't be read (an earlier output reused as a cache, never trusted)."""
+        parts = _parts(rel)
+        try:
+            dir_fd = self._open_dir(parts[:-1], create=False)
+        except OSError:
+            return None
+        try:
+            fd = os.open(
+                parts[-1], os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd
+            )
+        except OSError:
+            return None
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                return None
+            data = fh.read(limit + 1)
+        return data if len(data) <= limit else None
+
+    def unlink(self, rel: str | os.PathLike[str]) -> None:
+        """Remove the entry ``rel`` (a file or a link, never what a link points to) if it is there."""
+        parts = _parts(rel)
+        try:
+            dir_fd = self._open_dir(parts[:-1], create=False)
+        except FileNotFoundError:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(parts[-1], dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def remove_stale_temporaries(self) -> int:
+        """Remove the temporary files a killed writer left (``.NAME.<hex>.tmp`` and the heatmap
+        writer's older ``.cxr-heatmap-<hex>.tmp``) in this folder and below it, never following
+        links. Call it only on a folder this run holds the lock of. Returns how many were removed."""
+        removed = 0
+        for _root, _dirs, files, root_fd in os.fwalk(".", dir_fd=self.fd, follow_symlinks=False):
+            for name in files:
+                if not is_temporary_name(name):
+                    continue
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.lstat(name, dir_fd=root_fd).st_mode):
+                        os.unlink(name, dir_fd=root_fd)
+                        removed += 1
+        return removed
 
     def makedirs(self, rel: str | os.PathLike[str]) -> None:
         """Create the sub-folder ``rel`` (and its parents) without following links."""

@@ -15,21 +15,17 @@ Writing is safe against what may already be in the folder and against faults:
 - the folder is created, locked (one run at a time, :mod:`cxr_batch.report.lock`) and checked
   writable (a probe file is written and removed) before the run: an unwritable folder is an
   :class:`OutputError`, not a run of warnings;
-- every heatmap is written to a temporary file in its own folder, synced, then renamed over its
-  final name: a full disk or a kill leaves the earlier heatmap (or none), never a truncated
-  PNG under the final name;
-- nothing is written through a symbolic link: the sub-folders are opened one component at a
-  time with ``O_NOFOLLOW`` relative to the folder's descriptor (a linked sub-folder is refused
-  for the heatmaps under it), and the rename replaces a link named like a heatmap instead of
-  writing into its target. Nothing is written outside the folder.
+- every heatmap is written through the one output writer (:mod:`cxr_batch.io.safe_write`):
+  atomically (a full disk or a kill leaves the earlier heatmap, or none, never a truncated PNG
+  under the final name; a kill's temporary files are removed by the next run, which holds the
+  folder's lock), and never through a symbolic link (a linked sub-folder is refused for the
+  heatmaps under it; a link named like a heatmap is replaced, its target untouched). Nothing is
+  written outside the folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +39,7 @@ from rich.console import Console
 from cxr_batch.contract import CAM_ROLE
 from cxr_batch.errors import ImageError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
+from cxr_batch.io.safe_write import LinkRefused, OutputDir
 from cxr_batch.report.lock import lock_or_refuse
 from cxr_batch.text import markup
 
@@ -143,14 +140,6 @@ def heatmap_relpath(report_path: str) -> Path:
     return Path(*safe)
 
 
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-class _Refused(Exception):
-    """A heatmap's folder is a link or not a folder: that heatmap is not written."""
-
-
 class HeatmapWriter:
     """Write one heatmap PNG per classified result (results need the ``cam`` output).
 
@@ -179,17 +168,17 @@ class HeatmapWriter:
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--heatmaps {self.folder}: exists and is not a folder")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.folder, _DIR_FLAGS)  # the folder itself may be a link; what is inside may not
+            self._out = OutputDir(self.folder)  # the folder itself may be a link; what is inside may not
         except OSError as exc:
             raise OutputError(
                 f"--heatmaps {self.folder}: cannot create or open the folder: {exc.strerror or exc}"
             ) from None
         try:
-            lock_or_refuse(self._fd, f"the heatmap folder {self.folder}")
+            lock_or_refuse(self._out.fd, f"the heatmap folder {self.folder}")
             self._check_writable()
+            self._out.remove_stale_temporaries()  # a killed run's (this run holds the lock)
         except BaseException:
-            os.close(self._fd)
+            self._out.close()
             raise
         self.labels = tuple(labels)
         self.max_side = max_side
@@ -201,15 +190,8 @@ class HeatmapWriter:
         )
 
     def _check_writable(self) -> None:
-        probe = f".cxr-batch-probe-{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
-            try:
-                os.write(fd, b"cxr-batch")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe, dir_fd=self._fd)
+            self._out.check_writable()
         except OSError as exc:
             raise OutputError(
                 f"--heatmaps {self.folder}: the folder is not writable ({exc.strerror or exc}); nothing was classified"
@@ -271,70 +253,17 @@ class HeatmapWriter:
         except MemoryError:
             return "out of memory while rendering the heatmap"
         try:
-            self._save(image, rel)
-        except _Refused as exc:
+            with self._out.atomic(rel) as fh:
+                image.save(fh, format="PNG")
+        except LinkRefused as exc:
             return str(exc)
         except OSError as exc:
             return f"cannot write {self.folder / rel}: {exc.strerror or exc}"
         return None
 
-    def _open_parent(self, rel: Path) -> int:
-        """A descriptor of ``rel``'s folder under the heatmap folder, made as needed, never through a link."""
-        fd = os.dup(self._fd)
-        try:
-            for i, part in enumerate(rel.parts[:-1]):
-                for attempt in (0, 1):
-                    try:
-                        sub = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-                        break
-                    except FileNotFoundError:
-                        if attempt:
-                            raise
-                        with contextlib.suppress(FileExistsError):
-                            os.mkdir(part, 0o777, dir_fd=fd)
-                    except OSError as exc:
-                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                            raise
-                        where = self.folder.joinpath(*rel.parts[: i + 1])
-                        is_link = stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode)
-                        raise _Refused(
-                            f"{where} is a symbolic link; heatmaps are never written through links"
-                            if is_link
-                            else f"{where} is not a folder"
-                        ) from None
-                os.close(fd)
-                fd = sub
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _save(self, image: Image.Image, rel: Path) -> None:
-        """PNG to a temporary file beside the target, synced, then renamed over the target."""
-        parent = self._open_parent(rel)
-        try:
-            tmp = f".cxr-heatmap-{secrets.token_hex(6)}.tmp"  # short: the target's name may be near NAME_MAX
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666,
-                         dir_fd=parent)  # fmt: skip
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    image.save(fh, format="PNG")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                # rename replaces the directory entry: a link named like the heatmap is replaced, its target untouched
-                os.replace(tmp, rel.name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=parent)
-                raise
-        finally:
-            os.close(parent)
-
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._fd >= 0:
-            os.close(self._fd)  # releases the folder's lock
-            self._fd = -1
+        self._out.close()  # releases the folder's lock
 
     def report(self, console: Console, show: int = 10, quiet: bool = False) -> None:
         """One line for the heatmaps written (unless ``quiet``), then a warning per heatmap that

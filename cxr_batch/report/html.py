@@ -24,13 +24,17 @@ standard library (``html.escape`` and string joins): no template engine to insta
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import html
+import io
 import json
 import math
 import os
 import re
+import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -49,9 +53,12 @@ from cxr_batch import __version__
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
+from cxr_batch.io.safe_open import NotRegularFileError, check_regular, open_regular
+from cxr_batch.io.safe_write import LinkRefused, OutputDir, is_temporary_name
 from cxr_batch.redact import redact_record
 from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size
+from cxr_batch.report.lock import lock_or_refuse
 from cxr_batch.report.progress import progress_bar
 from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, report_format
 
@@ -71,6 +78,10 @@ FACT_COLUMNS = ("model", "model_sha256", "precision", "run_id")
 #: Report columns that are required.
 REQUIRED = ("path", "status", "label", "confidence", "error", "model")
 PROVENANCE_MAX_BYTES = 1 << 20
+#: The largest input file a thumbnail is made of (hashed, then decoded), and the largest earlier
+#: thumbnail reused.
+MAX_FILE_BYTES = 2 << 30
+MAX_THUMB_BYTES = 8 << 20
 
 
 # --------------------------------------------------------------------------- escaping
@@ -384,18 +395,22 @@ class _Once:
 
 
 class Thumbnailer:
-    """Writes one thumbnail per distinct file content under ``out_dir/thumbs``, from any thread.
+    """Writes one thumbnail per distinct file content under ``thumbs/`` of the output folder, from any thread.
 
     Files are recognised first by (device, inode, size, mtime) (so links and copies that were
     hard-linked are hashed once), then by the SHA-256 of their bytes. A thumbnail already in the
-    folder (from an earlier report) is reused.
+    folder (from an earlier report) is reused. Only regular files are read (a FIFO or a link to
+    ``/dev/zero`` gets a card saying so, at once), at most :data:`MAX_FILE_BYTES` of each; setting
+    :attr:`stop` makes every thread give up at its next read (Ctrl-C, SIGTERM).
     """
 
-    def __init__(self, out_dir: Path, side: int = THUMB_SIDE) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out: OutputDir, side: int = THUMB_SIDE) -> None:
+        self.out = out
+        self.out_dir = out.path
         self.side = side
         self.made = 0
         self.reused = 0
+        self.stop = threading.Event()
         self._lock = threading.Lock()
         self._by_inode: dict[tuple[int, int, int, int], _Once] = {}
         self._by_name: dict[str, _Once] = {}
@@ -422,12 +437,16 @@ class Thumbnailer:
         """The thumbnail of ``file`` (an input image, decoded as classify decodes it; or a heatmap PNG).
 
         Raises:
-            ImageError: the file can't be read or decoded.
+            ImageError: the file is not a regular file, can't be read or decoded, or is too large.
         """
         try:
-            st = os.stat(file)
+            st = check_regular(file)
+        except NotRegularFileError as exc:
+            raise ImageError(f"not a regular file: {exc.kind}") from None
         except OSError as exc:
             raise ImageError(f"cannot open file: {exc.strerror or exc}") from None
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"file too large for a thumbnail ({st.st_size} bytes; at most {MAX_FILE_BYTES})")
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         value = self._once(self._by_inode, (kind, key), lambda: self._by_content(file, kind))
         if isinstance(value, BaseException):
@@ -437,7 +456,9 @@ class Thumbnailer:
 
     def _by_content(self, file: str, kind: str) -> Thumb | BaseException:
         try:
-            digest = _sha256(file)
+            digest = _sha256(file, self.stop)
+        except NotRegularFileError as exc:
+            return ImageError(f"not a regular file: {exc.kind}")
         except OSError as exc:
             return ImageError(f"cannot read file: {exc.strerror or exc}")
         name = f"{THUMBS}/{digest[:2]}/{digest[:32]}{'' if kind == 'image' else '-h'}.jpg"
@@ -445,16 +466,18 @@ class Thumbnailer:
         return value  # type: ignore[no-any-return]
 
     def _make(self, file: str, kind: str, name: str) -> Thumb | BaseException:
-        target = self.out_dir / name
-        if target.is_file():
+        earlier = self.out.read_existing(name, MAX_THUMB_BYTES)  # never through a link
+        if earlier is not None:
             try:
-                with Image.open(target) as img:
+                with Image.open(io.BytesIO(earlier)) as img:
                     width, height = img.size
                 with self._lock:
                     self.reused += 1
                 return Thumb(name, width, height)
-            except (OSError, ValueError):
+            except (OSError, ValueError, Image.DecompressionBombError):
                 pass  # a damaged thumbnail: make it again
+        if self.stop.is_set():
+            return ImageError("interrupted")
         try:
             image = self._render(file, kind)
         except ImageError as exc:
@@ -464,12 +487,12 @@ class Thumbnailer:
         except Exception as exc:  # a decoder's unexpected failure must not stop the report
             return ImageError(f"cannot make a thumbnail: {type(exc).__name__}: {exc}")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
-            image.save(tmp, format="JPEG", quality=THUMB_QUALITY, optimize=True)
-            os.replace(tmp, target)
+            with self.out.atomic(name) as fh:  # atomic, never through a link
+                image.save(fh, format="JPEG", quality=THUMB_QUALITY, optimize=True)
+        except LinkRefused as exc:
+            return ImageError(f"thumbnail not written: {exc}")
         except OSError as exc:
-            raise OutputError(f"cannot write the thumbnail {target}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot write the thumbnail {self.out_dir / name}: {exc.strerror or exc}") from None
         with self._lock:
             self.made += 1
         return Thumb(name, image.width, image.height)
@@ -477,7 +500,7 @@ class Thumbnailer:
     def _render(self, file: str, kind: str) -> Image.Image:
         if kind == "heatmap":  # our own PNG: Pillow reads it (with its decompression-bomb guard)
             try:
-                with Image.open(file) as img:
+                with open_regular(file) as fh, Image.open(fh) as img:
                     img.draft("RGB", (self.side, self.side))
                     rgb = img.convert("RGB")
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -490,23 +513,31 @@ class Thumbnailer:
         return Image.fromarray(np.round(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, stop: threading.Event | None = None) -> str:
+    """The SHA-256 of a regular file, read in bounded chunks (at most :data:`MAX_FILE_BYTES`);
+    gives up with OSError when ``stop`` is set."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    total = 0
+    with open_regular(path) as fh:
         while chunk := fh.read(1 << 20):
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES} bytes")
+            if stop is not None and stop.is_set():
+                raise OSError(errno.EINTR, "interrupted")
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _write_placeholder(out_dir: Path) -> None:
-    target = out_dir / PLACEHOLDER
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _placeholder_png() -> bytes:
     img = Image.new("L", (THUMB_SIDE, THUMB_SIDE), 228)
     draw = ImageDraw.Draw(img)
     draw.rectangle((0, 0, THUMB_SIDE - 1, THUMB_SIDE - 1), outline=160, width=4)
     draw.line((40, 40, THUMB_SIDE - 40, THUMB_SIDE - 40), fill=170, width=6)
     draw.line((40, THUMB_SIDE - 40, THUMB_SIDE - 40, 40), fill=170, width=6)
-    img.save(target, format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- config and build
@@ -551,8 +582,30 @@ class HtmlResult:
     heatmaps: int
 
 
+def _is_file_not_link(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _stale_build(p: Path) -> bool:
+    """A folder a killed report build left before writing its marker (a version that wrote the
+    marker last): the placeholder thumbnail, and nothing but the names a report writes."""
+    if not _is_file_not_link(p / PLACEHOLDER):
+        return False
+    for entry in os.listdir(p):
+        if entry in (THUMBS, "style.css") or entry.endswith(".html") or is_temporary_name(entry):
+            continue
+        return False
+    return True
+
+
 def check_html_output(out_dir: str) -> None:
     """Refuse a folder that is a file, or holds files that an earlier report did not write.
+
+    A folder an earlier report wrote (its marker is there, complete or not: a killed build) or a
+    killed build of an older version left (:func:`_stale_build`) is reused and rebuilt.
 
     Raises:
         OutputError: see above.
@@ -560,45 +613,93 @@ def check_html_output(out_dir: str) -> None:
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise OutputError(f"--html {out_dir} exists and is not a folder")
-    if p.is_dir() and not (p / MARKER).is_file() and any(p.iterdir()):
+    if p.is_dir() and not _is_file_not_link(p / MARKER) and any(p.iterdir()) and not _stale_build(p):
         raise OutputError(
             f"--html {out_dir} is a folder with other files in it; give a new or empty folder "
             "(or one an earlier 'cxr-batch report' wrote, which is then updated)"
         )
 
 
-def _prepare_out(out_dir: Path) -> None:
+def _marker(pages: Sequence[str], complete: bool) -> str:
+    doc = {"written_by": f"cxr-batch {__version__}", "complete": complete, "pages": list(pages)}
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def _prepare_out(out_dir: Path) -> OutputDir:
+    """Open (and lock) the folder, mark it as a report folder whose build is under way, remove the
+    pages of an earlier report and a killed build's temporary files, and write the placeholder.
+    Everything is written through :class:`OutputDir`: atomically and never through a link."""
     check_html_output(str(out_dir))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        marker = out_dir / MARKER
-        if marker.is_file():  # an earlier report here: remove its pages (thumbnails stay, as a cache)
-            try:
-                old = json.loads(marker.read_text(encoding="utf-8")).get("pages", [])
-            except ValueError:
-                old = []
-            for name in old:
-                if isinstance(name, str) and "/" not in name and name.endswith(".html"):
-                    (out_dir / name).unlink(missing_ok=True)
-        (out_dir / THUMBS).mkdir(exist_ok=True)
-        _write_placeholder(out_dir)
+        out = OutputDir(out_dir)
     except OSError as exc:
         raise OutputError(f"cannot write the report folder {out_dir}: {exc.strerror or exc}") from None
+    try:
+        lock_or_refuse(out.fd, f"the report folder {out_dir}")
+        old: Any = []
+        earlier = out.read_existing(MARKER, PROVENANCE_MAX_BYTES)
+        if earlier is not None:  # an earlier report here: remove its pages (thumbnails stay, as a cache)
+            try:
+                old = json.loads(earlier.decode("utf-8")).get("pages", [])
+            except (ValueError, AttributeError):
+                old = []
+        pages = (
+            [n for n in old if isinstance(n, str) and "/" not in n and n.endswith(".html")]
+            if isinstance(old, list)
+            else []
+        )
+        # First the marker, "complete": false: a build killed from here on leaves a folder the
+        # next run recognises and rebuilds, never one it refuses.
+        out.write_text(MARKER, _marker(pages, complete=False))
+        for name in pages:
+            with contextlib.suppress(LinkRefused):
+                out.unlink(name)
+        out.remove_stale_temporaries()
+        out.makedirs(THUMBS)
+        out.write_bytes(PLACEHOLDER, _placeholder_png())
+    except LinkRefused as exc:
+        out.close()
+        raise OutputError(f"cannot write the report folder {out_dir}: {exc}") from None
+    except OSError as exc:
+        out.close()
+        raise OutputError(f"cannot write the report folder {out_dir}: {exc.strerror or exc}") from None
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
-def _candidates(path: str, roots: Sequence[str]) -> Iterator[str]:
-    if os.path.isabs(path):
-        yield path
-    else:
-        for root in roots:
-            yield os.path.join(root, path)
+def _within(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _resolve(path: str, roots: Sequence[str]) -> str | None:
-    for candidate in _candidates(path, roots):
-        if os.path.lexists(candidate):
-            return candidate
-    return None
+class _Roots:
+    """Where a report's paths may be read: under the image folders (``--images``) or, for
+    ``classify --html``, the files its command line named; links resolved before the check."""
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        self.roots = tuple(roots)
+        self.dirs = tuple(r for r in roots if os.path.isdir(r))
+        self.real_dirs = tuple(os.path.realpath(r) for r in self.dirs)
+        self.real_files = frozenset(os.path.realpath(r) for r in roots if not os.path.isdir(r))
+
+    def allows(self, real: str) -> bool:
+        return real in self.real_files or any(_within(real, r) for r in self.real_dirs)
+
+    def resolve(self, path: str) -> tuple[str | None, str | None]:
+        """(the file to read, resolved; or None and why not: None when simply not found)."""
+        candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in self.dirs]
+        outside = False
+        for candidate in candidates:
+            if not os.path.lexists(candidate):
+                continue
+            real = os.path.realpath(candidate)
+            if self.allows(real):
+                return real, None
+            outside = True
+        if outside:
+            return None, "not shown: the file is outside the image folders (--images); nothing outside them is read"
+        return None, None
 
 
 def find_heatmaps(given: str | None, reports: Sequence[str]) -> tuple[str | None, str | None]:
@@ -653,57 +754,12 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
         data_root = data.get("root") if isinstance(data, dict) else None
         roots = (str(data_root),) if isinstance(data_root, str) and data_root else (".",)
     out_dir = Path(config.out_dir)
-    _prepare_out(out_dir)
-
-    thumbs = Thumbnailer(out_dir, config.thumb_side)
-    heat_dir = Path(config.heatmaps).resolve() if config.heatmaps is not None else None
-    out_abs = out_dir.resolve()
-    heat_count = [0]
-
-    def one(row: Row) -> None:
-        row.file = _resolve(row.path, roots)
-        if row.file is None:
-            row.thumb_note = "image not found at report time (looked under " + ", ".join(roots) + ")"
-        else:
-            try:
-                row.thumb = thumbs.thumbnail(row.file)
-            except ImageError as exc:
-                row.thumb_note = f"no thumbnail: {exc}"
-        if heat_dir is not None and row.ok:
-            try:
-                target = heat_dir / heatmap_relpath(row.path)
-            except ValueError:
-                return
-            if target.is_file():
-                try:
-                    t = thumbs.thumbnail(str(target), "heatmap")
-                except ImageError:
-                    return
-                link = Path(os.path.relpath(target, out_abs)).as_posix()
-                row.heatmap = Thumb(t.src, t.width, t.height, link)
-                heat_count[0] += 1
-
-    workers = config.workers or max(1, min(8, os.cpu_count() or 1))
-    show = console.is_terminal and not config.quiet
-    with (
-        progress_bar(console, len(run.rows), show, "thumbnails", None, log=not config.quiet) as advance,
-        ThreadPoolExecutor(workers, "cxr-thumb") as pool,
-    ):
-        chunk = 256
-        for start in range(0, len(run.rows), chunk):
-            batch = run.rows[start : start + chunk]
-            for future in [pool.submit(one, row) for row in batch]:
-                future.result()
-            advance(len(batch))
-
-    pages = _write_pages(run, metrics, config, out_dir)
-    unavailable = sum(1 for r in run.rows if r.thumb is None)
+    out = _prepare_out(out_dir)
     try:
-        (out_dir / MARKER).write_text(
-            json.dumps({"written_by": f"cxr-batch {__version__}", "pages": pages}, indent=1) + "\n", encoding="utf-8"
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_dir / MARKER}: {exc.strerror or exc}") from None
+        pages, thumbs, heat_count = _build(run, metrics, config, out, roots, console)
+    finally:
+        out.close()
+    unavailable = sum(1 for r in run.rows if r.thumb is None)
     result = HtmlResult(
         index=out_dir / "index.html",
         pages=pages,
@@ -711,7 +767,7 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
         thumbnails_made=thumbs.made,
         thumbnails_reused=thumbs.reused,
         unavailable=unavailable,
-        heatmaps=heat_count[0],
+        heatmaps=heat_count,
     )
     missing = [r for r in run.rows if r.thumb is None and r.ok]
     if missing:
@@ -725,12 +781,77 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
         console.print(
             escape(
                 f"html report: {len(run.rows)} rows, {len(pages)} pages, {thumbs.made} thumbnails made "
-                f"({thumbs.reused} reused), {heat_count[0]} heatmaps: open {result.index}"
+                f"({thumbs.reused} reused), {heat_count} heatmaps: open {result.index}"
             ),
             highlight=False,
             soft_wrap=True,
         )
     return result
+
+
+def _build(
+    run: RunReport,
+    metrics: dict[str, Any] | None,
+    config: HtmlConfig,
+    out: OutputDir,
+    roots: Sequence[str],
+    console: Console,
+) -> tuple[list[str], Thumbnailer, int]:
+    """Thumbnails (in threads), pages, then the marker saying the build is complete."""
+    thumbs = Thumbnailer(out, config.thumb_side)
+    allowed = _Roots(roots)
+    heat_dir = Path(config.heatmaps).resolve() if config.heatmaps is not None else None
+    out_abs = out.path.resolve()
+    heat_count = [0]
+
+    def one(row: Row) -> None:
+        row.file, why = allowed.resolve(row.path)
+        if row.file is None:
+            row.thumb_note = why or "image not found at report time (looked under " + ", ".join(roots) + ")"
+        else:
+            try:
+                row.thumb = thumbs.thumbnail(row.file)
+            except ImageError as exc:
+                row.thumb_note = f"no thumbnail: {exc}"
+        if heat_dir is not None and row.ok:
+            try:
+                target = heat_dir / heatmap_relpath(row.path)
+            except ValueError:
+                return
+            # Only a heatmap inside the heatmap folder (a planted link to elsewhere is not read).
+            if _within(os.path.realpath(target), str(heat_dir)) and _is_file_not_link(target):
+                try:
+                    t = thumbs.thumbnail(str(target), "heatmap")
+                except ImageError:
+                    return
+                link = Path(os.path.relpath(target, out_abs)).as_posix()
+                row.heatmap = Thumb(t.src, t.width, t.height, link)
+                heat_count[0] += 1
+
+    workers = config.workers or max(1, min(8, os.cpu_count() or 1))
+    show = console.is_terminal and not config.quiet
+    pool = ThreadPoolExecutor(workers, "cxr-thumb")
+    try:
+        with progress_bar(console, len(run.rows), show, "thumbnails", None, log=not config.quiet) as advance:
+            chunk = 256
+            for start in range(0, len(run.rows), chunk):
+                batch = run.rows[start : start + chunk]
+                for future in [pool.submit(one, row) for row in batch]:
+                    future.result()
+                advance(len(batch))
+    except BaseException:
+        # Ctrl-C, SIGTERM, an output error: stop the threads at their next read, don't wait for them.
+        thumbs.stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+    pages = _write_pages(run, metrics, config, out)
+    try:
+        out.write_text(MARKER, _marker(pages, complete=True))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out.path / MARKER}: {exc.strerror or exc}") from None
+    return pages, thumbs, heat_count[0]
 
 
 # --------------------------------------------------------------------------- pages
@@ -1186,15 +1307,17 @@ def _gallery_links(galleries: Sequence[_Gallery], per_page: int) -> str:
     )
 
 
-def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlConfig, out_dir: Path) -> list[str]:
+def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlConfig, out: OutputDir) -> list[str]:
     galleries = _galleries(run, config.low_confidence)
     written: list[str] = []
 
     def write(name: str, content: str) -> None:
         try:
-            (out_dir / name).write_text(content, encoding="utf-8")
+            out.write_text(name, content)  # atomic; a link named like a page or style.css is replaced
+        except LinkRefused as exc:
+            raise OutputError(f"cannot write {out.path / name}: {exc}") from None
         except OSError as exc:
-            raise OutputError(f"cannot write {out_dir / name}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot write {out.path / name}: {exc.strerror or exc}") from None
         if name.endswith(".html"):
             written.append(name)
 

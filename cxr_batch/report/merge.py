@@ -29,12 +29,11 @@ the runs of every part's ``<part>.provenance.json``, each with the part it came 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import heapq
+import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from rich.console import Console
 
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import MergeError, OutputError
+from cxr_batch.io.safe_write import atomic_file
 from cxr_batch.io.shard import shard_of
 from cxr_batch.report import provenance
 from cxr_batch.report.cells import unescape_cell
@@ -55,6 +55,7 @@ from cxr_batch.report.writer import (
     RunIdentity,
     RunStats,
     _describe_diff,
+    output_format,
     render_summary,
     report_format,
 )
@@ -291,7 +292,7 @@ def _open_parts(config: MergeConfig) -> tuple[list[_Part], Format]:
     for path, f in formats.items():
         if f != fmt:
             raise MergeError(f"{config.parts[0]} is {fmt} but {path} is {f}; merge parts of one format")
-    out_fmt = report_format(config.out)
+    out_fmt = output_format(config.out)
     if out_fmt != fmt:
         raise MergeError(f"the parts are {fmt} but --out {config.out} names a {out_fmt} file; use a .{fmt} name")
     parts = [_Part(i, path, fmt) for i, path in enumerate(config.parts)]
@@ -518,11 +519,12 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
     out = Path(config.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"cannot write {config.out}: {exc.strerror or exc}") from None
     try:
-        with open(fd, "w", encoding=ENCODING, errors=ERRORS, newline="") as stream:
+        # The one output writer: atomic, never through a link, mode as the umask says.
+        with atomic_file(out) as raw:
+            stream = io.TextIOWrapper(raw, encoding=ENCODING, errors=ERRORS, newline="")
             try:
                 stats = _write(parts, fmt, stream, config.expect, streaming=True, paths=paths)
             except _Unsorted:
@@ -530,16 +532,11 @@ def merge_reports(config: MergeConfig, console: Console | None = None) -> MergeS
                 stream.truncate()
                 stats = _write(parts, fmt, stream, config.expect, streaming=False, paths=paths)
             stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):  # a full disk, a part that can't be read: a message, not a traceback
-            if exc.filename is not None and exc.filename != tmp:
-                raise MergeError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
-            raise OutputError(f"cannot write {config.out}: {exc.strerror or exc} (nothing was written)") from None
-        raise
+            stream.detach()  # atomic_file syncs and renames the file
+    except OSError as exc:  # a full disk, a part that can't be read: a message, not a traceback
+        if exc.filename is not None and not str(exc.filename).endswith(".tmp"):
+            raise MergeError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {config.out}: {exc.strerror or exc} (nothing was written)") from None
     stats.finish()
     result = MergeStats(stats=stats, parts=len(parts), shards={p.path: p.shard for p in parts}, record=record)
     if record is not None:

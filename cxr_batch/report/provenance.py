@@ -42,7 +42,6 @@ import os
 import platform
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from cxr_batch import __version__
 from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
+from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
 
 if TYPE_CHECKING:
@@ -359,17 +359,6 @@ def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offse
 # --------------------------------------------------------------------------- reading and writing
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def write_record(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
     """Write ``doc`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync the folder.
 
@@ -380,22 +369,9 @@ def write_record(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
     data = json.dumps(doc, indent=2, ensure_ascii=True) + "\n"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        write_file_atomic(target, data.encode("ascii"))  # the one output writer: atomic, never through a link
     except OSError as exc:
         raise OutputError(f"cannot write the provenance record {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the provenance record {path}: {exc.strerror or exc}") from None
-        raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:

@@ -34,7 +34,9 @@ copies. Each SR file is ``DIR/<report path>.sr.dcm`` (``dicomweb:`` dropped from
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 from cxr_batch import __version__
 from cxr_batch.errors import MissingExtraError, OutputError
+from cxr_batch.io.dicom import valid_uid
+from cxr_batch.io.safe_open import open_regular
+from cxr_batch.io.safe_write import OutputDir
+from cxr_batch.io.warning_capture import capture
 from cxr_batch.report.heatmap import heatmap_relpath
 
 if TYPE_CHECKING:
@@ -120,16 +126,112 @@ def quiet_patient_warnings() -> None:
 
 
 def read_source(path: str | os.PathLike[str]) -> Dataset:
-    """The source image's elements of :data:`SOURCE_TAGS` (no pixel data, nothing else)."""
+    """The source image's elements of :data:`SOURCE_TAGS` (no pixel data, nothing else).
+
+    Raises:
+        OSError: the file is not a regular file or can't be read.
+    """
     from pydicom import dcmread
 
-    return dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS))
+    with open_regular(path) as fh:
+        return dcmread(fh, force=True, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS))
+
+
+class SRSourceError(ValueError):
+    """The source image can't give an SR. The message names elements, never their values."""
+
+
+#: The UIDs an SR takes from its source: each must pass the report's own UID check.
+SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _element_name(keyword: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
+
+
+def check_source(source: Dataset, sop_instance_uid: str | None = None) -> None:
+    """Refuse a source whose UIDs an SR would copy fail the report's UID check, or whose
+    SOPInstanceUID is not the one of its row (``sop_instance_uid``).
+
+    Raises:
+        SRSourceError: naming the element, never its value.
+    """
+    for keyword in SOURCE_UIDS:
+        try:
+            value = str(source.get(keyword) or "").strip()
+        except Exception:
+            value = "\0"  # can't even be read: as invalid
+        if not value:
+            raise SRSourceError(f"the source image has no {_element_name(keyword)}")
+        if not valid_uid(value):
+            raise SRSourceError(f"the source image's {_element_name(keyword)} is not a valid UID")
+    if sop_instance_uid is not None and str(source.SOPInstanceUID).strip() != sop_instance_uid:
+        raise SRSourceError(
+            f"the source image's {_element_name('SOPInstanceUID')} is not the one in its report row (the file changed)"
+        )
+
+
+def invalid_elements(source: Dataset) -> list[str]:
+    """The elements of ``source`` (keyword and tag) whose values their VR does not allow."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    bad: list[str] = []
+    for keyword in SOURCE_TAGS:
+        try:
+            elem = source.data_element(keyword)
+            if elem is None:
+                continue
+            values = elem.value if isinstance(elem.value, list | tuple) or elem.VM > 1 else [elem.value]
+            for value in values:
+                if value not in (None, ""):
+                    validate_value(elem.VR, value, config.RAISE)
+        except Exception:
+            bad.append(_element_name(keyword))
+    return bad
+
+
+def why_not_built(exc: BaseException, source: Dataset | None) -> str:
+    """Why an SR could not be built, naming the offending elements and never quoting a value
+    (the libraries' messages quote the patient's own values, so they are never shown)."""
+    if isinstance(exc, SRSourceError):
+        return f"cannot build the SR: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot build the SR: can't read the source image ({exc.strerror or type(exc).__name__})"
+    bad = invalid_elements(source) if source is not None else []
+    if bad:
+        verb = "is not a valid value" if len(bad) == 1 else "are not valid values"
+        return f"cannot build the SR: the source image's {', '.join(bad)} {verb} for its VR"
+    return f"cannot build the SR ({type(exc).__name__}; the details are not shown: they may quote header values)"
 
 
 def _private(value: str, meaning: str) -> Any:
     from highdicom.sr import CodedConcept
 
-    return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=meaning[:64])
+    if len(value) > 16:
+        raise ValueError(f"private code value longer than 16 characters: {value!r}")
+    return CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning[:64])
+
+
+_PLAIN_LABEL = re.compile(r"[a-z0-9][a-z0-9-]{0,13}")
+
+
+def label_key(label: str) -> str:
+    """The private code of a label (at most 14 characters, so ``P-<key>`` fits a code value's 16).
+
+    A plain label (lower-case letters, digits and ``-``, at most 14 characters) is its own key in
+    upper case (``normal`` → ``NORMAL``); any other label gets a readable prefix and 8 hex digits
+    of its sha256 (``COVID_1a2b3c4d``), so labels that differ only in case, in characters a code
+    can't hold, or after 14 characters get different codes (a ``_`` never appears in a plain key).
+    """
+    if _PLAIN_LABEL.fullmatch(label):
+        return label.upper()
+    prefix = re.sub(r"[^A-Z0-9-]", "", label.upper().replace(" ", "-"))[:5]
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{prefix}_{digest}"
 
 
 def label_code(label: str) -> Any:
@@ -139,7 +241,7 @@ def label_code(label: str) -> Any:
     if label in LABEL_CODES:
         value, scheme, meaning = LABEL_CODES[label]
         return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
-    return _private(label.upper().replace(" ", "-"), label)
+    return _private(label_key(label), label)
 
 
 def sr_uids(source: Dataset, sha256: str) -> tuple[str, str]:
@@ -163,10 +265,8 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
     from pydicom.sr.codedict import codes
 
     if not result.ok or result.label is None:
-        raise ValueError("only classified results get an SR")
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not str(source.get(keyword, "")).strip():
-            raise ValueError(f"the source image has no {keyword}")
+        raise SRSourceError("only classified results get an SR")
+    check_source(source)
     source = _with_type2_elements(source)
     series_uid, sop_uid = sr_uids(source, model.sha256)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -178,7 +278,7 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
     no_units = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     measurements = [
         hd.sr.Measurement(
-            name=_private(f"P-{label.upper()}", f"Probability of {label}"),
+            name=_private(f"P-{label_key(label)}", f"Probability of {label}"),
             value=float(result.probs[label]),
             unit=no_units,
             algorithm_id=algorithm,
@@ -282,6 +382,18 @@ def _with_type2_elements(source: Dataset) -> Dataset:
 
     out = PydicomDataset()
     out.update(source)
+    if "SpecificCharacterSet" in out:
+        # An empty value is the default repertoire: dropped when it is the only one, written
+        # ISO 2022 IR 6 when it is the first of several (code extensions), as PS3.3 C.12.1.1.2 says.
+        raw = out.SpecificCharacterSet
+        values = [
+            str(v or "").strip() for v in (raw if isinstance(raw, list | tuple) or hasattr(raw, "append") else [raw])
+        ]
+        if not any(values) or values in (["ISO_IR 6"], ["ISO 2022 IR 6"]):
+            del out.SpecificCharacterSet
+        else:
+            values = [v or "ISO 2022 IR 6" for v in values]
+            out.SpecificCharacterSet = values if len(values) > 1 else values[0]
     for keyword in _TYPE2:
         if keyword not in out:
             out.add_new(keyword, dictionary_VR(keyword), None)
@@ -331,12 +443,28 @@ class SRWriter:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--sr {self.folder}: exists and is not a folder")
+        keys = [label_key(x) for x in model.labels]
+        if len(set(keys)) != len(keys):  # a sha256 prefix collision: never two labels under one code
+            raise OutputError("--sr: two of the model's labels get the same SR code")
         self.model = model
         self.store = store
         self.stats = SRStats()
+        self._out: OutputDir | None = None
 
     def target(self, report_path: str) -> Path:
         return self.folder / sr_relpath(report_path)
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _save(self, sr: Dataset, report_path: str) -> None:
+        """Write one SR atomically under the folder, never through a link (raises OSError)."""
+        if self._out is None:
+            self._out = OutputDir(self.folder)
+        with self._out.atomic(sr_relpath(report_path)) as fh:
+            sr.save_as(fh, enforce_file_format=True)
 
     def write(self, results: Sequence[Result]) -> None:
         """Write (and store) the SRs of one batch, before its rows are written (the notes go in them).
@@ -357,16 +485,21 @@ class SRWriter:
 
     def make(self, r: Result) -> tuple[Dataset | None, str | None]:
         """Build and save the SR of one result: (the SR, None), or (None, why it could not be made)."""
-        try:
-            sr = build_sr(read_source(r.file), r, self.model)
-        except Exception as exc:  # one SR that can't be made must never cost the row
-            return None, f"cannot build the SR: {type(exc).__name__}: {exc}"
-        target = self.target(r.path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            sr.save_as(target, enforce_file_format=True)
-        except OSError as exc:
-            return None, f"cannot write {target}: {exc.strerror or exc}"
+        source: Dataset | None = None
+        # The libraries' warnings quote header values: they never reach stderr or a note.
+        with capture():
+            try:
+                source = read_source(r.file)
+                check_source(source, r.fields["sop_instance_uid"])
+                sr = build_sr(source, r, self.model)
+            except Exception as exc:  # one SR that can't be made must never cost the row
+                return None, why_not_built(exc, source)
+            try:
+                self._save(sr, r.path)
+            except OSError as exc:
+                return None, f"cannot write {self.target(r.path)}: {exc.strerror or exc}"
+            except Exception as exc:
+                return None, f"cannot write {self.target(r.path)} ({type(exc).__name__})"
         return sr, None
 
     def record(self, r: Result, uid: str | None, error: str | None) -> bool:

@@ -148,6 +148,28 @@ def report_format(out: str, fmt: str | None = None) -> Format:
     return "jsonl" if Path(out).suffix.lower() in (".jsonl", ".ndjson") else "csv"
 
 
+#: The suffixes a report file may have, by format (no suffix, as ``/dev/null``, is CSV).
+REPORT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "": "csv"}
+
+
+def output_format(out: str, fmt: str | None = None) -> Format:
+    """The format of a report to write: :func:`report_format`, but a file named like another
+    format (``results.json``, ``results.txt``, ``results.xlsx``) is refused instead of silently
+    getting CSV in it; ``--format`` says what to write into such a name on purpose.
+
+    Raises:
+        OutputError: an unknown suffix without ``fmt``.
+    """
+    if fmt is None and out != "-":
+        suffix = Path(out).suffix.lower()
+        if suffix not in REPORT_SUFFIXES:
+            raise OutputError(
+                f"--out {out}: cxr-batch writes CSV (.csv) or JSON lines (.jsonl, .ndjson), not {suffix}; "
+                "name the file .csv or .jsonl, or pass --format csv|jsonl to write that format under this name"
+            )
+    return report_format(out, fmt)
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """Where and how to write; built from the ``classify`` options."""
@@ -459,14 +481,22 @@ def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str]
         existing, good_end = scan(p, cols, RunIdentity.of(model))
         size = p.stat().st_size
         if good_end < size:
-            with open(p, "r+b") as fh:
-                fh.truncate(good_end)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(p, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             existing.truncated = size - good_end
     except OSError as exc:
         raise OutputError(f"cannot resume the report {path}: {exc.strerror or exc}") from None
     return existing
+
+
+_LINK_REFUSED = (
+    "{out} is a symbolic link to a file; the report is never written through a link "
+    "(remove the link, or name the file it points to)"
+)
 
 
 def open_report(
@@ -518,13 +548,24 @@ def open_report(
         flags = os.O_WRONLY | os.O_CREAT
     else:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    # Never through a link to a file (a planted link would make the run overwrite or append to its
+    # target); a link to a device or a FIFO (/dev/stdout, a named pipe the user made) is a stream.
+    linked = os.path.islink(path)
+    if linked and (not os.path.exists(path) or stat.S_ISREG(os.stat(path).st_mode)):
+        raise OutputError(_LINK_REFUSED.format(out=config.out))
+    nofollow = 0 if linked else getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(path, flags | nofollow | getattr(os, "O_CLOEXEC", 0), 0o666)
     except FileExistsError:
         raise OutputError(f"{config.out} already exists; pass --overwrite or --resume") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(_LINK_REFUSED.format(out=config.out)) from None
         hint = " (a read-only file or folder?)" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
         raise OutputError(f"cannot write the report {config.out}: {exc.strerror or exc}{hint}") from None
+    if linked and stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a link to a file since the check
+        os.close(fd)
+        raise OutputError(_LINK_REFUSED.format(out=config.out))
     existing = Existing()
     try:
         lock_or_refuse(fd, f"the report {config.out}")
@@ -569,6 +610,8 @@ class RunStats:
     drop_ood: bool = False
     #: the precision in use and why (the engine's ``precision_reason``); empty: not shown
     precision_note: str = ""
+    #: outputs asked for that failed (SRs not written or not stored): the run exits 3 then too
+    output_failures: int = 0
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:

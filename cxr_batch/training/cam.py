@@ -31,6 +31,7 @@ import numpy as np
 
 from cxr_batch.contract import CAM_ROLE, CONTRACT_KEY, ModelMeta
 from cxr_batch.errors import MissingExtraError, ModelError
+from cxr_batch.io.safe_write import write_file_atomic
 
 __all__ = ["CAM_ROLE", "add_cam_output"]
 #: Nodes between the pooled features and the classifier that don't change the values.
@@ -212,13 +213,13 @@ def add_cam_to_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | 
     target = Path(out) if out is not None else src
     if CAM_ROLE in meta.outputs:
         if target != src:
-            target.write_bytes(src.read_bytes())
+            write_file_atomic(target, src.read_bytes())
         return target
     updated = add_cam_output(proto, meta, source=str(src))
     for prop in proto.metadata_props:
         if prop.key == CONTRACT_KEY:
             prop.value = updated.to_json()
-    tmp = target.with_name(target.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, target)
+    from cxr_batch.training.onnx_file import save_model
+
+    save_model(proto, target)
     return target

@@ -296,11 +296,12 @@ def _ood_lines(meta: ModelMeta) -> list[str]:
 def write_card(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> Path:
     """Write :func:`card_text` next to the ONNX file (``NAME.md``). ``int8``: the int8 file's
     quantisation facts; None keeps the int8 sibling's (when only the fp32 master changed)."""
+    from cxr_batch.io.safe_write import write_file_atomic
     from cxr_batch.training.onnx_file import read_contract_file
 
     sibling = onnx_path.with_name(onnx_path.stem + "-int8.onnx")
     if int8 is None and sibling.exists():
         int8 = read_contract_file(sibling)[1].extra.get("quantization")
     card = onnx_path.with_suffix(".md")
-    card.write_text(card_text(onnx_path, meta, int8), encoding="utf-8")
+    write_file_atomic(card, card_text(onnx_path, meta, int8))
     return card

@@ -28,7 +28,7 @@ from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
 from cxr_batch.training.card import write_card
-from cxr_batch.training.onnx_file import _onnx, read_contract_file, write_contract
+from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, write_contract
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -114,7 +114,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     try:
         import torch
 
-        from cxr_batch.training.train import build_model
+        from cxr_batch.training.train import build_model, load_checkpoint
     except ImportError as exc:
         raise MissingExtraError("export", "train", "torch, torchvision") from exc
     onnx = _onnx()
@@ -122,10 +122,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     ckpt_path = Path(cfg.checkpoint)
     if not ckpt_path.is_file():
         raise CxrBatchError(f"{ckpt_path}: no such checkpoint")
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CxrBatchError(f"{ckpt_path}: not a cxr-batch checkpoint ({exc})") from None
+    ck = load_checkpoint(ckpt_path)
     labels = list(ck["labels"])
     tcfg = ck["config"]
     size = int(tcfg["image_size"])
@@ -217,7 +214,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
 
     meta = add_cam_output(proto, meta, source=str(out))  # the 'cam' output for heatmaps, checked with onnxruntime
     write_contract(proto, meta)
-    onnx.save(proto, str(out))
+    save_model(proto, out)
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     derive_from_master(out, root, split, cfg, console, parity=x)
@@ -342,7 +339,7 @@ def write_self_checks(
     from cxr_batch.io.preprocess import prepare
 
     console = console or Console(stderr=True)
-    onnx = _onnx()
+    _onnx()  # the train extra is there
     _, meta = read_contract_file(master)
     thumbs = thumbnails(candidates)
     if len(thumbs) == 0:  # no data and no sample images (an installed package): seeded stand-ins
@@ -387,7 +384,7 @@ def write_self_checks(
             "master": master.name,
         }
         write_contract(proto, m.with_updates(extra={**m.extra, SELF_CHECK_KEY: entry}))
-        onnx.save(proto, str(path))
+        save_model(proto, path)
         written[path.name] = entry
         console.print(
             f"self-check written into {path.name}: {len(picked)} reference images, tolerance {tolerance:.3g} "
@@ -622,7 +619,7 @@ def derive_int8(
             extra={**_without_self_check(meta.extra), "quantization": info, "master": fp32.name},
         ),
     )
-    onnx.save(proto, str(out))
+    save_model(proto, out)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
         from cxr_batch.training.ood import fit_model
@@ -654,7 +651,7 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     onnx.checker.check_model(half.model)
     out = fp32.with_name(fp32.stem + "-fp16.onnx")
     tmp = out.with_suffix(".tmp.onnx")
-    onnx.save(half.model, str(tmp))
+    save_model(half.model, tmp)
     if x is None or len(x) == 0:
         x = np.random.default_rng(0).standard_normal((8, 3, *meta.input_size)).astype(np.float32)
     p32, p16 = softmax(ort_logits(fp32, x)), softmax(ort_logits(tmp, x))
@@ -673,7 +670,7 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     }
     proto16 = onnx.load(str(tmp))
     write_contract(proto16, meta.with_updates(precision="fp16", extra=extra))
-    onnx.save(proto16, str(out))
+    save_model(proto16, out)
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out

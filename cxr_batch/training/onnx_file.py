@@ -13,6 +13,7 @@ from typing import Any
 
 from cxr_batch.contract import CONTRACT_KEY, ModelMeta
 from cxr_batch.errors import MissingExtraError, ModelError
+from cxr_batch.io.safe_write import write_file_atomic
 
 
 def _onnx() -> Any:
@@ -68,4 +69,9 @@ def rewrite_contract(path: Path, update: Callable[[ModelMeta], ModelMeta]) -> Mo
     return new
 
 
-__all__ = ["read_contract_file", "rewrite_contract", "write_contract"]
+def save_model(proto: Any, path: str | Path) -> None:
+    """Write an ONNX ModelProto through the one output writer: atomically, never through a link."""
+    write_file_atomic(path, proto.SerializeToString())
+
+
+__all__ = ["read_contract_file", "rewrite_contract", "save_model", "write_contract"]

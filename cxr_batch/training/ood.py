@@ -124,7 +124,7 @@ def fit_model(
     """
     import onnx
 
-    from cxr_batch.training.onnx_file import read_contract_file, write_contract
+    from cxr_batch.training.onnx_file import read_contract_file, save_model, write_contract
 
     console = console or Console(stderr=True)
     proto, meta = read_contract_file(model_path)
@@ -153,6 +153,6 @@ def fit_model(
     write_contract(proto, meta.with_updates(ood=record, outputs={**meta.outputs, "ood_score": OOD_OUTPUT}))
     onnx.checker.check_model(proto)
     target = out or model_path
-    onnx.save(proto, str(target))
+    save_model(proto, target)
     console.print(f"OOD guard: threshold {threshold:.3f} ({record['calibration']}); wrote {target}")
     return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -36,8 +37,10 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
 from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.io.safe_open import open_regular
+from cxr_batch.io.safe_write import atomic_file, write_file_atomic
 from cxr_batch.report.progress import progress_bar
-from cxr_batch.text import markup
+from cxr_batch.text import markup, shown
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +96,55 @@ class History:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = -math.inf
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data a checkpoint may hold and ``torch.load(weights_only=True)`` accepts:
+    dicts, lists, strings, numbers, booleans and None (numpy scalars and arrays become numbers and
+    lists, tuples lists, paths and anything else strings). Tensors are left as they are."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, (int, str)) else k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a cxr-batch checkpoint as plain data only (``weights_only=True``): a checkpoint that
+    holds any other pickled object (which could run code when loaded) is refused, never run.
+
+    Raises:
+        CxrBatchError: the file is missing, not a regular file, damaged, or holds anything but
+            tensors, dicts, lists, strings and numbers.
+    """
+    try:
+        with open_regular(path) as fh:
+            ck = torch.load(fh, map_location=device, weights_only=True)
+    except OSError as exc:
+        raise CxrBatchError(f"{path}: can't read the checkpoint ({exc.strerror or exc})") from None
+    except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            raise CxrBatchError(
+                f"{path}: refused: the checkpoint holds Python objects other than tensors and plain data, "
+                "and loading them could run code; only checkpoints written by cxr-batch train are loaded"
+            ) from None
+        raise CxrBatchError(f"{path}: not a cxr-batch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        raise CxrBatchError(f"{path}: not a cxr-batch checkpoint (no model weights)")
+    return ck
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint atomically (never through a link), as plain data that
+    :func:`load_checkpoint` accepts."""
+    with atomic_file(path) as fh:
+        torch.save(plain(state), fh)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -432,7 +484,8 @@ def train_model(
     if unknown:
         raise DataError(f"the split has labels {sorted(unknown)} that are not among the classes {labels}")
     split.write(split_file)
-    (out / "config.json").write_text(
+    write_file_atomic(
+        out / "config.json",
         json.dumps(
             {
                 **asdict(cfg),
@@ -448,14 +501,14 @@ def train_model(
                 "python": platform.python_version(),
             },
             indent=2,
-        )
+        ),
     )
     roots = {d.source: Path(d.root) for d in sets}
     train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
     train_items, val_items, test_items = ([(p, x) for p, x, _ in part] for part in (train_src, val_src, test_src))
     console.print(f"run folder: {markup(str(out))}", highlight=False, soft_wrap=True)
     console.print(
-        f"[bold]{layout}[/]: {len(split.rows)} files, labels {labels}; "
+        f"[bold]{markup(layout)}[/]: {len(split.rows)} files, labels {markup(labels)}; "
         f"train {len(train_items)} / val {len(val_items)} / test {len(test_items)}; device {device}"
         + (" (autocast)" if amp else "")
     )
@@ -470,7 +523,7 @@ def train_model(
     s_train = [s for (_, _, s), k in zip(train_src, keep_train, strict=True) if k]
     s_val = [s for (_, _, s), k in zip(val_src, keep_val, strict=True) if k]
     for e in err_train + err_val:
-        console.print(f"[yellow]skipped[/] {e}")
+        console.print(f"[yellow]skipped[/] {markup(e)}", highlight=False, soft_wrap=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(len(labels), cfg.weights)
@@ -490,7 +543,7 @@ def train_model(
     history = History()
     start_epoch = 0
     if resume:
-        ck = torch.load(last_path, map_location=device, weights_only=False)
+        ck = load_checkpoint(last_path, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -563,14 +616,12 @@ def train_model(
             "config": asdict(cfg),
             "arch": "resnet18",
         }
-        torch.save(state, out / "last.ckpt.tmp")
-        os.replace(out / "last.ckpt.tmp", last_path)
+        save_checkpoint(state, last_path)
         if improved:
-            torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt.tmp")
-            os.replace(out / "best.ckpt.tmp", out / "best.ckpt")
-        (out / "history.json").write_text(json.dumps(asdict(history), indent=2))
+            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt")
+        write_file_atomic(out / "history.json", json.dumps(asdict(history), indent=2))
         for line in epoch_lines(history.epochs[-1:], labels, header=epoch == start_epoch):
-            console.print(line, highlight=False, soft_wrap=True, markup=False)
+            console.print(shown(line), highlight=False, soft_wrap=True, markup=False)
         if patience_left <= 0:
             console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
             break
@@ -590,7 +641,7 @@ def final_report(
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split, once, through the shared numpy path,
     overall and per source."""
-    ck = torch.load(out / "best.ckpt", map_location=device, weights_only=False)
+    ck = load_checkpoint(out / "best.ckpt", device)
     model = build_model(len(labels)).to(device)
     model.load_state_dict(ck["model"])
     model.float().eval()
@@ -600,7 +651,7 @@ def final_report(
     metrics["split"] = "test"
     metrics["best_epoch"] = ck["history"]["best_epoch"]
     metrics["errors"] = errors
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_file_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     print_metrics(metrics, console, title=f"test split, best epoch {metrics['best_epoch']}")
     print_by_source(metrics["by_source"], console, title="test split per source")
     return metrics
