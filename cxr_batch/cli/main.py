@@ -109,6 +109,11 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     metavar="FILE",
     help="Read more inputs from FILE, one path a line ('-' for stdin).",
 )
+@click.option(
+    "--files-from-dirs",
+    is_flag=True,
+    help="Walk the folders named in --files-from (by default a folder in the list gets an error row).",
+)
 @click.option("--absolute-paths", is_flag=True, help="Write absolute paths instead of paths relative to each input.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 @click.option(
@@ -179,6 +184,7 @@ def classify_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     files_from: Any,
+    files_from_dirs: bool,
     absolute_paths: bool,
     overwrite: bool,
     resume: bool,
@@ -203,6 +209,8 @@ def classify_command(
     web, sr, stow = dicomweb_settings(inputs, files_from, engine_kind, dicomweb)
     if not inputs and files_from is None and web is None:
         raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE, or --dicomweb URL")
+    if files_from_dirs and files_from is None:
+        raise click.UsageError("--files-from-dirs needs --files-from")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume exclude each other")
     if resume and out == "-":
@@ -233,6 +241,7 @@ def classify_command(
             exclude=exclude,
             absolute_paths=absolute_paths,
             listed=listed,
+            list_dirs=files_from_dirs,
         ),
         engine=engine_config(model, device, precision, batch_size, threads),
         report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
