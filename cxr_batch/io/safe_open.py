@@ -113,7 +113,12 @@ class DamagedFileError(CxrBatchError, ValueError):
     """A file's content can't be parsed (not UTF-8, not JSON, nested too deep, NaN in JSON, ...).
 
     A :class:`ValueError` too, so callers that catch a parser's ``ValueError`` handle it.
+    ``reason`` is the message without the name of what was read (for callers that name it).
     """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 def _size_cap(fh: BinaryIO, path: str | os.PathLike[str], max_bytes: int, what: str) -> None:
@@ -232,13 +237,14 @@ def parse_json(
             return json.loads(text)
         return json.loads(text, parse_constant=_no_constant)
     except DamagedFileError as exc:
-        raise DamagedFileError(f"{what} is damaged: {exc}") from None
+        reason = exc.reason
     except RecursionError:
-        raise DamagedFileError(f"{what} is damaged: nested too deep") from None
+        reason = "nested too deep"
     except UnicodeDecodeError:
-        raise DamagedFileError(f"{what} is damaged: not UTF-8 text") from None
+        reason = "not UTF-8 text"
     except ValueError as exc:
-        raise DamagedFileError(f"{what} is damaged: not valid JSON ({exc})") from None
+        reason = f"not valid JSON ({exc})"
+    raise DamagedFileError(f"{what} is damaged: {reason}", reason)
 
 
 def read_json(
@@ -276,4 +282,4 @@ def read_text(
     try:
         return data.decode(encoding, errors)
     except UnicodeDecodeError:
-        raise DamagedFileError(f"{what} is damaged: not {encoding} text") from None
+        raise DamagedFileError(f"{what} is damaged: not {encoding} text", f"not {encoding} text") from None
