@@ -234,3 +234,153 @@ def test_a_huge_line_is_refused_at_its_cap_not_read_whole(run_jsonl: Path, tmp_p
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "a line of the part is too large" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- 13b: self-check images
+
+
+def _bomb(inflated: int) -> str:
+    """base64 of a zlib stream of ``inflated`` zero bytes (about 1/1000 of that size)."""
+    import base64
+    import zlib
+
+    z = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    parts = [z.compress(chunk) for _ in range(inflated >> 20)]
+    parts.append(z.flush())
+    return base64.b64encode(b"".join(parts)).decode("ascii")
+
+
+def _self_check(images: dict[str, object], n: int = 4) -> dict[str, object]:
+    return {
+        "images": images,
+        "logits_fp32": [[0.0, 0.0, 0.0]] * n,
+        "metric": "max_abs_centred_logit_diff",
+        "tolerance": 0.6,
+    }
+
+
+def test_a_self_check_zlib_bomb_inflates_no_further_than_its_declared_shape() -> None:
+    import tracemalloc
+
+    from cxr_batch.engine.selfcheck import decode_images
+
+    doc = {"encoding": "zlib+base64", "dtype": "uint8", "shape": [4, 32, 32], "data": _bomb(256 << 20)}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"does not hold 4×32×32 bytes"):
+            decode_images(doc)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"inflating the self-check images took {peak:,} bytes"
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([100_000, 100_000, 100_000], "more than the 64 images"),
+        ([4, 100_000, 100_000], "pixels a self-check may hold"),
+        ([4, 32.0, 32], "a list of integers"),
+        ([4, True, 32], "a list of integers"),
+        ([0, 32, 32], "N×H×W"),
+        ("4x32x32", "a list of integers"),
+    ],
+)
+def test_a_self_check_with_a_huge_or_odd_declared_shape_is_malformed(
+    shape: object, message: str, make_model, three: list[Path], tmp_path: Path
+) -> None:
+    from conftest import contract
+
+    images = {"encoding": "zlib+base64", "dtype": "uint8", "shape": shape, "data": _bomb(1 << 20)}
+    model = make_model(f"bomb-{abs(hash(str(shape)))}.onnx", meta=contract(extra={"self_check": _self_check(images)}))
+    proc = cli("classify", str(three[0]), "--model", str(model), "--out", str(tmp_path / "r.csv"), "-q", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "'self_check' entry is malformed" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_self_check_bomb_in_a_model_is_refused_within_a_memory_limit(
+    make_model, three: list[Path], tmp_path: Path
+) -> None:
+    """1 GB from 1 MB: refused as malformed in a process limited to 1.5 GB of address space."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, contract
+
+    images = {"encoding": "zlib+base64", "dtype": "uint8", "shape": [4, 32, 32], "data": _bomb(1 << 30)}
+    model = make_model("bomb-1g.onnx", meta=contract(extra={"self_check": _self_check(images)}))
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"{limit}; from cxr_batch.cli.main import main; main()", "classify", str(three[0]),
+         "--model", str(model), "--out", str(tmp_path / "r.csv"), "-q"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "does not hold 4×32×32 bytes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_contract_nested_200000_deep_is_invalid_json_not_a_crash(
+    make_model, three: list[Path], tmp_path: Path
+) -> None:
+    from conftest import contract
+
+    doc = json_dumps(contract())
+    deep = doc[:-1] + ', "extra": {"x": ' + "[" * 200_000 + "]" * 200_000 + "}}"
+    model = make_model("deep-contract.onnx", meta=deep)
+    proc = cli("classify", str(three[0]), "--model", str(model), "--out", str(tmp_path / "r.csv"), "-q", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "metadata is not valid JSON (nested more than 64 levels deep)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def json_dumps(doc: object) -> str:
+    import json
+
+    return json.dumps(doc)
+
+
+# --------------------------------------------------------------------------- 13c: bytes per batch
+
+
+@pytest.mark.slow
+def test_a_large_input_model_runs_smaller_batches_with_bounded_memory(
+    make_model, three: list[Path], tmp_path: Path
+) -> None:
+    """A real ONNX model whose contract asks for 4096×4096 inputs (201 MB an image, ~1 GB with the
+    model's own activations): at the default batch of 16 that is 3.2 GB of input a batch (8 images
+    here: one batch of 8, about 8 GB at the peak); the engine runs batches of 2 (under 512 MiB).
+    Measured here with this test's model on 12 copies: peak RSS 2.0 GB at --batch-size 1, 3.3 GB at 2."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, contract
+
+    model = make_model("big-input.onnx", meta=contract(input_size=[4096, 4096]), size=(4096, 4096))
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(8):
+        shutil.copy(three[i % 3], folder / f"{i:02d}.png")
+    out = tmp_path / "r.csv"
+    measure = (
+        "import resource, runpy, sys, atexit; "
+        "atexit.register(lambda: print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+        "sys.argv = ['cxr-batch'] + sys.argv[1:]; "
+        "from cxr_batch.cli.main import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", measure, "classify", str(folder), "--model", str(model), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [r["status"] for r in rows(out)] == ["ok"] * 8
+    record = json.loads(Path(f"{out}.provenance.json").read_text())
+    assert record["runs"][-1]["settings"]["batch_size"] == 2, record["runs"][-1]["settings"]
+    assert "batches of 2 images, not 16" in proc.stderr
+    maxrss = int(proc.stderr.rsplit("maxrss_kb", 1)[1].split()[0]) * 1024
+    # One batch of all 8 would hold 8 inputs (1.6 GB) and the activations of 8 images at once.
+    assert maxrss < 5_000_000_000, f"peak memory {maxrss:,} bytes"

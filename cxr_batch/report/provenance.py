@@ -834,6 +834,8 @@ def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = Fal
     the device, precision and threads asked for, and the engine (local or Ray)."""
     settings: dict[str, Any] = {"batch_size": engine.batch_size, "threads_requested": engine.threads}
     real = getattr(classifier, "run_settings", None)
+    if callable(real):  # Classifier.run_settings is a method: the batch size that really runs, streams, ...
+        real = real()
     if isinstance(real, dict):
         settings.update(real)
     if ray:
