@@ -384,3 +384,140 @@ def test_a_large_input_model_runs_smaller_batches_with_bounded_memory(
     maxrss = int(proc.stderr.rsplit("maxrss_kb", 1)[1].split()[0]) * 1024
     # One batch of all 8 would hold 8 inputs (1.6 GB) and the activations of 8 images at once.
     assert maxrss < 5_000_000_000, f"peak memory {maxrss:,} bytes"
+
+
+# --------------------------------------------------------------------------- 13a: codestream size
+
+
+def _compressed_dicom(src: Path, path: Path, fmt: str, patch: object = None) -> Path:
+    """A real X-ray at 64×64, compressed as JPEG (baseline) or JPEG 2000, in a DICOM whose header
+    says 64×64; ``patch(codestream) -> codestream`` forges the codestream's own size."""
+    import io
+
+    pydicom = pytest.importorskip("pydicom")
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+
+    buf = io.BytesIO()
+    img = Image.open(src).convert("L").resize((64, 64))
+    if fmt == "j2k":
+        img.save(buf, "JPEG2000", irreversible=False, no_jp2=True)
+        tsyntax = JPEG2000Lossless
+    else:
+        img.save(buf, "JPEG", quality=90)
+        tsyntax = JPEGBaseline8Bit
+    stream = buf.getvalue()
+    if patch is not None:
+        stream = patch(stream)  # type: ignore[operator]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = tsyntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    del pydicom
+    return path
+
+
+def _j2k_size(width: int, height: int):  # type: ignore[no-untyped-def]
+    import struct
+
+    def patch(stream: bytes) -> bytes:
+        at = stream.index(b"\xff\x4f\xff\x51")
+        return stream[: at + 8] + struct.pack(">II", width, height) + stream[at + 16 :]
+
+    return patch
+
+
+def _jpeg_size(width: int, height: int):  # type: ignore[no-untyped-def]
+    import struct
+
+    def patch(stream: bytes) -> bytes:
+        at = stream.index(b"\xff\xc0")
+        return stream[: at + 5] + struct.pack(">HH", height, width) + stream[at + 9 :]
+
+    return patch
+
+
+@pytest.mark.parametrize(
+    ("fmt", "patch", "message"),
+    [
+        ("j2k", _j2k_size(20000, 20000), "its JPEG 2000 codestream is 20000×20000 pixels, the limit"),
+        ("j2k", _j2k_size(8000, 8000), "its JPEG 2000 codestream is 8000×8000 pixels but its header says 64×64"),
+        ("j2k", _j2k_size(0, 64), "its codestream says the image is 0×64 pixels"),
+        ("jpeg", _jpeg_size(20000, 20000), "its JPEG codestream is 20000×20000 pixels, the limit"),
+        ("jpeg", _jpeg_size(8000, 8000), "its JPEG codestream is 8000×8000 pixels but its header says 64×64"),
+        ("jpeg", _jpeg_size(64, 0), "its codestream says the image is 64×0 pixels"),
+        ("jpeg", _jpeg_size(0, 0), "its codestream says the image is 0×0 pixels"),
+    ],
+)
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
+    fmt: str, patch: object, message: str, three: list[Path], tmp_path: Path
+) -> None:
+    import tracemalloc
+
+    from cxr_batch.errors import ImageError
+    from cxr_batch.io.preprocess import decode
+
+    forged = _compressed_dicom(three[0], tmp_path / "forged.dcm", fmt, patch)
+    assert forged.stat().st_size < 16_000  # a few kilobytes that would decode to up to 800 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=message):
+            decode(forged, (32, 32))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak:,} bytes"
+
+
+@pytest.mark.parametrize("fmt", ["j2k", "jpeg"])
+def test_an_honest_compressed_dicom_still_decodes(fmt: str, three: list[Path], tmp_path: Path) -> None:
+    from cxr_batch.io.preprocess import decode
+
+    ok = _compressed_dicom(three[0], tmp_path / "ok.dcm", fmt)
+    decoded = decode(ok, (32, 32))
+    assert (decoded.width, decoded.height) == (64, 64) and decoded.grey.std() > 0.01
+
+
+@pytest.mark.slow
+def test_a_forged_jpeg2000_dicom_is_an_error_row_in_a_bounded_process(
+    three: list[Path], tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """8 KB that openjpeg would decode into an 8000×8000 frame: an error row, and the process stays small."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _compressed_dicom(three[0], folder / "forged.dcm", "j2k", _j2k_size(8000, 8000))
+    _compressed_dicom(three[1], folder / "honest.dcm", "j2k")
+    out = tmp_path / "r.csv"
+    measure = (
+        "import resource, sys, atexit; "
+        "atexit.register(lambda: print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+        "from cxr_batch.cli.main import main; main()"
+    )
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", measure, "classify", str(folder), "--model", str(tiny_onnx), "--out", str(out), "-q"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    got = {r["path"]: r for r in rows(out)}
+    assert got["honest.dcm"]["status"] == "ok"
+    assert "8000×8000 pixels but its header says 64×64" in got["forged.dcm"]["error"]
+    maxrss = int(proc.stderr.rsplit("maxrss_kb", 1)[1].split()[0]) * 1024
+    assert maxrss < 400_000_000, f"{maxrss:,} bytes"  # unchecked, decoding it took a process to 517 MB
