@@ -521,3 +521,50 @@ def test_a_forged_jpeg2000_dicom_is_an_error_row_in_a_bounded_process(
     assert "8000×8000 pixels but its header says 64×64" in got["forged.dcm"]["error"]
     maxrss = int(proc.stderr.rsplit("maxrss_kb", 1)[1].split()[0]) * 1024
     assert maxrss < 400_000_000, f"{maxrss:,} bytes"  # unchecked, decoding it took a process to 517 MB
+
+
+# --------------------------------------------------------------------------- 13d: train's hashes, lists read whole
+
+
+def test_train_split_refuses_a_sparse_4gb_image_instead_of_hashing_it(three: list[Path], tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    from cxr_batch.errors import DataError
+    from cxr_batch.io.labelled import find_labelled, make_split
+
+    root = tmp_path / "data"
+    for label in ("normal", "covid", "viral"):
+        (root / label).mkdir(parents=True)
+    for i, src in enumerate(three):
+        for label in ("normal", "covid", "viral"):
+            shutil.copy(src, root / label / f"{i}.png")
+    with open(root / "covid" / "huge.png", "wb") as fh:
+        fh.truncate(4 << 30)  # 4 GB of holes: hashing it reads 4 GB
+    data = find_labelled(root)
+    start = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"huge.png is too large \(4,294,967,296 bytes"):
+            make_split(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 10 and peak < 16 << 20
+    (root / "covid" / "huge.png").unlink()
+    split = make_split(find_labelled(root))
+    assert len(split.rows) == 9 and all(len(r[3]) == 64 for r in split.rows)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "sparse"])
+def test_split_and_labels_files_are_read_through_the_opener(kind: str, tmp_path: Path) -> None:
+    from cxr_batch.errors import DataError
+    from cxr_batch.evaluation.evaluate import csv_truth
+    from cxr_batch.io.labelled import Split
+
+    target = tmp_path / "split.csv"
+    _hostile(kind, target)
+    with pytest.raises(DataError, match="split file"):
+        Split.read(target)
+    with pytest.raises(DataError, match="labels file"):
+        csv_truth(target, tmp_path, ("normal", "viral", "covid"))

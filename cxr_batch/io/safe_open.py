@@ -90,6 +90,11 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
 MAX_JSON_BYTES = 64 << 20
 #: The longest line a JSONL or CSV report may hold (a row is a few hundred bytes).
 MAX_LINE_BYTES = 1 << 20
+#: The largest list read whole: a labels file, a split file (a row is ~100 bytes: 2 million rows).
+MAX_LIST_BYTES = 256 << 20
+#: The largest image file cxr-batch hashes or reads (a chest radiograph is at most a few hundred
+#: MB even as an uncompressed 16-bit DICOM at the pixel limit); ``train`` refuses larger ones.
+MAX_IMAGE_FILE_BYTES = 1 << 30
 #: The deepest nesting a JSON document may have: cxr-batch's own documents stay under 10.
 MAX_JSON_DEPTH = 64
 
