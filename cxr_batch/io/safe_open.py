@@ -95,6 +95,8 @@ MAX_LIST_BYTES = 256 << 20
 #: The largest image file cxr-batch hashes or reads (a chest radiograph is at most a few hundred
 #: MB even as an uncompressed 16-bit DICOM at the pixel limit); ``train`` refuses larger ones.
 MAX_IMAGE_FILE_BYTES = 1 << 30
+#: The largest model file read into memory (protobuf's own limit for an ONNX file is 2 GiB).
+MAX_MODEL_BYTES = 2 << 30
 #: The deepest nesting a JSON document may have: cxr-batch's own documents stay under 10.
 MAX_JSON_DEPTH = 64
 
