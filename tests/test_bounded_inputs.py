@@ -389,7 +389,7 @@ def test_a_large_input_model_runs_smaller_batches_with_bounded_memory(
 # --------------------------------------------------------------------------- 13a: codestream size
 
 
-def _compressed_dicom(src: Path, path: Path, fmt: str, patch: object = None) -> Path:
+def _compressed_dicom(src: Path, path: Path, fmt: str, patch: object = None, fragment: int = 0) -> Path:
     """A real X-ray at 64×64, compressed as JPEG (baseline) or JPEG 2000, in a DICOM whose header
     says 64×64; ``patch(codestream) -> codestream`` forges the codestream's own size."""
     import io
@@ -423,7 +423,7 @@ def _compressed_dicom(src: Path, path: Path, fmt: str, patch: object = None) -> 
     ds.Rows, ds.Columns = 64, 64
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = encapsulate([stream])
+    ds.PixelData = encapsulate([stream], fragments_per_frame=-(-len(stream) // fragment) if fragment else 1)
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     del pydicom
@@ -460,6 +460,9 @@ def _jpeg_size(width: int, height: int):  # type: ignore[no-untyped-def]
         ("jpeg", _jpeg_size(8000, 8000), "its JPEG codestream is 8000×8000 pixels but its header says 64×64"),
         ("jpeg", _jpeg_size(64, 0), "its codestream says the image is 64×0 pixels"),
         ("jpeg", _jpeg_size(0, 0), "its codestream says the image is 0×0 pixels"),
+        ("jpeg", lambda b: b[:2] + b"\xff\xda\x00\x08" + b[2:], "no frame header before its scan"),
+        ("jpeg", lambda b: b"\x00" + b, "does not start with a JPEG marker"),
+        ("j2k", lambda b: b[:2] + b"\x00\x00" + b[4:], "no frame header"),
     ],
 )
 def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
@@ -482,11 +485,13 @@ def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
     assert peak < 32 << 20, f"{peak:,} bytes"
 
 
+@pytest.mark.parametrize("fragment", [0, 8])
 @pytest.mark.parametrize("fmt", ["j2k", "jpeg"])
-def test_an_honest_compressed_dicom_still_decodes(fmt: str, three: list[Path], tmp_path: Path) -> None:
+def test_an_honest_compressed_dicom_still_decodes(fmt: str, fragment: int, three: list[Path], tmp_path: Path) -> None:
+    """Also with the codestream cut into 8-byte fragments: its size is found across them."""
     from cxr_batch.io.preprocess import decode
 
-    ok = _compressed_dicom(three[0], tmp_path / "ok.dcm", fmt)
+    ok = _compressed_dicom(three[0], tmp_path / "ok.dcm", fmt, fragment=fragment)
     decoded = decode(ok, (32, 32))
     assert (decoded.width, decoded.height) == (64, 64) and decoded.grey.std() > 0.01
 

@@ -65,10 +65,13 @@ def check_first_frame(fh: BinaryIO, pixel_data_at: int, tsyntax: str, rows: int,
         return
     kind = "JPEG 2000" if tsyntax in _J2K else "JPEG"
     size = None
+    prefix = None
     for prefix in _first_frame_prefixes(fh, pixel_data_at):
         size = _j2k_size(prefix) if tsyntax in _J2K else _jpeg_size(prefix)
         if size is not None:
             break
+    if prefix is None:
+        return  # no encapsulated pixel data where the header ended: the decoder says what is wrong
     if size is None:
         raise ImageError(
             f"damaged {kind} pixel data: no frame header (the image's size) in the first "
