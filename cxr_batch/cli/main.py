@@ -107,7 +107,8 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     type=click.File("rb"),
     default=None,
     metavar="FILE",
-    help="Read more inputs from FILE, one path a line ('-' for stdin).",
+    help="Read more inputs from FILE, one path a line ('-' for stdin), or NUL-separated; UTF-8, UTF-16 or "
+    "UTF-32 (with or without a byte-order mark). A folder it names is an error row unless --files-from-dirs.",
 )
 @click.option(
     "--files-from-dirs",
