@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr_batch.errors import ModelError
 from cxr_batch.io.preprocess import RESAMPLE, PreprocessSpec
+from cxr_batch.io.safe_open import DamagedFileError, open_regular, parse_json
 
 if TYPE_CHECKING:  # onnxruntime is a runtime dependency, but keep imports of this module cheap
     import onnxruntime as ort
@@ -96,9 +97,9 @@ class ModelMeta:
     def from_json(cls, text: str, source: str = "model") -> ModelMeta:
         """Parse and validate the contract document. Raises ModelError saying what is wrong."""
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{source}: the '{CONTRACT_KEY}' metadata is not valid JSON ({exc})") from None
+            d = parse_json(text, allow_nan=True, what=f"the '{CONTRACT_KEY}' metadata")  # depth-limited
+        except DamagedFileError as exc:
+            raise ModelError(f"{source}: the '{CONTRACT_KEY}' metadata is not valid JSON ({exc.reason})") from None
         if not isinstance(d, dict):
             raise ModelError(f"{source}: the '{CONTRACT_KEY}' metadata must be a JSON object")
         return cls.from_dict(d, source)
@@ -255,7 +256,7 @@ def check_output_shapes(
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # never a FIFO or a device: that would hash without end
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -233,11 +233,17 @@ def test_exit_codes(runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_pat
 def test_files_from_stdin(runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path) -> None:
     listing = f"{image_dir / 'b.png'}\n{image_dir / 'sub'}\n{image_dir / 'gone.png'}\n".encode()
     out = tmp_path / "r.csv"
-    code, _, _ = invoke(runner, "--files-from", "-", "--model", str(tiny_onnx), "--out", str(out), input=listing)
+    args = ("--files-from", "-", "--model", str(tiny_onnx), "--out", str(out))
+    code, _, _ = invoke(runner, *args, "--files-from-dirs", input=listing)
     assert code == 3
     rows = read_csv(out)
     assert [r["path"] for r in rows] == [str(image_dir / "b.png"), "c.png", str(image_dir / "gone.png")]
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
+    # Without --files-from-dirs the folder a list names is an error row, not walked.
+    code, _, _ = invoke(runner, *args, "--overwrite", input=listing)
+    rows = read_csv(out)
+    assert code == 3 and [r["path"] for r in rows] == [str(image_dir / p) for p in ("b.png", "sub", "gone.png")]
+    assert [r["status"] for r in rows] == ["ok", "error", "error"]
 
 
 def test_quiet_and_summary(runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path) -> None:

@@ -495,7 +495,8 @@ def test_corrupt_compressed_pixel_data_is_an_error_row(pydicom: Any, tmp_path: P
     ds = pydicom.dcmread(RG1_J2KI)
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 300])
     ds.save_as(tmp_path / "broken.dcm")
-    with pytest.raises(ImageError, match=r"^cannot decode DICOM pixel data \(JPEG 2000"):
+    # 300 zero bytes after SIZ: a codestream of 0×0 pixels, refused before the decoder runs
+    with pytest.raises(ImageError, match=r"^damaged JPEG 2000 pixel data: its codestream says the image is 0×0"):
         decode(tmp_path / "broken.dcm")
 
 

@@ -142,9 +142,11 @@ def test_read_path_list_keeps_odd_bytes_and_skips_blanks() -> None:
 
 def test_files_from_lists_files_and_folders(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tree)
-    spec = InputSpec(listed=("b.png", "z", "does-not-exist.png"))
+    spec = InputSpec(listed=("b.png", "z", "does-not-exist.png"), list_dirs=True)
     # A listed path that does not exist still gets a row (an error row), so it is kept.
     assert shown(spec) == ["b.png", "deep/x.bmp", "does-not-exist.png"]
+    # Without list_dirs (--files-from-dirs) a listed folder is one error row, not walked.
+    assert shown(InputSpec(listed=("b.png", "z"))) == ["b.png", "z"]
 
 
 def test_unreadable_subfolder_is_an_error_row_not_a_crash(

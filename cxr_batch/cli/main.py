@@ -111,7 +111,13 @@ def _provenance_option(default_help: str) -> Callable[[FC], FC]:
     type=click.File("rb"),
     default=None,
     metavar="FILE",
-    help="Read more inputs from FILE, one path a line ('-' for stdin).",
+    help="Read more inputs from FILE, one path a line ('-' for stdin), or NUL-separated; UTF-8, UTF-16 or "
+    "UTF-32 (with or without a byte-order mark). A folder it names is an error row unless --files-from-dirs.",
+)
+@click.option(
+    "--files-from-dirs",
+    is_flag=True,
+    help="Walk the folders named in --files-from (by default a folder in the list gets an error row).",
 )
 @click.option("--absolute-paths", is_flag=True, help="Write absolute paths instead of paths relative to each input.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
@@ -189,6 +195,7 @@ def classify_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     files_from: Any,
+    files_from_dirs: bool,
     absolute_paths: bool,
     overwrite: bool,
     resume: bool,
@@ -214,6 +221,8 @@ def classify_command(
     web, sr, stow = dicomweb_settings(inputs, files_from, engine_kind, dicomweb)
     if not inputs and files_from is None and web is None:
         raise click.UsageError("give at least one INPUT (file or folder), or --files-from FILE, or --dicomweb URL")
+    if files_from_dirs and files_from is None:
+        raise click.UsageError("--files-from-dirs needs --files-from")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume exclude each other")
     if resume and out == "-":
@@ -258,6 +267,7 @@ def classify_command(
             exclude=exclude,
             absolute_paths=absolute_paths,
             listed=listed,
+            list_dirs=files_from_dirs,
         ),
         engine=engine_config(model, device, precision, batch_size, threads),
         report=ReportConfig(out=out, format=output_format(out, fmt), overwrite=overwrite, resume=resume),

@@ -32,11 +32,13 @@ from cxr_batch.engine.postprocess import softmax
 from cxr_batch.engine.selfcheck import CheckResult, run_self_check
 from cxr_batch.engine.types import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from cxr_batch.engine.types import DEVICES as DEVICES
+from cxr_batch.engine.types import MAX_BATCH_BYTES as MAX_BATCH_BYTES
 from cxr_batch.engine.types import PRECISIONS as PRECISIONS
 from cxr_batch.engine.types import Device as Device
 from cxr_batch.engine.types import EngineConfig as EngineConfig
 from cxr_batch.engine.types import Precision as Precision
 from cxr_batch.engine.types import Result as Result
+from cxr_batch.engine.types import bounded_batch
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_file
@@ -607,6 +609,15 @@ class Classifier:
         self._made = 0
         self._made_lock = threading.Lock()
         meta = self._loaded.meta
+        #: the batch size that runs: the requested one, smaller for large inputs (MAX_BATCH_BYTES)
+        self._batch = bounded_batch(config.batch_size, meta.input_size)
+        self._batch_notice: tuple[str, ...] = ()
+        if self._batch < config.batch_size:
+            self._batch_notice = (
+                f"the model's input is {meta.input_size[0]}×{meta.input_size[1]}: batches of {self._batch} "
+                f"images, not {config.batch_size}, to keep each batch's input under "
+                f"{MAX_BATCH_BYTES >> 20} MiB",
+            )
         self._output_names = [meta.outputs["logits"], *(meta.outputs[r] for r in config.extra_outputs)]
         # A model with an out-of-distribution guard in its graph (cxr_batch.training.ood) scores every
         # image for free; the contract's ``ood.threshold`` decides ``in_distribution``.
@@ -650,7 +661,7 @@ class Classifier:
     @property
     def notices(self) -> tuple[str, ...]:
         """What the user must be told once: a fallback to fp32 after a failed self-check."""
-        return self._loaded.notices
+        return (*self._loaded.notices, *self._batch_notice)
 
     @property
     def self_check(self) -> CheckResult | None:
@@ -661,7 +672,7 @@ class Classifier:
         """The batch and thread settings as they really run (for the provenance record)."""
         cfg = self.config
         return {
-            "batch_size": cfg.batch_size,
+            "batch_size": self._batch,
             "threads_requested": cfg.threads,
             "streams": self._streams,
             "threads_per_stream": self._threads or physical_cores() or None,  # None: onnxruntime's default
@@ -690,7 +701,7 @@ class Classifier:
             finally:
                 self._idle.put(session)
 
-        size = self.config.batch_size
+        size = self._batch
         chunks = [x[i : i + size] for i in range(0, len(x), size)]
         with ThreadPoolExecutor(max_workers=self._streams, thread_name_prefix="cxr-infer") as runner:
             outs = list(runner.map(run, chunks))
@@ -700,11 +711,12 @@ class Classifier:
         """Like :meth:`classify`, one list per model batch (what the CLI writes and flushes at once)."""
         spec = self.meta.spec
         workers = self.config.decode_workers or default_workers()
-        size = self.config.batch_size
+        size = self._batch
         # Files queued or decoded beyond the batch being collected. With ``streams`` batches
         # running and one waiting for the caller, at most (streams + 2) * size + workers files
-        # are held at any time.
-        ahead = size + workers
+        # are held at any time. A batch made smaller for large inputs also bounds the decoders'
+        # lead (each decoded image is up to MAX_BATCH_BYTES / size).
+        ahead = size + (min(workers, size) if size < self.config.batch_size else workers)
         it = iter(paths)
         pending: deque[Future[_Prepared]] = deque()
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")

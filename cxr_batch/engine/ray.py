@@ -44,6 +44,7 @@ from cxr_batch.engine.classifier import (
 )
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
+from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
 
 #: Model batches per Ray task (by default). Each task has a fixed cost in Ray Data; with 16 the
 #: tiny model ran 257 images/s on two actors against 158 with 4 (1,500 X-rays, this 2-core
@@ -336,7 +337,7 @@ class RayEngine:
             ds = ds.map_batches(
                 _Worker,
                 fn_constructor_kwargs={
-                    "model_bytes": self.model_path.read_bytes(),
+                    "model_bytes": read_bounded(self.model_path, MAX_MODEL_BYTES, what="the model file"),
                     "model_name": self.model_path.name,
                     "engine": worker_engine,
                 },

@@ -31,6 +31,7 @@ import numpy as np
 
 from cxr_batch.contract import ModelMeta
 from cxr_batch.engine.postprocess import softmax
+from cxr_batch.engine.types import bounded_batch
 from cxr_batch.errors import ModelError
 from cxr_batch.io.preprocess import prepare
 
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 
 SELF_CHECK_KEY = "self_check"
 METRIC = "max_abs_centred_logit_diff"
+#: At most this many reference images (the exporter stores 4) ...
+MAX_IMAGES = 64
+#: ... of at most this many pixels in all (N × H × W bytes once inflated; the exporter's are 4 KB):
+#: a hostile contract's zlib stream inflates at most this far (a 4 MB stream can claim 6 GB).
+MAX_PIXELS = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -106,16 +112,31 @@ def decode_images(doc: dict[str, Any]) -> np.ndarray:
     """The contract's images back as (N, H, W) uint8. Raises ValueError when malformed."""
     if doc.get("encoding") != "zlib+base64" or doc.get("dtype") != "uint8":
         raise ValueError(f"unknown image encoding {doc.get('encoding')!r}/{doc.get('dtype')!r}")
-    shape = [int(v) for v in doc["shape"]]
+    shape_doc = doc["shape"]
+    if not isinstance(shape_doc, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape_doc):
+        raise ValueError("images' shape must be a list of integers")
+    shape = list(shape_doc)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"images must be N×H×W, not {shape}")
-    raw = zlib.decompress(base64.b64decode(doc["data"]))
+    n, h, w = shape
+    if n > MAX_IMAGES or n * h * w > MAX_PIXELS:
+        raise ValueError(
+            f"{n} reference images of {h}×{w} pixels: more than the {MAX_IMAGES} images and {MAX_PIXELS:,} "
+            "pixels a self-check may hold"
+        )
+    data = doc["data"]
+    if not isinstance(data, str) or len(data) > 2 * MAX_PIXELS:  # base64 of a stream that can't inflate to less
+        raise ValueError("images' data is not text of a plausible size")
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(base64.b64decode(data, validate=True), n * h * w + 1)  # never more than it may be
+    if len(raw) != n * h * w or inflater.unconsumed_tail:
+        raise ValueError(f"images' data does not hold {n}×{h}×{w} bytes")
     return np.frombuffer(raw, np.uint8).reshape(shape)
 
 
 def reference_inputs(meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The contract's reference tensors (N, 3, H, W), their fp32 logits and the tolerance;
-    None when the contract has no self-check.
+    """The contract's reference images (N, H, W) uint8, their fp32 logits and the tolerance;
+    None when the contract has no self-check. :func:`prepare_references` makes them tensors.
 
     Raises:
         ModelError: the self-check entry is malformed.
@@ -133,11 +154,9 @@ def reference_inputs(meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, float] | 
             raise ValueError(
                 f"logits_fp32 has shape {list(expected.shape)}, expected [{len(grey)}, {len(meta.labels)}]"
             )
-    except (KeyError, TypeError, ValueError, zlib.error) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, zlib.error) as exc:
         raise ModelError(f"invalid model contract: its '{SELF_CHECK_KEY}' entry is malformed ({exc})") from None
-    spec = meta.spec
-    x = np.stack([prepare(g.astype(np.float32) / 255.0, spec) for g in grey])
-    return x, expected, tolerance
+    return grey, expected, tolerance
 
 
 def centred(logits: np.ndarray) -> np.ndarray:
@@ -174,13 +193,26 @@ def run_self_check(session: ort.InferenceSession, meta: ModelMeta) -> CheckResul
     refs = reference_inputs(meta)
     if refs is None:
         return None
-    x, expected, tolerance = refs
+    grey, expected, tolerance = refs
     start = time.perf_counter()
+    step = bounded_batch(len(grey), meta.input_size)  # a batch's input stays under MAX_BATCH_BYTES
+    got_parts = []
     try:
-        got = np.asarray(session.run([meta.outputs["logits"]], {meta.input_name: x})[0])
+        for i in range(0, len(grey), step):
+            x = prepare_references(grey[i : i + step], meta)
+            got_parts.append(np.asarray(session.run([meta.outputs["logits"]], {meta.input_name: x})[0]))
     except Exception as exc:  # onnxruntime's own exception types: a failed check, decided by the caller
-        return CheckResult(len(x), float("inf"), 1.0, 0, tolerance, time.perf_counter() - start, error=str(exc))
+        return CheckResult(len(grey), float("inf"), 1.0, 0, tolerance, time.perf_counter() - start, error=str(exc))
+    try:
+        got = np.concatenate(got_parts)
+    except ValueError:  # outputs of different widths: a shape the comparison refuses
+        got = np.zeros((0, 0))
     return compare(got, expected, tolerance, time.perf_counter() - start)
+
+
+def prepare_references(grey: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """Reference images (N, H, W) uint8 as the model's input tensors (N, 3, H, W), as classify prepares them."""
+    return np.stack([prepare(g.astype(np.float32) / 255.0, meta.spec) for g in grey])
 
 
 __all__ = [
@@ -189,6 +221,7 @@ __all__ = [
     "compare",
     "decode_images",
     "encode_images",
+    "prepare_references",
     "reference_inputs",
     "run_self_check",
 ]

@@ -19,6 +19,16 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
 
 DEFAULT_BATCH_SIZE = 16
+#: The most input bytes one model batch may hold (N × 3 × H × W float32). A model whose contract
+#: asks for large inputs (``input_size`` 4096² is 201 MB an image) runs smaller batches: at the
+#: default 16 images a batch it would need 3.2 GB of input and ~10 GB in all.
+MAX_BATCH_BYTES = 512 << 20
+
+
+def bounded_batch(batch_size: int, input_size: tuple[int, int] | list[int], channels: int = 3) -> int:
+    """``batch_size``, made smaller (never under 1) so that a batch holds at most :data:`MAX_BATCH_BYTES`."""
+    per_image = max(1, channels * int(input_size[0]) * int(input_size[1]) * 4)
+    return max(1, min(batch_size, MAX_BATCH_BYTES // per_image))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ significant digits), so recomputing from the ``--predictions`` CSV gives identic
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_sour
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
+from cxr_batch.io.safe_open import MAX_LIST_BYTES, DamagedFileError, read_text
 from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.report.writer import (
     ReportConfig,
@@ -199,7 +201,9 @@ def csv_truth(
     sources: dict[str, str] = {}
     unknown: Counter[str] = Counter()
     try:
-        with open(src, newline="", encoding="utf-8-sig") as fh:
+        # a regular file of bounded size (never a FIFO or /dev/zero), read through the one opener
+        text = read_text(src, MAX_LIST_BYTES, what="the labels file", encoding="utf-8-sig")
+        with io.StringIO(text, newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
                 raise DataError(f"{src}: a labels file needs a header with the columns path,label")
@@ -241,7 +245,7 @@ def csv_truth(
                 sources[shown] = src_name
     except OSError as exc:
         raise DataError(f"cannot read the labels file {src}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, DamagedFileError, csv.Error) as exc:
         raise DataError(f"{src}: not a UTF-8 CSV file ({exc})") from None
     skipped = [
         {"label": label, "files": n, "reason": "the model has no such label"} for label, n in sorted(unknown.items())

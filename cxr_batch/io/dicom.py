@@ -369,6 +369,7 @@ def _load_first_frame(fh: BinaryIO) -> tuple[Dataset, np.ndarray]:
         header = None
     else:
         header = _read_header(fh)
+        pixel_data_at = fh.tell()  # the header read stops at the Pixel Data element
         _check_frame_size(header)  # before reading any pixel data
     tsyntax = header.file_meta.get("TransferSyntaxUID") if header is not None else None
     # pixel_array(file) needs a file meta header and can't inflate deflated datasets.
@@ -381,6 +382,8 @@ def _load_first_frame(fh: BinaryIO) -> tuple[Dataset, np.ndarray]:
         ds = header
     tsyntax = ds.file_meta.TransferSyntaxUID
     _check_decoder(tsyntax)
+    if streamable:  # the codestream's own size, before a decoder sizes its output from it
+        _check_codestream(fh, pixel_data_at, ds, tsyntax)
     # From a file, pixel_array reads past the header to frame 1 and decodes only that frame, so
     # memory stays about one frame whatever the number of frames.
     fh.seek(0)
@@ -495,6 +498,14 @@ def _check_frame_size(ds: Dataset) -> None:
     rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
     if limit and rows * cols > limit:
         raise ImageError(f"image too large (decompression-bomb guard): {cols}×{rows} pixels, the limit is {int(limit)}")
+
+
+def _check_codestream(fh: BinaryIO, pixel_data_at: int, ds: Dataset, tsyntax: Any) -> None:
+    """A JPEG / JPEG 2000 frame whose codestream is not Rows×Columns is refused before decoding."""
+    from cxr_batch.io.codestream import check_first_frame
+
+    rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+    check_first_frame(fh, pixel_data_at, str(tsyntax), rows, cols, int(Image.MAX_IMAGE_PIXELS or 0))
 
 
 def _check_decoder(tsyntax: Any) -> None:

@@ -20,7 +20,7 @@ import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from cxr_batch.errors import InputError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
@@ -50,8 +50,11 @@ class InputSpec:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     absolute_paths: bool = False
-    #: One path a line (already read from ``--files-from``); files or folders.
+    #: One path a line (already read from ``--files-from``): files, or folders with ``list_dirs``.
     listed: tuple[str, ...] = ()
+    #: Walk a folder the list names (``--files-from-dirs``). Off by default: a list names files,
+    #: and a list read wrongly (``/`` from a UTF-16 file taken byte by byte) must not walk the disk.
+    list_dirs: bool = False
     #: What the run writes (the report, the heatmap folder): never taken as inputs, even when
     #: they lie inside an input folder (compared by device and inode, so any spelling or link).
     outputs: tuple[str, ...] = ()
@@ -97,6 +100,12 @@ def read_path_list(stream: BinaryIO, name: str = "--files-from") -> list[str]:
         InputError: a record too long or empty (NUL mode), or a NUL byte inside a line.
     """
     head = stream.read(_CHUNK)
+    encoding, bom = list_encoding(head)
+    if encoding != "utf-8":
+        stream = cast(BinaryIO, _Transcoded(stream, head[bom:], encoding, name))
+        head = stream.read(_CHUNK)
+    elif bom:
+        head = head[bom:]
     if b"\0" in head:
         return _read_nul_separated(stream, head, name)
     out: list[str] = []
@@ -138,6 +147,78 @@ def read_path_list(stream: BinaryIO, name: str = "--files-from") -> list[str]:
                 take(pending)
             return out
         pending += more
+
+
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe\0\0", "utf-32-le"),  # before UTF-16 LE, whose mark it starts with
+    (b"\0\0\xfe\xff", "utf-32-be"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
+
+
+def list_encoding(head: bytes) -> tuple[str, int]:
+    """The encoding of a path list from its first bytes, and the length of its byte-order mark.
+
+    A byte-order mark decides (Windows PowerShell writes UTF-16 LE with one; Notepad may add
+    one to UTF-8). Without one, UTF-16 and UTF-32 are told from a NUL-separated list by where
+    the NUL bytes fall: text in UTF-16 LE has a NUL in (nearly) every second byte, in UTF-32 LE
+    three in every four, and no 16- or 32-bit unit is all zero (no path holds a NUL character);
+    a NUL-separated list has a NUL only at the end of each path. Anything else is UTF-8 (or the
+    file system's bytes), as before.
+    """
+    for mark, encoding in _BOMS:
+        if head.startswith(mark):
+            return encoding, len(mark)
+    sample = head[:4096]
+    if len(sample) < 2 or b"\0" not in sample:
+        return "utf-8", 0
+    n4 = len(sample) // 4 * 4
+    if n4 >= 4:
+        units = [sample[i : i + 4] for i in range(0, n4, 4)]
+        if all(u[2:] == b"\0\0" and u[:2] != b"\0\0" for u in units):
+            return "utf-32-le", 0
+        if all(u[:2] == b"\0\0" and u[2:] != b"\0\0" for u in units):
+            return "utf-32-be", 0
+    n2 = len(sample) // 2 * 2
+    pairs = [sample[i : i + 2] for i in range(0, n2, 2)]
+    if b"\0\0" not in pairs:
+        if sum(p[1] == 0 for p in pairs) >= 0.9 * len(pairs):
+            return "utf-16-le", 0
+        if sum(p[0] == 0 for p in pairs) >= 0.9 * len(pairs):
+            return "utf-16-be", 0
+    return "utf-8", 0
+
+
+class _Transcoded:
+    """A UTF-16/32 list read as the UTF-8 bytes of the same text, chunk by chunk (bounded memory)."""
+
+    def __init__(self, stream: BinaryIO, head: bytes, encoding: str, name: str) -> None:
+        import codecs
+
+        self._stream = stream
+        self._pending = head
+        self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+        self._encoding = encoding
+        self._name = name
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._done:
+            raw = self._pending or self._stream.read(_CHUNK)
+            self._pending = b""
+            try:
+                text = self._decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError:
+                raise InputError(
+                    f"{self._name}: the list looks like {self._encoding.upper()} text but is not valid "
+                    f"{self._encoding.upper()}; save it as UTF-8 (one path a line)"
+                ) from None
+            self._done = not raw
+            if text:
+                return os.fsencode(text)
+        return b""
 
 
 def _read_nul_separated(stream: BinaryIO, head: bytes, name: str) -> list[str]:
@@ -386,7 +467,9 @@ def iter_inputs(
         if not os.path.lexists(arg):
             raise InputError(f"input path does not exist: {arg}")
     for arg, from_list in [(a, False) for a in spec.paths] + [(a, True) for a in spec.listed]:
-        if _is_dir_path(arg):
+        if from_list and not spec.list_dirs and _is_dir_path(arg):
+            yield from emit([_listed_folder(arg, spec)])
+        elif _is_dir_path(arg):
             yield from emit(walker.walk(arg))
         elif walker.is_output(arg):
             walker.warnings.append(f"skipped {arg}: it is this run's own output")
@@ -399,6 +482,16 @@ def iter_inputs(
         if skipped is not None:
             skipped.update(walker.skipped)
             walker.skipped.clear()
+
+
+def _listed_folder(path: str, spec: InputSpec) -> InputFile:
+    """The error row of a folder named in ``--files-from`` without ``--files-from-dirs``: never walked."""
+    return InputFile(
+        path,
+        os.path.abspath(path) if spec.absolute_paths else path,
+        error="a folder, named in --files-from: not walked (a list names files; "
+        "pass --files-from-dirs to classify the folders it names)",
+    )
 
 
 def _is_dir_path(path: str) -> bool:

@@ -14,6 +14,14 @@ from pathlib import Path
 
 from cxr_batch.errors import DataError
 from cxr_batch.io.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from cxr_batch.io.safe_open import (
+    MAX_IMAGE_FILE_BYTES,
+    MAX_LIST_BYTES,
+    DamagedFileError,
+    FileTooLargeError,
+    open_bounded,
+    read_text,
+)
 from cxr_batch.io.safe_write import write_file_atomic
 
 #: The three classes of the COVID-19 Radiography Database, in model order.
@@ -152,7 +160,24 @@ def find_labelled(root: str | Path, classes: Sequence[str] | None = None) -> Lab
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of an image file, read in chunks; only a regular file of at most
+    :data:`~cxr_batch.io.safe_open.MAX_IMAGE_FILE_BYTES` (a sparse 4 GB file is refused, not hashed).
+
+    Raises:
+        DataError: not a regular file, too large, or unreadable.
+    """
+    try:
+        with open_bounded(path, MAX_IMAGE_FILE_BYTES, what=f"{path}") as fh:
+            h = hashlib.sha256()
+            left = MAX_IMAGE_FILE_BYTES + 1
+            while left > 0 and (chunk := fh.read(min(1 << 20, left))):
+                h.update(chunk)
+                left -= len(chunk)
+            if left <= 0:  # it grew past the cap while being read
+                raise FileTooLargeError(path, f"{path}", MAX_IMAGE_FILE_BYTES)
+    except OSError as exc:
+        raise DataError(f"cannot use {path} as a training image: {exc.strerror or exc}") from None
+    return h.hexdigest()
 
 
 #: Where a split's files are: one root for every row, or one root per source name.
@@ -233,11 +258,22 @@ class Split:
 
     @classmethod
     def read(cls, path: Path) -> Split:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            text = read_text(path, MAX_LIST_BYTES, what="the split file", encoding="utf-8-sig")
+        except OSError as exc:
+            raise DataError(f"cannot read the split file {path}: {exc.strerror or exc}") from None
+        except DamagedFileError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        with io.StringIO(text, newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
                 raise DataError(f"{path}: a split file needs the columns path,label,split")
-            rows = [(r["path"], r["label"], r["split"], r.get("sha256") or "", r.get("source") or "") for r in reader]
+            try:
+                rows = [
+                    (r["path"], r["label"], r["split"], r.get("sha256") or "", r.get("source") or "") for r in reader
+                ]
+            except csv.Error as exc:
+                raise DataError(f"{path}: not valid CSV ({exc})") from None
         bad = {r[2] for r in rows} - {"train", "val", "test"}
         if bad:
             raise DataError(f"{path}: unknown split names {sorted(bad)}")

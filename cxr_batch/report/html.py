@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import numpy as np
@@ -53,14 +53,22 @@ from cxr_batch import __version__
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import ImageError, InputError, OutputError
 from cxr_batch.io.preprocess import decode, resize_grey
-from cxr_batch.io.safe_open import NotRegularFileError, check_regular, open_regular
+from cxr_batch.io.safe_open import (
+    FileTooLargeError,
+    NotRegularFileError,
+    check_regular,
+    iter_lines,
+    open_regular,
+    parse_json,
+    read_json,
+)
 from cxr_batch.io.safe_write import LinkRefused, OutputDir, is_temporary_name
 from cxr_batch.redact import redact_record
 from cxr_batch.report.cells import unescape_cell
 from cxr_batch.report.heatmap import heatmap_relpath, overlay_size
 from cxr_batch.report.lock import lock_or_refuse
 from cxr_batch.report.progress import progress_bar
-from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, report_format
+from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, jsonl_row_problem, report_format
 
 #: Cards per gallery page.
 PER_PAGE = 200
@@ -198,10 +206,26 @@ def _str(value: Any) -> str | None:
     return str(value)
 
 
+def _open_report(path: str) -> BinaryIO:
+    try:
+        return open_regular(path)
+    except OSError as exc:
+        raise InputError(f"cannot read the report {path}: {exc.strerror or exc}") from None
+
+
+def _report_lines(fh: BinaryIO, path: str, text: bool = True) -> Iterator[Any]:
+    """The report's lines (text, or bytes), each bounded: a report is read as a stream."""
+    try:
+        for raw in iter_lines(fh, path, what="a line of the report"):
+            yield raw.decode(ENCODING, ERRORS) if text else raw
+    except FileTooLargeError as exc:
+        raise InputError(f"{path}: {exc}; not a cxr-batch report?") from None
+
+
 def _csv_records(path: str) -> Iterator[tuple[int, dict[str, str] | None, list[str]]]:
     """(row number, row or None when partial, header) for each CSV row."""
-    with open(path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
-        reader = csv.reader(fh, strict=True)
+    with _open_report(path) as fh:
+        reader = csv.reader(_report_lines(fh, path), strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -229,15 +253,15 @@ def _csv_records(path: str) -> Iterator[tuple[int, dict[str, str] | None, list[s
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any] | None, list[str]]]:
     header: list[str] | None = None
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+    with _open_report(path) as fh:
+        for number, raw in enumerate(_report_lines(fh, path, text=False), start=1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode(ENCODING, ERRORS))
-            except ValueError:
+                obj = parse_json(raw.decode(ENCODING, ERRORS), what="the row")
+            except ValueError:  # not JSON, NaN/Infinity, nested too deep
                 obj = None
-            if not isinstance(obj, dict):
+            if not isinstance(obj, dict) or jsonl_row_problem(obj) is not None:
                 yield number, None, header or []
                 continue
             if header is None:
@@ -359,8 +383,8 @@ def _provenance(report: str) -> Any:
     p = Path(report)
     for candidate in (p.with_name(p.name + ".provenance.json"), p.with_suffix(".provenance.json")):
         try:
-            if candidate.is_file() and candidate.stat().st_size <= PROVENANCE_MAX_BYTES:
-                return json.loads(candidate.read_text(encoding="utf-8", errors="replace"))
+            if candidate.is_file():
+                return read_json(candidate, PROVENANCE_MAX_BYTES, what="the provenance record")
         except (OSError, ValueError):
             continue
     return None
@@ -373,11 +397,11 @@ def read_metrics(path: str) -> dict[str, Any]:
         InputError: the file can't be read or is not a metrics document.
     """
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = read_json(path, what="the metrics file", allow_nan=True)  # files from older versions may hold NaN
     except OSError as exc:
         raise InputError(f"cannot read the metrics file {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise InputError(f"{path} is not JSON ({exc})") from None
+        raise InputError(f"{path} is not a metrics file ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("labels"), list) or "confusion_matrix" not in doc:
         raise InputError(f"{path} is not a metrics file written by 'cxr-batch evaluate --out'")
     return doc

@@ -37,12 +37,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from rich.console import Console
 
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import MergeError, OutputError
+from cxr_batch.io.safe_open import DamagedFileError, FileTooLargeError, iter_lines, open_regular, parse_json
 from cxr_batch.io.safe_write import atomic_file
 from cxr_batch.io.shard import shard_of
 from cxr_batch.report import provenance
@@ -55,6 +56,7 @@ from cxr_batch.report.writer import (
     RunIdentity,
     RunStats,
     _describe_diff,
+    jsonl_row_problem,
     output_format,
     render_summary,
     report_format,
@@ -145,7 +147,7 @@ class _Part:
         self.counts = provenance.Counts()
         size = os.path.getsize(path)
         if size:
-            with open(path, "rb") as fh:
+            with self._open() as fh:
                 fh.seek(-1, os.SEEK_END)
                 if fh.read(1) != b"\n":
                     raise MergeError(
@@ -155,14 +157,14 @@ class _Part:
         if fmt == "csv":
             if not size:
                 raise MergeError(f"{path} is empty (not even a header): did that shard's run fail before it started?")
-            with open(path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
-                header = next(csv.reader(fh), None)
+            with self._open() as fh:
+                header = next(csv.reader(self._lines(fh)), None)
             if header and header[0].startswith(_BOM):  # saved by a spreadsheet or an editor
                 header[0] = header[0][len(_BOM) :]
             self.columns = header
         else:
-            with open(path, "rb") as fh:
-                first = fh.readline()
+            with self._open() as fh:
+                first = next(self._raw_lines(fh), b"")
             if first:
                 self.columns = list(self._json(first.decode(ENCODING, ERRORS).removeprefix(_BOM), 1))
         if self.columns is not None:
@@ -177,11 +179,28 @@ class _Part:
             if missing:
                 raise MergeError(f"{path} is not a cxr-batch report (no {', '.join(missing)} column)")
 
+    def _open(self) -> BinaryIO:
+        try:
+            return open_regular(self.path)
+        except OSError as exc:
+            raise MergeError(f"cannot read part {self.path}: {exc.strerror or exc}") from None
+
+    def _raw_lines(self, fh: BinaryIO) -> Iterator[bytes]:
+        """The part's lines, each bounded (a part is read as a stream, whatever its size)."""
+        try:
+            yield from iter_lines(fh, self.path, what="a line of the part")
+        except FileTooLargeError as exc:
+            raise MergeError(f"{self.path}: {exc}; the part is damaged") from None
+
+    def _lines(self, fh: BinaryIO) -> Iterator[str]:
+        for raw in self._raw_lines(fh):
+            yield raw.decode(ENCODING, ERRORS)
+
     def _json(self, line: str, number: int) -> dict[str, Any]:
         try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
+            obj = parse_json(line, what="the row")
+        except DamagedFileError as exc:
+            raise MergeError(f"{self.path} line {number}: {exc.reason}; a damaged row, the part is damaged") from None
         if not isinstance(obj, dict):
             raise MergeError(f"{self.path}: line {number} is not a JSON object")
         return obj
@@ -195,8 +214,8 @@ class _Part:
     def _csv_rows(self) -> Iterator[_Row]:
         assert self.columns is not None
         cols = self.columns
-        with open(self.path, newline="", encoding=ENCODING, errors=ERRORS) as fh:
-            reader = csv.reader(fh, strict=True)
+        with self._open() as fh:
+            reader = csv.reader(self._lines(fh), strict=True)
             next(reader)
             number = 0
             while True:
@@ -234,8 +253,8 @@ class _Part:
                 yield _Row(walk_key(row["path"]), self.index, number, row["path"], identity, values, record)
 
     def _jsonl_rows(self) -> Iterator[_Row]:
-        with open(self.path, "rb") as fh:
-            for number, raw in enumerate(fh, start=1):
+        with self._open() as fh:
+            for number, raw in enumerate(self._raw_lines(fh), start=1):
                 line = raw.decode(ENCODING, ERRORS)
                 obj = self._json(line.removeprefix(_BOM) if number == 1 else line, number)
                 if number == 1:
@@ -244,18 +263,14 @@ class _Part:
                     raise MergeError(f"{self.path} line {number}: other keys than line 1; the part is damaged")
                 if not isinstance(obj["path"], str):
                     raise MergeError(f"{self.path} line {number}: no path")
-                for c, v in obj.items():
-                    if (
-                        _is_number_column(c)
-                        and v is not None
-                        and (isinstance(v, bool) or not isinstance(v, int | float))
-                    ):
-                        raise MergeError(
-                            f"{self.path} line {number}: {c} is {v!r}, not a number; the part is damaged (edited by hand?)"
-                        )
-                for c in ("status", "model", "model_sha256", "precision"):
+                problem = jsonl_row_problem(obj)  # strings, objects, NaN in numbers; a status not ok/error
+                if problem is not None:
+                    raise MergeError(
+                        f"{self.path} line {number}: {problem}; a damaged row, the part is damaged (edited by hand?)"
+                    )
+                for c in ("model", "model_sha256", "precision"):
                     if not isinstance(obj[c], str):
-                        raise MergeError(f"{self.path} line {number}: {c} is {obj[c]!r}, not text; the part is damaged")
+                        raise MergeError(f"{self.path} line {number}: {c} is not text; the part is damaged")
                 values = {
                     k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")
                 }

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from cxr_batch import __version__
 from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
+from cxr_batch.io.safe_open import iter_lines, open_regular, parse_json, read_json, read_line
 from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
 
@@ -70,6 +71,8 @@ SCHEMA_VERSION = 1
 KIND = "cxr-batch provenance"
 #: The suffix of the record written beside a report.
 SUFFIX = ".provenance.json"
+#: The largest provenance record read back (each run adds a few kilobytes).
+RECORD_MAX_BYTES = 64 << 20
 #: Seconds between the record's checkpoints during a run (so ``kill -9`` loses at most that much of it).
 CHECKPOINT_S = 10.0
 #: How :func:`input_list_sha256` hashes, recorded with the hash so it can be recomputed. Records
@@ -316,19 +319,18 @@ def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offse
     left in the report. A partial last row (its ``run_id`` cut or missing) is not counted.
     """
     import csv
-    import io
 
     from cxr_batch.report.writer import ENCODING, ERRORS
 
     counts = Counts()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # any size: read as a stream, each line bounded
         if fmt == "csv":
-            header = next(csv.reader([fh.readline().decode(ENCODING, ERRORS)]), [])
+            header = next(csv.reader([read_line(fh, path, what="the report's header").decode(ENCODING, ERRORS)]), [])
             if "run_id" not in header:
                 return counts
             fh.seek(max(offset, fh.tell()))
-            text = io.TextIOWrapper(fh, encoding=ENCODING, errors=ERRORS, newline="")
-            reader = csv.reader(text, strict=True)
+            lines = (raw.decode(ENCODING, ERRORS) for raw in iter_lines(fh, path, what="a row of the report"))
+            reader = csv.reader(lines, strict=True)
             while True:
                 try:
                     record = next(reader)
@@ -342,11 +344,11 @@ def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offse
                     counts.add_row(row["status"], row["label"] or None, row["error"] or None, flag)
         else:
             fh.seek(offset)
-            for raw in fh:
+            for raw in iter_lines(fh, path, what="a row of the report"):
                 if not raw.endswith(b"\n"):
                     break
                 try:
-                    obj = json.loads(raw.decode(ENCODING, ERRORS))
+                    obj = parse_json(raw.decode(ENCODING, ERRORS), what="a row of the report")
                 except ValueError:
                     continue
                 if isinstance(obj, dict) and obj.get("run_id") == run_id:
@@ -387,13 +389,11 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
         OutputError: the file can't be read, is not a record, or has a newer schema version.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        doc = read_json(path, RECORD_MAX_BYTES, what="the provenance record")
     except OSError as exc:
         raise OutputError(f"cannot read the provenance record {path}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text)
     except ValueError as exc:
-        raise OutputError(f"{path} is not a valid provenance record (not JSON: {exc})") from None
+        raise OutputError(f"{path} is not a valid provenance record ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list) or "schema_version" not in doc:
         raise OutputError(f"{path} is not a cxr-batch provenance record (no schema_version and runs)")
     version = doc["schema_version"]
@@ -766,6 +766,8 @@ def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = Fal
     the device, precision and threads asked for, and the engine (local or Ray)."""
     settings: dict[str, Any] = {"batch_size": engine.batch_size, "threads_requested": engine.threads}
     real = getattr(classifier, "run_settings", None)
+    if callable(real):  # Classifier.run_settings is a method: the batch size that really runs, streams, ...
+        real = real()
     if isinstance(real, dict):
         settings.update(real)
     if ray:

@@ -36,7 +36,7 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, Protocol
@@ -46,6 +46,7 @@ from rich.table import Table
 
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import OutputError
+from cxr_batch.io.safe_open import DamagedFileError, iter_lines, open_regular, parse_json
 from cxr_batch.report.cells import escape_cell, unescape_cell
 from cxr_batch.report.lock import lock_or_refuse
 from cxr_batch.text import markup
@@ -92,6 +93,55 @@ class RunIdentity:
     @classmethod
     def of(cls, model: str | RunIdentity) -> RunIdentity:
         return model if isinstance(model, RunIdentity) else cls(model)
+
+
+#: Columns holding a number (or nothing) in every report.
+NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score")
+#: The values ``status`` takes.
+STATUSES = ("ok", "error")
+
+
+def is_number_column(name: str) -> bool:
+    return name in NUMBER_COLUMNS or name.startswith("prob_")
+
+
+def jsonl_row_problem(obj: Mapping[str, Any]) -> str | None:
+    """What is wrong with the types of a JSONL report row read back (``None``: nothing).
+
+    A number column holds a finite number or null (never a string, a boolean, an object, NaN or
+    Infinity); ``status`` is ``"ok"`` or ``"error"``; ``in_distribution`` a boolean or null;
+    every other column text or null. What a hand edit or another tool may leave; the callers
+    refuse the row as damaged, naming the column (never quoting a long value).
+    """
+    for key, value in obj.items():
+        if is_number_column(key):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{key} is {_kind(value)}, not a number"
+            if not math.isfinite(value):
+                return f"{key} is {value!r}, not a finite number"
+        elif key == "status":
+            if value not in STATUSES:
+                return f"status is {_kind(value)}, not ok or error"
+        elif key == "in_distribution":
+            if value is not None and not isinstance(value, bool):
+                return f"in_distribution is {_kind(value)}, not true, false or null"
+        elif value is not None and not isinstance(value, str):
+            return f"{key} is {_kind(value)}, not text"
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else "a long text"
+    if isinstance(value, bool):
+        return "a boolean"
+    return repr(value) if isinstance(value, int | float) or value is None else type(value).__name__
 
 
 def _num(value: float | None) -> float | None:
@@ -351,9 +401,9 @@ def check_output(config: ReportConfig) -> None:
         )
 
 
-def _line_offsets(fh: BinaryIO, counter: list[int], complete: list[bool]) -> Iterator[str]:
+def _line_offsets(fh: BinaryIO, path: Path, counter: list[int], complete: list[bool]) -> Iterator[str]:
     """Lines of a binary file as text, keeping the byte offset reached and whether the line ended."""
-    for raw in fh:
+    for raw in iter_lines(fh, path, what="a line of the report"):
         counter[0] += len(raw)
         complete[0] = raw.endswith(b"\n")
         yield raw.decode(ENCODING, ERRORS)
@@ -365,8 +415,8 @@ def _scan_csv(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Exis
     offset, ended = [0], [False]
     good_end = 0
     row_no = 0
-    with open(path, "rb") as fh:
-        reader = csv.reader(_line_offsets(fh, offset, ended), strict=True)
+    with open_regular(path) as fh:
+        reader = csv.reader(_line_offsets(fh, path, offset, ended), strict=True)
         while True:
             try:
                 record = next(reader)
@@ -398,23 +448,28 @@ def _scan_csv(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Exis
 def _scan_jsonl(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
     existing = Existing()
     good_end = 0
-    with open(path, "rb") as fh:
-        for row_no, raw in enumerate(fh, start=1):
+    with open_regular(path) as fh:
+        for row_no, raw in enumerate(iter_lines(fh, path, what="a line of the report"), start=1):
             obj: Any = None
+            why = "not a JSON object"
             if row_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
                 good_end += 3
             if raw.endswith(b"\n"):
                 try:
-                    obj = json.loads(raw.decode(ENCODING, ERRORS))
-                except ValueError:
+                    obj = parse_json(raw.decode(ENCODING, ERRORS), what="the row")
+                except DamagedFileError as exc:  # not JSON, NaN/Infinity, nested too deep
+                    why = f"a damaged row: {exc.reason}"
                     obj = None
             if not isinstance(obj, dict):
                 if fh.read(1) or raw.endswith(b"\n"):
-                    raise OutputError(f"{path}: line {row_no} is not a JSON object; not resuming")
+                    raise OutputError(f"{path}: line {row_no} is {why}; not resuming")
                 break  # a partial last line
             if list(obj) != list(cols):
                 raise OutputError(_columns_differ(path, list(obj), cols, f"line {row_no} has other columns"))
+            problem = jsonl_row_problem(obj)
+            if problem is not None:
+                raise OutputError(f"{path}: line {row_no} is a damaged row: {problem}; not resuming")
             _take_row(existing, {k: "" if v is None else str(v) for k, v in obj.items()}, model, path, row_no)
             good_end += len(raw)
     return existing, good_end

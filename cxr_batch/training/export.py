@@ -7,7 +7,6 @@ The fp32 ONNX is the master copy: the int8 model and any metadata change derive 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import tempfile
@@ -22,11 +21,12 @@ from rich.console import Console
 from cxr_batch.contract import DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.engine.postprocess import softmax
-from cxr_batch.errors import CxrBatchError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DataError, MissingExtraError, ModelError
 from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.io.safe_open import read_json
 from cxr_batch.training.card import write_card
 from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, write_contract
 
@@ -68,12 +68,25 @@ def latest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of the run folder, through the one bounded opener (NaN allowed: metrics cells)."""
+    try:
+        doc = read_json(path, what=what, allow_nan=True)
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: {what} is not a JSON object")
+    return doc
+
+
 def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Roots | None, Split | None]:
     """The run's config, where its images are (one root, or one per source) and its split."""
     run = ckpt_path.parent
     config: dict[str, Any] = {}
     if (run / "config.json").exists():
-        config = json.loads((run / "config.json").read_text())
+        config = _read_json(run / "config.json", "the run's config.json")
     split = Split.read(run / "split.csv") if (run / "split.csv").exists() else None
     sources: dict[str, str] = config.get("sources") or {}
     if not data_dir and len(sources) > 1:
@@ -397,7 +410,7 @@ def _read_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.exists():
         return {}
-    m = json_safe(json.loads(p.read_text()))  # per-source cells can be NaN: strict JSON in the contract
+    m = json_safe(_read_json(p, "the run's metrics.json"))  # per-source cells can be NaN: strict JSON in the contract
     return {
         k: m[k]
         for k in (
@@ -697,7 +710,7 @@ def _init_facts(tcfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _selection(path: str) -> dict[str, Any]:
-    doc = json.loads(Path(path).read_text())
+    doc = _read_json(Path(path), "the selection file")
     chosen = doc.get("chosen")
     return {
         "chosen": chosen,
