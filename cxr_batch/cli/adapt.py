@@ -38,7 +38,7 @@ from cxr_batch.cli.options import library_errors
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out model and run folder.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(1), help="At most this many epochs.")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option(
     "--freeze",
     type=click.Choice(["layer2", "layer3", "layer4"]),

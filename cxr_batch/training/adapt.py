@@ -79,7 +79,7 @@ class AdaptConfig:
     epochs: int = 8
     patience: int = 3
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 0.01
     #: frozen up to and including this block; ``layer4`` trains the classifier only
     freeze: str = "layer3"
