@@ -320,7 +320,7 @@ def _check_outputs(cfg: AdaptConfig, base: Path) -> tuple[Path, Path]:
     out = Path(cfg.out)
     if out.suffix.lower() != ".onnx":
         raise OutputError(f"--out {cfg.out}: the adapted model's file name must end in .onnx")
-    if out.exists() and base.exists() and out.resolve() == base.resolve():
+    if out.is_file() and (out.resolve() == base.resolve() or file_sha256(out) == file_sha256(base)):
         raise OutputError(f"--out {cfg.out} is the base model: write the adapted model to another file")
     check_new_file(out, cfg.overwrite)
     run = Path(cfg.run) if cfg.run else out.with_name(out.stem + "-run")
