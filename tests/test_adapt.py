@@ -183,7 +183,7 @@ def test_scanner_shortcut_and_small_class_warnings(shared_data: Path, tmp_path: 
         shutil.copyfile(p, root / "normal" / p.name)
     for p in films[3:]:
         grey = np.asarray(Image.open(p).convert("L").resize((1024, 1024)), dtype=np.uint16) * 257
-        Image.fromarray(grey, mode="I;16").save(root / "viral" / p.name)
+        Image.fromarray(grey).save(root / "viral" / p.name)  # uint16: mode I;16
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
     warnings = data_warnings([find_labelled(root)], console)
     text = " ".join(warnings)
