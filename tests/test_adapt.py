@@ -159,7 +159,7 @@ def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
     assert out.read_bytes() == b"an earlier export"
     res = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(out), "--overwrite"])
     assert res.exit_code == 1 and "not a cxr-batch checkpoint" in res.output  # past the check, to the file
-    assert "--name" in (help_text := CliRunner().invoke(main, ["export", "--help"]).output)
+    help_text = CliRunner().invoke(main, ["export", "--help"]).output
     flat = "".join(help_text.split())  # click wraps the help, at hyphens too
     assert "[default:cxr-resnet18-custom]" in flat and "[default:0.0.0+local]" in flat
 
@@ -205,7 +205,14 @@ def test_gain_within_the_interval_is_flagged() -> None:
     lo, hi = wilson_interval(16, 20)
     rows = [
         {"metric": "accuracy", "n": 20, "before": 0.8, "before_ci95": [lo, hi], "after": 0.85, "after_ci95": [0, 1]},
-        {"metric": "normal recall", "n": 20, "before": 0.8, "before_ci95": [lo, hi], "after": 1.0, "after_ci95": [0, 1]},
+        {
+            "metric": "normal recall",
+            "n": 20,
+            "before": 0.8,
+            "before_ci95": [lo, hi],
+            "after": 1.0,
+            "after_ci95": [0, 1],
+        },
     ]
     got = gain_warnings(rows)
     assert hi < 1.0 and len(got) == 1 and got[0].startswith("accuracy: the change 0.800 → 0.850")

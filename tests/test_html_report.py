@@ -581,7 +581,9 @@ def test_misclassified_galleries_in_chromium(tmp_path: Path, sample_images: Path
     truth = tmp_path / "truth.csv"
     truth.write_text("path,label\n" + "".join(f"{r['path']},{r['true_label']}\n" for r in rows), encoding="utf-8")
     site2 = tmp_path / "site2"
-    res = invoke(runner, "report", str(plain), "--labels", str(truth), "--images", str(sample_images), "--html", str(site2))
+    res = invoke(
+        runner, "report", str(plain), "--labels", str(truth), "--images", str(sample_images), "--html", str(site2)
+    )
     assert res.exit_code == 0, res.output
     assert {p.name for p in site2.glob("wrong-*.html")} == set(pages.values())
     seen = probe(site2 / "index.html", tmp_path)

@@ -148,7 +148,11 @@ def local_sets(cfg: AdaptConfig, model_labels: Sequence[str]) -> list[LabelledSe
         root = Path(cfg.data_dirs[0])
         items = read_labels_file(Path(cfg.labels_file), root)
         labels = [x for x in model_labels if any(lab == x for _, lab in items)]
-        sets = [LabelledSet(root=root, labels=labels or sorted({lab for _, lab in items}), items=items, layout="labels file")]
+        sets = [
+            LabelledSet(
+                root=root, labels=labels or sorted({lab for _, lab in items}), items=items, layout="labels file"
+            )
+        ]
     else:
         sets = [find_labelled(d) for d in cfg.data_dirs]
     for s, name in zip(sets, names, strict=True):
@@ -180,10 +184,11 @@ def data_warnings(sets: Sequence[LabelledSet], console: Console) -> list[str]:
                 f"class '{label}' has {n} films (fewer than {MIN_PER_CLASS}): its part of the test set is a handful "
                 "of films, and its before/after numbers are mostly noise"
             )
-    for w in shortcut_warnings(facts):
+    for found in shortcut_warnings(facts):
         warnings.append(
-            f"class '{w['class']}' films differ from the other classes' in {str(w['fact']).replace('_', ' ')} "
-            f"(distance {w['distance']}: {w['class_values']} against {w['other_values']}): if the classes come from "
+            f"class '{found['class']}' films differ from the other classes' in {str(found['fact']).replace('_', ' ')} "
+            f"(distance {found['distance']}: {found['class_values']} against {found['other_values']}): if the classes "
+            "come from "
             "different scanners, a fine-tune can learn the scanner instead of the disease"
         )
     for w in warnings:
@@ -204,7 +209,8 @@ class _Split(torch.nn.Module):
         self.pool, self.fc = m.avgpool, m.fc
 
     def head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.head_blocks(f)), 1))
+        out: torch.Tensor = self.fc(torch.flatten(self.pool(self.head_blocks(f)), 1))
+        return out
 
 
 def _features(
@@ -428,8 +434,12 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         with torch.no_grad():
             vl = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
         score, vloss = val_score(vl)
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(order), "val_mean_recall": score, "val_loss": vloss})
-        console.print(f"epoch {epoch}: train loss {loss_sum / len(order):.4f}, val mean recall {score:.4f}, val loss {vloss:.4f}")
+        history.append(
+            {"epoch": epoch, "train_loss": loss_sum / len(order), "val_mean_recall": score, "val_loss": vloss}
+        )
+        console.print(
+            f"epoch {epoch}: train loss {loss_sum / len(order):.4f}, val mean recall {score:.4f}, val loss {vloss:.4f}"
+        )
         if (score, -vloss) > best:
             best, best_epoch, patience = (score, -vloss), epoch, cfg.patience
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -494,10 +504,8 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
             "films": len(split.rows),
             "split_sha256": split.fingerprint(),
             "split_counts": _counts(split),
-            "split": "seeded (seed {}), stratified by source and class, identical files on one side; "
-            "adapt {:.0%} / validation {:.0%} / test {:.0%} (split.csv: 'train' is the adapt part)".format(
-                cfg.seed, 1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction
-            ),
+            "split": f"seeded (seed {cfg.seed}), stratified by source and class, identical files on one side; "
+            f"adapt {1 - cfg.val_fraction - cfg.test_fraction:.0%} / validation {cfg.val_fraction:.0%} / test {cfg.test_fraction:.0%} (split.csv: 'train' is the adapt part)",
         },
         "recipe": recipe,
         "history": history,
@@ -636,7 +644,9 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
         new = replace(point, threshold=threshold, validation=validation)
         console.print(f"screening point for '{label}': threshold {threshold:.4f} on local validation")
     else:
-        new = replace(point, validation={**point.validation, "note": "kept from the base model: no local film of this class"})
+        new = replace(
+            point, validation={**point.validation, "note": "kept from the base model: no local film of this class"}
+        )
         console.print(f"screening point for '{label}' kept from the base model (no local '{label}' film)")
     onnx = _onnx()
     for path in (out, out.with_name(out.stem + "-int8.onnx")):
