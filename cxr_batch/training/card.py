@@ -164,9 +164,13 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         )
     lines += [
         f"- Files: {td.get('files')}; split counts: `{json.dumps(td.get('split_counts'), sort_keys=True)}`.",
-        "- Split: seeded 70/15/15 train/validation/test, stratified by source and class; files with identical "
-        "content (within or across sources) are kept on one side. Checkpoints were chosen and early stopping decided "
-        "on validation only; the test split was used once, for the numbers below.",
+        (
+            "- Split: see *Adapted model* above ('train' is the adapt part)."
+            if meta.extra.get("adaptation")
+            else "- Split: seeded 70/15/15 train/validation/test, stratified by source and class; files with "
+            "identical content (within or across sources) are kept on one side. Checkpoints were chosen and early "
+            "stopping decided on validation only; the test split was used once, for the numbers below."
+        ),
         f"- Fingerprint: split sha256 `{td.get('split_sha256')}`, file list sha256 `{td.get('file_list_sha256')}`.",
         "",
         "## Recipe",
