@@ -136,6 +136,12 @@ def test_evaluate_equals_metrics_from_the_classify_csv(
     # evaluate writes no provenance record, so its run_id column is empty).
     predictions = {r["path"]: r for r in read_csv(tmp_path / "p.csv")}
     assert {r.pop("run_id") for r in predictions.values()} == {""}
+    # ... with the true label and whether the model got it right (empty on unreadable rows).
+    for path, r in predictions.items():
+        true, correct = r.pop("true_label"), r.pop("correct")
+        assert true == path.split("/")[0]
+        assert correct == ("" if r["status"] != "ok" else "true" if r["label"] == true else "false")
+    assert sum(r["correct"] == "true" for r in read_csv(tmp_path / "p.csv")) == round(doc["accuracy"] * doc["n"])
     classified = {r["path"]: {k: v for k, v in r.items() if k != "run_id"} for r in rows}
     assert predictions == {p: r for p, r in classified.items() if not p.startswith("pneumonia/")}
 

@@ -529,3 +529,64 @@ def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample
     names = re.findall(r'<div class="name">(.*?)</div>', gallery)
     assert sorted(map(html.unescape, names)) == ["'quoted.jpeg", "=1+2.jpeg"]
     assert "unavailable.png" not in gallery
+
+
+# --------------------------------------------------------------------------- true labels: the mistakes
+
+
+def test_misclassified_galleries_in_chromium(tmp_path: Path, sample_images: Path) -> None:
+    """evaluate's predictions carry the true labels: one "misclassified" gallery per true → predicted
+    pair, linked from the confusion matrix, cards that say the true label; report --labels on a
+    classify report gives the same galleries; the nav says "unreadable", not "errors"."""
+    need_chromium()
+    runner = CliRunner()
+    metrics, preds = tmp_path / "m.json", tmp_path / "p.csv"
+    res = invoke(runner, "evaluate", str(sample_images), "--out", str(metrics), "--predictions", str(preds), "-q")
+    assert res.exit_code == 0, res.output
+    rows = read_csv(preds)
+    labels = ("normal", "viral", "covid")
+    wrong: dict[tuple[str, str], set[str]] = {}
+    for r in rows:  # by hand, from the report's own columns
+        assert r["correct"] == ("true" if r["label"] == r["true_label"] else "false")
+        if r["correct"] == "false":
+            wrong.setdefault((r["true_label"], r["label"]), set()).add(r["path"])
+    assert wrong, "the sample images gave no mistake to show"
+    site = tmp_path / "site"
+    res = invoke(runner, "report", str(preds), "--metrics", str(metrics), "--html", str(site))
+    assert res.exit_code == 0, res.output
+    pages = {(t, p): f"wrong-{labels.index(t)}-{labels.index(p)}-1.html" for t, p in wrong}
+    assert {p.name for p in site.glob("wrong-*.html")} == set(pages.values())
+
+    index = probe(site / "index.html", tmp_path)
+    for (t, p), page in pages.items():  # the confusion matrix's cell links to its gallery
+        assert page in index["links"]
+        cell = dict(index["counts"])[f"cm:{labels.index(t)}:{labels.index(p)}"]
+        assert int(cell) == len(wrong[(t, p)])
+    for (t, p), page in pages.items():
+        seen = probe(site / page, tmp_path)
+        assert set(seen["names"]) == wrong[(t, p)]
+        for _, complete, width in seen["imgs"]:
+            assert complete and width > 0
+        source = (site / page).read_text(encoding="utf-8")
+        assert source.count(f"true: {t} (misclassified)") == len(wrong[(t, p)])
+        assert f"{t} \u2192 {p} ({len(wrong[(t, p)])})" in source  # the nav names the pair and its count
+        assert ">unreadable (" in source and ">errors (" not in source
+    right = next(r for r in rows if r["correct"] == "true")
+    label_page = next(site.glob(f"label-{labels.index(right['label'])}-*-1.html")).read_text(encoding="utf-8")
+    assert f"true: {right['true_label']}</div>" in label_page
+
+    # The same from a classify report and a labels file.
+    plain = tmp_path / "c.csv"
+    assert invoke(runner, "classify", str(sample_images), "--out", str(plain), "-q").exit_code == 0
+    truth = tmp_path / "truth.csv"
+    truth.write_text("path,label\n" + "".join(f"{r['path']},{r['true_label']}\n" for r in rows), encoding="utf-8")
+    site2 = tmp_path / "site2"
+    res = invoke(
+        runner, "report", str(plain), "--labels", str(truth), "--images", str(sample_images), "--html", str(site2)
+    )
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in site2.glob("wrong-*.html")} == set(pages.values())
+    seen = probe(site2 / "index.html", tmp_path)
+    assert set(pages.values()) <= set(seen["links"])
+    for (t, p), page in pages.items():
+        assert set(probe(site2 / page, tmp_path)["names"]) == wrong[(t, p)]

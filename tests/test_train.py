@@ -305,6 +305,8 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     meta = read_contract(sess, str(onnx_path))
     assert meta.ood is None and "ood_score" not in meta.outputs
+    # A user's own export is not the released model: its own default name and version.
+    assert (meta.name, meta.version) == ("cxr-resnet18-custom", "0.0.0+local")
     assert "ood_score" not in {o.name for o in sess.get_outputs()}
 
 

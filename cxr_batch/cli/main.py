@@ -389,6 +389,10 @@ main.add_command(train_command)
 main.add_command(export_command)
 main.add_command(add_cam_command)
 
+from cxr_batch.cli.adapt import adapt_command  # noqa: E402
+
+main.add_command(adapt_command)
+
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 
 main.add_command(evaluate_command)

@@ -49,6 +49,15 @@ PER_PAGE = 200
     help="The metrics JSON of 'cxr-batch evaluate --out': show the metrics, confusion matrix and reliability diagram.",
 )
 @click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    metavar="FILE",
+    help="True labels (a path,label CSV, paths as in the report): misclassified galleries and true labels on "
+    "the cards. An evaluate --predictions report has them already.",
+)
+@click.option(
     "--low-confidence",
     type=click.FloatRange(0.0, 1.0),
     default=LOW_CONFIDENCE,
@@ -65,6 +74,7 @@ def report_command(
     images: tuple[str, ...],
     heatmaps: str | None,
     metrics: str | None,
+    labels_file: str | None,
     low_confidence: float,
     per_page: int,
     quiet: bool,
@@ -74,7 +84,8 @@ def report_command(
     RESULTS is a report (CSV or JSON lines; several files: the parts of a sharded run). The
     pages open from disk with no server, no network and no JavaScript: a summary with the
     counts (and, with --metrics, the evaluation), and galleries of thumbnails per predicted
-    label, flagged out-of-distribution, low confidence and errors.
+    label, flagged out-of-distribution, low confidence and unreadable files; with true labels
+    (evaluate's predictions, or --labels), a "misclassified" gallery per true → predicted pair.
 
     Example: cxr-batch report results.csv --images sample_images --html report/
     """
@@ -90,6 +101,7 @@ def report_command(
             images=images,
             heatmaps=heatmaps,
             metrics=metrics,
+            labels=labels_file,
             low_confidence=low_confidence,
             per_page=per_page,
             quiet=quiet,

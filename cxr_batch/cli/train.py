@@ -154,8 +154,15 @@ def train_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="ONNX file to write (default: export/<run name>.onnx).",
 )
-@click.option("--name", default="cxr-resnet18", show_default=True, help="Model name in the contract.")
-@click.option("--version", "model_version", default="1.0.0", show_default=True, help="Model version in the contract.")
+@click.option(
+    "--name",
+    default="cxr-resnet18-custom",
+    show_default=True,
+    help="Model name in the contract (your own model's, not the released model's).",
+)
+@click.option(
+    "--version", "model_version", default="0.0.0+local", show_default=True, help="Model version in the contract."
+)
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
@@ -195,6 +202,7 @@ def train_command(
     show_default=True,
     help="Fit the out-of-distribution guard on the run's training images (needs the data).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (otherwise refused).")
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -209,6 +217,7 @@ def export_command(
     force: bool,
     ood: bool,
     selection: Path | None,
+    overwrite: bool,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -255,6 +264,7 @@ def export_command(
         ood=ood,
         fp16=fp16,
         selection=str(selection) if selection else None,
+        overwrite=overwrite,
     )
     export_checkpoint(cfg)
 

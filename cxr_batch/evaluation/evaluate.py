@@ -347,7 +347,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     model_sha256 = file_sha256(classifier.model_path)
     if report is not None:
         identity = RunIdentity(classifier.meta.ident, model_sha256, classifier.meta.precision)
-        writer, _ = open_report(report, labels, identity)
+        writer, _ = open_report(report, labels, identity, truth=truth.labels)
     ys: list[int] = []
     row_sources: list[str] = []
     probs: list[list[float]] = []

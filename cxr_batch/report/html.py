@@ -153,6 +153,8 @@ class Row:
     heatmap: Thumb | None = None
     #: why there is no thumbnail
     thumb_note: str | None = None
+    #: the true label (evaluate's ``true_label`` column, or ``report --labels``)
+    true_label: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -336,6 +338,7 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
                 model=str(record.get("model") or ""),
                 modality=_str(record.get("modality")),
                 view_position=_str(record.get("view_position")),
+                true_label=_str(record.get("true_label")),
             )
             rows.append(row)
             for column in FACT_COLUMNS:
@@ -376,6 +379,32 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
         provenance=provenance,
         skipped_partial=skipped,
     )
+
+
+def read_true_labels(path: str) -> dict[str, str]:
+    """``report --labels FILE``: report path → true label, from a ``path,label`` CSV (a split.csv too).
+
+    Raises:
+        InputError: not a CSV with ``path`` and ``label`` columns.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise InputError(f"--labels {path}: needs a header with the columns path,label")
+            return {r["path"]: r["label"] for r in reader if r.get("path") and r.get("label")}
+    except OSError as exc:
+        raise InputError(f"--labels {path}: {exc.strerror or exc}") from None
+    except csv.Error as exc:
+        raise InputError(f"--labels {path}: not valid CSV ({exc})") from None
+
+
+def apply_labels(run: RunReport, truth: dict[str, str]) -> None:
+    """Set each row's true label from ``truth`` (by the report's path; the labels file wins)."""
+    for row in run.rows:
+        label = truth.get(row.path)
+        if label is not None:
+            row.true_label = label
 
 
 def _provenance(report: str) -> Any:
@@ -578,6 +607,8 @@ class HtmlConfig:
     images: tuple[str, ...] = ()
     heatmaps: str | None = None
     metrics: str | None = None
+    #: a ``path,label`` CSV of true labels (paths as the report writes them)
+    labels: str | None = None
     low_confidence: float = LOW_CONFIDENCE
     per_page: int = PER_PAGE
     thumb_side: int = THUMB_SIDE
@@ -772,6 +803,8 @@ def build_html(config: HtmlConfig, console: Console | None = None) -> HtmlResult
         raise InputError(f"--heatmaps {config.heatmaps} is not a folder")
     metrics = read_metrics(config.metrics) if config.metrics is not None else None
     run = read_run(config.reports, console)
+    if config.labels is not None:
+        apply_labels(run, read_true_labels(config.labels))
     roots: tuple[str, ...] = config.images
     if not roots:
         data = metrics.get("data") if metrics is not None else None
@@ -913,6 +946,8 @@ th { background: var(--bg); font-weight: 600; }
 .imgs img { width: 100%; height: auto; max-height: 200px; object-fit: contain; background: #000; display: block; }
 .name { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; word-break: break-all; margin: 6px 0 2px; }
 .pred { font-weight: 600; }
+.truth.wrong { color: #b3261e; font-weight: 600; }
+td.n a { color: inherit; }
 .probs { width: 100%; margin: 4px 0; font-size: 12px; }
 .probs th, .probs td { border: none; padding: 0 4px 0 0; background: none; font-weight: normal; }
 .probs td.bar { width: 60%; }
@@ -1000,8 +1035,42 @@ def _galleries(run: RunReport, low: float) -> list[_Gallery]:
         _Gallery("low-confidence", f"low confidence (below {low:g})", "low confidence", "least confident first", lows)
     )
     errors = sorted((r for r in run.rows if not (r.ok and r.label is not None)), key=lambda r: r.path)
-    out.append(_Gallery("errors", "errors", "errors", "by path", errors))
-    return out
+    out.append(_Gallery("errors", "unreadable", "unreadable", "by path", errors))
+    return out + _mistake_galleries(run)
+
+
+def mistake_key(labels: Sequence[str], true: str, predicted: str) -> str:
+    """The gallery of the films of class ``true`` that the model called ``predicted``."""
+    known = list(labels)
+
+    def index(label: str) -> str:
+        return str(known.index(label)) if label in known else _slug(label) or "x"
+
+    return f"wrong-{index(true)}-{index(predicted)}"
+
+
+def _mistake_galleries(run: RunReport) -> list[_Gallery]:
+    """One "misclassified" gallery per true → predicted pair, when the rows have true labels."""
+    pairs: dict[tuple[str, str], list[Row]] = {}
+    for r in run.rows:
+        if r.ok and r.label is not None and r.true_label is not None and r.label != r.true_label:
+            pairs.setdefault((r.true_label, r.label), []).append(r)
+    order = list(run.labels)
+
+    def rank(pair: tuple[str, str]) -> tuple[int, int, str, str]:
+        t, p = pair
+        return (order.index(t) if t in order else len(order), order.index(p) if p in order else len(order), t, p)
+
+    return [
+        _Gallery(
+            mistake_key(run.labels, t, p),
+            f"misclassified: true {t}, predicted {p}",
+            f"{t} → {p}",
+            "most confident first",
+            sorted(pairs[(t, p)], key=lambda r: (-(r.confidence or 0.0), r.path)),
+        )
+        for t, p in sorted(pairs, key=rank)
+    ]
 
 
 def _nav(galleries: Sequence[_Gallery], here: str) -> str:
@@ -1063,6 +1132,12 @@ def _card(row: Row, labels: Sequence[str], low: float) -> str:
         if row.confidence is not None and row.confidence < low:
             badges += '<span class="badge low">low confidence</span>'
         parts.append(f'<div><span class="pred">{text(row.label)}</span> {_fmt(row.confidence)} {badges}</div>')
+        if row.true_label is not None:
+            right = row.true_label == row.label
+            parts.append(
+                f'<div class="truth {"right" if right else "wrong"}">true: {text(row.true_label)}'
+                f"{'' if right else ' (misclassified)'}</div>"
+            )
         probs = []
         for label, p in zip(labels, row.probs, strict=False):
             width = 0.0 if p is None else max(0.0, min(100.0, 100.0 * p))
@@ -1076,6 +1151,8 @@ def _card(row: Row, labels: Sequence[str], low: float) -> str:
             parts.append(f'<div class="note">OOD score {row.ood_score:.4g} ({verdict})</div>')
     else:
         parts.append(f'<div class="error">{text(row.error or "error (no message)")}</div>')
+        if row.true_label is not None:
+            parts.append(f'<div class="truth">true: {text(row.true_label)}</div>')
     extra = [x for x in (row.modality, row.view_position) if x]
     if extra:
         parts.append(f'<div class="note">DICOM {text(" ".join(extra))}</div>')
@@ -1192,7 +1269,7 @@ def _facts(run: RunReport, metrics: dict[str, Any] | None) -> str:
     return f'<h2>Run</h2><table class="facts">{body}</table>'
 
 
-def _metrics_section(doc: dict[str, Any]) -> str:
+def _metrics_section(doc: dict[str, Any], galleries: Sequence[_Gallery] = ()) -> str:
     labels = [str(x) for x in doc.get("labels", [])]
 
     def ci(value: Any) -> str:
@@ -1233,13 +1310,21 @@ def _metrics_section(doc: dict[str, Any]) -> str:
     return (
         "<h2>Evaluation</h2>"
         f'<div class="cols"><div>{head}{per_class_table}</div></div>'
-        f'<div class="cols"><div><h2>Confusion matrix</h2>{_confusion(doc, labels)}</div>'
+        f'<div class="cols"><div><h2>Confusion matrix</h2>{_confusion(doc, labels, galleries)}</div>'
         f"<div><h2>Reliability</h2>{_reliability_svg(doc.get('reliability'))}</div></div>"
     )
 
 
-def _confusion(doc: dict[str, Any], labels: Sequence[str]) -> str:
+def _confusion(doc: dict[str, Any], labels: Sequence[str], galleries: Sequence[_Gallery] = ()) -> str:
+    """The confusion matrix; an off-diagonal cell links to its "misclassified" gallery when there is one."""
+    pages = {g.key: g.page_name(1) for g in galleries if g.key.startswith("wrong-")}
+
+    def cell(i: int, j: int, v: int) -> str:
+        page = pages.get(mistake_key(labels, labels[i], labels[j])) if i != j and v else None
+        return f'<a href="{href(page)}" title="see these films">{v}</a>' if page else str(v)
+
     cm = doc.get("confusion_matrix")
+
     if not isinstance(cm, list) or len(cm) != len(labels):
         return "<p>No confusion matrix in the metrics file.</p>"
     head = "".join(f"<th>{text(lab)}</th>" for lab in labels)
@@ -1251,7 +1336,7 @@ def _confusion(doc: dict[str, Any], labels: Sequence[str]) -> str:
         total = sum(cells) or 1
         tds = "".join(
             f'<td class=n data-count="cm:{i}:{j}" style="background: rgba(11, 92, 173, {0.85 * v / total:.3f});'
-            f'{" color: #fff;" if v / total > 0.5 else ""}">{v}</td>'
+            f'{" color: #fff;" if v / total > 0.5 else ""}">{cell(i, j, v)}</td>'
             for j, v in enumerate(cells)
         )
         body.append(f"<tr><th>{text(labels[i])}</th>{tds}</tr>")
@@ -1259,6 +1344,24 @@ def _confusion(doc: dict[str, Any], labels: Sequence[str]) -> str:
         f"<table><tr><th>true \\ predicted</th>{head}</tr>{''.join(body)}</table>"
         '<p class="note">Rows: true class; columns: predicted class.</p>'
     )
+
+
+def _truth_section(run: RunReport, galleries: Sequence[_Gallery]) -> str:
+    """Without a metrics file: the confusion matrix of the rows that have a true label the model knows."""
+    labels = list(run.labels)
+    cm = [[0] * len(labels) for _ in labels]
+    other = 0
+    for r in run.rows:
+        if r.ok and r.label in labels and r.true_label in labels:
+            cm[labels.index(r.true_label)][labels.index(r.label)] += 1  # type: ignore[arg-type]
+        elif r.true_label is not None and r.ok:
+            other += 1
+    n = sum(map(sum, cm))
+    right = sum(cm[i][i] for i in range(len(labels)))
+    note = f"<p>{right} of {n} classified films with a true label are right ({_pct(right, n)}%)."
+    note += f" {other} more have a true label the model does not know.</p>" if other else "</p>"
+    doc = {"confusion_matrix": cm}
+    return f"<h2>True labels</h2>{note}<h2>Confusion matrix</h2>{_confusion(doc, labels, galleries)}"
 
 
 def _reliability_svg(bins: Any) -> str:
@@ -1348,7 +1451,9 @@ def _write_pages(run: RunReport, metrics: dict[str, Any] | None, config: HtmlCon
     write("style.css", CSS + "\n")
     body = _summary_tables(run, galleries) + _gallery_links(galleries, config.per_page)
     if metrics is not None:
-        body += _metrics_section(metrics)
+        body += _metrics_section(metrics, galleries)
+    elif any(r.true_label is not None for r in run.rows):
+        body += _truth_section(run, galleries)
     body += _facts(run, metrics)
     write("index.html", _page("cxr-batch report", _nav(galleries, "index"), body))
     wide = config.heatmaps is not None

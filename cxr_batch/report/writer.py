@@ -4,8 +4,9 @@ Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model o
 ``width, height, error``, the model's identity ``model, model_sha256, precision`` (the same on
 every row of a run; ``resume`` and ``merge`` refuse rows of another identity), then ``notes`` and the columns other features fill (empty
 until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
-``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``; last ``run_id``,
-the run that wrote the row (its entry in the provenance record).
+``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``; then ``run_id``,
+the run that wrote the row (its entry in the provenance record). ``evaluate --predictions`` adds
+``true_label, correct`` last.
 
 Encoding: UTF-8 with ``surrogateescape``. A file name that is not valid UTF-8 is written
 with its original bytes (CSV), so reading the CSV back with
@@ -64,14 +65,28 @@ FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instanc
 EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
 #: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
 RUN_COLUMNS = ("run_id",)
+#: ``evaluate --predictions`` only: the file's true label and whether the model's label is it
+#: (empty on an error row).
+TRUTH_COLUMNS = ("true_label", "correct")
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 
 
-def columns(labels: Sequence[str]) -> list[str]:
-    """The report's columns for a model with these labels (the one place that defines them)."""
-    return [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS, *RUN_COLUMNS]
+def columns(labels: Sequence[str], truth: bool = False) -> list[str]:
+    """The report's columns for a model with these labels (the one place that defines them);
+    ``truth``: with :data:`TRUTH_COLUMNS` at the end (``evaluate --predictions``)."""
+    cols = [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS, *RUN_COLUMNS]
+    return cols + list(TRUTH_COLUMNS) if truth else cols
+
+
+def add_truth(row: dict[str, Any], result: Result, truth: Mapping[str, str] | None) -> dict[str, Any]:
+    """Fill :data:`TRUTH_COLUMNS` of ``row`` from ``truth`` (report path → true label)."""
+    if truth is not None:
+        true = truth.get(result.path)
+        row["true_label"] = true
+        row["correct"] = (result.label == true) if result.ok and true is not None else None
+    return row
 
 
 @dataclass(frozen=True)
@@ -304,12 +319,14 @@ class CsvWriter:
         header: bool,
         identity: RunIdentity | None = None,
         run_id: str | None = None,
+        truth: Mapping[str, str] | None = None,
     ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
         self.identity = identity
         self.run_id = run_id
+        self.truth = truth
         self._csv = csv.writer(sink.stream, lineterminator="\r\n")
         if header:
             try:
@@ -321,7 +338,7 @@ class CsvWriter:
     def write(self, results: Sequence[Result]) -> None:
         try:
             for r in results:
-                row = row_values(r, self.labels, self.identity, self.run_id)
+                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
                 self._csv.writerow([_csv_text(row[c]) for c in self.columns])
         except OSError as exc:
             raise self.sink.fail(exc) from None
@@ -341,17 +358,19 @@ class JsonlWriter:
         labels: Sequence[str],
         identity: RunIdentity | None = None,
         run_id: str | None = None,
+        truth: Mapping[str, str] | None = None,
     ) -> None:
         self.sink = sink
         self.labels = tuple(labels)
         self.columns = list(cols)
         self.identity = identity
         self.run_id = run_id
+        self.truth = truth
 
     def write(self, results: Sequence[Result]) -> None:
         try:
             for r in results:
-                row = row_values(r, self.labels, self.identity, self.run_id)
+                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
                 self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
         except OSError as exc:
             raise self.sink.fail(exc) from None
@@ -560,6 +579,7 @@ def open_report(
     model: str | RunIdentity,
     stdout: BinaryIO | None = None,
     run_id: str | None = None,
+    truth: Mapping[str, str] | None = None,
 ) -> tuple[ReportWriter, Existing]:
     """Open the report for writing (after :func:`read_existing` when resuming).
 
@@ -569,6 +589,7 @@ def open_report(
         model: the run's identity (or just ``name@version``); resume refuses rows of another.
         stdout: the binary stream for ``--out -`` (default ``sys.stdout.buffer``).
         run_id: the ``run_id`` column of every row written (the run's provenance record entry).
+        truth: report path → true label: adds the ``true_label`` and ``correct`` columns (evaluate).
 
     Raises:
         OutputError: see :func:`check_output` and :func:`read_existing`; the file can't be opened,
@@ -576,7 +597,7 @@ def open_report(
     """
     import io
 
-    cols = columns(labels)
+    cols = columns(labels, truth is not None)
     identity = RunIdentity.of(model)
     writer: ReportWriter
     if config.to_stdout:
@@ -584,9 +605,9 @@ def open_report(
         text = io.TextIOWrapper(binary, encoding=ENCODING, errors=ERRORS, newline="", write_through=True)
         sink = _Sink(text, sync=False, detach=True)
         if config.format == "jsonl":
-            writer = JsonlWriter(sink, cols, labels, identity, run_id)
+            writer = JsonlWriter(sink, cols, labels, identity, run_id, truth)
         else:
-            writer = CsvWriter(sink, cols, labels, header=True, identity=identity, run_id=run_id)
+            writer = CsvWriter(sink, cols, labels, header=True, identity=identity, run_id=run_id, truth=truth)
         return writer, Existing()
 
     check_output(config)
@@ -637,8 +658,11 @@ def open_report(
         raise
     sink = _Sink(stream, sync=regular, detach=False, name=config.out)
     if config.format == "jsonl":
-        return JsonlWriter(sink, cols, labels, identity, run_id), existing
-    return CsvWriter(sink, cols, labels, header=not existing.has_header, identity=identity, run_id=run_id), existing
+        return JsonlWriter(sink, cols, labels, identity, run_id, truth), existing
+    return (
+        CsvWriter(sink, cols, labels, header=not existing.has_header, identity=identity, run_id=run_id, truth=truth),
+        existing,
+    )
 
 
 # --------------------------------------------------------------------------- summary

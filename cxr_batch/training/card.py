@@ -140,6 +140,7 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         "**A research tool, not a medical device.** Not for clinical use: never use this model's output to",
         "diagnose, triage or treat anyone.",
         "",
+        *_adaptation_lines(meta),
         "## Model",
         f"- Architecture: torchvision ResNet-18, `fc` replaced for {len(meta.labels)} classes "
         f"({', '.join(meta.labels)}, in that order). Input {meta.input_size[0]}×{meta.input_size[1]}, 3 identical "
@@ -163,9 +164,13 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         )
     lines += [
         f"- Files: {td.get('files')}; split counts: `{json.dumps(td.get('split_counts'), sort_keys=True)}`.",
-        "- Split: seeded 70/15/15 train/validation/test, stratified by source and class; files with identical "
-        "content (within or across sources) are kept on one side. Checkpoints were chosen and early stopping decided "
-        "on validation only; the test split was used once, for the numbers below.",
+        (
+            "- Split: see *Adapted model* above ('train' is the adapt part)."
+            if meta.extra.get("adaptation")
+            else "- Split: seeded 70/15/15 train/validation/test, stratified by source and class; files with "
+            "identical content (within or across sources) are kept on one side. Checkpoints were chosen and early "
+            "stopping decided on validation only; the test split was used once, for the numbers below."
+        ),
         f"- Fingerprint: split sha256 `{td.get('split_sha256')}`, file list sha256 `{td.get('file_list_sha256')}`.",
         "",
         "## Recipe",
@@ -242,6 +247,44 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         "performance on another hospital's images. Measure on your own films (`cxr-batch evaluate`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _adaptation_lines(meta: ModelMeta) -> list[str]:
+    """What an adapted model (``cxr-batch adapt``) is: its base, its site, before and after."""
+    a = meta.extra.get("adaptation")
+    if not a:
+        return []
+    b = a.get("base") or {}
+    local = a.get("local_data") or {}
+    lines = [
+        "## Adapted model",
+        "",
+        f"**Adapted to the films of {a.get('site')}** with `cxr-batch adapt`, from `{b.get('name')}` {b.get('version')} "
+        f"(sha256 `{b.get('sha256')}`). It has seen the local films of {', '.join(local.get('classes') or [])} only; "
+        "for the other classes it was trained to keep the base model's outputs (distillation), which this card "
+        "cannot measure on local films. Its numbers hold for this site's films, not for other hospitals'.",
+        "",
+        f"- Local data: {local.get('films')} films from {', '.join(local.get('sources') or [])}; "
+        f"{local.get('split')}; counts `{json.dumps(local.get('split_counts'), sort_keys=True)}`; "
+        f"split sha256 `{local.get('split_sha256')}`.",
+        f"- Recipe: `{json.dumps(a.get('recipe'), sort_keys=True)}`.",
+        "",
+        "Local test part (used once), base model against the adapted model, 95% Wilson intervals:",
+        "",
+        "| | films | base | adapted | change |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in a.get("comparison") or []:
+        bc, ac = r.get("before_ci95") or [None, None], r.get("after_ci95") or [None, None]
+        lines.append(
+            f"| {r['metric']} | {r['n']} | {_fmt(r['before'])} [{_fmt(bc[0])}, {_fmt(bc[1])}] | "
+            f"{_fmt(r['after'])} [{_fmt(ac[0])}, {_fmt(ac[1])}] | {r['after'] - r['before']:+.4f} |"
+        )
+    if a.get("warnings"):
+        lines.append("")
+    for w in a.get("warnings") or []:
+        lines.append(f"- **Warning:** {w}")
+    return [*lines, ""]
 
 
 def _ood_lines(meta: ModelMeta) -> list[str]:

@@ -21,7 +21,7 @@ from rich.console import Console
 from cxr_batch.contract import DEFAULT_PREPROCESSING, ModelMeta
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.engine.postprocess import softmax
-from cxr_batch.errors import CxrBatchError, DataError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DataError, MissingExtraError, ModelError, OutputError
 from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
@@ -38,14 +38,18 @@ INT8_MIN_AGREEMENT = 0.995
 #: The fp16 model (for CUDA) is written only when no probability moves more than this.
 FP16_TOLERANCE = 1e-2
 OUTPUTS = {"logits": "logits", "features": "features", "embedding": "embedding"}
+#: What a user's own export is called unless they say otherwise: never the released model's name
+#: and version, so a home-made model can't pass for the shipped one in a report.
+DEFAULT_NAME = "cxr-resnet18-custom"
+DEFAULT_VERSION = "0.0.0+local"
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     checkpoint: str
     out: str
-    name: str = "cxr-resnet18"
-    version: str = "1.0.0"
+    name: str = DEFAULT_NAME
+    version: str = DEFAULT_VERSION
     quantize: str | None = None  # None or "int8"
     calibration_images: int = 300
     force: bool = False
@@ -55,6 +59,14 @@ class ExportConfig:
     fp16: bool = False  # also write NAME-fp16.onnx, the model classify prefers on CUDA
     #: a recipe sweep's JSON (benchmarks/augment_sweep.py): how the recipe was chosen, for the card
     selection: str | None = None
+    #: replace an existing ``out`` (otherwise refused)
+    overwrite: bool = False
+    #: the recipe to record (default: the training run's, from the checkpoint's config)
+    recipe: dict[str, Any] | None = None
+    #: ``cxr-batch adapt``: the base model, the site's data and the before/after metrics
+    adaptation: dict[str, Any] | None = None
+    #: an int8 model that fails the faithfulness gate is skipped with a notice instead of an error
+    int8_optional: bool = False
 
 
 def latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -79,6 +91,18 @@ def _read_json(path: Path, what: str) -> Any:
     if not isinstance(doc, dict):
         raise DataError(f"{path}: {what} is not a JSON object")
     return doc
+
+
+def check_new_file(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing model file unless ``overwrite`` (``export`` and ``adapt``).
+
+    Raises:
+        OutputError: ``out`` exists (or is not a file) and ``overwrite`` is not set.
+    """
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; give the model file's name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
 
 
 def _run_context(ckpt_path: Path, data_dir: str | None) -> tuple[dict[str, Any], Roots | None, Split | None]:
@@ -133,6 +157,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     onnx = _onnx()
 
     ckpt_path = Path(cfg.checkpoint)
+    check_new_file(Path(cfg.out), cfg.overwrite)
     if not ckpt_path.is_file():
         raise CxrBatchError(f"{ckpt_path}: no such checkpoint")
     ck = load_checkpoint(ckpt_path)
@@ -218,7 +243,8 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
             "arch": "resnet18",
             "opset": OPSET,
             "parity_max_abs_prob_diff": parity,
-            "recipe": _recipe(tcfg),
+            "recipe": cfg.recipe if cfg.recipe is not None else _recipe(tcfg),
+            **({"adaptation": cfg.adaptation} if cfg.adaptation else {}),
             **({"init": init} if (init := _init_facts(tcfg)) else {}),
             **({"selection": _selection(cfg.selection)} if cfg.selection else {}),
         },
@@ -257,8 +283,13 @@ def derive_from_master(
     int8_info: dict[str, Any] | None = None
     derived: list[Path] = []
     if cfg.quantize == "int8":
-        int8_info = derive_int8(master, root, split, cfg, console)
-        derived.append(master.with_name(master.stem + "-int8.onnx"))
+        try:
+            int8_info = derive_int8(master, root, split, cfg, console)
+            derived.append(master.with_name(master.stem + "-int8.onnx"))
+        except ModelError as exc:
+            if not cfg.int8_optional:
+                raise
+            console.print(f"[yellow]int8 model not written:[/] {exc}")
     if cfg.fp16:
         if parity is None and root is not None and split is not None:  # real images, as a fresh export does
             _, master_meta = read_contract_file(master)

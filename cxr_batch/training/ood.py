@@ -51,11 +51,17 @@ def embeddings(
 
 
 def fit(emb: np.ndarray, y: np.ndarray, n_classes: int, shrinkage: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
-    """Class means and the precision matrix of the shared (tied) covariance, with shrinkage."""
+    """Class means and the precision matrix of the shared (tied) covariance, with shrinkage.
+
+    A class with no image (a site's data without viral films, ``cxr-batch adapt``) gets no mean: the
+    score is then the distance to the nearest class that was seen."""
     d = emb.shape[1]
-    means = np.stack([emb[y == c].mean(axis=0) for c in range(n_classes)]).astype(np.float64)
-    centred = emb.astype(np.float64) - means[y]
-    cov = centred.T @ centred / max(len(emb) - n_classes, 1)
+    present = [c for c in range(n_classes) if (y == c).any()]
+    means = np.stack([emb[y == c].mean(axis=0) for c in present]).astype(np.float64)
+    index = np.full(n_classes, -1, dtype=np.int64)
+    index[present] = np.arange(len(present))
+    centred = emb.astype(np.float64) - means[index[y]]
+    cov = centred.T @ centred / max(len(emb) - len(present), 1)
     cov += shrinkage * np.trace(cov) / d * np.eye(d)
     return means, np.linalg.inv(cov)
 
@@ -149,6 +155,10 @@ def fit_model(
         "n_calibration": len(e_val),
         "val_pass_rate": float((val_scores <= threshold).mean()),
     }
+    fitted = [label for c, label in enumerate(labels) if (y_train == c).any()]
+    if fitted != labels:
+        record["classes_fitted"] = fitted
+        record["description"] += f"; class means only for {', '.join(fitted)} (no other class in the fitting data)"
     add_to_graph(proto, meta.outputs["embedding"], means, precision)
     write_contract(proto, meta.with_updates(ood=record, outputs={**meta.outputs, "ood_score": OOD_OUTPUT}))
     onnx.checker.check_model(proto)
