@@ -10,7 +10,7 @@ from cxr_batch.cli.options import library_errors
 
 
 @click.command("train")
-@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out",
     "out",
@@ -70,6 +70,20 @@ from cxr_batch.cli.options import library_errors
     "--epoch-images", type=click.IntRange(1), help="Images drawn per epoch (default: the training split's size)."
 )
 @click.option("--warmup", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="One-cycle warm-up share.")
+@click.option(
+    "--label-map",
+    "label_map",
+    multiple=True,
+    metavar="VALUE=CLASS",
+    help="For labels-file roots: read the label VALUE as CLASS (repeatable). Values that are no class "
+    "after this and the usual aliases are left out and counted.",
+)
+@click.option(
+    "--holdout-source",
+    metavar="NAME",
+    help="Keep this source (a data root's name) out of training and validate on its train and val rows: "
+    "a hospital the model has never seen. Its test rows stay test.",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
 @click.option(
     "--patience",
@@ -100,6 +114,8 @@ def train_command(
     balance: str,
     epoch_images: int | None,
     warmup: float,
+    label_map: tuple[str, ...],
+    holdout_source: str | None,
     patience: int,
     threads: int | None,
     resume: bool,
@@ -108,13 +124,27 @@ def train_command(
 
     Several DATA_DIRS are merged into one class list; each is a source: split.csv records it, the
     split is stratified by source and class, and the test report breaks every metric down by source.
+    A later DATA_DIR may be a labels file (CSV with path or file, and label or source_label columns;
+    paths relative to its folder; the source is named after that folder): rows whose label is no
+    class (e.g. tuberculosis) are left out.
 
     \b
     Example:
       cxr-batch train ../data/COVID-19_Radiography_Dataset --out runs/r18 --epochs 20
       cxr-batch train ../shared/data/covid19-radiography ../shared/data/kermany-normal --out runs/r18-2src
+      cxr-batch train ../shared/data/covid19-radiography ../shared/data/kermany-normal \\
+        ../shared/data/lung-masks/shenzhen/SOURCES.csv ../shared/data/lung-masks/montgomery/SOURCES.csv \\
+        --holdout-source montgomery --out runs/r18-4src
     """
+    from cxr_batch.errors import CxrBatchError
     from cxr_batch.training.train import TrainConfig, train_model
+
+    pairs = []
+    for item in label_map:
+        value, sep, cls = item.rpartition("=")
+        if not sep or not value.strip() or not cls.strip():
+            raise CxrBatchError(f"--label-map {item!r}: expected VALUE=CLASS, e.g. 'viral pneumonia (pediatric)=viral'")
+        pairs.append((value.strip(), cls.strip()))
 
     cfg = TrainConfig(
         data_dirs=tuple(str(d) for d in data_dirs),
@@ -135,6 +165,8 @@ def train_command(
         balance=balance,
         epoch_images=epoch_images,
         warmup=warmup,
+        label_map=tuple(pairs),
+        holdout_source=holdout_source,
         patience=patience,
         threads=threads,
     )
