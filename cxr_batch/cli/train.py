@@ -221,6 +221,15 @@ def train_command(
     show_default=True,
     help="Fit the out-of-distribution guard on the run's training images (needs the data).",
 )
+@click.option(
+    "--int8-scheme",
+    type=click.Choice(["7bit", "7bit-ends", "7bit-ends-percentile", "8bit-ends", "8bit-ends-percentile"]),
+    default="7bit",
+    show_default=True,
+    help="How --quantize int8 quantises: 7- or 8-bit weights, 'ends': first conv and fc kept in fp32, "
+    "'percentile': activation ranges clipped at the 99.999th percentile (benchmarks/int8_schemes.py).",
+)
+@click.option("--note", "notes", multiple=True, help="A line for the model card's recipe section (repeatable).")
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -235,6 +244,8 @@ def export_command(
     force: bool,
     ood: bool,
     selection: Path | None,
+    int8_scheme: str,
+    notes: tuple[str, ...],
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -264,6 +275,7 @@ def export_command(
             force=force,
             ood=ood,
             fp16=fp16,
+            int8_scheme=int8_scheme,
         )
         derive_from_master(checkpoint, data_dir, Split.read(split_file), cfg, Console(stderr=True))
         return
@@ -281,6 +293,8 @@ def export_command(
         ood=ood,
         fp16=fp16,
         selection=str(selection) if selection else None,
+        int8_scheme=int8_scheme,
+        notes=notes,
     )
     export_checkpoint(cfg)
 
