@@ -164,9 +164,15 @@ def metrics_by_source(
     }
 
 
+#: The grid a screening threshold is rounded down to (:func:`screening_threshold`).
+THRESHOLD_STEP = 1e-5
+
+
 def screening_threshold(scores: np.ndarray, positive: np.ndarray, sensitivity: float = 0.90) -> float:
     """The highest threshold ``t`` at which ``scores >= t`` reaches ``sensitivity`` on these images:
-    the k-th highest positive score, k = ceil(sensitivity x positives).
+    the k-th highest positive score, k = ceil(sensitivity x positives), rounded down to
+    :data:`THRESHOLD_STEP` (so the k-th image is not lost to the ~1e-7 differences between
+    onnxruntime sessions, batch sizes and thread counts).
 
     Raises:
         ValueError: no positive image (no sensitivity to reach).
@@ -177,7 +183,8 @@ def screening_threshold(scores: np.ndarray, positive: np.ndarray, sensitivity: f
     if n_pos == 0:
         raise ValueError("no positive images: a sensitivity can't be reached")
     k = max(1, math.ceil(sensitivity * n_pos - 1e-9))
-    return float(np.sort(s[pos])[::-1][k - 1])
+    kth = float(np.sort(s[pos])[::-1][k - 1])
+    return min(kth, math.floor(kth / THRESHOLD_STEP + 1e-6) * THRESHOLD_STEP)
 
 
 def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:
