@@ -204,14 +204,26 @@ def test_the_operating_point_is_the_hand_counted_threshold_and_the_report_calls_
 
 
 @pytest.mark.slow
-def test_covid_threshold_overrides_and_is_recorded(screened: dict[str, Path], runner: CliRunner, tmp_path: Path) -> None:
+def test_covid_threshold_overrides_and_is_recorded(
+    screened: dict[str, Path], runner: CliRunner, tmp_path: Path
+) -> None:
     bad = tmp_path / "in"
     shutil.copytree(screened["root"] / "covid", bad)
     (bad / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "r.csv"
     result = runner.invoke(
         main,
-        ["classify", str(bad), "--model", str(screened["model"]), "--out", str(out), "--covid-threshold", "0.999", "-q"],
+        [
+            "classify",
+            str(bad),
+            "--model",
+            str(screened["model"]),
+            "--out",
+            str(out),
+            "--covid-threshold",
+            "0.999",
+            "-q",
+        ],
     )
     assert result.exit_code in (0, 3), result.output
     rows = {Path(r["path"]).name: r for r in _rows(out)}

@@ -303,7 +303,9 @@ def labels_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         reader = csv.DictReader(fh)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
-    keep = [r for r in rows if r["source_label"] == "normal"][:8] + [r for r in rows if r["source_label"] != "normal"][:4]
+    keep = [r for r in rows if r["source_label"] == "normal"][:8] + [r for r in rows if r["source_label"] != "normal"][
+        :4
+    ]
     root = tmp_path_factory.mktemp("labelsroot") / "montgomery"
     (root / "images").mkdir(parents=True)
     for r in keep:

@@ -230,6 +230,11 @@ def train_command(
     "'percentile': activation ranges clipped at the 99.999th percentile (benchmarks/int8_schemes.py).",
 )
 @click.option("--note", "notes", multiple=True, help="A line for the model card's recipe section (repeatable).")
+@click.option(
+    "--ood-fit-images",
+    type=click.IntRange(100),
+    help="Fit the OOD guard on a seeded sample of this many training images (default: all; a CPU budget).",
+)
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -246,6 +251,7 @@ def export_command(
     selection: Path | None,
     int8_scheme: str,
     notes: tuple[str, ...],
+    ood_fit_images: int | None,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -276,6 +282,7 @@ def export_command(
             ood=ood,
             fp16=fp16,
             int8_scheme=int8_scheme,
+            ood_fit_images=ood_fit_images,
         )
         derive_from_master(checkpoint, data_dir, Split.read(split_file), cfg, Console(stderr=True))
         return
@@ -295,6 +302,7 @@ def export_command(
         selection=str(selection) if selection else None,
         int8_scheme=int8_scheme,
         notes=notes,
+        ood_fit_images=ood_fit_images,
     )
     export_checkpoint(cfg)
 

@@ -72,7 +72,12 @@ def roc_figure(doc: dict[str, Any], y: np.ndarray, probs: np.ndarray) -> Any:
             continue
         ax.plot(fpr, tpr, linewidth=2, label=f"{name} (AUC {auc:.3f}, n={doc['per_class'][name]['support']})")
         scr = doc.get("screening")
-        if scr and scr.get("label") == name and scr.get("sensitivity") is not None and scr.get("specificity") is not None:
+        if (
+            scr
+            and scr.get("label") == name
+            and scr.get("sensitivity") is not None
+            and scr.get("specificity") is not None
+        ):
             ax.plot(
                 [1 - scr["specificity"]],
                 [scr["sensitivity"]],

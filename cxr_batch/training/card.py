@@ -331,7 +331,11 @@ def _screening_lines(meta: ModelMeta) -> list[str]:
     ]
     by = v.get("by_source") or {}
     if by:
-        lines += ["", "| validation source | COVID-19 sensitivity | specificity (non-COVID films) |", "| --- | ---: | ---: |"]
+        lines += [
+            "",
+            "| validation source | COVID-19 sensitivity | specificity (non-COVID films) |",
+            "| --- | ---: | ---: |",
+        ]
         for name, o in by.items():
             sens = "-" if o.get("sensitivity") is None else f"{o['sensitivity']:.4f} ({o['tp']}/{o['tp'] + o['fn']})"
             spec = "-" if o.get("specificity") is None else f"{o['specificity']:.4f} ({o['tn']}/{o['tn'] + o['fp']})"

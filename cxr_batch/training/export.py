@@ -71,6 +71,8 @@ class ExportConfig:
     int8_scheme: str = "7bit"
     #: lines for the card's recipe section (e.g. what was not evaluated in this release)
     notes: tuple[str, ...] = ()
+    #: fit the OOD guard on a seeded sample of at most this many training images (None: all)
+    ood_fit_images: int | None = None
 
 
 def latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -264,7 +266,7 @@ def derive_from_master(
     if cfg.ood and root is not None and split is not None:
         from cxr_batch.training.ood import fit_model
 
-        fit_model(master, root, split, console=console)
+        fit_model(master, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
     elif cfg.ood:
         console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
     int8_info: dict[str, Any] | None = None
@@ -365,7 +367,9 @@ def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, c
         }
         point["n"] = len(y)
         point["images"] = validation["images"]
-        point["rule"] = f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {cfg.screen_sensitivity}"
+        point["rule"] = (
+            f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {cfg.screen_sensitivity}"
+        )
         screening = ScreeningPoint(SCREEN_LABEL, threshold, cfg.screen_sensitivity, json_safe(point))
         console.print(
             f"screening point: P({SCREEN_LABEL}) >= {threshold:.4f}: validation sensitivity {point['sensitivity']:.4f} "
@@ -820,7 +824,7 @@ def derive_int8(
     if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
         from cxr_batch.training.ood import fit_model
 
-        fit_model(out, root, split, console=console)
+        fit_model(out, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
     return info
 
 
