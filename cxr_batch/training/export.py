@@ -721,7 +721,8 @@ def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = 
         quantize_static(
             str(pre),
             str(out),
-            _Calibration(xcal),
+            # percentile calibration stacks every batch's activations: batches must have one shape
+            _Calibration(xcal, batch=1 if scheme.calibration == "percentile" else 16),
             quant_format=QuantFormat.QDQ,
             per_channel=scheme.per_channel,
             reduce_range=scheme.reduce_range,
