@@ -155,7 +155,8 @@ def main() -> None:
     print(f"\nCPU: {facts.describe()}. {len(test)} {what} images + {len(kermany)} kermany-normal images.\n")
     print(
         "| model | top-1 agreement with fp32 | largest Δprob | mean of per-image largest Δprob | largest Δ centred logit "
-        "| accuracy, test split | accuracy, kermany-normal | OOD flagged, test | OOD flagged, kermany | alone img/s |"
+        f"| accuracy, {args.part if args.split else 'test'} split | accuracy, kermany-normal "
+        f"| OOD flagged, {args.part if args.split else 'test'} | OOD flagged, kermany | alone img/s |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
