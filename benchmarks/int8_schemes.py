@@ -1,6 +1,11 @@
 """int8 quantisation schemes against the fp32 master, on real X-rays, on this CPU (issue 11).
 
     python benchmarks/int8_schemes.py --old /tmp/old-int8.onnx --n-test 400 --n-kermany 200
+    python benchmarks/int8_schemes.py --split export/run-1.1.0/split.csv --part val --n-test 300 --n-kermany 100
+
+With ``--split`` (a run's split.csv, several sources) the images are a seeded sample of that split's
+``--part`` rows (``val`` to choose a scheme without touching the test split), and the calibration
+images come from its train rows, as export takes them.
 
 For each scheme, ``cxr_batch.training.export.quantize_file`` derives an int8 copy of the fp32
 master, calibrated on the same 300 training images as ``cxr-batch export --quantize int8``
@@ -31,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from cxr_batch.engine.cpu import cpu_facts, int8_choice  # noqa: E402
 from cxr_batch.engine.postprocess import softmax  # noqa: E402
-from cxr_batch.io.labelled import find_labelled, make_split  # noqa: E402
+from cxr_batch.io.labelled import Split, find_labelled, make_split  # noqa: E402
 from cxr_batch.training.export import (  # noqa: E402
     Int8Scheme,
     _tensors,
@@ -43,6 +48,12 @@ from cxr_batch.training.export import (  # noqa: E402
 DATA = REPO.parent / "shared" / "data"
 SCHEMES = {
     "U8S8 per-channel, reduce_range": Int8Scheme(reduce_range=True, per_channel=True),
+    "U8S8 per-channel, reduce_range, fp32 ends": Int8Scheme(fp32_ends=True),
+    "U8S8 per-channel, reduce_range, fp32 ends, percentile": Int8Scheme(fp32_ends=True, calibration="percentile"),
+    "U8S8 per-channel 8-bit, fp32 ends": Int8Scheme(reduce_range=False, fp32_ends=True),
+    "U8S8 per-channel 8-bit, fp32 ends, percentile": Int8Scheme(
+        reduce_range=False, fp32_ends=True, calibration="percentile"
+    ),
     "U8S8 per-tensor, reduce_range": Int8Scheme(reduce_range=True, per_channel=False),
     "U8S8 per-channel (no reduce_range)": Int8Scheme(reduce_range=False, per_channel=True),
     "S8S8 per-channel": Int8Scheme(reduce_range=False, per_channel=True, activations="int8"),
@@ -76,16 +87,27 @@ def main() -> None:
     ap.add_argument("--n-kermany", type=int, default=200)
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--split", type=Path, default=None, help="a run's split.csv (sources under ../shared/data)")
+    ap.add_argument("--part", default="val", choices=["val", "test"], help="with --split: the rows measured on")
     args = ap.parse_args()
 
     _, meta = read_contract_file(args.fp32)
     labels = list(meta.labels)
-    root = DATA / "covid19-radiography"
-    split = make_split(find_labelled(root), seed=0)
-    assert split.fingerprint() == meta.training_data.get("split_sha256"), "not the model's split"
-    test = random.Random(0).sample(split.paths(root, "test"), args.n_test)
-    kermany = sorted((DATA / "kermany-normal" / "normal").glob("*.png"))
-    kermany = random.Random(0).sample(kermany, min(args.n_kermany, len(kermany)))
+    root: Path | dict[str, Path]
+    if args.split:
+        split = Split.read(args.split)
+        root = {s: DATA / s if (DATA / s).is_dir() else DATA / "lung-masks" / s for s in split.sources()}
+        part = [(p, lab) for p, lab, src in split.items(root, args.part) if src != "kermany-normal"]
+        kids = [(p, lab) for p, lab, src in split.items(root, args.part) if src == "kermany-normal"]
+        test = random.Random(0).sample(part, min(args.n_test, len(part)))
+        kermany = [p for p, _ in random.Random(0).sample(kids, min(args.n_kermany, len(kids)))]
+    else:
+        root = DATA / "covid19-radiography"
+        split = make_split(find_labelled(root), seed=0)
+        assert split.fingerprint() == meta.training_data.get("split_sha256"), "not the model's split"
+        test = random.Random(0).sample(split.paths(root, "test"), args.n_test)
+        kermany = sorted((DATA / "kermany-normal" / "normal").glob("*.png"))
+        kermany = random.Random(0).sample(kermany, min(args.n_kermany, len(kermany)))
     x, y = _tensors([*test, *((p, "normal") for p in kermany)], meta.spec, labels)
     xcal = calibration_images(meta, root, split, 300)
     facts = cpu_facts()
@@ -129,10 +151,12 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"\nCPU: {facts.describe()}. {len(test)} test-split images + {len(kermany)} kermany-normal images.\n")
+    what = f"{args.part} rows of {args.split}" if args.split else "test-split"
+    print(f"\nCPU: {facts.describe()}. {len(test)} {what} images + {len(kermany)} kermany-normal images.\n")
     print(
         "| model | top-1 agreement with fp32 | largest Δprob | mean of per-image largest Δprob | largest Δ centred logit "
-        "| accuracy, test split | accuracy, kermany-normal | OOD flagged, test | OOD flagged, kermany | alone img/s |"
+        f"| accuracy, {args.part if args.split else 'test'} split | accuracy, kermany-normal "
+        f"| OOD flagged, {args.part if args.split else 'test'} | OOD flagged, kermany | alone img/s |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -43,6 +43,21 @@ def _scores(clf: Classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray,
     return np.asarray(scores), np.asarray(flagged, dtype=bool), results
 
 
+def _tuberculosis(folder: Path, n: int) -> list[Path]:
+    """A seeded sample of the tuberculosis films of lung-masks/{montgomery,shenzhen} (their SOURCES.csv)."""
+    import csv
+    import random
+
+    found: list[Path] = []
+    for source in ("montgomery", "shenzhen"):
+        table = folder / source / "SOURCES.csv"
+        if not table.is_file():
+            continue
+        with open(table, newline="", encoding="utf-8") as fh:
+            found += [folder / source / r["file"] for r in csv.DictReader(fh) if r["source_label"] == "tuberculosis"]
+    return sorted(random.Random(0).sample(found, min(n, len(found))))
+
+
 def _natural(dst: Path) -> list[Path]:
     try:
         import skimage.data as sd
@@ -123,6 +138,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "OOD.md")
     ap.add_argument("--write-contract", action="store_true")
+    ap.add_argument("--tb-sample", type=int, default=120, help="tuberculosis films measured (seeded sample)")
     args = ap.parse_args()
     command = "python benchmarks/ood_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -136,7 +152,14 @@ def main() -> None:
         else None
     )
     roots = (
-        {name: args.data / Path(p).name for name, p in sources.items()}
+        {
+            name: Path(p)
+            if Path(p).is_dir()
+            else args.data / Path(p).name
+            if (args.data / Path(p).name).is_dir()
+            else args.data / "lung-masks" / Path(p).name
+            for name, p in sources.items()
+        }
         if sources
         else args.data / "covid19-radiography"
     )
@@ -153,8 +176,10 @@ def main() -> None:
             p for p in (REPO / "sample_images").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
         )
         bacterial = sorted((args.data / "near-ood" / "bacterial").glob("*.png"))
+        tb = _tuberculosis(args.data / "lung-masks", args.tb_sample)
         groups += [
             ("pediatric bacterial pneumonia (near-ood; not a class)", bacterial),
+            (f"adult tuberculosis, Montgomery + Shenzhen (near-ood; not a class; seeded sample of {len(tb)})", tb),
             ("natural photographs (scikit-image)", natural),
             ("CT and MR slices (DICOM)", ctmr),
             ("blank images", blank),

@@ -44,6 +44,74 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
 }
 
 
+#: The int8 faithfulness gate, the one definition: ``cxr-batch export`` measures the int8 file
+#: against its fp32 master on the test split and records whether it passed; ``--precision auto``
+#: takes the int8 file (on a CPU with 8-bit dot products) only when the contract says it did.
+INT8_GATE_MIN_AGREEMENT = 0.998
+INT8_GATE_MAX_PROB_DIFF = 0.05
+
+
+def int8_gate(agreement: float, max_prob_diff: float) -> bool:
+    """Whether an int8 file with this top-1 agreement and largest |Δprob| against fp32 passes."""
+    return agreement >= INT8_GATE_MIN_AGREEMENT and max_prob_diff <= INT8_GATE_MAX_PROB_DIFF
+
+
+def int8_gate_verdict(meta: ModelMeta) -> tuple[bool, str]:
+    """Whether the contract records that this int8 file passed :func:`int8_gate`, and why (one line).
+
+    The recorded numbers are checked again here, so an old contract (without ``gate``) and one whose
+    numbers miss the limits both fail."""
+    q = meta.extra.get("quantization") if isinstance(meta.extra, dict) else None
+    if not isinstance(q, dict):
+        return False, "its contract records no measurement against fp32"
+    agree, diff = q.get("top1_agreement_with_fp32"), q.get("max_abs_prob_diff")
+    if not isinstance(agree, int | float) or not isinstance(diff, int | float):
+        return False, "its contract records no top-1 agreement or largest |Δprob| against fp32"
+    gate = q.get("gate")
+    recorded = isinstance(gate, dict) and gate.get("passed") is True
+    what = f"top-1 agreement {100 * agree:.2f}%, largest |Δprob| {diff:.3f} on the test split"
+    limits = f"(limits {100 * INT8_GATE_MIN_AGREEMENT:.1f}%, {INT8_GATE_MAX_PROB_DIFF})"
+    if recorded and int8_gate(float(agree), float(diff)):
+        return True, f"{what} {limits}"
+    return False, f"{what} misses the gate {limits}" if not int8_gate(float(agree), float(diff)) else (
+        f"{what}, but its contract does not record that it passed the gate"
+    )
+
+
+@dataclass(frozen=True)
+class ScreeningPoint:
+    """A screening operating point: ``label`` is called positive when its probability is at least
+    ``threshold`` (the report's ``covid_screen``), whatever the argmax ``label`` column says.
+
+    Chosen on validation images: the highest threshold whose sensitivity there is at least
+    ``target_sensitivity``; ``validation`` keeps what was measured (counts, sensitivity,
+    specificity, the images used)."""
+
+    label: str
+    threshold: float
+    target_sensitivity: float
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, labels: Sequence[str], source: str = "model") -> ScreeningPoint:
+        def bad(msg: str) -> ModelError:
+            return ModelError(f"{source}: invalid model contract: 'screening' {msg}")
+
+        if not isinstance(d, dict):
+            raise bad("must be an object")
+        label, threshold, target = d.get("label"), d.get("threshold"), d.get("target_sensitivity")
+        if label not in labels:
+            raise bad(f"names label {label!r}, which is not among {list(labels)}")
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+            raise bad("needs a threshold between 0 and 1")
+        if not isinstance(target, int | float) or isinstance(target, bool) or not 0.0 < target <= 1.0:
+            raise bad("needs a target_sensitivity in (0, 1]")
+        validation = d.get("validation") or {}
+        if not isinstance(validation, dict):
+            raise bad("'validation' must be an object")
+        return cls(str(label), float(threshold), float(target), dict(validation))
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """The contract of one model file."""
@@ -66,6 +134,8 @@ class ModelMeta:
     ood: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     contract_version: int = CONTRACT_VERSION
+    #: the screening operating point (the report's ``covid_screen``), when one was chosen
+    screening: ScreeningPoint | None = None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -88,6 +158,8 @@ class ModelMeta:
         d["input_size"] = list(self.input_size)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.screening is None:
+            d.pop("screening")
         return json.dumps(d, sort_keys=True)
 
     def with_updates(self, **changes: Any) -> ModelMeta:
@@ -158,6 +230,7 @@ class ModelMeta:
             ood=d.get("ood"),
             extra=dict(d.get("extra") or {}),
             contract_version=int(d.get("contract_version", CONTRACT_VERSION)),
+            screening=ScreeningPoint.from_dict(d["screening"], labels, source) if d.get("screening") else None,
         )
 
 

@@ -129,23 +129,33 @@ def test_no_default_model_is_a_clear_fatal_error(default_dir: Path, runner: CliR
     assert info.exit_code == 1 and "no default model is installed" in info.stderr
 
 
-def _install_defaults(folder: Path, make_model: Callable[..., Path], fp32: bool, int8: bool) -> None:
+#: The int8 file's record of the export gate (issue 19): auto takes it only when it passed.
+GATE_PASSED = {"quantization": {"top1_agreement_with_fp32": 1.0, "max_abs_prob_diff": 0.01, "gate": {"passed": True}}}
+GATE_MISSED = {
+    "quantization": {"top1_agreement_with_fp32": 0.9961, "max_abs_prob_diff": 0.087, "gate": {"passed": False}}
+}
+
+
+def _install_defaults(folder: Path, make_model: Callable[..., Path], fp32: bool, int8: bool, gate: bool = True) -> None:
     if fp32:
         src = make_model("default-fp32.onnx", meta=contract(name="default", precision="fp32"))
         (folder / "cxr-resnet18.onnx").write_bytes(src.read_bytes())
     if int8:
-        src = make_model("default-int8.onnx", meta=contract(name="default", precision="int8"))
+        extra = GATE_PASSED if gate else GATE_MISSED
+        src = make_model(f"default-int8-{gate}.onnx", meta=contract(name="default", precision="int8", extra=extra))
         (folder / "cxr-resnet18-int8.onnx").write_bytes(src.read_bytes())
 
 
 @pytest.mark.parametrize(
-    ("fp32", "int8", "precision", "expected"),
+    ("fp32", "int8", "precision", "expected", "gate"),
     [
-        (True, True, "auto", "int8"),  # a CPU with VNNI: int8 when installed
-        (True, False, "auto", "fp32"),
-        (False, True, "auto", "int8"),
-        (True, True, "fp32", "fp32"),
-        (True, True, "int8", "int8"),
+        (True, True, "auto", "int8", True),  # a CPU with VNNI: int8 when installed and it passed the gate
+        (True, True, "auto", "fp32", False),  # ... else fp32
+        (True, False, "auto", "fp32", True),
+        (False, True, "auto", "int8", True),
+        (False, True, "auto", "int8", False),  # nothing else installed
+        (True, True, "fp32", "fp32", True),
+        (True, True, "int8", "int8", False),  # asked for: no gate
     ],
 )
 def test_embedded_default_and_precision(
@@ -155,14 +165,17 @@ def test_embedded_default_and_precision(
     int8: bool,
     precision: str,
     expected: str,
+    gate: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _install_defaults(default_dir, make_model, fp32, int8)
+    _install_defaults(default_dir, make_model, fp32, int8, gate)
     monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx512_vnni")
     clf = Classifier(device="cpu", precision=precision, threads=1)  # type: ignore[arg-type]
     assert clf.meta.precision == expected
     assert clf.model_origin == "embedded default"
     assert clf.model_path.parent == default_dir
+    if precision == "auto" and fp32 and int8 and not gate:
+        assert "did not pass the export gate" in clf.precision_reason and "99.61%" in clf.precision_reason
 
 
 def test_missing_precision_is_an_error(default_dir: Path, make_model: Callable[..., Path]) -> None:

@@ -25,7 +25,7 @@ EXPECTED_COLUMNS = [
     "path", "status", "label", "confidence", "prob_normal", "prob_viral", "prob_covid",
     "width", "height", "error", "model", "model_sha256", "precision",
     "notes", "modality", "view_position", "sop_instance_uid", "study_instance_uid", "ood_score", "in_distribution",
-    "run_id",
+    "covid_screen", "run_id",
 ]  # fmt: skip
 
 

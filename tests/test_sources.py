@@ -286,3 +286,98 @@ def test_train_on_two_roots_reports_the_test_split_per_source(two_roots: tuple[P
     config = json.loads((out / "config.json").read_text())
     assert set(config["sources"]) == {"pool", "kids"} and config["augment"] == "scanner"
     assert "per source" in proc.stderr
+
+
+# --------------------------------------------------------------------------- labels-file roots (issue 19)
+
+MONTGOMERY = SHARED / "lung-masks" / "montgomery"
+
+
+@pytest.fixture(scope="module")
+def labels_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of part of lung-masks/montgomery: 8 normal and 4 tuberculosis films (real files) and its
+    SOURCES.csv cut to their rows (file and source_label columns as shipped)."""
+    if not (MONTGOMERY / "SOURCES.csv").is_file():
+        pytest.skip("../shared/data/lung-masks/montgomery is absent")
+    with open(MONTGOMERY / "SOURCES.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    keep = [r for r in rows if r["source_label"] == "normal"][:8] + [r for r in rows if r["source_label"] != "normal"][
+        :4
+    ]
+    root = tmp_path_factory.mktemp("labelsroot") / "montgomery"
+    (root / "images").mkdir(parents=True)
+    for r in keep:
+        shutil.copy(MONTGOMERY / r["file"], root / r["file"])
+    with open(root / "SOURCES.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fields)
+        w.writeheader()
+        w.writerows(keep)
+    return root / "SOURCES.csv"
+
+
+def test_a_labels_file_root_takes_its_normal_films_and_leaves_out_tuberculosis(
+    two_roots: tuple[Path, Path], labels_root: Path
+) -> None:
+    from cxr_batch.io.labelled import find_labelled_csv, roots_by_source
+
+    got = find_labelled_csv(labels_root, ["normal", "viral", "covid"])
+    assert got.source == "montgomery" and got.root == labels_root.parent and got.labels == ["normal"]
+    assert got.excluded == {"tuberculosis": 4}
+    assert len(got.items) == 8 and all(p.is_file() and p.name.endswith("_0.png") for p, _ in got.items)
+    # a mapping reads a label value as a class (here, for the test's sake, tuberculosis as covid)
+    mapped = find_labelled_csv(labels_root, ["normal", "viral", "covid"], {"tuberculosis": "covid"})
+    assert mapped.counts() == {"normal": 8, "covid": 4} and mapped.excluded == {}
+    # beside class-folder roots: the first roots' assignment is unchanged, the new rows are under its folder
+    a, b = two_roots
+    alone = make_split(find_labelled_many([a, b]), seed=3, val=0.25, test=0.25)
+    sets = find_labelled_many([a, b, labels_root])
+    assert [s.source for s in sets] == ["pool", "kids", "montgomery"]
+    split = make_split(sets, seed=3, val=0.25, test=0.25)
+    assert [r for r in split.rows if r[4] != "montgomery"] == alone.rows
+    mine = [r for r in split.rows if r[4] == "montgomery"]
+    assert len(mine) == 8 and Counter(r[2] for r in mine) == {"train": 4, "val": 2, "test": 2}
+    assert all(r[0].startswith("images/MCUCXR_") for r in mine)
+    # evaluate and export find the files from the source name, given the folder or the labels file
+    for given in (labels_root, labels_root.parent):
+        roots = roots_by_source([a, b, given])
+        assert all(p.is_file() for p, _, _ in split.items(roots, "test"))
+
+
+def test_labels_file_mistakes_are_clear_errors(labels_root: Path, tmp_path: Path) -> None:
+    from cxr_batch.errors import DataError
+    from cxr_batch.io.labelled import find_labelled_csv
+
+    bad = tmp_path / "b" / "SOURCES.csv"
+    bad.parent.mkdir()
+    for text, message in (
+        ("name,finding\nx.png,normal\n", "needs a header"),
+        ("file,label\n../escape.png,normal\n", "must be a path inside"),
+        ("file,label\nmissing.png,normal\n", "is not a file"),
+        ("file,label\nx.png,tuberculosis\n", "no row has one of the classes"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(DataError, match=message):
+            find_labelled_csv(bad, ["normal", "viral", "covid"])
+    with pytest.raises(DataError, match="must be a folder of class folders"):
+        find_labelled_many([labels_root])
+
+
+@pytest.mark.slow
+def test_the_held_out_source_is_validation_never_training(two_roots: tuple[Path, Path], labels_root: Path) -> None:
+    pytest.importorskip("torch")
+    from cxr_batch.io.labelled import roots_by_source
+    from cxr_batch.training.export import validation_items
+    from cxr_batch.training.train import holdout_parts
+
+    a, b = two_roots
+    split = make_split(find_labelled_many([a, b, labels_root]), seed=3, val=0.25, test=0.25)
+    roots = roots_by_source([a, b, labels_root])
+    train, val = holdout_parts(split.items(roots, "train"), split.items(roots, "val"), "montgomery")
+    assert not [t for t in train if t[2] == "montgomery"]
+    held = [t for t in val if t[2] == "montgomery"]
+    assert len(held) == 6  # its 4 train rows and 2 val rows; its 2 test rows stay test
+    assert len(train) == len(split.items(roots, "train")) - 4
+    assert sorted(validation_items(roots, split, "montgomery")) == sorted(val)
+    assert holdout_parts(split.items(roots, "train"), split.items(roots, "val"), None)[0] == split.items(roots, "train")

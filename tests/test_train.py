@@ -383,3 +383,86 @@ def test_train_refuses_to_clobber_a_run(trained_run: Path, small_pool: Path) -> 
     proc = _train(small_pool, trained_run)
     assert proc.returncode == 1
     assert "already holds a run" in proc.stderr
+
+
+# ---------------------------------------------------------------- a labels-file root held out (issue 19)
+
+MONTGOMERY = REPO.parent / "shared" / "data" / "lung-masks" / "montgomery"
+
+
+@pytest.mark.slow
+def test_train_holds_out_a_labels_file_root_and_export_fits_the_operating_point(
+    small_pool: Path, tmp_path: Path
+) -> None:
+    """train POOL montgomery/SOURCES.csv --holdout-source montgomery, then export: validation per source
+    with the held-out hospital, the screening point in the contract and on the card, the int8 gate."""
+    import csv
+
+    if not (MONTGOMERY / "SOURCES.csv").is_file() or not POOL.is_dir():
+        pytest.skip("../shared/data (covid19-radiography, lung-masks/montgomery) is absent")
+    root = tmp_path / "montgomery"
+    (root / "images").mkdir(parents=True)
+    with open(MONTGOMERY / "SOURCES.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [r for r in rows if r["source_label"] == "normal"][:8] + [r for r in rows if r["source_label"] != "normal"][
+        :2
+    ]
+    with open(root / "SOURCES.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, ["file", "source_label"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(keep)
+    for r in keep:
+        (root / r["file"]).write_bytes((MONTGOMERY / r["file"]).read_bytes())
+    out = tmp_path / "run"
+    args = _train_args(small_pool, out, 1, "--holdout-source", "montgomery")
+    args.insert(args.index(str(small_pool)) + 1, str(root / "SOURCES.csv"))
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "montgomery: left out (not a class): tuberculosis 2" in " ".join(proc.stderr.split())
+    config = json.loads((out / "config.json").read_text())
+    assert config["holdout_source"] == "montgomery" and config["excluded"] == {"montgomery": {"tuberculosis": 2}}
+    history = json.loads((out / "history.json").read_text())
+    assert "val_accuracy[montgomery]" in history["epochs"][0]
+    bad = subprocess.run(
+        _train_args(small_pool, tmp_path / "bad", 1, "--holdout-source", "nowhere"), capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "--holdout-source nowhere: not a source" in bad.stderr
+
+    onnx_path = tmp_path / "held.onnx"
+    export = ["export", str(out / "best.ckpt"), "--out", str(onnx_path), "--quantize", "int8", "--force"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_batch.cli",
+            *export,
+            "--ood-fit-images",
+            "100",
+            "--note",
+            "lung crop not evaluated",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    from cxr_batch.training.onnx_file import read_contract_file
+
+    meta = read_contract_file(onnx_path)[1]
+    val = meta.metrics["validation"]
+    assert val["holdout_source"] == "montgomery" and set(val["by_source"]) == {small_pool.name, "montgomery"}
+    assert val["by_source"]["montgomery"]["n"] == 7  # of its 8 normals: 6 train + 1 val rows; 1 is test
+    sp = meta.screening
+    assert sp is not None and sp.label == "covid" and 0.0 <= sp.threshold <= 1.0
+    assert sp.validation["sensitivity"] >= 0.9 and "montgomery" in sp.validation["by_source"]
+    assert meta.metrics["screening_test"]["split"] == "test"
+    int8 = read_contract_file(tmp_path / "held-int8.onnx")[1]
+    gate = int8.extra["quantization"]["gate"]
+    assert (
+        gate["min_top1_agreement"] == 0.998 and gate["max_abs_prob_diff"] == 0.05 and isinstance(gate["passed"], bool)
+    )
+    assert int8.screening == sp  # derived files carry the master's operating point
+    card = (tmp_path / "held.md").read_text()
+    for text in ("## Validation metrics", "montgomery (held out of training)", "## Screening operating point",
+                 "Faithfulness gate", "lung crop not evaluated", "No adult viral"):  # fmt: skip
+        assert text in card, text

@@ -229,13 +229,23 @@ def engine_options(func: F) -> F:
                 show_default=True,
                 help="onnxruntime threads (0: one per physical core).",
             ),
+            click.option(
+                "--covid-threshold",
+                type=click.FloatRange(0, 1),
+                default=None,
+                metavar="P",
+                help="covid_screen is 'positive' when P(covid) >= P. Default: the model's screening operating "
+                "point (chosen on validation for sensitivity >= 0.90). Recorded in the provenance.",
+            ),
         ]
     ):
         func = option(func)
     return func
 
 
-def engine_config(model: str | None, device: str, precision: str, batch_size: int, threads: int) -> EngineConfig:
+def engine_config(
+    model: str | None, device: str, precision: str, batch_size: int, threads: int, covid_threshold: float | None = None
+) -> EngineConfig:
     """The :class:`~cxr_batch.engine.classifier.EngineConfig` for the values of :func:`engine_options`."""
     from cxr_batch.engine.classifier import EngineConfig  # numpy, onnxruntime: only once a command runs
 
@@ -245,4 +255,5 @@ def engine_config(model: str | None, device: str, precision: str, batch_size: in
         precision=precision,  # type: ignore[arg-type]
         batch_size=batch_size,
         threads=threads,
+        covid_threshold=covid_threshold,
     )

@@ -11,7 +11,7 @@ from cxr_batch.text import shown
 
 
 @click.command("train")
-@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out",
     "out",
@@ -71,6 +71,20 @@ from cxr_batch.text import shown
     "--epoch-images", type=click.IntRange(1), help="Images drawn per epoch (default: the training split's size)."
 )
 @click.option("--warmup", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="One-cycle warm-up share.")
+@click.option(
+    "--label-map",
+    "label_map",
+    multiple=True,
+    metavar="VALUE=CLASS",
+    help="For labels-file roots: read the label VALUE as CLASS (repeatable). Values that are no class "
+    "after this and the usual aliases are left out and counted.",
+)
+@click.option(
+    "--holdout-source",
+    metavar="NAME",
+    help="Keep this source (a data root's name) out of training and validate on its train and val rows: "
+    "a hospital the model has never seen. Its test rows stay test.",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
 @click.option(
     "--patience",
@@ -101,6 +115,8 @@ def train_command(
     balance: str,
     epoch_images: int | None,
     warmup: float,
+    label_map: tuple[str, ...],
+    holdout_source: str | None,
     patience: int,
     threads: int | None,
     resume: bool,
@@ -109,13 +125,27 @@ def train_command(
 
     Several DATA_DIRS are merged into one class list; each is a source: split.csv records it, the
     split is stratified by source and class, and the test report breaks every metric down by source.
+    A later DATA_DIR may be a labels file (CSV with path or file, and label or source_label columns;
+    paths relative to its folder; the source is named after that folder): rows whose label is no
+    class (e.g. tuberculosis) are left out.
 
     \b
     Example:
       cxr-batch train ../data/COVID-19_Radiography_Dataset --out runs/r18 --epochs 20
       cxr-batch train ../shared/data/covid19-radiography ../shared/data/kermany-normal --out runs/r18-2src
+      cxr-batch train ../shared/data/covid19-radiography ../shared/data/kermany-normal \\
+        ../shared/data/lung-masks/shenzhen/SOURCES.csv ../shared/data/lung-masks/montgomery/SOURCES.csv \\
+        --holdout-source montgomery --out runs/r18-4src
     """
+    from cxr_batch.errors import CxrBatchError
     from cxr_batch.training.train import TrainConfig, train_model
+
+    pairs = []
+    for item in label_map:
+        value, sep, cls = item.rpartition("=")
+        if not sep or not value.strip() or not cls.strip():
+            raise CxrBatchError(f"--label-map {item!r}: expected VALUE=CLASS, e.g. 'viral pneumonia (pediatric)=viral'")
+        pairs.append((value.strip(), cls.strip()))
 
     cfg = TrainConfig(
         data_dirs=tuple(str(d) for d in data_dirs),
@@ -136,6 +166,8 @@ def train_command(
         balance=balance,
         epoch_images=epoch_images,
         warmup=warmup,
+        label_map=tuple(pairs),
+        holdout_source=holdout_source,
         patience=patience,
         threads=threads,
     )
@@ -203,6 +235,20 @@ def train_command(
     help="Fit the out-of-distribution guard on the run's training images (needs the data).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (otherwise refused).")
+@click.option(
+    "--int8-scheme",
+    type=click.Choice(["7bit", "7bit-ends", "7bit-ends-percentile", "8bit-ends", "8bit-ends-percentile"]),
+    default="7bit",
+    show_default=True,
+    help="How --quantize int8 quantises: 7- or 8-bit weights, 'ends': first conv and fc kept in fp32, "
+    "'percentile': activation ranges clipped at the 99.999th percentile (benchmarks/int8_schemes.py).",
+)
+@click.option("--note", "notes", multiple=True, help="A line for the model card's recipe section (repeatable).")
+@click.option(
+    "--ood-fit-images",
+    type=click.IntRange(100),
+    help="Fit the OOD guard on a seeded sample of this many training images (default: all; a CPU budget).",
+)
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -218,6 +264,9 @@ def export_command(
     ood: bool,
     selection: Path | None,
     overwrite: bool,
+    int8_scheme: str,
+    notes: tuple[str, ...],
+    ood_fit_images: int | None,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -247,6 +296,8 @@ def export_command(
             force=force,
             ood=ood,
             fp16=fp16,
+            int8_scheme=int8_scheme,
+            ood_fit_images=ood_fit_images,
         )
         derive_from_master(checkpoint, data_dir, Split.read(split_file), cfg, Console(stderr=True))
         return
@@ -265,6 +316,9 @@ def export_command(
         fp16=fp16,
         selection=str(selection) if selection else None,
         overwrite=overwrite,
+        int8_scheme=int8_scheme,
+        notes=notes,
+        ood_fit_images=ood_fit_images,
     )
     export_checkpoint(cfg)
 

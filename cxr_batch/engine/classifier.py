@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, read_contract
+from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, int8_gate_verdict, read_contract
 from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.engine.selfcheck import CheckResult, run_self_check
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
 #: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
+#: The label the screening column (``covid_screen``) calls positive or negative.
+SCREEN_LABEL = "covid"
 DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx", "fp16": "cxr-resnet18-fp16.onnx"}
 #: What ``--precision auto`` takes, first installed wins: int8 runs 3x faster than fp32 on CPUs
 #: with 8-bit dot products (VNNI, AMX, ARM dot product; :func:`cxr_batch.engine.cpu.int8_choice`),
@@ -275,6 +277,24 @@ class LoadedModel:
     check: CheckResult | None = None
 
 
+def screening_in_use(meta: ModelMeta, covid_threshold: float | None, source: str = "model") -> dict[str, Any] | None:
+    """The screening call the ``covid_screen`` column makes: ``--covid-threshold`` when given, else
+    the contract's operating point; ``{"label", "threshold", "source"}``, or None (no call).
+
+    Raises:
+        ModelError: ``--covid-threshold`` with a model that has no ``covid`` label.
+    """
+    if covid_threshold is not None:
+        if SCREEN_LABEL not in meta.labels:
+            raise ModelError(
+                f"{source}: --covid-threshold needs a model with a '{SCREEN_LABEL}' label (it has {list(meta.labels)})"
+            )
+        return {"label": SCREEN_LABEL, "threshold": float(covid_threshold), "source": "--covid-threshold"}
+    if meta.screening is not None and meta.screening.label == SCREEN_LABEL:
+        return {"label": SCREEN_LABEL, "threshold": meta.screening.threshold, "source": "model contract"}
+    return None
+
+
 def precision_reason(meta: ModelMeta, origin: str, precision: Precision, provider: str) -> str:
     """Why this model's precision is the one in use, in one line."""
     if origin != "embedded default":
@@ -327,13 +347,24 @@ def open_model(config: EngineConfig, session_device: Device | None = None, cuda:
             "--precision picks between the embedded default models, so leave it at auto with --model"
         )
     reason_provider = CUDA if (cuda is not None and cuda) else provider
+    gate_reason = ""
+    if choice.origin == "embedded default" and config.precision == "auto" and meta.precision == "int8":
+        passed, why = int8_gate_verdict(meta)
+        if not passed:  # the int8 file is not as faithful as fp32: auto takes the fp32 master
+            with contextlib.suppress(NoDefaultModelError):
+                fp32 = find_default_model("fp32")
+                if fp32 != choice.path:
+                    choice = ModelChoice(fp32, choice.origin)
+                    session, provider = create_session(choice.path, device, config.threads)
+                    meta = read_contract(session, str(choice.path))
+                    gate_reason = f"fp32: the int8 model did not pass the export gate ({why}) (--precision auto)"
     loaded = LoadedModel(
         session=session,
         meta=meta,
         path=choice.path,
         origin=choice.origin,
         provider=provider,
-        reason=precision_reason(meta, choice.origin, config.precision, reason_provider),
+        reason=gate_reason or precision_reason(meta, choice.origin, config.precision, reason_provider),
     )
     return apply_self_check(loaded, config, device)
 
@@ -629,6 +660,9 @@ class Classifier:
             threshold = (meta.ood or {}).get("threshold")
             if isinstance(threshold, int | float):
                 self._ood_threshold = float(threshold)
+        #: the screening call (the report's covid_screen): label, threshold, where it came from
+        self._screening = screening_in_use(meta, config.covid_threshold, str(self._loaded.path))
+        self._screen_index = meta.labels.index(SCREEN_LABEL) if self._screening else -1
 
     @property
     def meta(self) -> ModelMeta:
@@ -638,6 +672,11 @@ class Classifier:
     @property
     def labels(self) -> tuple[str, ...]:
         return self._loaded.meta.labels
+
+    @property
+    def screening(self) -> dict[str, Any] | None:
+        """The screening operating point in use (:func:`screening_in_use`); None when no call is made."""
+        return self._screening
 
     @property
     def provider(self) -> str:
@@ -836,6 +875,11 @@ class Classifier:
                     r.in_distribution = score <= self._ood_threshold
             if batch[i].not_radiograph:
                 r.in_distribution = False
+            if self._screening is not None:
+                # Hook for the lung-field check (issue 18): a film marked not assessable gets no
+                # screening call; leave r.covid_screen None when that verdict is False.
+                positive = p[self._screen_index] >= self._screening["threshold"]
+                r.covid_screen = "positive" if positive else "negative"
         return results
 
     def _run_bound(self, session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:

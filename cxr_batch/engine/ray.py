@@ -41,6 +41,7 @@ from cxr_batch.engine.classifier import (
     Result,
     available_providers,
     open_model,
+    screening_in_use,
 )
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
@@ -219,6 +220,11 @@ class RayEngine:
     @property
     def meta(self) -> ModelMeta:
         return self._meta
+
+    @property
+    def screening(self) -> dict[str, Any] | None:
+        """The screening call the workers make (the local engine's :func:`screening_in_use`)."""
+        return screening_in_use(self._meta, self.engine.covid_threshold, str(self.model_path))
 
     @property
     def provider(self) -> str:

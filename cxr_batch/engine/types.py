@@ -48,6 +48,8 @@ class EngineConfig:
     #: batches run at once, each in its own session with ``threads // streams`` threads;
     #: 0 means :func:`default_streams`.
     streams: int = 0
+    #: the COVID-19 screening threshold (``--covid-threshold``); None: the contract's operating point
+    covid_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 0:
@@ -62,6 +64,8 @@ class EngineConfig:
             raise ValueError("threads must be 0 (automatic) or more")
         if self.decode_workers is not None and self.decode_workers < 1:
             raise ValueError("decode_workers must be at least 1")
+        if self.covid_threshold is not None and not 0.0 <= self.covid_threshold <= 1.0:
+            raise ValueError("covid_threshold must be between 0 and 1")
 
 
 @dataclass
@@ -88,6 +92,9 @@ class Result:
     ood_score: float | None = None
     in_distribution: bool | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ``positive`` / ``negative`` at the screening operating point; None where no call is made
+    #: (an error row, a model without an operating point, a film that is not assessable)
+    covid_screen: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from cxr_batch import __version__
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.errors import DataError, OutputError
-from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, reliability_bins
+from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, operating_point, reliability_bins
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
@@ -309,6 +310,28 @@ def _check_outputs(config: EvaluateConfig) -> ReportConfig | None:
     return report
 
 
+def screening_metrics(
+    screening: dict[str, Any] | None,
+    y: np.ndarray,
+    p: np.ndarray,
+    labels: Sequence[str],
+    sources: Sequence[str],
+) -> dict[str, Any] | None:
+    """Sensitivity and specificity of the ``covid_screen`` call (P(label) >= threshold) against the
+    truth, with Wilson intervals, overall and per source; None when the run makes no such call."""
+    if screening is None or screening["label"] not in labels:
+        return None
+    k = list(labels).index(screening["label"])
+    out = {**screening, **operating_point(p[:, k], y == k, screening["threshold"])}
+    src = np.asarray(list(sources), dtype=object)
+    if len(set(src.tolist())) > 1:
+        out["by_source"] = {
+            name: operating_point(p[src == name, k], y[src == name] == k, screening["threshold"])
+            for name in sorted(set(src.tolist()))
+        }
+    return out
+
+
 def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Evaluation:
     """Classify the labelled images, compute the metrics, write the JSON (and predictions, plots).
 
@@ -394,6 +417,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
             "source": truth.source,
             "part": config.part,
         },
+        "screening": screening_metrics(classifier.screening, y, p, labels, row_sources),
         "model": classifier.meta.ident,
         "model_path": str(classifier.model_path),
         "model_sha256": model_sha256,
@@ -456,6 +480,18 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
         say(
             f"[yellow]skipped:[/] {markup(where)}, {s['files']} files: {markup(s['reason'])} "
             f"({markup(', '.join(doc['labels']))})"
+        )
+    scr = doc.get("screening")
+    if scr and doc["n"]:
+
+        def rate(key: str) -> str:
+            lo, hi = scr[f"{key}_ci95"]
+            return "-" if scr[key] is None else f"{scr[key]:.4f} [{lo:.3f}, {hi:.3f}]"
+
+        say(
+            f"screening ({markup(scr['label'])} if P >= {scr['threshold']:.4g}, {markup(scr['source'])}): "
+            f"sensitivity {rate('sensitivity')} ({scr['tp']}/{scr['tp'] + scr['fn']}), "
+            f"specificity {rate('specificity')} ({scr['tn']}/{scr['tn'] + scr['fp']}); 95% CI: Wilson"
         )
     if doc.get("out_of_distribution"):
         say(f"[yellow]note:[/] {doc['out_of_distribution']} classified images were flagged out of distribution")

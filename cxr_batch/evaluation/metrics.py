@@ -162,3 +162,48 @@ def metrics_by_source(
         name: classification_metrics(y[src == name], p[src == name].reshape(-1, len(labels)), labels)
         for name in sorted(set(src.tolist()))
     }
+
+
+#: The grid a screening threshold is rounded down to (:func:`screening_threshold`).
+THRESHOLD_STEP = 1e-5
+
+
+def screening_threshold(scores: np.ndarray, positive: np.ndarray, sensitivity: float = 0.90) -> float:
+    """The highest threshold ``t`` at which ``scores >= t`` reaches ``sensitivity`` on these images:
+    the k-th highest positive score, k = ceil(sensitivity x positives), rounded down to
+    :data:`THRESHOLD_STEP` (so the k-th image is not lost to the ~1e-7 differences between
+    onnxruntime sessions, batch sizes and thread counts).
+
+    Raises:
+        ValueError: no positive image (no sensitivity to reach).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        raise ValueError("no positive images: a sensitivity can't be reached")
+    k = max(1, math.ceil(sensitivity * n_pos - 1e-9))
+    kth = float(np.sort(s[pos])[::-1][k - 1])
+    return min(kth, math.floor(kth / THRESHOLD_STEP + 1e-6) * THRESHOLD_STEP)
+
+
+def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity of ``scores >= threshold``, with counts and Wilson intervals
+    (a metric without images is NaN)."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    called = s >= threshold
+    tp, fn = int((called & pos).sum()), int((~called & pos).sum())
+    tn, fp = int((~called & ~pos).sum()), int((called & ~pos).sum())
+    return {
+        "threshold": float(threshold),
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "sensitivity": _ratio(tp, tp + fn),
+        "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
+        "specificity": _ratio(tn, tn + fp),
+        "specificity_ci95": list(wilson_interval(tn, tn + fp)),
+        "ci_method": "Wilson score interval, 95%",
+    }

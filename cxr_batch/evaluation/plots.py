@@ -61,7 +61,8 @@ def confusion_matrix_figure(doc: dict[str, Any]) -> Any:
 
 
 def roc_figure(doc: dict[str, Any], y: np.ndarray, probs: np.ndarray) -> Any:
-    """One-vs-rest ROC curve per class, with its AUC (the metrics' ``roc_auc``) in the legend."""
+    """One-vs-rest ROC curve per class, with its AUC (the metrics' ``roc_auc``) in the legend, and the
+    screening operating point (``covid_screen``'s threshold) marked on its class's curve."""
     fig = _figure(5.2, 5.0)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
@@ -71,6 +72,24 @@ def roc_figure(doc: dict[str, Any], y: np.ndarray, probs: np.ndarray) -> Any:
         if auc is None:  # no positives or no negatives: no curve
             continue
         ax.plot(fpr, tpr, linewidth=2, label=f"{name} (AUC {auc:.3f}, n={doc['per_class'][name]['support']})")
+        scr = doc.get("screening")
+        if (
+            scr
+            and scr.get("label") == name
+            and scr.get("sensitivity") is not None
+            and scr.get("specificity") is not None
+        ):
+            ax.plot(
+                [1 - scr["specificity"]],
+                [scr["sensitivity"]],
+                marker="o",
+                markersize=9,
+                markerfacecolor="none",
+                markeredgewidth=2,
+                color="black",
+                linestyle="none",
+                label=f"screening point, P({name}) >= {scr['threshold']:.3g}",
+            )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")

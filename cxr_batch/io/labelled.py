@@ -56,6 +56,8 @@ class LabelledSet:
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     #: the name this root goes by in a split and in per-source metrics (its folder name by default)
     source: str = ""
+    #: rows of a labels file left out because their label is not a class: {label value: count}
+    excluded: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -159,6 +161,89 @@ def find_labelled(root: str | Path, classes: Sequence[str] | None = None) -> Lab
     return LabelledSet(root=root, labels=labels, items=items, layout=layout, ignored=ignored, unreadable=unreadable)
 
 
+#: Column names a labels file may use for the file and for its label (first present wins).
+_FILE_COLUMNS = ("path", "file")
+_LABEL_COLUMNS = ("label", "source_label")
+
+
+def is_labels_file(root: str | Path) -> bool:
+    """A data root given as a CSV file: its rows name the images (relative to its folder) and their labels."""
+    return Path(root).suffix.lower() == ".csv" and Path(root).is_file()
+
+
+def root_folder(root: str | Path) -> Path:
+    """The folder a data root's relative paths are under: the root itself, or a labels file's folder."""
+    return Path(root).parent if is_labels_file(root) else Path(root)
+
+
+def find_labelled_csv(
+    labels_file: str | Path, classes: Sequence[str], label_map: Mapping[str, str] | None = None
+) -> LabelledSet:
+    """Images named by a labels file (e.g. ``lung-masks/montgomery/SOURCES.csv``), no class folders needed.
+
+    The file needs a header with a file column (``path`` or ``file``, relative to the file's folder)
+    and a label column (``label``, else ``source_label``). Each label value goes through ``label_map``
+    (exact value → class), else :func:`canonical_label`. Rows whose label is then not among
+    ``classes`` (``tuberculosis``: not a class) are left out and counted in ``excluded``.
+    The set's root is the file's folder and its source name that folder's name.
+
+    Raises:
+        DataError: the file can't be read or lacks the columns, a path is absolute or leaves the
+            folder, a listed file is missing, a file is listed twice, or no row has a wanted class.
+    """
+    from cxr_batch.io.safe_open import open_regular
+
+    src = Path(labels_file)
+    base = src.parent
+    label_map = dict(label_map or {})
+    try:
+        with open_regular(src) as raw:
+            text = raw.read().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{src}: cannot read the labels file ({exc})") from None
+    reader = csv.DictReader(text.splitlines())
+    fields = [f.strip() for f in reader.fieldnames or []]
+    file_col = next((c for c in _FILE_COLUMNS if c in fields), None)
+    label_col = next((c for c in _LABEL_COLUMNS if c in fields), None)
+    if file_col is None or label_col is None:
+        raise DataError(
+            f"{src}: a labels file needs a header with a file column (path or file) and label or source_label"
+        )
+    items: list[tuple[Path, str]] = []
+    excluded: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for row in reader:
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
+        rel, value = row.get(file_col, ""), row.get(label_col, "")
+        if not rel and not value:
+            continue
+        line = reader.line_num
+        if not rel or not value:
+            raise DataError(f"{src}: line {line}: needs both a file and a label")
+        norm = os.path.normpath(rel)
+        if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise DataError(f"{src}: line {line}: {rel!r} must be a path inside {base}")
+        if norm in seen:
+            raise DataError(f"{src}: lines {seen[norm]} and {line} both name {rel!r}; list each file once")
+        seen[norm] = line
+        label = label_map[value] if value in label_map else canonical_label(value)
+        if label not in classes:
+            excluded[value] = excluded.get(value, 0) + 1
+            continue
+        path = base / norm
+        if not path.is_file():
+            raise DataError(f"{src}: line {line}: {rel!r} is not a file under {base}")
+        items.append((path, label))
+    labels = [c for c in classes if any(label == c for _, label in items)]
+    if not labels:
+        raise DataError(
+            f"{src}: no row has one of the classes {list(classes)} (labels found: {sorted(excluded)}); "
+            "map them with --label-map VALUE=CLASS"
+        )
+    items = [it for c in labels for it in items if it[1] == c]  # class order, then file order
+    return LabelledSet(root=base, labels=labels, items=items, layout=f"labels file {src.name}", excluded=excluded)
+
+
 def file_digest(path: Path) -> str:
     """sha256 of an image file, read in chunks; only a regular file of at most
     :data:`~cxr_batch.io.safe_open.MAX_IMAGE_FILE_BYTES` (a sparse 4 GB file is refused, not hashed).
@@ -185,10 +270,10 @@ Roots = Path | Mapping[str, Path]
 
 
 def source_names(roots: Sequence[str | Path]) -> list[str]:
-    """One source name per data root: the folder's name, made unique with ``-2``, ``-3`` ... in order."""
+    """One source name per data root: the folder's name (a labels file's folder's), made unique with ``-2``, ``-3`` ... in order."""
     names: list[str] = []
     for r in roots:
-        base = Path(r).resolve().name or "data"
+        base = root_folder(r).resolve().name or "data"
         name, k = base, 2
         while name in names:
             name, k = f"{base}-{k}", k + 1
@@ -197,7 +282,7 @@ def source_names(roots: Sequence[str | Path]) -> list[str]:
 
 
 def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
-    return dict(zip(source_names(roots), (Path(r) for r in roots), strict=True))
+    return dict(zip(source_names(roots), (root_folder(r) for r in roots), strict=True))
 
 
 @dataclass
@@ -280,12 +365,15 @@ class Split:
         return cls(rows)
 
 
-def find_labelled_many(roots: Sequence[str | Path], classes: Sequence[str] | None = None) -> list[LabelledSet]:
+def find_labelled_many(
+    roots: Sequence[str | Path], classes: Sequence[str] | None = None, label_map: Mapping[str, str] | None = None
+) -> list[LabelledSet]:
     """:func:`find_labelled` for each root, merged into one class list.
 
     The class list is the first root's (or ``classes``); a later root may hold a subset of the
     classes (``kermany-normal/normal`` beside the three-class database), never a class the first
-    lacks. Each set's ``source`` is its unique root name.
+    lacks. A later root may be a labels file (:func:`find_labelled_csv`, with ``label_map``): its
+    rows with another label are left out. Each set's ``source`` is its unique root name.
 
     Raises:
         DataError: as :func:`find_labelled`, or a root with a class outside the class list.
@@ -293,9 +381,14 @@ def find_labelled_many(roots: Sequence[str | Path], classes: Sequence[str] | Non
     if not roots:
         raise DataError("no data folders given")
     names = source_names(roots)
+    if is_labels_file(roots[0]):
+        raise DataError(f"{roots[0]}: the first data root sets the classes and must be a folder of class folders")
     first = find_labelled(roots[0], classes)
     sets = [first]
     for root in roots[1:]:
+        if is_labels_file(root):
+            sets.append(find_labelled_csv(root, first.labels, label_map))
+            continue
         found = find_labelled(root)
         extra = [x for x in found.labels if x not in first.labels]
         if extra and classes is None:

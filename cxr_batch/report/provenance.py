@@ -271,6 +271,21 @@ def ood_facts(meta: ModelMeta) -> dict[str, Any] | None:
     }
 
 
+def screening_facts(meta: ModelMeta, in_use: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The screening call behind ``covid_screen``: the threshold in use, where it came from
+    (``model contract`` or ``--covid-threshold``) and the model's own operating point."""
+    own = meta.screening
+    if in_use is None and own is None:
+        return None
+    return {
+        "label": (in_use or {}).get("label") or (own.label if own else None),
+        "threshold": (in_use or {}).get("threshold"),
+        "source": (in_use or {}).get("source"),
+        "model_threshold": own.threshold if own else None,
+        "model_target_sensitivity": own.target_sensitivity if own else None,
+    }
+
+
 # --------------------------------------------------------------------------- counts
 
 
@@ -491,6 +506,7 @@ class RunRecorder:
         command: str = "classify",
         started: datetime | None = None,
         report_offset: int | None = None,
+        screening: Mapping[str, Any] | None = None,
     ) -> RunRecorder:
         """Open (or, with ``resume``, read) the record at ``path``, add this run and write it.
 
@@ -512,6 +528,7 @@ class RunRecorder:
             report_offset: the report file's size before this run's first row. When given and the run
                 stops early (Ctrl-C, a fatal error), the counts are taken from the rows that really
                 reached the report (:func:`count_report_rows`), not from what :meth:`add` was given.
+            screening: :func:`screening_facts`: the threshold behind ``covid_screen`` and where it came from.
 
         Raises:
             OutputError: the record can't be read (resume) or written.
@@ -551,6 +568,7 @@ class RunRecorder:
             "settings": {k: v for k, v in settings.items() if k not in ("device", "engine")},
             "preprocessing": dict(preprocessing),
             "ood": dict(ood) if ood is not None else None,
+            "screening": dict(screening) if screening is not None else None,
             "inputs": {"count": names.count, "sha256": names.hexdigest(), "method": INPUT_HASH_METHOD},
             "shard": None if shard is None else {"index": shard.index, "count": shard.count},
             "resumed": resume and kept_rows > 0,
@@ -816,4 +834,5 @@ def start_classifier_run(
         started=started,
         report_offset=report_offset,
         source=source,
+        screening=screening_facts(meta, getattr(classifier, "screening", None)),
     )

@@ -4,7 +4,8 @@ Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model o
 ``width, height, error``, the model's identity ``model, model_sha256, precision`` (the same on
 every row of a run; ``resume`` and ``merge`` refuse rows of another identity), then ``notes`` and the columns other features fill (empty
 until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
-``Result.fields``, set by the DICOM reader) and ``ood_score, in_distribution``; then ``run_id``,
+``Result.fields``, set by the DICOM reader), ``ood_score, in_distribution`` and ``covid_screen``
+(the screening call at the operating point; ``label`` stays the argmax); then ``run_id``,
 the run that wrote the row (its entry in the provenance record). ``evaluate --predictions`` adds
 ``true_label, correct`` last.
 
@@ -62,7 +63,9 @@ IDENTITY_COLUMNS = ("model", "model_sha256", "precision")
 TAIL_COLUMNS = ("width", "height", "error", *IDENTITY_COLUMNS)
 #: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
 FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
-EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution")
+#: ``covid_screen``: ``positive``/``negative`` at the model's screening operating point (or
+#: ``--covid-threshold``); empty on error rows and where no call is made.
+EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution", "covid_screen")
 #: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
 RUN_COLUMNS = ("run_id",)
 #: ``evaluate --predictions`` only: the file's true label and whether the model's label is it
@@ -188,6 +191,7 @@ def row_values(
         row[key] = result.fields.get(key) or None
     row["ood_score"] = _num(result.ood_score)
     row["in_distribution"] = result.in_distribution
+    row["covid_screen"] = result.covid_screen if result.ok else None
     row["run_id"] = run_id
     return row
 

@@ -43,6 +43,24 @@ KNOWN_SOURCES: dict[str, dict[str, Any]] = {
     },
 }
 
+_NLM = (
+    "NLM public research release (credit NLM/NIH; cite Jaeger et al. 2014, Quant Imaging Med Surg 4(6), and "
+    "Candemir et al. 2014, IEEE TMI 33(2)), via `../shared/data/lung-masks` (256×256 grey PNG, squashed square); "
+    "read from its `SOURCES.csv` (`source_label`): only the **normal** films are used, the tuberculosis films "
+    "(not a class) are left out"
+)
+KNOWN_SOURCES["montgomery"] = {
+    "what": "adult PA films of the NLM Montgomery County (Maryland, USA) TB screening set; " + _NLM,
+    "biases": ["Few films (80 normals), one US county's screening programme; adults only, no disease class used."],
+}
+KNOWN_SOURCES["shenzhen"] = {
+    "what": "adult PA films of the NLM Shenzhen No.3 People's Hospital (China) TB set; " + _NLM,
+    "biases": [
+        "Adult normals only: they teach the model that an adult film from another hospital can be normal, but "
+        "no adult viral pneumonia exists in any source.",
+    ],
+}
+
 #: What each augmentation preset of ``cxr-batch train --augment`` does.
 AUGMENTATIONS = {
     "light": "random affine (rotation ±7°, scale 0.9–1.1, shift ±6%) and brightness/contrast ±10%",
@@ -58,11 +76,15 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _metrics_lines(m: dict[str, Any], labels: tuple[str, ...]) -> list[str]:
+def _metrics_lines(m: dict[str, Any], labels: tuple[str, ...], what: str = "test") -> list[str]:
     lines = [
         f"- n = {m.get('n')}, accuracy **{_fmt(m.get('accuracy'))}** (95% CI "
-        f"{[round(v, 4) for v in m.get('accuracy_ci95') or []]}), macro-F1 **{_fmt(m.get('macro_f1'))}**, "
-        f"expected calibration error {_fmt(m.get('ece'))}; best epoch {m.get('best_epoch')} (chosen on validation).",
+        f"{[round(v, 4) for v in m.get('accuracy_ci95') or []]}), macro-F1 **{_fmt(m.get('macro_f1'))}**"
+        + (
+            f", expected calibration error {_fmt(m.get('ece'))}; best epoch {m.get('best_epoch')} (chosen on validation)."
+            if what == "test"
+            else "."
+        ),
         "",
         "| class | support | precision | recall (sensitivity) | specificity | F1 | ROC AUC |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -87,7 +109,7 @@ def _metrics_lines(m: dict[str, Any], labels: tuple[str, ...]) -> list[str]:
     if len(by_source) > 1:
         lines += [
             "",
-            "Per source (the same test images, split by the folder they came from):",
+            f"Per source (the same {what} images, split by the folder they came from):",
             "",
             "| source | images | accuracy (95% CI) | macro-F1 | " + " | ".join(f"{x} recall" for x in labels) + " |",
             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in labels) + " |",
@@ -98,8 +120,9 @@ def _metrics_lines(m: dict[str, Any], labels: tuple[str, ...]) -> list[str]:
             recalls = [
                 _fmt(sm["per_class"][x]["recall"]) if sm["per_class"].get(x, {}).get("support") else "-" for x in labels
             ]
+            held = " (held out of training)" if name == m.get("holdout_source") else ""
             lines.append(
-                f"| {name} | {sm.get('n')} | {_fmt(sm.get('accuracy'))}{ci_text} | {_fmt(sm.get('macro_f1'))} | "
+                f"| {name}{held} | {sm.get('n')} | {_fmt(sm.get('accuracy'))}{ci_text} | {_fmt(sm.get('macro_f1'))} | "
                 + " | ".join(recalls)
                 + " |"
             )
@@ -180,6 +203,8 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         " No horizontal flip: a flipped chest X-ray puts the heart on the wrong side, which no real PA/AP film shows "
         "(a judgement, not measured). Sampling: " + str(recipe.get("sampling", "class-balanced")) + ".",
     ]
+    for note in meta.extra.get("notes") or []:
+        lines += ["", f"- {note}"]
     selection = meta.extra.get("selection")
     if selection:
         lines += ["", "### How the recipe was chosen (validation only)", "", str(selection.get("summary", "")), ""]
@@ -200,8 +225,24 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
                 )
         if selection.get("command"):
             lines += ["", f"Measured with `{selection['command']}` on {selection.get('cpu', '?')}."]
+    val = m.get("validation") if m else None
+    if val:
+        lines += ["", "## Validation metrics (fp32; what the checkpoint and the operating point were chosen on)", ""]
+        lines.append(f"Images: {val.get('images')}.")
+        if val.get("holdout_source"):
+            lines.append(
+                f"`{val['holdout_source']}` was **held out of training** (`train --holdout-source`): a hospital the model "
+                "never saw. Its train and val rows are validation; its test rows are in the test table."
+            )
+        lines.append("")
+        lines += _metrics_lines(val, meta.labels, what="validation")
+    if meta.screening is not None:
+        lines += _screening_lines(meta)
     lines += ["", "## Test-split metrics (fp32)"]
-    lines += _metrics_lines(m, meta.labels) if m else ["No test metrics were recorded for this checkpoint."]
+    test_m = {k: v for k, v in m.items() if k not in ("validation", "screening_test")} if m else {}
+    if td.get("holdout_source") or (val or {}).get("holdout_source"):
+        test_m["holdout_source"] = td.get("holdout_source") or (val or {}).get("holdout_source")
+    lines += _metrics_lines(test_m, meta.labels) if test_m else ["No test metrics were recorded for this checkpoint."]
     if int8:
         measured = int8.get("measured_on")
         lines += [
@@ -223,6 +264,20 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
                 else ""
             ),
         ]
+        gate = int8.get("gate")
+        if isinstance(gate, dict):
+            lines += [
+                "",
+                f"Faithfulness gate (top-1 agreement >= {gate.get('min_top1_agreement')} and largest |Δprob| <= "
+                f"{gate.get('max_abs_prob_diff')} on the test split): **{'passed' if gate.get('passed') else 'not passed'}**. "
+                + (
+                    "`--precision auto` takes the int8 file on CPUs with VNNI, AMX or ARM dot product."
+                    if gate.get("passed")
+                    else "`--precision auto` takes the fp32 file on every CPU; the int8 file is there for "
+                    "`--precision int8`."
+                )
+                + " Measured on this CPU only: VNNI/AMX kernels (no saturation) were not measured.",
+            ]
     if meta.ood:
         lines += _ood_lines(meta)
     lines += [
@@ -230,6 +285,8 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         "## Intended use",
         "Research on batches of chest radiographs: screening experiments, dataset triage, method comparisons.",
         "Not for clinical use, not a medical device, not validated on any clinical population.",
+        "The `covid_screen` column is a research screening call at a threshold chosen on validation images, not a "
+        "diagnosis.",
         "",
         "## Known biases and limits of the data",
     ]
@@ -239,6 +296,11 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         lines.append(
             "- **Bacterial pneumonia is not a class.** A film with a pneumonia the model was never taught still gets "
             "one of its labels (see the out-of-distribution section for what it does with pediatric bacterial pneumonia)."
+        )
+    if "viral" in meta.labels:
+        lines.append(
+            "- **No adult viral (non-COVID) pneumonia** in any source: every viral film is pediatric. Expect adult "
+            "viral pneumonia to be called `covid` or `normal`, not `viral`."
         )
     lines += [
         "- No patient identifiers: images of one patient can fall on both sides of the split, which flatters the test "
@@ -285,6 +347,51 @@ def _adaptation_lines(meta: ModelMeta) -> list[str]:
     for w in a.get("warnings") or []:
         lines.append(f"- **Warning:** {w}")
     return [*lines, ""]
+
+
+def _screening_lines(meta: ModelMeta) -> list[str]:
+    sp = meta.screening
+    assert sp is not None
+    v = sp.validation or {}
+
+    def rate(key: str) -> str:
+        ci = v.get(f"{key}_ci95") or []
+        tail = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 and None not in ci else ""
+        return f"{_fmt(v.get(key))}{tail}"
+
+    lines = [
+        "",
+        "## Screening operating point",
+        "",
+        f"The report's `covid_screen` column is `positive` when P({sp.label}) >= **{sp.threshold:.4f}**, `negative` "
+        "otherwise (empty on error rows). The `label` column stays the argmax. "
+        f"Rule: {v.get('rule', f'the highest threshold with validation sensitivity >= {sp.target_sensitivity}')}; "
+        f"chosen on {v.get('n')} validation images ({v.get('images')}). "
+        "`--covid-threshold P` overrides it (recorded in the provenance).",
+        "",
+        f"- Validation: sensitivity {rate('sensitivity')} ({v.get('tp')}/{(v.get('tp') or 0) + (v.get('fn') or 0)}), "
+        f"specificity {rate('specificity')} ({v.get('tn')}/{(v.get('tn') or 0) + (v.get('fp') or 0)}); 95% CI Wilson.",
+    ]
+    by = v.get("by_source") or {}
+    if by:
+        lines += [
+            "",
+            "| validation source | COVID-19 sensitivity | specificity (non-COVID films) |",
+            "| --- | ---: | ---: |",
+        ]
+        for name, o in by.items():
+            sens = "-" if o.get("sensitivity") is None else f"{o['sensitivity']:.4f} ({o['tp']}/{o['tp'] + o['fn']})"
+            spec = "-" if o.get("specificity") is None else f"{o['specificity']:.4f} ({o['tn']}/{o['tn'] + o['fp']})"
+            lines.append(f"| {name} | {sens} | {spec} |")
+    test = meta.metrics.get("screening_test") if meta.metrics else None
+    if isinstance(test, dict):
+        lines += [
+            "",
+            "- Test split (measured once at export, with the int8 gate's fp32 pass): sensitivity "
+            f"{_fmt(test.get('sensitivity'))} ({test.get('tp')}/{(test.get('tp') or 0) + (test.get('fn') or 0)}), "
+            f"specificity {_fmt(test.get('specificity'))} ({test.get('tn')}/{(test.get('tn') or 0) + (test.get('fp') or 0)}).",
+        ]
+    return lines
 
 
 def _ood_lines(meta: ModelMeta) -> list[str]:

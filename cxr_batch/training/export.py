@@ -11,14 +11,20 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
-from cxr_batch.contract import DEFAULT_PREPROCESSING, ModelMeta
+from cxr_batch.contract import (
+    DEFAULT_PREPROCESSING,
+    INT8_GATE_MAX_PROB_DIFF,
+    INT8_GATE_MIN_AGREEMENT,
+    ModelMeta,
+    int8_gate,
+)
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, MissingExtraError, ModelError, OutputError
@@ -32,7 +38,8 @@ from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, 
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-#: The int8 model is written only when it is this close to the fp32 master on the test split.
+#: The int8 model is written only when it is this close to the fp32 master on the test split; whether
+#: ``--precision auto`` may take it is the stricter gate of cxr_batch.contract (int8_gate).
 INT8_MAX_F1_DROP = 0.005
 INT8_MIN_AGREEMENT = 0.995
 #: The fp16 model (for CUDA) is written only when no probability moves more than this.
@@ -42,6 +49,9 @@ OUTPUTS = {"logits": "logits", "features": "features", "embedding": "embedding"}
 #: and version, so a home-made model can't pass for the shipped one in a report.
 DEFAULT_NAME = "cxr-resnet18-custom"
 DEFAULT_VERSION = "0.0.0+local"
+#: The screening operating point reaches this COVID-19 sensitivity on validation (issue 19).
+SCREEN_SENSITIVITY = 0.90
+SCREEN_LABEL = "covid"
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,16 @@ class ExportConfig:
     adaptation: dict[str, Any] | None = None
     #: an int8 model that fails the faithfulness gate is skipped with a notice instead of an error
     int8_optional: bool = False
+    #: the screening operating point: the COVID-19 sensitivity it must reach on validation
+    screen_sensitivity: float = SCREEN_SENSITIVITY
+    #: the run's held-out source (train --holdout-source): its train rows are validation too
+    holdout_source: str | None = None
+    #: how the int8 file is quantised: a name in :data:`INT8_SCHEMES`
+    int8_scheme: str = "7bit"
+    #: lines for the card's recipe section (e.g. what was not evaluated in this release)
+    notes: tuple[str, ...] = ()
+    #: fit the OOD guard on a seeded sample of at most this many training images (None: all)
+    ood_fit_images: int | None = None
 
 
 def latest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -205,6 +225,8 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
 
     # Parity on real images, through the shared numpy preprocessing.
     config, root, split = _run_context(ckpt_path, cfg.data_dir)
+    if cfg.holdout_source is None and config.get("holdout_source"):
+        cfg = replace(cfg, holdout_source=str(config["holdout_source"]))
     items: list[tuple[Path, str]] = []
     if root is not None and split is not None:
         items = split.paths(root, "test")[: cfg.parity_images]
@@ -247,6 +269,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
             **({"adaptation": cfg.adaptation} if cfg.adaptation else {}),
             **({"init": init} if (init := _init_facts(tcfg)) else {}),
             **({"selection": _selection(cfg.selection)} if cfg.selection else {}),
+            **({"notes": list(cfg.notes)} if cfg.notes else {}),
         },
     )
     from cxr_batch.training.cam import add_cam_output
@@ -274,17 +297,23 @@ def derive_from_master(
 
     Returns the int8 model's quantisation record when one was made.
     """
+    if root is not None and split is not None:
+        fit_validation(master, root, split, cfg, console)
+    else:
+        console.print("[yellow]no run data found: no validation metrics and no screening operating point[/]")
     if cfg.ood and root is not None and split is not None:
         from cxr_batch.training.ood import fit_model
 
-        fit_model(master, root, split, console=console)
+        fit_model(master, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
     elif cfg.ood:
         console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
     int8_info: dict[str, Any] | None = None
     derived: list[Path] = []
     if cfg.quantize == "int8":
+        if cfg.int8_scheme not in INT8_SCHEMES:
+            raise CxrBatchError(f"unknown int8 scheme {cfg.int8_scheme!r}; choose from {sorted(INT8_SCHEMES)}")
         try:
-            int8_info = derive_int8(master, root, split, cfg, console)
+            int8_info = derive_int8(master, root, split, cfg, console, INT8_SCHEMES[cfg.int8_scheme])
             derived.append(master.with_name(master.stem + "-int8.onnx"))
         except ModelError as exc:
             if not cfg.int8_optional:
@@ -299,6 +328,132 @@ def derive_from_master(
     write_self_checks(master, derived, self_check_candidates(root, split), console)
     write_card(master, read_contract_file(master)[1], int8_info)
     return int8_info
+
+
+def validation_items(root: Roots, split: Split, holdout: str | None) -> list[tuple[Path, str, str]]:
+    """The images a run was validated on: its val rows, plus the train rows of a held-out source
+    (train --holdout-source never trained on them). ``(path, label, source)``."""
+    val = split.items(root, "val")
+    if holdout:
+        val += [t for t in split.items(root, "train") if t[2] == holdout]
+    return val
+
+
+def model_probs(
+    model: Path, items: Sequence[tuple[Path, str, str]], spec: PreprocessSpec, labels: Sequence[str], batch: int = 32
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(y, probabilities, source per row) of an ONNX model's logits on labelled files, batch by
+    batch through the shared preprocessing (files that fail to decode are left out)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    ys: list[int] = []
+    srcs: list[str] = []
+    out: list[np.ndarray] = []
+    buf: list[np.ndarray] = []
+
+    def flush() -> None:
+        if buf:
+            out.append(softmax(sess.run(["logits"], {name: np.stack(buf)})[0]))
+            buf.clear()
+
+    from cxr_batch.errors import ImageError
+    from cxr_batch.io.preprocess import preprocess_file
+
+    for path, label, src in items:
+        try:
+            x, _ = preprocess_file(path, spec)
+        except ImageError:
+            continue
+        buf.append(x)
+        ys.append(list(labels).index(label))
+        srcs.append(src)
+        if len(buf) == batch:
+            flush()
+    flush()
+    p = np.concatenate(out) if out else np.zeros((0, len(labels)))
+    return np.asarray(ys, np.int64), p, srcs
+
+
+def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, console: Console) -> dict[str, Any]:
+    """Measure the fp32 master on the run's validation images (per source, and the held-out source
+    on its own) and choose the screening operating point there: the highest P(covid) threshold with
+    validation sensitivity >= ``cfg.screen_sensitivity``. Both go into the master's contract
+    (``metrics["validation"]``, ``screening``), so every file derived from it carries them."""
+    from cxr_batch.contract import ScreeningPoint
+    from cxr_batch.evaluation.metrics import metrics_by_source, operating_point, screening_threshold
+
+    onnx = _onnx()
+    proto, meta = read_contract_file(master)
+    labels = list(meta.labels)
+    items = validation_items(root, split, cfg.holdout_source)
+    y, p, sources = model_probs(master, items, meta.spec, labels)
+    m = classification_metrics(y, p, labels)
+    validation: dict[str, Any] = {
+        k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "per_class", "confusion_matrix", "ci_method")
+    }
+    validation["split"] = "validation"
+    validation["by_source"] = metrics_by_source(y, p, labels, sources)
+    validation["holdout_source"] = cfg.holdout_source
+    validation["images"] = "the val rows of every source" + (
+        f", plus the train rows of {cfg.holdout_source} (held out of training)" if cfg.holdout_source else ""
+    )
+    screening = None
+    if SCREEN_LABEL in labels and (y == labels.index(SCREEN_LABEL)).any():
+        k = labels.index(SCREEN_LABEL)
+        threshold = screening_threshold(p[:, k], y == k, cfg.screen_sensitivity)
+        point = operating_point(p[:, k], y == k, threshold)
+        point["by_source"] = {
+            name: operating_point(p[np.asarray(sources) == name, k], y[np.asarray(sources) == name] == k, threshold)
+            for name in sorted(set(sources))
+        }
+        point["n"] = len(y)
+        point["images"] = validation["images"]
+        point["rule"] = (
+            f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {cfg.screen_sensitivity}"
+        )
+        screening = ScreeningPoint(SCREEN_LABEL, threshold, cfg.screen_sensitivity, json_safe(point))
+        console.print(
+            f"screening point: P({SCREEN_LABEL}) >= {threshold:.4f}: validation sensitivity {point['sensitivity']:.4f} "
+            f"({point['tp']}/{point['tp'] + point['fn']}), specificity {point['specificity']:.4f} "
+            f"({point['tn']}/{point['tn'] + point['fp']})"
+        )
+    console.print(f"validation (fp32, {len(y)} images): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+    write_contract(
+        proto,
+        meta.with_updates(metrics={**meta.metrics, "validation": json_safe(validation)}, screening=screening),
+    )
+    onnx.save(proto, str(master))
+    return validation
+
+
+def test_screening(
+    master: Path, y: np.ndarray, p: np.ndarray, sources: Sequence[str], console: Console
+) -> dict[str, Any] | None:
+    """Sensitivity and specificity of the master's screening point on the test split (measured, never
+    chosen there), overall and per source, stored in its contract as ``metrics["screening_test"]``."""
+    from cxr_batch.evaluation.metrics import operating_point
+
+    onnx = _onnx()
+    proto, meta = read_contract_file(master)
+    sp = meta.screening
+    if sp is None or len(y) == 0:
+        return None
+    k = list(meta.labels).index(sp.label)
+    point = operating_point(p[:, k], y == k, sp.threshold)
+    src = np.asarray(list(sources), dtype=object)
+    point["by_source"] = {
+        name: operating_point(p[src == name, k], y[src == name] == k, sp.threshold) for name in sorted(set(sources))
+    }
+    point["split"] = "test"
+    console.print(
+        f"screening point on the test split: sensitivity {point['sensitivity']:.4f} ({point['tp']}/"
+        f"{point['tp'] + point['fn']}), specificity {point['specificity']:.4f} ({point['tn']}/{point['tn'] + point['fp']})"
+    )
+    write_contract(proto, meta.with_updates(metrics={**meta.metrics, "screening_test": json_safe(point)}))
+    onnx.save(proto, str(master))
+    return point
 
 
 def _without_self_check(extra: dict[str, Any]) -> dict[str, Any]:
@@ -536,26 +691,52 @@ class _Calibration:
 
 @dataclass(frozen=True)
 class Int8Scheme:
-    """How :func:`quantize_file` quantises: static QDQ, MinMax calibration, and these settings.
+    """How :func:`quantize_file` quantises: static QDQ with these settings.
 
     The default is the one measured right on CPUs without VNNI (``benchmarks/RESULTS.md``, int8
     schemes): uint8 activations, int8 per-channel weights in 7 bits (``reduce_range``), so the
     int16 intermediate of ``vpmaddubsw`` (U8S8 on AVX2 and AVX-512 without VNNI) cannot saturate.
+    ``fp32_ends`` keeps the first convolution and the classifier (``fc``) in float32: the layers
+    whose rounding moves the probabilities most. ``calibration``: ``minmax`` or ``percentile``
+    (activation ranges clipped at the ``percentile``-th percentile of the calibration images).
     """
 
     reduce_range: bool = True
     per_channel: bool = True
     activations: str = "uint8"  # "uint8" (asymmetric) or "int8" (symmetric)
     weights: str = "int8"  # "int8" or "uint8"
+    fp32_ends: bool = False
+    calibration: str = "minmax"  # "minmax" or "percentile"
+    percentile: float = 99.999
 
     def describe(self) -> str:
         kind = {"uint8": "u8", "int8": "s8"}
         name = f"{kind[self.activations].upper()}{kind[self.weights].upper()}"
+        calib = "MinMax" if self.calibration == "minmax" else f"percentile ({self.percentile}) calibration"
         return (
             f"QDQ static, {self.activations} activations ({'asymmetric' if self.activations == 'uint8' else 'symmetric'}), "
             f"{self.weights} {'per-channel' if self.per_channel else 'per-tensor'} weights ({name})"
-            f"{', 7-bit weights (reduce_range)' if self.reduce_range else ''}, MinMax calibration"
+            f"{', 7-bit weights (reduce_range)' if self.reduce_range else ', 8-bit weights'}"
+            f"{', first conv and fc kept in fp32' if self.fp32_ends else ''}, "
+            f"{calib if self.calibration != 'minmax' else 'MinMax calibration'}"
         )
+
+
+#: The schemes ``cxr-batch export --int8-scheme`` offers (measured in benchmarks/int8_schemes.py).
+INT8_SCHEMES = {
+    "7bit": Int8Scheme(),
+    "7bit-ends": Int8Scheme(fp32_ends=True),
+    "7bit-ends-percentile": Int8Scheme(fp32_ends=True, calibration="percentile"),
+    "8bit-ends": Int8Scheme(reduce_range=False, fp32_ends=True),
+    "8bit-ends-percentile": Int8Scheme(reduce_range=False, fp32_ends=True, calibration="percentile"),
+}
+
+
+def _end_nodes(graph: Any) -> list[str]:
+    """The first convolution and the node that computes ``logits`` (the classifier)."""
+    first = next((n.name for n in graph.node if n.op_type == "Conv"), None)
+    last = next((n.name for n in graph.node if "logits" in n.output), None)
+    return [x for x in (first, last) if x]
 
 
 def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = Int8Scheme()) -> Path:
@@ -569,21 +750,30 @@ def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = 
 
     onnx = _onnx()
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    if scheme.calibration not in methods:
+        raise CxrBatchError(f"unknown int8 calibration {scheme.calibration!r}; choose from {sorted(methods)}")
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
-        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("ood/")]
+        graph = onnx.load(str(pre)).graph
+        keep = [n.name for n in graph.node if n.name.startswith("ood/")]
+        if scheme.fp32_ends:
+            keep += _end_nodes(graph)
+        extra = {"CalibPercentile": scheme.percentile} if scheme.calibration == "percentile" else {}
         quantize_static(
             str(pre),
             str(out),
-            _Calibration(xcal),
+            # percentile calibration stacks every batch's activations: batches must have one shape
+            _Calibration(xcal, batch=1 if scheme.calibration == "percentile" else 16),
             quant_format=QuantFormat.QDQ,
             per_channel=scheme.per_channel,
             reduce_range=scheme.reduce_range,
             activation_type=types[scheme.activations],
             weight_type=types[scheme.weights],
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=methods[scheme.calibration],
             nodes_to_exclude=keep or None,
+            extra_options=extra or None,
         )
     return out
 
@@ -616,9 +806,10 @@ def derive_int8(
     xcal = calibration_images(meta, root, split, cfg.calibration_images)
     out = fp32.with_name(fp32.stem + "-int8.onnx")
     quantize_file(fp32, out, xcal, scheme)
-    xt, yt = _tensors(split.paths(root, "test"), meta.spec, labels)
-    p32 = softmax(ort_logits(fp32, xt))
-    p8 = softmax(ort_logits(out, xt))
+    test_items = split.items(root, "test")
+    yt, p32, sources = model_probs(fp32, test_items, meta.spec, labels)
+    _, p8, _ = model_probs(out, test_items, meta.spec, labels)
+    test_screening(fp32, yt, p32, sources, console)
     m32 = classification_metrics(yt, p32, labels)
     m8 = classification_metrics(yt, p8, labels)
     agree = float((p32.argmax(1) == p8.argmax(1)).mean()) if len(yt) else float("nan")
@@ -636,9 +827,18 @@ def derive_int8(
         "scheme": scheme.describe(),
         "measured_on": cpu_summary(),
     }
+    info["gate"] = {
+        "passed": int8_gate(agree, info["max_abs_prob_diff"]),
+        "min_top1_agreement": INT8_GATE_MIN_AGREEMENT,
+        "max_abs_prob_diff": INT8_GATE_MAX_PROB_DIFF,
+        "split": "test",
+        "rule": "--precision auto takes this file (on a CPU with 8-bit dot products) only when passed",
+    }
     console.print(
         f"int8 on the test split: macro-F1 {m8['macro_f1']:.4f} vs fp32 {m32['macro_f1']:.4f} "
-        f"({100 * drop:+.2f} points drop), top-1 agreement {agree:.4f}"
+        f"({100 * drop:+.2f} points drop), top-1 agreement {agree:.4f}, largest |Δprob| "
+        f"{info['max_abs_prob_diff']:.4f}: gate {'passed' if info['gate']['passed'] else 'not passed'} "
+        f"(>= {INT8_GATE_MIN_AGREEMENT}, <= {INT8_GATE_MAX_PROB_DIFF}; auto takes fp32 where it is not)"
     )
     # classify runs the int8 file by default on CPU whenever it is installed, so it is written only
     # when it is as good as the master: macro-F1 within 0.5 points, top-1 agreement >= 99.5%.
@@ -668,7 +868,7 @@ def derive_int8(
     if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
         from cxr_batch.training.ood import fit_model
 
-        fit_model(out, root, split, console=console)
+        fit_model(out, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
     return info
 
 

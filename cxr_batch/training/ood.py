@@ -123,9 +123,13 @@ def fit_model(
     out: Path | None = None,
     quantile: float = 0.95,
     console: Console | None = None,
+    max_fit: int | None = None,
+    holdout: str | None = None,
 ) -> dict[str, Any]:
     """Fit the guard on a model's own train embeddings, calibrate on val, write it into the model.
 
+    ``max_fit``: fit on a seeded sample of at most this many training images (a CPU budget);
+    ``holdout``: a source kept out of training (train --holdout-source), left out of the fit.
     Returns the guard's record (also stored as ``ood`` in the model's contract).
     """
     import onnx
@@ -137,7 +141,11 @@ def fit_model(
     if "embedding" not in meta.outputs:
         raise CxrBatchError(f"{model_path}: the model has no 'embedding' output; re-export it with cxr-batch export")
     labels = list(meta.labels)
-    e_train, y_train = embeddings(model_path, split.paths(root, "train"), meta.spec, labels, meta.outputs["embedding"])
+    train = [(p, label) for p, label, src in split.items(root, "train") if not holdout or src != holdout]
+    if max_fit is not None and len(train) > max_fit:
+        pick = np.random.default_rng(0).choice(len(train), size=max_fit, replace=False)
+        train = [train[i] for i in sorted(pick.tolist())]
+    e_train, y_train = embeddings(model_path, train, meta.spec, labels, meta.outputs["embedding"])
     e_val, _ = embeddings(model_path, split.paths(root, "val"), meta.spec, labels, meta.outputs["embedding"])
     if len(e_train) == 0 or len(e_val) == 0:
         raise CxrBatchError("fitting the OOD guard needs training and validation images")
@@ -147,7 +155,9 @@ def fit_model(
     record: dict[str, Any] = {
         "method": METHOD,
         "description": "Mahalanobis distance of the pooled 512-d embedding to the nearest class mean, "
-        "tied covariance (shrinkage 1e-2), fitted on the training split",
+        "tied covariance (shrinkage 1e-2), fitted on the training split"
+        + (f" (a seeded sample of {len(e_train)} images)" if max_fit is not None else "")
+        + (f" without the held-out source {holdout}" if holdout else ""),
         "output": OOD_OUTPUT,
         "threshold": threshold,
         "calibration": f"{quantile:.0%} of validation images score at or below the threshold",

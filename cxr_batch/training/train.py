@@ -81,6 +81,11 @@ class TrainConfig:
     epoch_images: int | None = None
     #: the OneCycle schedule's warm-up share of the steps
     warmup: float = 0.15
+    #: labels-file roots: (label value, class) pairs read before canonical_label (see find_labelled_csv)
+    label_map: tuple[tuple[str, str], ...] = ()
+    #: a source kept out of training: its train and val rows are validation (a hospital never seen);
+    #: its test rows stay test
+    holdout_source: str | None = None
 
     @property
     def data_dir(self) -> str:
@@ -438,6 +443,15 @@ def evaluate_files(
     return np.asarray(ys, dtype=np.int64), p, errors, sources
 
 
+def holdout_parts(
+    train: list[tuple[Path, str, str]], val: list[tuple[Path, str, str]], holdout: str | None
+) -> tuple[list[tuple[Path, str, str]], list[tuple[Path, str, str]]]:
+    """Move the held-out source's training rows to validation: (train, val) with ``holdout`` never trained on."""
+    if not holdout:
+        return train, val
+    return [t for t in train if t[2] != holdout], val + [t for t in train if t[2] == holdout]
+
+
 def train_model(
     cfg: TrainConfig, resume: bool = False, console: Console | None = None, report_test: bool = True
 ) -> dict[str, Any]:
@@ -460,7 +474,7 @@ def train_model(
     if not resume and last_path.exists():
         raise CxrBatchError(f"{out} already holds a run; use --resume to continue it or another --out")
 
-    sets = find_labelled_many(list(cfg.data_dirs), cfg.classes)
+    sets = find_labelled_many(list(cfg.data_dirs), cfg.classes, dict(cfg.label_map))
     if cfg.limit_per_class:
         for data in sets:
             kept: list[tuple[Path, str]] = []
@@ -483,6 +497,10 @@ def train_model(
     unknown = {r[1] for r in split.rows} - set(labels)
     if unknown:
         raise DataError(f"the split has labels {sorted(unknown)} that are not among the classes {labels}")
+    if cfg.holdout_source is not None and cfg.holdout_source not in {d.source for d in sets}:
+        raise DataError(
+            f"--holdout-source {cfg.holdout_source}: not a source of this run ({', '.join(d.source for d in sets)})"
+        )
     split.write(split_file)
     write_file_atomic(
         out / "config.json",
@@ -492,6 +510,7 @@ def train_model(
                 "labels": labels,
                 "layout": layout,
                 "sources": {d.source: str(d.root) for d in sets},
+                "excluded": {d.source: d.excluded for d in sets if d.excluded},
                 "ignored_folders": [f"{d.source}/{x}" if len(sets) > 1 else x for d in sets for x in d.ignored],
                 "device_resolved": str(device),
                 "autocast": amp,
@@ -505,8 +524,19 @@ def train_model(
     )
     roots = {d.source: Path(d.root) for d in sets}
     train_src, val_src, test_src = (split.items(roots, s) for s in ("train", "val", "test"))
+    train_src, val_src = holdout_parts(train_src, val_src, cfg.holdout_source)
     train_items, val_items, test_items = ([(p, x) for p, x, _ in part] for part in (train_src, val_src, test_src))
     console.print(f"run folder: {markup(str(out))}", highlight=False, soft_wrap=True)
+    for d in sets:
+        if d.excluded:
+            console.print(
+                markup(f"{d.source}: left out (not a class): " + ", ".join(f"{k} {v}" for k, v in d.excluded.items()))
+            )
+    if cfg.holdout_source:
+        n_held = sum(1 for _, _, src in val_src if src == cfg.holdout_source)
+        console.print(
+            f"held out of training: {markup(cfg.holdout_source)} ({n_held} validation files; its test rows stay test)"
+        )
     console.print(
         f"[bold]{markup(layout)}[/]: {len(split.rows)} files, labels {markup(labels)}; "
         f"train {len(train_items)} / val {len(val_items)} / test {len(test_items)}; device {device}"
