@@ -57,6 +57,7 @@ def evaluate_command(
     precision: str,
     batch_size: int,
     threads: int,
+    lungs: bool,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -83,7 +84,7 @@ def evaluate_command(
         extra_data_dirs=tuple(data_dirs[1:]),
         part=part,
         out=out,
-        engine=engine_config(model, device, precision, batch_size, threads),
+        engine=engine_config(model, device, precision, batch_size, threads, lungs),
         labels_file=labels_file,
         predictions=predictions,
         plots=plots,

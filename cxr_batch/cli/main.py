@@ -175,6 +175,7 @@ def classify_command(
     precision: str,
     batch_size: int,
     threads: int,
+    lungs: bool,
     recursive: bool,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -234,7 +235,7 @@ def classify_command(
             absolute_paths=absolute_paths,
             listed=listed,
         ),
-        engine=engine_config(model, device, precision, batch_size, threads),
+        engine=engine_config(model, device, precision, batch_size, threads, lungs),
         report=ReportConfig(out=out, format=report_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
         shard=shard,
@@ -338,11 +339,19 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     console.print_json(json.dumps(contract, sort_keys=True))
 
 
-from cxr_batch.cli.train import add_cam_command, export_command, train_command  # noqa: E402
+from cxr_batch.cli.train import (  # noqa: E402
+    add_cam_command,
+    export_command,
+    export_lungs_command,
+    train_command,
+    train_lungs_command,
+)
 
 main.add_command(train_command)
 main.add_command(export_command)
 main.add_command(add_cam_command)
+main.add_command(train_lungs_command)
+main.add_command(export_lungs_command)
 
 from cxr_batch.cli.evaluate import evaluate_command  # noqa: E402
 

@@ -128,13 +128,22 @@ def engine_options(func: F) -> F:
                 show_default=True,
                 help="onnxruntime threads (0: one per physical core).",
             ),
+            click.option(
+                "--lungs/--no-lungs",
+                default=True,
+                show_default=True,
+                help="Run the lung-field segmenter first: the lung_fraction and assessable columns (a film "
+                "without two plausible lung fields gets no label), and the lung crop for a model trained on it.",
+            ),
         ]
     ):
         func = option(func)
     return func
 
 
-def engine_config(model: str | None, device: str, precision: str, batch_size: int, threads: int) -> EngineConfig:
+def engine_config(
+    model: str | None, device: str, precision: str, batch_size: int, threads: int, lungs: bool = True
+) -> EngineConfig:
     """The :class:`~cxr_batch.engine.classifier.EngineConfig` for the values of :func:`engine_options`."""
     from cxr_batch.engine.classifier import EngineConfig  # numpy, onnxruntime: only once a command runs
 
@@ -144,4 +153,5 @@ def engine_config(model: str | None, device: str, precision: str, batch_size: in
         precision=precision,  # type: ignore[arg-type]
         batch_size=batch_size,
         threads=threads,
+        lungs=lungs,
     )

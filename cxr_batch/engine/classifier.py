@@ -39,10 +39,13 @@ from cxr_batch.engine.types import Precision as Precision
 from cxr_batch.engine.types import Result as Result
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.preprocess import PreprocessSpec, preprocess_file
+from cxr_batch.io.lungs import LungVerdict, preprocess_file_lungs
+from cxr_batch.io.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from cxr_batch.engine.lungs import LungSegmenter
 
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
@@ -474,14 +477,22 @@ class _Prepared:
     fields: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     not_radiograph: str | None = None
+    verdict: LungVerdict | None = None
 
 
-def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
-    """Runs in a decoder thread. Never raises: any failure becomes the file's error message."""
+def _prepare(
+    item: InputFile, spec: PreprocessSpec, lungs: LungSegmenter | None = None, crop: str | None = None
+) -> _Prepared:
+    """Runs in a decoder thread. Never raises: any failure becomes the file's error message.
+
+    With ``lungs``, the segmenter reads the decoded film here (one film per call, the decoder
+    threads in parallel), before the classifier's preprocessing, which crops to the lungs when
+    the classifier's contract asks for it (``crop == "lungs"``).
+    """
     if item.error is not None:  # discovery already knows (a folder that can't be listed)
         return _Prepared(item, error=item.error)
     try:
-        tensor, decoded = preprocess_file(item.path, spec)
+        tensor, decoded, verdict = preprocess_file_lungs(item.path, spec, None if lungs is None else lungs.read, crop)
     except ImageError as exc:
         return _Prepared(item, error=str(exc))
     except MemoryError:
@@ -495,6 +506,7 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
         height=decoded.height,
         notes=list(decoded.notes),
         fields=dict(decoded.fields),
+        verdict=verdict,
     )
     if decoded.not_radiograph:
         # Still classified (the row keeps its probabilities), but flagged out of distribution
@@ -502,6 +514,23 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
         prepared.not_radiograph = decoded.not_radiograph
         prepared.notes.append(f"out of distribution: {decoded.not_radiograph}")
     return prepared
+
+
+def _apply_verdict(r: Result, prepared: _Prepared) -> None:
+    """The lung stage's columns; a film that is not assessable keeps its probabilities, loses its label."""
+    verdict = prepared.verdict
+    if verdict is None:
+        return
+    r.lung_fraction = verdict.lung_fraction
+    r.lung_mask = verdict.mask
+    why = verdict.note
+    if why is None and prepared.not_radiograph:
+        why = prepared.not_radiograph  # the DICOM header says it is not a radiograph
+    r.assessable = why is None
+    if why is not None:
+        r.notes.append(f"not assessable: {why}")
+        r.label = None
+        r.confidence = None
 
 
 def _stack(tensors: list[np.ndarray], buffer: list[np.ndarray] | None) -> np.ndarray:
@@ -588,6 +617,12 @@ class Classifier:
         self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
         self._threads = total // self._streams if self._streams > 1 else config.threads
         self._loaded = load_model(replace(config, threads=self._threads))
+        #: the lung stage's segmenter (None: ``lungs=False``)
+        self.lungs: LungSegmenter | None = None
+        if config.lungs:
+            from cxr_batch.engine.lungs import LungSegmenter
+
+            self.lungs = LungSegmenter(config.lungs_model)
         if self._loaded.provider == CUDA:
             self._streams = 1
         # Sessions not running a batch. The first is the one load_model made; the others are
@@ -707,7 +742,7 @@ class Classifier:
                 except StopIteration:
                     exhausted = True
                     return
-                pending.append(pool.submit(_prepare, item, spec))
+                pending.append(pool.submit(_prepare, item, spec, self.lungs, self.meta.crop))
 
         # Inference threads (one per stream), ahead of the caller: while the caller writes batch k,
         # the next batches run (onnxruntime releases the GIL). Each thread keeps its batch input
@@ -813,6 +848,7 @@ class Classifier:
                     r.in_distribution = score <= self._ood_threshold
             if batch[i].not_radiograph:
                 r.in_distribution = False
+            _apply_verdict(r, batch[i])
         return results
 
     def _run_bound(self, session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:

@@ -38,6 +38,10 @@ class EngineConfig:
     #: batches run at once, each in its own session with ``threads // streams`` threads;
     #: 0 means :func:`default_streams`.
     streams: int = 0
+    #: run the lung stage (segmenter → ``lung_fraction``, ``assessable``, the lung crop)
+    lungs: bool = True
+    #: the segmenter file; None: ``$CXR_BATCH_LUNGS``, else the embedded one
+    lungs_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 0:
@@ -78,6 +82,12 @@ class Result:
     ood_score: float | None = None
     in_distribution: bool | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the lung stage (:mod:`cxr_batch.engine.lungs`): the lung mask's share of the film, whether
+    #: the film shows two plausible lung fields (None: the stage did not run), and the mask itself
+    #: (the segmenter's resolution, True = lung) for heatmaps
+    lung_fraction: float | None = None
+    assessable: bool | None = None
+    lung_mask: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:

@@ -561,6 +561,7 @@ class RunRecorder:
         command: str = "classify",
         started: datetime | None = None,
         report_offset: int | None = None,
+        lungs: Mapping[str, Any] | None = None,
     ) -> RunRecorder:
         """Open (or, with ``resume``, read) the record at ``path``, add this run and write it.
 
@@ -582,6 +583,7 @@ class RunRecorder:
             report_offset: the report file's size before this run's first row. When given and the run
                 stops early (Ctrl-C, a fatal error), the counts are taken from the rows that really
                 reached the report (:func:`count_report_rows`), not from what :meth:`add` was given.
+            lungs: the lung segmenter's file, sha256 and model (None: the lung stage did not run).
 
         Raises:
             OutputError: the record can't be read (resume) or written.
@@ -619,6 +621,7 @@ class RunRecorder:
             "settings": {k: v for k, v in settings.items() if k not in ("device", "engine")},
             "preprocessing": dict(preprocessing),
             "ood": dict(ood) if ood is not None else None,
+            "lung_segmenter": dict(lungs) if lungs is not None else None,
             "inputs": {"count": len(names), "sha256": input_list_sha256(names), "method": INPUT_HASH_METHOD},
             "shard": None if shard is None else {"index": shard.index, "count": shard.count},
             "resumed": resume and kept_rows > 0,
@@ -865,6 +868,7 @@ def start_classifier_run(
         OutputError: the record can't be read (resume) or written.
     """
     meta = classifier.meta
+    segmenter = getattr(classifier, "lungs", None)
     return RunRecorder.start(
         path,
         run_id=run_id,
@@ -882,4 +886,5 @@ def start_classifier_run(
         started=started,
         report_offset=report_offset,
         source=source,
+        lungs=None if segmenter is None else segmenter.describe(),
     )
