@@ -97,6 +97,11 @@ class ModelChoice:
 def default_model_dirs() -> list[Path]:
     """Where the embedded default models may be: the installed ``cxr_batch.models`` package,
     then ``<repo>/export/`` when running from a source tree."""
+    return package_model_dirs()
+
+
+def package_model_dirs() -> list[Path]:
+    """:func:`default_model_dirs`' answer, for the lung segmenter too (tests replace the former only)."""
     dirs: list[Path] = []
     try:
         from importlib.resources import files
@@ -571,6 +576,9 @@ class Classifier:
         decode_workers: decoder threads; None = one per core, at most 8.
         extra_outputs: contract output roles to return in ``Result.outputs`` ("features", "embedding").
         streams: batches run at once, each in its own session; 0 = :func:`default_streams`.
+        lungs: run the lung stage first (``lung_fraction``, ``assessable``; a film that is not
+            assessable gets no label; the lung crop for a model trained on it).
+        lungs_model: the segmenter file; None takes ``$CXR_BATCH_LUNGS``, else the embedded one.
 
     Raises:
         ModelError: the model is missing, unloadable or breaks the contract.
@@ -589,6 +597,8 @@ class Classifier:
         decode_workers: int | None = None,
         extra_outputs: Sequence[str] = (),
         streams: int = 0,
+        lungs: bool = True,
+        lungs_model: str | os.PathLike[str] | None = None,
     ) -> None:
         config = EngineConfig(
             model=None if model is None else os.fspath(model),
@@ -599,6 +609,8 @@ class Classifier:
             decode_workers=decode_workers,
             extra_outputs=tuple(extra_outputs),
             streams=streams,
+            lungs=lungs,
+            lungs_model=None if lungs_model is None else os.fspath(lungs_model),
         )
         self._init(config)
 

@@ -42,9 +42,9 @@ def find_segmenter(path: str | os.PathLike[str] | None = None) -> Path:
         if not p.is_file():
             raise ModelError(f"lung segmenter not found: {p}")
         return p
-    from cxr_batch.engine.classifier import default_model_dirs
+    from cxr_batch.engine.classifier import package_model_dirs
 
-    for folder in default_model_dirs():
+    for folder in package_model_dirs():
         if (folder / DEFAULT_LUNGS_FILE).is_file():
             return folder / DEFAULT_LUNGS_FILE
     raise ModelError(

@@ -227,6 +227,7 @@ class _Part:
                     "confidence": float(row["confidence"]) if row["confidence"] else None,
                     "error": row["error"] or None,
                     "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
+                    "assessable": {"true": True, "false": False}.get(row.get("assessable", "")),
                     "run_id": row.get("run_id") or None,
                 }
                 identity = RunIdentity(row["model"], row["model_sha256"], row["precision"])
@@ -256,7 +257,8 @@ class _Part:
                     if not isinstance(obj[c], str):
                         raise MergeError(f"{self.path} line {number}: {c} is {obj[c]!r}, not text; the part is damaged")
                 values = {
-                    k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")
+                    k: obj.get(k)
+                    for k in ("status", "label", "confidence", "error", "in_distribution", "assessable", "run_id")
                 }
                 identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
                 yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
@@ -440,6 +442,7 @@ def _write(
             confidence=v["confidence"],
             error=v["error"],
             in_distribution=v["in_distribution"],
+            assessable=v.get("assessable"),
         )
         stats.add([result])
         parts[row.part].counts.add([result])

@@ -326,6 +326,7 @@ class Counts:
         self.labels: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.flagged = 0
+        self.not_assessable = 0
 
     def add(self, results: Iterable[Result]) -> None:
         for r in results:
@@ -338,6 +339,8 @@ class Counts:
             self.labels[label] += 1
             if in_distribution is False:
                 self.flagged += 1
+        elif status == "ok":
+            self.not_assessable += 1  # an ok row without a label: the lung stage found no lung fields
         elif status != "ok":
             self.errors[error.split(": ", 1)[0] if error else "error"] += 1
 
@@ -351,6 +354,7 @@ class Counts:
             "status": by_status,
             "labels": by_label,
             "out_of_distribution": self.flagged,
+            "not_assessable": self.not_assessable,
             "errors": dict(self.errors.most_common()),
         }
 

@@ -550,6 +550,9 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
     onnx.save(proto, str(out))
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    card = out.with_suffix(".md")
+    card.write_text(lungs_card(meta, out.name))
+    console.print(f"wrote {card}")
     if cfg.run_files:
         dest = Path(cfg.run_files)
         dest.mkdir(parents=True, exist_ok=True)
@@ -558,6 +561,69 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
                 shutil.copyfile(run / name, dest / name)
         (dest / "export_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out
+
+
+def _dice_line(name: str, d: dict[str, Any]) -> str:
+    return f"| {name} | {d['pairs']} | {d['mean']:.4f} | {d['median']:.4f} | {d['p05']:.4f} | {d['min']:.4f} |"
+
+
+def lungs_card(meta: Any, file_name: str) -> str:
+    """The segmenter's card (Markdown), from its contract."""
+    m, td, ex = meta.metrics, meta.training_data, meta.extra
+    val = [_dice_line(f"{k} (validation)", v) for k, v in sorted(m.get("val_dice", {}).items())]
+    unseen = [_dice_line(f"{k} (never seen)", v) for k, v in sorted(m.get("unseen_dice", {}).items())]
+    sources = ", ".join(f"{k} ({v} pairs)" for k, v in sorted(td.get("sources", {}).items()))
+    return f"""# {meta.name} {meta.version}: lung-field segmenter
+
+**Research use only. Not a medical device**; not validated for diagnosis or for deciding whether a film is
+fit for reading. It decides, for cxr-batch, whether a film shows two plausible lung fields (`assessable`)
+and where to crop the classifier's view.
+
+- File: `{file_name}` (ONNX opset {ex.get("opset")}, fp32, {ex.get("params")} parameters), contract kind
+  `{meta.kind}`; created {meta.created}.
+- Network: U-Net, channels {ex.get("channels")}, input {meta.input_size[0]}×{meta.input_size[1]} grey
+  (the whole film resized, aspect not kept; `(x - {meta.mean[0]}) / {meta.std[0]}`), one lung logit per
+  pixel; lung where sigmoid ≥ {ex.get("threshold")}.
+- Trained by `cxr-batch train-lungs` on {sources}: {td.get("train")} training and {td.get("val")}
+  validation pairs (seeded split per source, seed {td.get("split_seed")}); data fingerprint
+  `{td.get("data_fingerprint")}` (sha256 of the sorted source/file/split rows).
+
+## Dice
+
+Measured through the inference path (onnxruntime, `cxr_batch.engine.lungs.pair_dice`), at the reference
+masks' resolution (256×256: probabilities resized bilinear, then thresholded), by `cxr-batch export-lungs`.
+
+| set | pairs | mean | median | 5th percentile | min |
+| --- | ---: | ---: | ---: | ---: | ---: |
+{chr(10).join(val + unseen)}
+
+The Shenzhen masks (CC BY-NC-SA 4.0, non-commercial) were never trained on: they measure the segmenter on
+a hospital (China, adult TB screening) it never saw. Montgomery's validation part is 15% of 138 films.
+
+## Data, licences, credits
+
+- Montgomery County TB set (USA): images and manual lung masks by the U.S. National Library of Medicine
+  (NLM/NIH), public research release; cite Jaeger et al. 2014 (Quant Imaging Med Surg 4(6)) and Candemir
+  et al. 2014 (IEEE TMI 33(2)).
+- Pediatric viral pneumonia films: Kermany, Zhang & Goldbaum 2018 (Mendeley Data, CC BY 4.0), with the
+  lung masks of the COVID-19 Radiography Database (Chowdhury et al. 2020, IEEE Access 8; Rahman et al.
+  2021, Comput Biol Med 132); the masks carry no explicit licence: research data with the database's
+  citations.
+- Validation only: Shenzhen No.3 People's Hospital set (NLM release; credit NLM and the hospital),
+  masks by Stirenko et al. 2018, CC BY-NC-SA 4.0.
+
+## Biases and limits
+
+- Two sources only: US adult PA screening films (mostly normal or TB) and pediatric films from one
+  hospital in China. Portable AP films, ICU films with lines and tubes, large effusions, white-outs,
+  pneumonectomy, scoliosis and neonates are barely or not represented: a real frontal film of a very
+  sick chest can be called not assessable, and dense consolidation may be left out of the mask
+  (annotators leave it out too; the crop adds a margin for this).
+- All films were squashed to squares before training; the segmenter works on the squashed film.
+- The assessability verdict is rules on this mask (`cxr_batch.io.lungs.LungRules`), calibrated on our
+  frontal films against CT/MR slices, blank, noise and proxies of photographs and lateral views; see
+  `benchmarks/lungs_assessable.py` and the README for the numbers and what the proxies are.
+"""
 
 
 __all__ = [
