@@ -48,7 +48,9 @@ Film = tuple[str, Callable[[], np.ndarray]]
 
 
 def _files(folder: Path, pattern: str = "*") -> list[Path]:
-    return sorted(p for p in folder.rglob(pattern) if p.is_file() and p.suffix.lower() in {".png", ".jpg", ".jpeg", ".dcm"})
+    return sorted(
+        p for p in folder.rglob(pattern) if p.is_file() and p.suffix.lower() in {".png", ".jpg", ".jpeg", ".dcm"}
+    )
 
 
 def _part(items: list[Path], part: str, per_source: int, seed: int) -> list[Path]:
@@ -129,7 +131,11 @@ def synthetic(part: str, n: int) -> dict[str, list[Film]]:
             rng = np.random.default_rng(s)
             return (0.5 + 0.15 * rng.standard_normal((512, 512))).clip(0, 1).astype(np.float32)
 
-        noise += [(f"uniform noise {seed}", uniform), (f"smoothed noise {seed}", smooth), (f"gaussian noise {seed}", gauss)]
+        noise += [
+            (f"uniform noise {seed}", uniform),
+            (f"smoothed noise {seed}", smooth),
+            (f"gaussian noise {seed}", gauss),
+        ]
         photo += [
             (f"pink texture {seed}", lambda s=seed: _pink(np.random.default_rng(s), 512, 1.0 + (s % 5) * 0.25)),
             (f"shapes {seed}", lambda s=seed: _shapes(np.random.default_rng(s), 512)),
@@ -226,7 +232,9 @@ def main() -> None:
         "(target >= 95%)"
     )
     worst = min((r["rate"] for r in results.values() if r["rate"] is not None), default=None)
-    print(f"worst set: {worst}; segmenter {seg.meta.ident} ({seg.path.name}), part {args.part}, {time.time() - t0:.0f} s")
+    print(
+        f"worst set: {worst}; segmenter {seg.meta.ident} ({seg.path.name}), part {args.part}, {time.time() - t0:.0f} s"
+    )
     if args.json:
         Path(args.json).write_text(
             json.dumps(

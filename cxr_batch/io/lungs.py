@@ -140,6 +140,10 @@ class LungRules:
     min_fill: float = 0.3
     #: the mean lung probability inside the fields
     min_confidence: float = 0.75
+    #: one region across the midline is split at its thinnest column in the middle band when that
+    #: column holds at most this share of the region's thickest column (a thin bridge over the
+    #: mediastinum, not one lung's interior)
+    max_bridge: float = 0.15
 
 
 DEFAULT_RULES = LungRules()
@@ -171,6 +175,10 @@ def assess(prob: np.ndarray, threshold: float = 0.5, rules: LungRules = DEFAULT_
     regions = [c for c in components(mask) if c.area >= rules.min_region]
     if not regions:
         return no("no lung fields found")
+    if len(regions) == 1 or (regions[0].x0 < 0.4 and regions[0].x1 > 0.6 and regions[1].area < 0.2 * regions[0].area):
+        split = _split_at_bridge(mask, rules.max_bridge)
+        if split is not None:
+            regions = [c for c in components(split) if c.area >= rules.min_region]
     if len(regions) == 1:
         return no("one lung field")
     a, b = regions[0], regions[1]
@@ -195,6 +203,23 @@ def assess(prob: np.ndarray, threshold: float = 0.5, rules: LungRules = DEFAULT_
     if float(prob[mask].mean()) < rules.min_confidence:
         return no("lung fields uncertain", box)
     return LungVerdict(True, fraction, None, box, mask)
+
+
+def _split_at_bridge(mask: np.ndarray, max_bridge: float) -> np.ndarray | None:
+    """The mask with its thinnest column in the middle band (35-65% of the width) cleared, when that
+    column is a thin bridge (at most ``max_bridge`` of the thickest column); None otherwise."""
+    h, w = mask.shape
+    cols = mask.sum(axis=0)
+    lo, hi = int(0.35 * w), int(0.65 * w) + 1
+    thickest = int(cols.max())
+    if thickest == 0:
+        return None
+    at = lo + int(np.argmin(cols[lo:hi]))
+    if cols[at] > max_bridge * thickest:
+        return None
+    out = mask.copy()
+    out[:, max(at - 1, 0) : at + 2] = False
+    return out
 
 
 def crop_box(
@@ -274,7 +299,8 @@ def outline(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     p = np.pad(m, 1)
     inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
+    edge: np.ndarray = m & ~inner
+    return edge
 
 
 __all__ = [

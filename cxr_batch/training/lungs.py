@@ -116,7 +116,8 @@ class UNet(nn.Module):
         x = self.bottom(x)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=True):
             x = dec(torch.cat([up(x), skip], 1))
-        return self.head(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 def count_params(model: nn.Module) -> int:
@@ -254,7 +255,7 @@ def _cache(
 @torch.no_grad()
 def _val_dice(model: nn.Module, x: np.ndarray, m: np.ndarray, cfg: LungTrainConfig) -> np.ndarray:
     model.eval()
-    out = []
+    out: list[float] = []
     for i in range(0, len(x), 32):
         xb = (torch.from_numpy(x[i : i + 32]).unsqueeze(1) - cfg.mean) / cfg.std
         pred = (model(xb)[:, 0] > 0).numpy()
@@ -356,8 +357,8 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
             opt.step()
             sched.step()
             loss_sum += float(loss.detach())
-        d = _val_dice(model, x_va, m_va, cfg)
-        per_source = {s: float(d[s_va == s].mean()) for s in sorted(set(s_va.tolist()))}
+        dv = _val_dice(model, x_va, m_va, cfg)
+        per_source = {s: float(dv[s_va == s].mean()) for s in sorted(set(s_va.tolist()))}
         score = float(np.mean(list(per_source.values())))
         row = {
             "epoch": epoch + 1,
