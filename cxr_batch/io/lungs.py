@@ -130,16 +130,22 @@ class LungRules:
     min_total: float = 0.05
     max_total: float = 0.65
     #: the smaller field at least this share of the larger
-    min_ratio: float = 0.2
+    min_ratio: float = 0.4
     #: one field's centre left of the middle, the other's right, each at least this far from it
     min_offset: float = 0.03
     #: the fields' vertical extents overlap by at least this share of the shorter one
     min_overlap: float = 0.5
+    #: the shorter field at least this share of the taller one's height; centres at most this far
+    #: apart vertically
+    min_height_ratio: float = 0.6
+    max_centre_dy: float = 0.15
     #: each field's bounding box at least this tall for its width, and at least this full
-    min_aspect: float = 0.7
-    min_fill: float = 0.3
-    #: the mean lung probability inside the fields
-    min_confidence: float = 0.75
+    min_aspect: float = 1.15
+    min_fill: float = 0.22
+    #: the mean lung probability inside the mask (frontal films: 0.93 and above)
+    min_confidence: float = 0.925
+    #: pixels the segmenter is unsure of (probability 0.2-0.8), as a share of the mask's area
+    max_uncertain: float = 0.3
     #: one region across the midline is split at its thinnest column in the middle band when that
     #: column holds at most this share of the region's thickest column (a thin bridge over the
     #: mediastinum, not one lung's interior)
@@ -200,7 +206,8 @@ def assess(prob: np.ndarray, threshold: float = 0.5, rules: LungRules = DEFAULT_
         return no("lung fields not side by side", box)
     if any(c.height < rules.min_aspect * c.width or c.fill < rules.min_fill for c in (a, b)):
         return no("lung fields of implausible shape", box)
-    if float(prob[mask].mean()) < rules.min_confidence:
+    uncertain = float(((prob > 0.2) & (prob < 0.8)).sum()) / max(int(mask.sum()), 1)
+    if float(prob[mask].mean()) < rules.min_confidence or uncertain > rules.max_uncertain:
         return no("lung fields uncertain", box)
     return LungVerdict(True, fraction, None, box, mask)
 
