@@ -215,7 +215,7 @@ def assess(prob: np.ndarray, threshold: float = 0.5, rules: LungRules = DEFAULT_
 def _split_at_bridge(mask: np.ndarray, max_bridge: float) -> np.ndarray | None:
     """The mask with its thinnest column in the middle band (35-65% of the width) cleared, when that
     column is a thin bridge (at most ``max_bridge`` of the thickest column); None otherwise."""
-    h, w = mask.shape
+    w = mask.shape[1]
     cols = mask.sum(axis=0)
     lo, hi = int(0.35 * w), int(0.65 * w) + 1
     thickest = int(cols.max())

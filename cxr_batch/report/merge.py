@@ -462,6 +462,7 @@ def _write_record(
             getattr(total, key).update(getattr(p.counts, key))
         total.rows += p.counts.rows
         total.flagged += p.counts.flagged
+        total.not_assessable += p.counts.not_assessable
     doc, warnings = provenance.merge_records(
         [
             provenance.PartRecord(

@@ -335,10 +335,10 @@ class Counts:
     def add_row(self, status: str, label: str | None, error: str | None, in_distribution: bool | None) -> None:
         self.rows += 1
         self.status[status] += 1
+        if status == "ok" and in_distribution is False:
+            self.flagged += 1
         if status == "ok" and label:
             self.labels[label] += 1
-            if in_distribution is False:
-                self.flagged += 1
         elif status == "ok":
             self.not_assessable += 1  # an ok row without a label: the lung stage found no lung fields
         elif status != "ok":
