@@ -219,3 +219,14 @@ def test_crop_round_trip_training_equals_inference(
     p = np.exp(logits - logits.max())
     p /= p.sum()
     assert list(r.probs.values()) == pytest.approx(p.tolist(), abs=1e-6)
+
+
+def test_heatmap_draws_the_lung_outline() -> None:
+    from cxr_batch.io.lungs import outline
+    from cxr_batch.report.heatmap import LUNG_OUTLINE, draw_lung_outline
+
+    mask = two_fields() > 0.5
+    rgb = np.zeros((128, 128, 3), np.uint8)
+    draw_lung_outline(rgb, mask)
+    cyan = np.all(rgb == LUNG_OUTLINE, axis=-1)
+    assert np.array_equal(cyan, outline(mask)) and cyan.sum() == (2 * 80 + 2 * 40 - 4) + (2 * 80 + 2 * 45 - 4)
