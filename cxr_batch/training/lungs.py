@@ -601,6 +601,15 @@ masks' resolution (256×256: probabilities resized bilinear, then thresholded), 
 The Shenzhen masks (CC BY-NC-SA 4.0, non-commercial) were never trained on: they measure the segmenter on
 a hospital (China, adult TB screening) it never saw. Montgomery's validation part is 15% of 138 films.
 
+## Commands
+
+```bash
+cxr-batch train-lungs ../shared/data/lung-masks/montgomery ../shared/data/lung-masks/covid19-radiography-viral \\
+    --out runs/lungs --threads 2
+cxr-batch export-lungs runs/lungs --out export/cxr-lungs.onnx \\
+    --unseen ../shared/data/lung-masks/shenzhen --run-files export/run-lungs-{meta.version}
+```
+
 ## Data, licences, credits
 
 - Montgomery County TB set (USA): images and manual lung masks by the U.S. National Library of Medicine
