@@ -339,6 +339,9 @@ class SRWriter:
         for r in results:
             if not r.ok or not r.fields.get("sop_instance_uid"):
                 continue  # error rows, and images that are not DICOM (they have no study to join)
+            if r.assessable is False:  # the lung stage gave it no label: there is no finding to report
+                r.notes.append("no SR written: not assessable")
+                continue
             try:
                 sr = build_sr(read_source(r.file), r, self.model)
             except Exception as exc:  # one SR that can't be made must never cost the row
