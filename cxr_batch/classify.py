@@ -33,6 +33,7 @@ from cxr_batch.report.writer import (
     check_output,
     open_report,
     render_summary,
+    unlike_training_warning,
 )
 from cxr_batch.text import markup
 
@@ -312,10 +313,13 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 if problem is not None:
                     console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
-        render_summary(stats, console)
+        render_summary(stats, console)  # it says so itself when the films look unlike the training data
         report = "stdout" if config.report.to_stdout else config.report.out
         where = f"report: {report}" + (f"; provenance record: {record}" if record is not None else "")
         console.print(markup(where), highlight=False, soft_wrap=True)
+    elif stats.unlike_training:
+        warning = unlike_training_warning(stats.assessable_flagged, stats.assessable)
+        console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
     if heatmaps is not None:
         heatmaps.report(console, quiet=config.quiet)
     if srs is not None:

@@ -29,6 +29,12 @@ CONTRACT_VERSION = 1
 CAM_ROLE = "cam"
 OOD_ROLE = "ood_score"
 
+#: Contract kinds: the classifier (the default, so older contracts name none) and the lung-field
+#: segmenter (:mod:`cxr_batch.engine.lungs`).
+CLASSIFIER = "classifier"
+LUNG_SEGMENTER = "lung-segmenter"
+KINDS = (CLASSIFIER, LUNG_SEGMENTER)
+
 #: Largest model input side accepted: a contract asking for 60000×60000 would need 43 GB for
 #: one image's input tensor alone.
 MAX_INPUT_SIDE = 4096
@@ -136,6 +142,14 @@ class ModelMeta:
     contract_version: int = CONTRACT_VERSION
     #: the screening operating point (the report's ``covid_screen``), when one was chosen
     screening: ScreeningPoint | None = None
+    #: "classifier" or "lung-segmenter" (see :data:`KINDS`)
+    kind: str = CLASSIFIER
+
+    @property
+    def crop(self) -> str | None:
+        """``"lungs"`` when the model was trained on lung crops (:func:`cxr_batch.io.lungs.crop_to_lungs`)."""
+        crop = self.preprocessing.get("crop")
+        return str(crop) if crop else None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -160,6 +174,8 @@ class ModelMeta:
         d["std"] = list(self.std)
         if self.screening is None:
             d.pop("screening")
+        if self.kind == CLASSIFIER:
+            del d["kind"]  # a classifier's contract reads as it did before kinds existed
         return json.dumps(d, sort_keys=True)
 
     def with_updates(self, **changes: Any) -> ModelMeta:
@@ -205,11 +221,17 @@ class ModelMeta:
         pre = d["preprocessing"]
         if not isinstance(pre, dict):
             raise bad("'preprocessing' must be an object")
+        kind = d.get("kind", CLASSIFIER)
+        if kind not in KINDS:
+            raise bad(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+        if pre.get("crop") not in (None, "lungs"):
+            raise bad(f"unknown crop {pre.get('crop')!r}; expected 'lungs' or none")
         if pre.get("resize", "bilinear") not in RESAMPLE:
             raise bad(f"unknown resize method {pre.get('resize')!r}; expected one of {sorted(RESAMPLE)}")
         outputs = d.get("outputs", {"logits": "logits"})
-        if not isinstance(outputs, dict) or "logits" not in outputs:
-            raise bad("'outputs' must name the 'logits' output")
+        role = "mask" if kind == LUNG_SEGMENTER else "logits"
+        if not isinstance(outputs, dict) or role not in outputs:
+            raise bad(f"'outputs' must name the '{role}' output")
         for key in ("metrics", "training_data"):
             if key in d and not isinstance(d[key], dict):
                 raise bad(f"'{key}' must be an object")
@@ -231,14 +253,16 @@ class ModelMeta:
             extra=dict(d.get("extra") or {}),
             contract_version=int(d.get("contract_version", CONTRACT_VERSION)),
             screening=ScreeningPoint.from_dict(d["screening"], labels, source) if d.get("screening") else None,
+            kind=str(kind),
         )
 
 
-def read_contract(session: ort.InferenceSession, source: str = "model") -> ModelMeta:
+def read_contract(session: ort.InferenceSession, source: str = "model", kind: str = CLASSIFIER) -> ModelMeta:
     """Read the contract from an onnxruntime session and check it against the graph.
 
     Raises:
-        ModelError: no contract, an invalid one, or one that doesn't match the graph.
+        ModelError: no contract, an invalid one, one of another ``kind``, or one that doesn't
+            match the graph.
     """
     custom = session.get_modelmeta().custom_metadata_map
     if CONTRACT_KEY not in custom:
@@ -247,8 +271,34 @@ def read_contract(session: ort.InferenceSession, source: str = "model") -> Model
             "(export models with 'cxr-batch export', or add the contract described in the README)"
         )
     meta = ModelMeta.from_json(custom[CONTRACT_KEY], source)
-    check_graph(meta, session, source)
+    if meta.kind != kind:
+        raise ModelError(f"{source}: this is a {meta.kind} model, not a {kind}")
+    if kind == LUNG_SEGMENTER:
+        check_segmenter_graph(meta, session, source)
+    else:
+        check_graph(meta, session, source)
     return meta
+
+
+def check_segmenter_graph(meta: ModelMeta, session: ort.InferenceSession, source: str = "segmenter") -> None:
+    """A lung segmenter: one N×1×H×W float input, a ``mask`` output of lung logits N×1×H×W."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != meta.input_name or inputs[0].type != "tensor(float)":
+        raise ModelError(f"{source}: the segmenter must have one float input named '{meta.input_name}'")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 1):
+        raise ModelError(f"{source}: the segmenter's input must be N×1×H×W, it is {shape}")
+    for axis, want in zip(shape[2:], meta.input_size, strict=True):
+        if isinstance(axis, int) and axis != want:
+            raise ModelError(f"{source}: the contract's input_size {list(meta.input_size)} doesn't match {shape[2:]}")
+    outs = {o.name for o in session.get_outputs()}
+    if meta.outputs.get("mask") not in outs:
+        raise ModelError(
+            f"{source}: the contract must name the segmenter's 'mask' output; the graph has {sorted(outs)}"
+        )
+    threshold = meta.extra.get("threshold")
+    if not isinstance(threshold, int | float) or not 0 < float(threshold) < 1:
+        raise ModelError(f"{source}: the segmenter's contract needs extra.threshold in (0, 1)")
 
 
 def check_graph(meta: ModelMeta, session: ort.InferenceSession, source: str = "model") -> None:

@@ -107,12 +107,15 @@ def test_python_api(tiny_onnx: Path, image_dir: Path) -> None:
     import cxr_batch
 
     assert cxr_batch.Classifier is Classifier
-    clf = cxr_batch.Classifier(model=tiny_onnx, device="cpu", threads=1)
+    clf = cxr_batch.Classifier(model=tiny_onnx, device="cpu", threads=1, lungs=False)
     paths = [image_dir / "b.png", image_dir / "missing.png", image_dir / "a.png"]
     results = list(clf.classify(paths))
     assert [r.path for r in results] == [str(p) for p in paths]
     assert [r.status for r in results] == ["ok", "error", "ok"]
     ok = results[0]
+    assert ok.assessable is None and ok.lung_fraction is None  # lungs=False: no lung stage
+    with_lungs = cxr_batch.Classifier(model=tiny_onnx, device="cpu", threads=1).classify_file(paths[0])
+    assert with_lungs.probs == ok.probs and with_lungs.assessable is False and with_lungs.label is None
     assert ok.label in LABELS and ok.confidence == max(ok.probs.values()) and list(ok.probs) == list(LABELS)
     assert (ok.width, ok.height, ok.error, ok.model) == (48, 40, None, "tiny@1")
     assert results[1].label is None and "No such file" in (results[1].error or "")

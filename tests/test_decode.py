@@ -171,11 +171,13 @@ def test_bad_inputs_become_error_rows_and_the_run_goes_on(runner: CliRunner, tin
     assert errors["scan.dcm"]  # whatever the DICOM reader says, it says something
     for name in ("good.png", "deep16.png", "cmyk.jpg", "rgba.png", "palette.png", "rotated.jpg", "frames.tif"):
         row = rows[name]
-        assert row["status"] == "ok" and row["error"] == "" and row["label"] in ("normal", "viral", "covid")
+        assert row["status"] == "ok" and row["error"] == ""
+        # a label, unless the lung stage found no lung fields in these synthetic images (then none)
+        assert row["label"] in ("normal", "viral", "covid") if row["assessable"] != "false" else row["label"] == ""
         assert abs(sum(float(row[f"prob_{k}"]) for k in ("normal", "viral", "covid")) - 1) < 1e-4
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == ("20", "40")
     assert (rows["deep16.png"]["width"], rows["deep16.png"]["height"]) == ("60", "50")
-    assert rows["frames.tif"]["notes"] == "multi-frame file: used frame 1 of 2"
+    assert rows["frames.tif"]["notes"].split("; ")[0] == "multi-frame file: used frame 1 of 2"  # then the lung stage's
     # The summary groups the errors by reason.
     assert "empty file (0 bytes)" in result.stderr
     assert "decompression-bomb guard" in result.stderr or "image too large" in result.stderr

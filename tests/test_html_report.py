@@ -181,7 +181,9 @@ def expected_counts(
     out["ood:in distribution"] = sum(r.get("in_distribution") == "true" for r in ok)
     out["ood:no verdict"] = sum(r.get("in_distribution", "") == "" for r in ok)
     for r in rows:
-        if not (r["status"] == "ok" and r["label"]):
+        if r["status"] == "ok" and r.get("assessable") == "false":  # the lung stage: no label, not an error
+            out["not assessable"] = out.get("not assessable", 0) + 1
+        elif not (r["status"] == "ok" and r["label"]):
             key = "error:" + (r["error"] or "error").split(": ", 1)[0]
             out[key] = out.get(key, 0) + 1
     return out

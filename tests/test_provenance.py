@@ -66,8 +66,9 @@ def report_counts(rows: list[dict[str, str]]) -> dict[str, Any]:
     return {
         "rows": len(rows),
         "status": dict(Counter(r["status"] for r in rows)),
-        "labels": dict(Counter(r["label"] for r in ok)),
+        "labels": dict(Counter(r["label"] for r in ok if r["label"])),
         "out_of_distribution": sum(r["in_distribution"] == "false" for r in ok),
+        "not_assessable": sum(r["label"] == "" for r in ok),  # the lung stage: ok rows without a label
         "errors": dict(Counter(r["error"].split(": ", 1)[0] for r in rows if r["status"] != "ok")),
     }
 

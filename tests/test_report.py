@@ -25,7 +25,7 @@ EXPECTED_COLUMNS = [
     "path", "status", "label", "confidence", "prob_normal", "prob_viral", "prob_covid",
     "width", "height", "error", "model", "model_sha256", "precision",
     "notes", "modality", "view_position", "sop_instance_uid", "study_instance_uid", "ood_score", "in_distribution",
-    "covid_screen", "run_id",
+    "lung_fraction", "assessable", "covid_screen", "run_id",
 ]  # fmt: skip
 
 
@@ -48,7 +48,8 @@ def test_columns_in_order() -> None:
 
 
 def test_csv_and_jsonl_rows(runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path) -> None:
-    code, _, _ = classify(runner, tiny_onnx, str(image_dir), "--out", str(tmp_path / "r.csv"))
+    # Without the lung stage: its columns stay empty, every row gets the top label.
+    code, _, _ = classify(runner, tiny_onnx, str(image_dir), "--out", str(tmp_path / "r.csv"), "--no-lungs")
     assert code == 0
     with open(tmp_path / "r.csv", newline="", encoding="utf-8") as fh:
         assert next(csv.reader(fh)) == EXPECTED_COLUMNS
@@ -60,7 +61,9 @@ def test_csv_and_jsonl_rows(runner: CliRunner, tiny_onnx: Path, image_dir: Path,
         assert r["label"] == LABELS[probs.index(max(probs))]
         assert float(r["confidence"]) == max(probs)
         assert r["ood_score"] == "" and r["in_distribution"] == "" and r["modality"] == ""
+        assert r["lung_fraction"] == "" and r["assessable"] == ""
 
+    # With it (the default): these synthetic images show no lungs, so no label, same probabilities.
     code, _, _ = classify(runner, tiny_onnx, str(image_dir), "--out", str(tmp_path / "r.jsonl"))
     assert code == 0
     js = read_jsonl(tmp_path / "r.jsonl")
@@ -68,6 +71,8 @@ def test_csv_and_jsonl_rows(runner: CliRunner, tiny_onnx: Path, image_dir: Path,
     for j, r in zip(js, rows, strict=True):
         assert j["path"] == r["path"] and j["width"] == 48 and j["error"] is None
         assert j["prob_covid"] == pytest.approx(float(r["prob_covid"]), abs=1e-6)
+        assert j["assessable"] is False and j["label"] is None and j["confidence"] is None
+        assert isinstance(j["lung_fraction"], float) and "not assessable: " in str(j["notes"])
 
 
 def test_stdout_report(runner: CliRunner, tiny_onnx: Path, image_dir: Path) -> None:

@@ -137,12 +137,18 @@ def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tm
     )
     assert proc.returncode == 0, proc.stderr
     assert "per source" in proc.stderr
-    assert "  kids: n=21, accuracy " in proc.stderr and "  pool: n=60, accuracy " in proc.stderr  # one line each
     doc = json.loads(out.read_text())
+    # films the lung stage found not assessable are left out of the metrics (listed apart)
+    apart = Counter(e["path"].split("/")[0] for e in doc["not_assessable"])
+    assert doc["not_assessable_count"] == sum(apart.values())
+    n_kids, n_pool = 21 - apart["kids"], 60 - apart["pool"]
+    assert f"  kids: n={n_kids}, accuracy " in proc.stderr and f"  pool: n={n_pool}, accuracy " in proc.stderr
     assert set(doc["by_source"]) == {"pool", "kids"}
     with open(pred, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 81
+    assert sum(r["assessable"] == "false" for r in rows) == doc["not_assessable_count"]
+    rows = [r for r in rows if r["assessable"] != "false"]
     for src in ("pool", "kids"):
         mine = [r for r in rows if r["path"].startswith(src + "/")]
         right = sum(r["label"] == r["path"].split("/")[1] for r in mine)
@@ -150,8 +156,8 @@ def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tm
         assert m["n"] == len(mine)
         assert m["accuracy"] == pytest.approx(right / len(mine))
         assert m["accuracy_ci95"] == pytest.approx(list(wilson_interval(right, len(mine))))
-    assert doc["n"] == 81 and doc["accuracy"] == pytest.approx(
-        sum(r["label"] == r["path"].split("/")[1] for r in rows) / 81
+    assert doc["n"] == len(rows) == 81 - doc["not_assessable_count"] and doc["accuracy"] == pytest.approx(
+        sum(r["label"] == r["path"].split("/")[1] for r in rows) / len(rows)
     )
 
 
@@ -186,6 +192,7 @@ def test_evaluate_reads_a_split_file_with_sources(two_roots: tuple[Path, Path], 
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     n_test = Counter(r[4] for r in split.rows if r[2] == "test")
+    n_test.subtract(Counter(e["path"].split("/")[0] for e in doc["not_assessable"]))  # left out of the metrics
     assert {k: v["n"] for k, v in doc["by_source"].items()} == dict(n_test)
 
 

@@ -58,6 +58,7 @@ def evaluate_command(
     batch_size: int,
     threads: int,
     covid_threshold: float | None,
+    lungs: bool,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -84,7 +85,7 @@ def evaluate_command(
         extra_data_dirs=tuple(data_dirs[1:]),
         part=part,
         out=out,
-        engine=engine_config(model, device, precision, batch_size, threads, covid_threshold),
+        engine=engine_config(model, device, precision, batch_size, threads, covid_threshold, lungs),
         labels_file=labels_file,
         predictions=predictions,
         plots=plots,

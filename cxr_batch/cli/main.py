@@ -192,6 +192,7 @@ def classify_command(
     batch_size: int,
     threads: int,
     covid_threshold: float | None,
+    lungs: bool,
     recursive: bool,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -270,7 +271,7 @@ def classify_command(
             listed=listed,
             list_dirs=files_from_dirs,
         ),
-        engine=engine_config(model, device, precision, batch_size, threads, covid_threshold),
+        engine=engine_config(model, device, precision, batch_size, threads, covid_threshold, lungs),
         report=ReportConfig(out=out, format=output_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,
         shard=shard,
@@ -384,11 +385,19 @@ def info_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     return lines
 
 
-from cxr_batch.cli.train import add_cam_command, export_command, train_command  # noqa: E402
+from cxr_batch.cli.train import (  # noqa: E402
+    add_cam_command,
+    export_command,
+    export_lungs_command,
+    train_command,
+    train_lungs_command,
+)
 
 main.add_command(train_command)
 main.add_command(export_command)
 main.add_command(add_cam_command)
+main.add_command(train_lungs_command)
+main.add_command(export_lungs_command)
 
 from cxr_batch.cli.adapt import adapt_command  # noqa: E402
 

@@ -237,6 +237,13 @@ def engine_options(func: F) -> F:
                 help="covid_screen is 'positive' when P(covid) >= P. Default: the model's screening operating "
                 "point (chosen on validation for sensitivity >= 0.90). Recorded in the provenance.",
             ),
+            click.option(
+                "--lungs/--no-lungs",
+                default=True,
+                show_default=True,
+                help="Run the lung-field segmenter first: the lung_fraction and assessable columns (a film "
+                "without two plausible lung fields gets no label), and the lung crop for a model trained on it.",
+            ),
         ]
     ):
         func = option(func)
@@ -244,7 +251,13 @@ def engine_options(func: F) -> F:
 
 
 def engine_config(
-    model: str | None, device: str, precision: str, batch_size: int, threads: int, covid_threshold: float | None = None
+    model: str | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    threads: int,
+    covid_threshold: float | None = None,
+    lungs: bool = True,
 ) -> EngineConfig:
     """The :class:`~cxr_batch.engine.classifier.EngineConfig` for the values of :func:`engine_options`."""
     from cxr_batch.engine.classifier import EngineConfig  # numpy, onnxruntime: only once a command runs
@@ -256,4 +269,5 @@ def engine_config(
         batch_size=batch_size,
         threads=threads,
         covid_threshold=covid_threshold,
+        lungs=lungs,
     )

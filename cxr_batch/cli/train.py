@@ -340,3 +340,77 @@ def add_cam_command(model: str, out: str | None) -> None:
 
     written = add_cam_to_file(model, out)
     click.echo(f"{written}: has the 'cam' output (heatmaps: cxr-batch classify ... --heatmaps DIR --model {written})")
+
+
+@click.command("train-lungs")
+@click.argument("mask_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: config.json, split.csv, history.json, metrics.json, last.pt, best.pt.",
+)
+@click.option("--epochs", default=25, show_default=True, type=click.IntRange(1))
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(32))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@click.option("--resume", is_flag=True, help="Continue the stopped run in --out from its last checkpoint.")
+@library_errors
+def train_lungs_command(
+    mask_dirs: tuple[Path, ...], out: Path, epochs: int, image_size: int, seed: int, threads: int | None, resume: bool
+) -> None:
+    """Train the lung-field segmenter (a small U-Net) on MASK_DIRS (needs the train extra).
+
+    Each folder holds images/NAME.png and masks/NAME.png (0 background, 255 lung) and is a source;
+    a seeded validation part is drawn from each. Train only on masks whose licence allows what you
+    ship (the Shenzhen masks are non-commercial: validate on them instead, with export-lungs --unseen).
+
+    \b
+    Example:
+      cxr-batch train-lungs ../shared/data/lung-masks/montgomery \\
+          ../shared/data/lung-masks/covid19-radiography-viral --out runs/lungs --threads 2
+    """
+    from cxr_batch.training.lungs import LungTrainConfig, train_lungs
+
+    cfg = LungTrainConfig(
+        mask_dirs=tuple(str(d) for d in mask_dirs),
+        out=str(out),
+        epochs=epochs,
+        image_size=image_size,
+        seed=seed,
+        threads=threads,
+    )
+    train_lungs(cfg, resume=resume)
+
+
+@click.command("export-lungs")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
+@click.option("--version", "version", default="1.0.0", show_default=True)
+@click.option(
+    "--unseen",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A mask folder the segmenter never saw: its Dice on every pair goes into the contract (repeatable).",
+)
+@click.option("--run-files", type=click.Path(file_okay=False, path_type=Path), help="Copy the run's small files here.")
+@library_errors
+def export_lungs_command(run: Path, out: Path, version: str, unseen: tuple[Path, ...], run_files: Path | None) -> None:
+    """Export a train-lungs run to ONNX with the lung-segmenter contract (needs the train extra).
+
+    \b
+    Example:
+      cxr-batch export-lungs runs/lungs --out export/cxr-lungs.onnx \\
+          --unseen ../shared/data/lung-masks/shenzhen --run-files export/run-lungs-1.0.0
+    """
+    from cxr_batch.training.lungs import LungExportConfig, export_lungs
+
+    export_lungs(
+        LungExportConfig(
+            run=str(run),
+            out=str(out),
+            version=version,
+            unseen=tuple(str(u) for u in unseen),
+            run_files=None if run_files is None else str(run_files),
+        )
+    )

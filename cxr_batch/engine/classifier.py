@@ -41,10 +41,13 @@ from cxr_batch.engine.types import Result as Result
 from cxr_batch.engine.types import bounded_batch
 from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.preprocess import PreprocessSpec, preprocess_file
+from cxr_batch.io.lungs import LungVerdict, preprocess_file_lungs
+from cxr_batch.io.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from cxr_batch.engine.lungs import LungSegmenter
 
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
@@ -98,6 +101,11 @@ class ModelChoice:
 def default_model_dirs() -> list[Path]:
     """Where the embedded default models may be: the installed ``cxr_batch.models`` package,
     then ``<repo>/export/`` when running from a source tree."""
+    return package_model_dirs()
+
+
+def package_model_dirs() -> list[Path]:
+    """:func:`default_model_dirs`' answer, for the lung segmenter too (tests replace the former only)."""
     dirs: list[Path] = []
     try:
         from importlib.resources import files
@@ -518,14 +526,22 @@ class _Prepared:
     fields: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     not_radiograph: str | None = None
+    verdict: LungVerdict | None = None
 
 
-def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
-    """Runs in a decoder thread. Never raises: any failure becomes the file's error message."""
+def _prepare(
+    item: InputFile, spec: PreprocessSpec, lungs: LungSegmenter | None = None, crop: str | None = None
+) -> _Prepared:
+    """Runs in a decoder thread. Never raises: any failure becomes the file's error message.
+
+    With ``lungs``, the segmenter reads the decoded film here (one film per call, the decoder
+    threads in parallel), before the classifier's preprocessing, which crops to the lungs when
+    the classifier's contract asks for it (``crop == "lungs"``).
+    """
     if item.error is not None:  # discovery already knows (a folder that can't be listed)
         return _Prepared(item, error=item.error)
     try:
-        tensor, decoded = preprocess_file(item.path, spec)
+        tensor, decoded, verdict = preprocess_file_lungs(item.path, spec, None if lungs is None else lungs.read, crop)
     except ImageError as exc:
         return _Prepared(item, error=str(exc))
     except MemoryError:
@@ -539,6 +555,7 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
         height=decoded.height,
         notes=list(decoded.notes),
         fields=dict(decoded.fields),
+        verdict=verdict,
     )
     if decoded.not_radiograph:
         # Still classified (the row keeps its probabilities), but flagged out of distribution
@@ -546,6 +563,23 @@ def _prepare(item: InputFile, spec: PreprocessSpec) -> _Prepared:
         prepared.not_radiograph = decoded.not_radiograph
         prepared.notes.append(f"out of distribution: {decoded.not_radiograph}")
     return prepared
+
+
+def _apply_verdict(r: Result, prepared: _Prepared) -> None:
+    """The lung stage's columns; a film that is not assessable keeps its probabilities, loses its label."""
+    verdict = prepared.verdict
+    if verdict is None:
+        return
+    r.lung_fraction = verdict.lung_fraction
+    r.lung_mask = verdict.mask
+    why = verdict.note
+    if why is None and prepared.not_radiograph:
+        why = prepared.not_radiograph  # the DICOM header says it is not a radiograph
+    r.assessable = why is None
+    if why is not None:
+        r.notes.append(f"not assessable: {why}")
+        r.label = None
+        r.confidence = None
 
 
 def _stack(tensors: list[np.ndarray], buffer: list[np.ndarray] | None) -> np.ndarray:
@@ -586,6 +620,9 @@ class Classifier:
         decode_workers: decoder threads; None = one per core, at most 8.
         extra_outputs: contract output roles to return in ``Result.outputs`` ("features", "embedding").
         streams: batches run at once, each in its own session; 0 = :func:`default_streams`.
+        lungs: run the lung stage first (``lung_fraction``, ``assessable``; a film that is not
+            assessable gets no label; the lung crop for a model trained on it).
+        lungs_model: the segmenter file; None takes ``$CXR_BATCH_LUNGS``, else the embedded one.
 
     Raises:
         ModelError: the model is missing, unloadable or breaks the contract.
@@ -604,6 +641,8 @@ class Classifier:
         decode_workers: int | None = None,
         extra_outputs: Sequence[str] = (),
         streams: int = 0,
+        lungs: bool = True,
+        lungs_model: str | os.PathLike[str] | None = None,
     ) -> None:
         config = EngineConfig(
             model=None if model is None else os.fspath(model),
@@ -614,6 +653,8 @@ class Classifier:
             decode_workers=decode_workers,
             extra_outputs=tuple(extra_outputs),
             streams=streams,
+            lungs=lungs,
+            lungs_model=None if lungs_model is None else os.fspath(lungs_model),
         )
         self._init(config)
 
@@ -632,6 +673,12 @@ class Classifier:
         self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
         self._threads = total // self._streams if self._streams > 1 else config.threads
         self._loaded = load_model(replace(config, threads=self._threads))
+        #: the lung stage's segmenter (None: ``lungs=False``)
+        self.lungs: LungSegmenter | None = None
+        if config.lungs:
+            from cxr_batch.engine.lungs import LungSegmenter
+
+            self.lungs = LungSegmenter(config.lungs_model)
         if self._loaded.provider == CUDA:
             self._streams = 1
         # Sessions not running a batch. The first is the one load_model made; the others are
@@ -769,7 +816,7 @@ class Classifier:
                 except StopIteration:
                     exhausted = True
                     return
-                pending.append(pool.submit(_prepare, item, spec))
+                pending.append(pool.submit(_prepare, item, spec, self.lungs, self.meta.crop))
 
         # Inference threads (one per stream), ahead of the caller: while the caller writes batch k,
         # the next batches run (onnxruntime releases the GIL). Each thread keeps its batch input
@@ -875,9 +922,8 @@ class Classifier:
                     r.in_distribution = score <= self._ood_threshold
             if batch[i].not_radiograph:
                 r.in_distribution = False
-            if self._screening is not None:
-                # Hook for the lung-field check (issue 18): a film marked not assessable gets no
-                # screening call; leave r.covid_screen None when that verdict is False.
+            _apply_verdict(r, batch[i])
+            if self._screening is not None and r.assessable is not False:  # no call on a film that is not assessable
                 positive = p[self._screen_index] >= self._screening["threshold"]
                 r.covid_screen = "positive" if positive else "negative"
         return results

@@ -43,6 +43,7 @@ from cxr_batch.engine.classifier import (
     open_model,
     screening_in_use,
 )
+from cxr_batch.engine.lungs import LungSegmenter
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
@@ -103,10 +104,12 @@ def _import_ray() -> Any:
 def _dump(r: Result) -> str:
     """A result as JSON (exact: floats by repr; names that are not UTF-8 as ``\\udcNN``).
 
-    Every field but ``outputs`` (extra model outputs, which classify doesn't ask for): a field
+    Every field but ``outputs`` (extra model outputs, which classify doesn't ask for) and
+    ``lung_mask`` (for heatmaps, which run locally): a field
     added to :class:`Result` later travels too, or fails loudly if it isn't JSON.
     """
-    return json.dumps({f.name: getattr(r, f.name) for f in fields(r) if f.name != "outputs"}, ensure_ascii=True)
+    skip = ("outputs", "lung_mask")  # arrays: extra outputs and the lung mask (heatmaps run locally)
+    return json.dumps({f.name: getattr(r, f.name) for f in fields(r) if f.name not in skip}, ensure_ascii=True)
 
 
 def _load(text: str) -> Result:
@@ -125,15 +128,24 @@ def _decode(raw: bytes) -> str:
 class _Worker:
     """One Ray actor: one onnxruntime session, the local engine's decoder threads."""
 
-    def __init__(self, model_bytes: bytes, model_name: str, engine: EngineConfig) -> None:
+    def __init__(
+        self, model_bytes: bytes, model_name: str, engine: EngineConfig, lungs_bytes: bytes | None = None
+    ) -> None:
         folder = tempfile.mkdtemp(prefix="cxr-ray-")
         try:
             path = os.path.join(folder, model_name)
             with open(path, "wb") as fh:
                 fh.write(model_bytes)
+            lungs_path = None
+            if lungs_bytes is not None:  # the driver's segmenter, as the model: the same file everywhere
+                lungs_path = os.path.join(folder, "lungs.onnx")
+                with open(lungs_path, "wb") as fh:
+                    fh.write(lungs_bytes)
             # onnxruntime holds the whole model in memory once the session exists; the driver
             # already chose the file (and its precision), so load exactly this one.
-            self.classifier = Classifier.from_config(replace(engine, model=path, precision="auto"))
+            self.classifier = Classifier.from_config(
+                replace(engine, model=path, precision="auto", lungs_model=lungs_path)
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -213,6 +225,10 @@ class RayEngine:
         self.notices = loaded.notices
         self.model_path = loaded.path
         del loaded  # the driver's session: the workers make their own
+        #: the lung segmenter the workers run (checked here; its file travels to them)
+        self.lungs: LungSegmenter | None = None
+        if engine.lungs:
+            self.lungs = LungSegmenter(engine.lungs_model)
         self.cpus_per_actor = max(1, engine.threads)
         self.actors = 0
         self._providers: set[str] = set()
@@ -346,6 +362,7 @@ class RayEngine:
                     "model_bytes": read_bounded(self.model_path, MAX_MODEL_BYTES, what="the model file"),
                     "model_name": self.model_path.name,
                     "engine": worker_engine,
+                    "lungs_bytes": None if self.lungs is None else self.lungs.path.read_bytes(),
                 },
                 batch_size=self.task_size,
                 batch_format="numpy",

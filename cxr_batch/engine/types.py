@@ -50,6 +50,10 @@ class EngineConfig:
     streams: int = 0
     #: the COVID-19 screening threshold (``--covid-threshold``); None: the contract's operating point
     covid_threshold: float | None = None
+    #: run the lung stage (segmenter → ``lung_fraction``, ``assessable``, the lung crop)
+    lungs: bool = True
+    #: the segmenter file; None: ``$CXR_BATCH_LUNGS``, else the embedded one
+    lungs_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 0:
@@ -95,6 +99,12 @@ class Result:
     #: ``positive`` / ``negative`` at the screening operating point; None where no call is made
     #: (an error row, a model without an operating point, a film that is not assessable)
     covid_screen: str | None = None
+    #: the lung stage (:mod:`cxr_batch.engine.lungs`): the lung mask's share of the film, whether
+    #: the film shows two plausible lung fields (None: the stage did not run), and the mask itself
+    #: (the segmenter's resolution, True = lung) for heatmaps
+    lung_fraction: float | None = None
+    assessable: bool | None = None
+    lung_mask: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:

@@ -375,6 +375,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
     row_sources: list[str] = []
     probs: list[list[float]] = []
     errors: list[dict[str, Any]] = []
+    not_assessable: list[dict[str, Any]] = []
     flagged = 0
     try:
         with progress_bar(
@@ -387,7 +388,10 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
                         writer.write(batch)
                     for r in batch:
                         label = truth.labels[r.path]
-                        if r.ok:
+                        if r.ok and r.assessable is False:  # no label: apart from the metrics
+                            why = next((n for n in r.notes if n.startswith("not assessable: ")), "not assessable")
+                            not_assessable.append({"path": r.path, "label": label, "why": why.split(": ", 1)[-1]})
+                        elif r.ok:
                             ys.append(labels.index(label))
                             row_sources.append(truth.sources.get(r.path, ""))
                             probs.append(report_probabilities(r, labels))
@@ -410,6 +414,9 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         "error_count": len(errors),
         "errors": errors,
         "skipped": truth.skipped,
+        "not_assessable_count": len(not_assessable) if classifier.lungs is not None else None,
+        "not_assessable": not_assessable,
+        "lung_segmenter": None if classifier.lungs is None else classifier.lungs.describe(),
         "out_of_distribution": flagged if "ood_score" in classifier.meta.outputs else None,
         "data": {
             "root": str(config.data_dir),
@@ -470,7 +477,13 @@ def print_summary(evaluation: Evaluation, console: Console) -> None:
     say(
         f"{doc['files']} labelled images ({markup(doc['data']['source'])}): {doc['n']} classified, "
         f"{doc['error_count']} unreadable"
+        + (f", {doc['not_assessable_count']} not assessable" if doc.get("not_assessable_count") else "")
     )
+    if doc.get("not_assessable_count"):
+        say(
+            f"[yellow]not assessable:[/] {doc['not_assessable_count']} images (no two plausible lung fields): "
+            "left out of the metrics, listed in the metrics file"
+        )
     for e in doc["errors"][:SHOW]:
         say(f"[red]unreadable:[/] {markup(e['path'])} ({markup(e['label'])}): {markup(e['error'])}")
     if doc["error_count"] > SHOW:

@@ -113,8 +113,26 @@ def overlay_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def render(path: str | os.PathLike[str], heat: np.ndarray, max_side: int = MAX_SIDE) -> Image.Image:
-    """Decode ``path`` (the same decoder classify uses) and overlay the normalised map ``heat`` (h×w).
+#: The lung outline's colour (the lung stage's mask, :mod:`cxr_batch.engine.lungs`).
+LUNG_OUTLINE = (0, 255, 255)
+
+
+def draw_lung_outline(rgb: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
+    """Draw the boundary of ``lung_mask`` (any size, True = lung) on ``rgb`` (H×W×3), in place."""
+    from cxr_batch.io.lungs import outline
+
+    h, w = rgb.shape[:2]
+    mask = Image.fromarray(np.asarray(lung_mask, dtype=np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    edge = outline(np.asarray(mask) >= 128)
+    rgb[edge] = LUNG_OUTLINE
+    return rgb
+
+
+def render(
+    path: str | os.PathLike[str], heat: np.ndarray, max_side: int = MAX_SIDE, lung_mask: np.ndarray | None = None
+) -> Image.Image:
+    """Decode ``path`` (the same decoder classify uses) and overlay the normalised map ``heat`` (h×w),
+    and the outline of the lung fields when ``lung_mask`` is given.
 
     Raises:
         ImageError: the file can no longer be decoded.
@@ -122,7 +140,10 @@ def render(path: str | os.PathLike[str], heat: np.ndarray, max_side: int = MAX_S
     decoded = decode(path, (max_side // 2, max_side // 2))  # JPEGs may decode smaller, >= max_side
     width, height = overlay_size(decoded.width, decoded.height, max_side)
     grey = resize_grey(decoded.grey, (height, width))
-    return Image.fromarray(blend(grey, upsample(heat, width, height)), "RGB")
+    rgb = blend(grey, upsample(heat, width, height))
+    if lung_mask is not None:
+        draw_lung_outline(rgb, lung_mask)
+    return Image.fromarray(rgb, "RGB")
 
 
 def heatmap_relpath(report_path: str) -> Path:
@@ -236,7 +257,7 @@ class HeatmapWriter:
                 self.failures.append((r.path, f"its heatmap name {target} is taken by {first!r}"))
                 continue
             heat = class_map(cam, self.labels.index(r.label))
-            jobs.append((r.path, self._pool.submit(self._render_one, r.file, heat, rel)))
+            jobs.append((r.path, self._pool.submit(self._render_one, r.file, heat, rel, r.lung_mask)))
         for path, job in jobs:
             error = job.result()
             if error is None:
@@ -244,10 +265,10 @@ class HeatmapWriter:
             else:
                 self.failures.append((path, error))
 
-    def _render_one(self, file: str, heat: np.ndarray, rel: Path) -> str | None:
+    def _render_one(self, file: str, heat: np.ndarray, rel: Path, lung_mask: np.ndarray | None = None) -> str | None:
         """Runs in a rendering thread; returns the error message, or None when written."""
         try:
-            image = render(file, heat, self.max_side)
+            image = render(file, heat, self.max_side, lung_mask)
         except ImageError as exc:
             return f"cannot decode the image again: {exc}"
         except MemoryError:

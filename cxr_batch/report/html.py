@@ -155,6 +155,8 @@ class Row:
     thumb_note: str | None = None
     #: the true label (evaluate's ``true_label`` column, or ``report --labels``)
     true_label: str | None = None
+    #: the lung stage's verdict (None: the report has no such column, or the stage did not run)
+    assessable: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -339,6 +341,7 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
                 modality=_str(record.get("modality")),
                 view_position=_str(record.get("view_position")),
                 true_label=_str(record.get("true_label")),
+                assessable=_bool(record.get("assessable")),
             )
             rows.append(row)
             for column in FACT_COLUMNS:
@@ -358,6 +361,7 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
                         confidence=row.confidence,
                         error=row.error,
                         in_distribution=row.in_distribution,
+                        assessable=row.assessable,
                     )
                 ]
             )
@@ -1034,7 +1038,12 @@ def _galleries(run: RunReport, low: float) -> list[_Gallery]:
     out.append(
         _Gallery("low-confidence", f"low confidence (below {low:g})", "low confidence", "least confident first", lows)
     )
-    errors = sorted((r for r in run.rows if not (r.ok and r.label is not None)), key=lambda r: r.path)
+    unassessable = sorted((r for r in run.rows if r.ok and r.assessable is False), key=lambda r: r.path)
+    if unassessable or any(r.assessable is not None for r in run.rows):
+        out.append(_Gallery("not-assessable", "not assessable (no label)", "not assessable", "by path", unassessable))
+    errors = sorted(
+        (r for r in run.rows if not (r.ok and r.label is not None) and r.assessable is not False), key=lambda r: r.path
+    )
     out.append(_Gallery("errors", "unreadable", "unreadable", "by path", errors))
     return out + _mistake_galleries(run)
 
@@ -1149,6 +1158,8 @@ def _card(row: Row, labels: Sequence[str], low: float) -> str:
         if row.ood_score is not None:
             verdict = {True: "in distribution", False: "flagged", None: "no verdict"}[row.in_distribution]
             parts.append(f'<div class="note">OOD score {row.ood_score:.4g} ({verdict})</div>')
+    elif row.ok and row.assessable is False:
+        parts.append('<div><span class="badge flag">not assessable</span> no label</div>')
     else:
         parts.append(f'<div class="error">{text(row.error or "error (no message)")}</div>')
         if row.true_label is not None:
@@ -1206,6 +1217,12 @@ def _summary_tables(run: RunReport, galleries: Sequence[_Gallery]) -> str:
             rows.append(
                 f"<tr><td>{text(label)}</td>{_count_cell('label:' + label, n)}<td class=n>{_pct(n, total)}</td><td></td></tr>"
             )
+    if stats.not_assessable:
+        n = stats.not_assessable
+        rows.append(
+            f'<tr><td><a href="not-assessable-1.html">not assessable</a> (no label)</td>'
+            f"{_count_cell('not assessable', n)}<td class=n>{_pct(n, total)}</td><td></td></tr>"
+        )
     for reason, n in stats.errors.most_common():
         rows.append(
             f'<tr><td><a href="errors-1.html">error:</a> {text(reason)}</td>{_count_cell("error:" + reason, n)}'

@@ -247,6 +247,7 @@ class _Part:
                     "confidence": float(row["confidence"]) if row["confidence"] else None,
                     "error": row["error"] or None,
                     "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
+                    "assessable": {"true": True, "false": False}.get(row.get("assessable", "")),
                     "run_id": row.get("run_id") or None,
                 }
                 identity = RunIdentity(row["model"], row["model_sha256"], row["precision"])
@@ -272,7 +273,8 @@ class _Part:
                     if not isinstance(obj[c], str):
                         raise MergeError(f"{self.path} line {number}: {c} is not text; the part is damaged")
                 values = {
-                    k: obj.get(k) for k in ("status", "label", "confidence", "error", "in_distribution", "run_id")
+                    k: obj.get(k)
+                    for k in ("status", "label", "confidence", "error", "in_distribution", "assessable", "run_id")
                 }
                 identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
                 yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
@@ -456,6 +458,7 @@ def _write(
             confidence=v["confidence"],
             error=v["error"],
             in_distribution=v["in_distribution"],
+            assessable=v.get("assessable"),
         )
         stats.add([result])
         parts[row.part].counts.add([result])
@@ -475,6 +478,7 @@ def _write_record(
             getattr(total, key).update(getattr(p.counts, key))
         total.rows += p.counts.rows
         total.flagged += p.counts.flagged
+        total.not_assessable += p.counts.not_assessable
     doc, warnings = provenance.merge_records(
         [
             provenance.PartRecord(

@@ -298,6 +298,7 @@ class Counts:
         self.labels: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.flagged = 0
+        self.not_assessable = 0
 
     def add(self, results: Iterable[Result]) -> None:
         for r in results:
@@ -306,10 +307,12 @@ class Counts:
     def add_row(self, status: str, label: str | None, error: str | None, in_distribution: bool | None) -> None:
         self.rows += 1
         self.status[status] += 1
+        if status == "ok" and in_distribution is False:
+            self.flagged += 1
         if status == "ok" and label:
             self.labels[label] += 1
-            if in_distribution is False:
-                self.flagged += 1
+        elif status == "ok":
+            self.not_assessable += 1  # an ok row without a label: the lung stage found no lung fields
         elif status != "ok":
             self.errors[error.split(": ", 1)[0] if error else "error"] += 1
 
@@ -323,6 +326,7 @@ class Counts:
             "status": by_status,
             "labels": by_label,
             "out_of_distribution": self.flagged,
+            "not_assessable": self.not_assessable,
             "errors": dict(self.errors.most_common()),
         }
 
@@ -507,6 +511,7 @@ class RunRecorder:
         started: datetime | None = None,
         report_offset: int | None = None,
         screening: Mapping[str, Any] | None = None,
+        lungs: Mapping[str, Any] | None = None,
     ) -> RunRecorder:
         """Open (or, with ``resume``, read) the record at ``path``, add this run and write it.
 
@@ -529,6 +534,7 @@ class RunRecorder:
                 stops early (Ctrl-C, a fatal error), the counts are taken from the rows that really
                 reached the report (:func:`count_report_rows`), not from what :meth:`add` was given.
             screening: :func:`screening_facts`: the threshold behind ``covid_screen`` and where it came from.
+            lungs: the lung segmenter's file, sha256 and model (None: the lung stage did not run).
 
         Raises:
             OutputError: the record can't be read (resume) or written.
@@ -569,6 +575,7 @@ class RunRecorder:
             "preprocessing": dict(preprocessing),
             "ood": dict(ood) if ood is not None else None,
             "screening": dict(screening) if screening is not None else None,
+            "lung_segmenter": dict(lungs) if lungs is not None else None,
             "inputs": {"count": names.count, "sha256": names.hexdigest(), "method": INPUT_HASH_METHOD},
             "shard": None if shard is None else {"index": shard.index, "count": shard.count},
             "resumed": resume and kept_rows > 0,
@@ -817,6 +824,7 @@ def start_classifier_run(
         OutputError: the record can't be read (resume) or written.
     """
     meta = classifier.meta
+    segmenter = getattr(classifier, "lungs", None)
     return RunRecorder.start(
         path,
         run_id=run_id,
@@ -835,4 +843,5 @@ def start_classifier_run(
         report_offset=report_offset,
         source=source,
         screening=screening_facts(meta, getattr(classifier, "screening", None)),
+        lungs=None if segmenter is None else segmenter.describe(),
     )

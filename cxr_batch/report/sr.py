@@ -408,8 +408,14 @@ def sr_relpath(report_path: str) -> Path:
 
 
 def wants_sr(r: Result) -> bool:
-    """Whether a result gets an SR: ok rows of DICOM images (others have no study to join)."""
-    return r.ok and bool(r.fields.get("sop_instance_uid"))
+    """Whether a result gets an SR: ok rows of DICOM images (others have no study to join) that the
+    lung stage did not find unassessable (no label, so no finding to report: the row's notes say so)."""
+    if not r.ok or not r.fields.get("sop_instance_uid"):
+        return False
+    if r.assessable is False:
+        r.notes.append("no SR written: not assessable")
+        return False
+    return True
 
 
 @dataclass

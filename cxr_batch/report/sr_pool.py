@@ -111,7 +111,7 @@ class SRPool:
         for r in batch:
             if wants_sr(r):
                 # Only what make() reads crosses to the worker: no model outputs, no notes.
-                light = replace(r, notes=[], outputs={}, fields=dict(r.fields))
+                light = replace(r, notes=[], outputs={}, fields=dict(r.fields), lung_mask=None)
                 made.append((r, self._processes.submit(_make, light)))
         self._pending.append(_Pending(batch, made))
 

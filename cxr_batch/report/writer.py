@@ -63,9 +63,18 @@ IDENTITY_COLUMNS = ("model", "model_sha256", "precision")
 TAIL_COLUMNS = ("width", "height", "error", *IDENTITY_COLUMNS)
 #: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
 FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
+#: ``lung_fraction``, ``assessable``: the lung stage (empty where it did not run).
 #: ``covid_screen``: ``positive``/``negative`` at the model's screening operating point (or
 #: ``--covid-threshold``); empty on error rows and where no call is made.
-EXTRA_COLUMNS = ("notes", *FIELD_COLUMNS, "ood_score", "in_distribution", "covid_screen")
+EXTRA_COLUMNS = (
+    "notes",
+    *FIELD_COLUMNS,
+    "ood_score",
+    "in_distribution",
+    "lung_fraction",
+    "assessable",
+    "covid_screen",
+)
 #: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
 RUN_COLUMNS = ("run_id",)
 #: ``evaluate --predictions`` only: the file's true label and whether the model's label is it
@@ -191,6 +200,8 @@ def row_values(
         row[key] = result.fields.get(key) or None
     row["ood_score"] = _num(result.ood_score)
     row["in_distribution"] = result.in_distribution
+    row["lung_fraction"] = None if result.lung_fraction is None else round(result.lung_fraction, 4)
+    row["assessable"] = result.assessable
     row["covid_screen"] = result.covid_screen if result.ok else None
     row["run_id"] = run_id
     return row
@@ -695,10 +706,23 @@ class RunStats:
     precision_note: str = ""
     #: outputs asked for that failed (SRs not written or not stored): the run exits 3 then too
     output_failures: int = 0
+    #: ok rows the lung stage found not assessable (their label is empty), and the assessable
+    #: rows, of which how many the out-of-distribution guard flagged
+    not_assessable: int = 0
+    assessable: int = 0
+    assessable_flagged: int = 0
 
     def add(self, results: Sequence[Result]) -> None:
         for r in results:
             self.total += 1
+            if r.ok and r.assessable is False:
+                self.not_assessable += 1
+                if r.in_distribution is False:
+                    self.flagged += 1
+                continue
+            if r.ok and r.assessable:
+                self.assessable += 1
+                self.assessable_flagged += r.in_distribution is False
             if r.ok and r.in_distribution is False:
                 self.flagged += 1
                 if self.drop_ood:
@@ -711,6 +735,11 @@ class RunStats:
 
     def finish(self) -> None:
         self.finished = time.perf_counter()
+
+    @property
+    def unlike_training(self) -> bool:
+        """Most assessable films score beyond the out-of-distribution threshold: the run-level warning."""
+        return self.assessable > 0 and self.assessable_flagged > self.assessable / 2
 
     @property
     def error_count(self) -> int:
@@ -749,6 +778,10 @@ def render_summary(
         table.add_row(markup(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
     for reason, n in stats.errors.most_common():
         table.add_row(f"[red]error:[/] {markup(reason)}", str(n), _pct(n, total), "")
+    if stats.not_assessable:
+        table.add_row(
+            "[yellow]not assessable (no label)[/]", str(stats.not_assessable), _pct(stats.not_assessable, total), ""
+        )
     if stats.drop_ood and stats.flagged:
         table.add_row("[yellow]out of distribution (dropped)[/]", str(stats.flagged), _pct(stats.flagged, total), "")
     table.add_section()
@@ -771,10 +804,26 @@ def render_summary(
                 else "; --drop-ood leaves them out of the label counts"
             )
         )
+    if stats.not_assessable:
+        lines.append(
+            f"{stats.not_assessable} images not assessable (assessable=false: not two plausible lung fields); "
+            "their label is empty, their probabilities are kept"
+        )
+    if stats.unlike_training:
+        lines.append(f"warning: {unlike_training_warning(stats.assessable_flagged, stats.assessable)}")
     if stats.kept:
         lines.append(f"resumed: kept {stats.kept} rows from the earlier run ({stats.kept_errors} errors)")
     for line in lines:
         console.print(markup(line), highlight=False, soft_wrap=True)
+
+
+def unlike_training_warning(flagged: int, assessable: int) -> str:
+    """The run-level warning when most assessable films score beyond the OOD threshold."""
+    return (
+        f"{flagged} of {assessable} assessable films look unlike the model's training data "
+        "(ood_score beyond the threshold): check the labels on this site's own labelled films "
+        "(cxr-batch evaluate) before trusting them"
+    )
 
 
 def _pct(n: int, total: int) -> str:
