@@ -119,7 +119,7 @@ CLASSIFY_SECTIONS: tuple[Section, ...] = (
     (
         "Output",
         None,
-        ("--format", "--absolute-paths", "--html", "--heatmaps", "--provenance", "--drop-ood", "--no-lungs"),
+        ("--format", "--absolute-paths", "--html", "--heatmaps", "--provenance", "--drop-ood", "--lungs"),
     ),
     (
         "DICOM and DICOMweb",

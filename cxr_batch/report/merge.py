@@ -56,6 +56,7 @@ from cxr_batch.report.writer import (
     RunIdentity,
     RunStats,
     _describe_diff,
+    is_number_column,
     jsonl_row_problem,
     output_format,
     render_summary,
@@ -65,13 +66,8 @@ from cxr_batch.text import markup
 
 #: Columns a part must have to be read as a cxr-batch report.
 REQUIRED = ("path", "status", "label", "confidence", "error", *IDENTITY_COLUMNS)
-#: Columns that hold numbers (or nothing), besides ``prob_<label>``.
-NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score")
 _BOM = "\ufeff"
-
-
-def _is_number_column(name: str) -> bool:
-    return name in NUMBER_COLUMNS or name.startswith("prob_")
+_is_number_column = is_number_column  # one list of number columns: report.writer
 
 
 def walk_key(path: str) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ class RunIdentity:
 
 
 #: Columns holding a number (or nothing) in every report.
-NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score")
+NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score", "lung_fraction")
 #: The values ``status`` takes.
 STATUSES = ("ok", "error")
 
@@ -132,11 +132,15 @@ def is_number_column(name: str) -> bool:
     return name in NUMBER_COLUMNS or name.startswith("prob_")
 
 
+#: The report's true/false columns (JSON booleans in JSONL, ``true``/``false`` in CSV).
+BOOLEAN_COLUMNS = frozenset({"in_distribution", "assessable"})
+
+
 def jsonl_row_problem(obj: Mapping[str, Any]) -> str | None:
     """What is wrong with the types of a JSONL report row read back (``None``: nothing).
 
     A number column holds a finite number or null (never a string, a boolean, an object, NaN or
-    Infinity); ``status`` is ``"ok"`` or ``"error"``; ``in_distribution`` a boolean or null;
+    Infinity); ``status`` is ``"ok"`` or ``"error"``; ``in_distribution`` and ``assessable`` a boolean or null;
     every other column text or null. What a hand edit or another tool may leave; the callers
     refuse the row as damaged, naming the column (never quoting a long value).
     """
@@ -151,9 +155,9 @@ def jsonl_row_problem(obj: Mapping[str, Any]) -> str | None:
         elif key == "status":
             if value not in STATUSES:
                 return f"status is {_kind(value)}, not ok or error"
-        elif key == "in_distribution":
+        elif key in BOOLEAN_COLUMNS:
             if value is not None and not isinstance(value, bool):
-                return f"in_distribution is {_kind(value)}, not true, false or null"
+                return f"{key} is {_kind(value)}, not true, false or null"
         elif value is not None and not isinstance(value, str):
             return f"{key} is {_kind(value)}, not text"
     return None
