@@ -29,7 +29,10 @@ def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _install(folder: Path, make_model: Callable[..., Path], *precisions: str) -> None:
     for precision in precisions:
-        src = make_model(f"default-{precision}.onnx", meta=contract(name="default", precision=precision))
+        # an int8 file --precision auto would take: its contract records a passed export gate (issue 19)
+        gate = {"top1_agreement_with_fp32": 1.0, "max_abs_prob_diff": 0.0, "gate": {"passed": True}}
+        extra = {"quantization": gate} if precision == "int8" else {}
+        src = make_model(f"default-{precision}.onnx", meta=contract(name="default", precision=precision, extra=extra))
         (folder / inference.DEFAULT_MODEL_FILES[precision]).write_bytes(src.read_bytes())
 
 

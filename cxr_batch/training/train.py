@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import platform
 import sys
 import time
@@ -134,7 +133,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     except OSError as exc:
         raise CxrBatchError(f"{path}: can't read the checkpoint ({exc.strerror or exc})") from None
     except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        # weights_only refuses a pickled class or function as "Unsupported global"; bytes that are
+        # no pickle at all (any other UnpicklingError) are just not a checkpoint
+        if "Unsupported global" in str(exc):
             raise CxrBatchError(
                 f"{path}: refused: the checkpoint holds Python objects other than tensors and plain data, "
                 "and loading them could run code; only checkpoints written by cxr-batch train are loaded"
