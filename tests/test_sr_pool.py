@@ -49,7 +49,9 @@ def _run(folder: Path, out: Path, srs: Path, workers: int) -> tuple[list[dict[st
     console = Console(file=io.StringIO(), width=200)
     config = ClassifyConfig(
         inputs=InputSpec(paths=(str(folder),)),
-        engine=EngineConfig(model=str(MODEL), batch_size=1),  # one image a batch: many batches in flight
+        engine=EngineConfig(
+            model=str(MODEL), batch_size=1, lungs=False
+        ),  # one image a batch: many in flight; every film gets an SR
         report=ReportConfig(out=str(out)),
         sr=str(srs),
         sr_workers=workers,
@@ -96,7 +98,7 @@ def test_sr_pool_holds_a_bounded_number_of_batches_and_keeps_their_order(tmp_pat
     from cxr_batch.report.sr_pool import SRPool
 
     folder = _inputs(tmp_path)
-    classifier = Classifier.from_config(EngineConfig(model=str(MODEL), batch_size=1))
+    classifier = Classifier.from_config(EngineConfig(model=str(MODEL), batch_size=1, lungs=False))
     writer = SRWriter(tmp_path / "sr", ModelIdent.of(classifier.meta, file_sha256(classifier.model_path)))
     pool = SRPool(writer, workers=1, max_pending=2)
     out: list[str] = []
