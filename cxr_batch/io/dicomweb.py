@@ -551,7 +551,11 @@ class DicomwebSource:
                 self.retrieved += 1
                 self._files[item.display] = path
                 yield InputFile(path, item.display)
-            yield from held
+            if held:  # the last retrievals failed for the transport: no rows, --resume retries them
+                self.fatal = (
+                    f"{self.url} stopped answering ({len(held)} last retrieval(s) failed; last: "
+                    f"{held[-1].error}); the rows written so far are kept: rerun with --resume once the server is back"
+                )
         finally:
             if pending:  # stopped early: cut off what is in flight, drop what came in
                 self.origin.abort()
@@ -584,6 +588,9 @@ class DicomwebSource:
         except OSError as exc:
             _remove(path)
             return path, f"cannot write the spool file: {exc.strerror or exc}", "refused"
+        except TruncatedAnswer as exc:
+            _remove(path)
+            return path, str(exc), "transient"
         except ValueError as exc:
             _remove(path)
             return path, str(exc), "refused"
@@ -709,6 +716,11 @@ def _boundary(content_type: str) -> bytes | None:
     return (match.group(2) or match.group(1)).encode("latin-1", "replace")
 
 
+class TruncatedAnswer(ValueError):
+    """The answer ended early (a server going away, a connection cut): a transport failure,
+    retried like one (no row; ``--resume`` retrieves the instance again), not a bad instance."""
+
+
 def _write_body(content_type: str, chunks: Iterator[bytes], out: BinaryIO) -> None:
     """Stream the first part of a multipart/related answer (or a bare application/dicom body) into ``out``.
 
@@ -721,7 +733,7 @@ def _write_body(content_type: str, chunks: Iterator[bytes], out: BinaryIO) -> No
             out.write(chunk)
             size += len(chunk)
         if not size:
-            raise ValueError("the server sent an empty body")
+            raise TruncatedAnswer("the server sent an empty body")
         return
     boundary = _boundary(content_type)
     if not content_type.lower().startswith("multipart/related") or boundary is None:
@@ -745,7 +757,7 @@ def _write_body(content_type: str, chunks: Iterator[bytes], out: BinaryIO) -> No
         if len(buffer) > _MAX_PART_HEADER:
             raise ValueError("the server's multipart answer has no readable part header")
     else:
-        raise ValueError("the server's answer holds no DICOM instance (empty multipart body)")
+        raise TruncatedAnswer("the server's answer holds no DICOM instance (empty multipart body)")
     # 2. the part body, up to the next delimiter; keep back a delimiter's length of bytes
     size = 0
     keep = len(delimiter) - 1
@@ -761,7 +773,7 @@ def _write_body(content_type: str, chunks: Iterator[bytes], out: BinaryIO) -> No
             buffer = buffer[-keep:]
         more = next(chunks, None)
         if more is None:
-            raise ValueError("the server's multipart answer ended in the middle of the instance")
+            raise TruncatedAnswer("the server's multipart answer ended in the middle of the instance")
         buffer += more
     for _ in chunks:  # read the rest (the closing delimiter), so the connection can be reused
         pass
