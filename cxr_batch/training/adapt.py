@@ -343,7 +343,7 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         ModelError: the base model is not a cxr-batch fp32 ResNet-18.
     """
     from cxr_batch.training.export import ExportConfig, export_checkpoint
-    from cxr_batch.training.train import _load_cache, build_model
+    from cxr_batch.training.train import _load_cache, build_model, save_checkpoint
 
     console = console or Console(stderr=True)
     t_start = time.time()
@@ -530,7 +530,7 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         "data_dirs": list(cfg.data_dirs),
         **{k: v for k, v in asdict(cfg).items() if k in ("epochs", "batch_size", "lr", "seed")},
     }
-    torch.save(
+    save_checkpoint(
         {
             "model": model.state_dict(),
             "labels": labels,

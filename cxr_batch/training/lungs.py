@@ -17,9 +17,9 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 import json
 import math
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -44,6 +44,8 @@ from cxr_batch import __version__
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
 from cxr_batch.io.lungs import dice
 from cxr_batch.io.preprocess import IMAGE_SUFFIXES, decode, resize_grey
+from cxr_batch.io.safe_open import MAX_LIST_BYTES, read_json, read_text
+from cxr_batch.io.safe_write import write_file_atomic
 
 #: Grey [0, 1] → (x - mean) / std, one channel.
 LUNG_MEAN = 0.5
@@ -284,14 +286,16 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
         pairs = mask_pairs(Path(d))
         sources[name] = pairs[: cfg.limit_per_source] if cfg.limit_per_source else pairs
     rows = make_split(sources, cfg.seed, cfg.val_fraction)
-    with open(out / "split.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["source", "file", "split"])
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["source", "file", "split"])
+    w.writerows(rows)
+    write_file_atomic(out / "split.csv", buf.getvalue())
     part = {(s, f): sp for s, f, sp in rows}
     train_pairs = [(s, p) for s, ps in sorted(sources.items()) for p in ps if part[(s, p[0].name)] == "train"]
     val_pairs = [(s, p) for s, ps in sorted(sources.items()) for p in ps if part[(s, p[0].name)] == "val"]
-    (out / "config.json").write_text(
+    write_file_atomic(
+        out / "config.json",
         json.dumps(
             {
                 **asdict(cfg),
@@ -310,7 +314,7 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
                 "python": platform.python_version(),
             },
             indent=2,
-        )
+        ),
     )
     size = cfg.image_size
     x_tr, m_tr, _ = _cache([p for _, p in train_pairs], size, cfg.resize, console)
@@ -332,11 +336,13 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
     history: dict[str, Any] = {"epochs": [], "best_epoch": 0, "best_dice": -1.0}
     start = 0
     if resume:
-        ck = torch.load(last_path, map_location="cpu", weights_only=True)
+        from cxr_batch.training.train import load_checkpoint
+
+        ck = load_checkpoint(last_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        history = json.loads((out / "history.json").read_text())
+        history = read_json(out / "history.json", what="the run's history")
         start = int(ck["epoch"]) + 1
     patience_left = cfg.patience - (len(history["epochs"]) - history["best_epoch"] if history["epochs"] else 0)
     gen = torch.Generator()
@@ -381,12 +387,12 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
             "scheduler": sched.state_dict(),
             "epoch": epoch,
         }
-        torch.save(state, out / "last.pt.tmp")
-        os.replace(out / "last.pt.tmp", last_path)
+        from cxr_batch.training.train import save_checkpoint  # the one atomic, plain-data checkpoint writer
+
+        save_checkpoint(state, last_path)
         if improved:
-            torch.save({"model": model.state_dict(), "epoch": epoch}, out / "best.pt.tmp")
-            os.replace(out / "best.pt.tmp", out / "best.pt")
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+        write_file_atomic(out / "history.json", json.dumps(history, indent=2))
         console.print(
             f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {score:.4f}  "
             + "  ".join(f"{s} {v:.4f}" for s, v in per_source.items())
@@ -401,14 +407,16 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
         "val_dice_mean_of_sources": history["best_dice"],
         **{k: v for k, v in history["epochs"][history["best_epoch"] - 1].items() if k.startswith("val_dice[")},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_file_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
 def load_unet(run: Path) -> tuple[UNet, dict[str, Any]]:
-    config = json.loads((run / "config.json").read_text())
+    config = read_json(run / "config.json", what="the run's config")
     model = UNet(tuple(config["channels"]))
-    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    from cxr_batch.training.train import load_checkpoint
+
+    ck = load_checkpoint(run / "best.pt")
     model.load_state_dict(ck["model"])
     return model.eval(), config
 
@@ -461,7 +469,7 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
     from cxr_batch.contract import DEFAULT_PREPROCESSING, LUNG_SEGMENTER, ModelMeta
     from cxr_batch.engine.lungs import LungSegmenter
     from cxr_batch.training.export import OPSET
-    from cxr_batch.training.onnx_file import _onnx, write_contract
+    from cxr_batch.training.onnx_file import _onnx, save_model, write_contract
 
     console = console or Console(stderr=True)
     onnx = _onnx()
@@ -516,12 +524,11 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
         },
     )
     write_contract(proto, meta)
-    onnx.save(proto, str(tmp))
+    save_model(proto, tmp)
 
     # Parity with torch, then Dice through the inference path.
     seg = LungSegmenter(tmp)
-    with open(run / "split.csv", newline="") as fh:
-        split = list(csv.DictReader(fh))
+    split = list(csv.DictReader(io.StringIO(read_text(run / "split.csv", MAX_LIST_BYTES, what="the run's split"))))
     sources = {Path(d).name: Path(d) for d in config["sources"].values()}
     val: dict[str, list[tuple[Path, Path]]] = {}
     for row in split:
@@ -548,11 +555,11 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
     metrics["parity_max_abs_prob_diff"] = parity
     meta = meta.with_updates(metrics=metrics)
     write_contract(proto, meta)
-    onnx.save(proto, str(out))
+    save_model(proto, out)
     tmp.unlink(missing_ok=True)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     card = out.with_suffix(".md")
-    card.write_text(lungs_card(meta, out.name))
+    write_file_atomic(card, lungs_card(meta, out.name))
     console.print(f"wrote {card}")
     if cfg.run_files:
         dest = Path(cfg.run_files)
@@ -560,7 +567,7 @@ def export_lungs(cfg: LungExportConfig, console: Console | None = None) -> Path:
         for name in ("config.json", "split.csv", "history.json", "metrics.json"):
             if (run / name).is_file():
                 shutil.copyfile(run / name, dest / name)
-        (dest / "export_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_file_atomic(dest / "export_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return out
 
 
