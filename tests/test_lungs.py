@@ -230,3 +230,23 @@ def test_heatmap_draws_the_lung_outline() -> None:
     draw_lung_outline(rgb, mask)
     cyan = np.all(rgb == LUNG_OUTLINE, axis=-1)
     assert np.array_equal(cyan, outline(mask)) and cyan.sum() == (2 * 80 + 2 * 40 - 4) + (2 * 80 + 2 * 45 - 4)
+
+
+@pytest.mark.slow
+def test_train_lungs_resumes_refuses_a_changed_schedule_and_exports(shared_data: Path, tmp_path: Path) -> None:
+    """A tiny real run: checkpoints are plain data (weights_only), --resume with another schedule is
+    an Error line (no traceback), and export-lungs writes a segmenter that loads with its contract."""
+    pytest.importorskip("torch")
+    roots = [str(shared_data / "lung-masks" / n) for n in ("montgomery", "covid19-radiography-viral")]
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--image-size", "32", "--threads", "1"]
+    res = CliRunner().invoke(main, ["train-lungs", *roots, *common, "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert {"best.pt", "last.pt", "config.json", "history.json", "split.csv"} <= {p.name for p in run.iterdir()}
+    res = CliRunner().invoke(main, ["train-lungs", *roots, *common, "--epochs", "2", "--resume"])
+    assert res.exit_code == 1 and "same --epochs" in res.output and "Traceback" not in res.output, res.output
+    out = tmp_path / "seg.onnx"
+    res = CliRunner().invoke(main, ["export-lungs", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    seg = LungSegmenter(out)
+    assert seg.meta.kind == "lung-segmenter"

@@ -339,6 +339,13 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
         from cxr_batch.training.train import load_checkpoint
 
         ck = load_checkpoint(last_path)
+        planned = ck["scheduler"].get("total_steps") if isinstance(ck.get("scheduler"), dict) else None
+        if planned is not None and planned != cfg.epochs * steps:
+            raise DataError(
+                f"--resume continues the run in {out} with the schedule it started with "
+                f"({planned // steps} epochs): give the same --epochs, "
+                "or start a new run"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
