@@ -1,5 +1,5 @@
 """The DICOMweb and SR options of ``classify``, and the ``dicomweb-list`` command. Light: no
-dicomweb-client, highdicom or pydicom import until a command runs."""
+highdicom or pydicom import until a command runs."""
 
 from __future__ import annotations
 

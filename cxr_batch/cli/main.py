@@ -5,6 +5,7 @@ Keep this module light: ``cxr-batch --help`` imports it, so no torch and no onnx
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -246,31 +247,24 @@ def classify_command(
     listed: tuple[str, ...] = ()
     if files_from is not None:
         listed = tuple(read_path_list(files_from))
-    if dry_run:
-        spec = InputSpec(
-            paths=inputs,
-            recursive=recursive,
-            include=include,
-            exclude=exclude,
-            absolute_paths=absolute_paths,
-            listed=listed,
-            outputs=tuple(p for p in (out, heatmaps, dicomweb["sr"]) if p is not None and p != "-"),
-        )
-        dry_run_report(spec, shard, web, out, overwrite, resume, quiet)
+    spec = InputSpec(
+        paths=inputs,
+        recursive=recursive,
+        include=include,
+        exclude=exclude,
+        absolute_paths=absolute_paths,
+        listed=listed,
+        list_dirs=files_from_dirs,
+    )
+    if dry_run:  # the same inputs the run would take; run_classify leaves out its outputs the same way
+        outputs = tuple(p for p in (out, heatmaps, dicomweb["sr"]) if p is not None and p != "-")
+        dry_run_report(dataclasses.replace(spec, outputs=outputs), shard, web, out, overwrite, resume, quiet)
         return
 
     from cxr_batch.classify import ClassifyConfig, run_classify  # loads numpy, Pillow, onnxruntime
 
     config = ClassifyConfig(
-        inputs=InputSpec(
-            paths=inputs,
-            recursive=recursive,
-            include=include,
-            exclude=exclude,
-            absolute_paths=absolute_paths,
-            listed=listed,
-            list_dirs=files_from_dirs,
-        ),
+        inputs=spec,
         engine=engine_config(model, device, precision, batch_size, threads, covid_threshold, lungs),
         report=ReportConfig(out=out, format=output_format(out, fmt), overwrite=overwrite, resume=resume),
         quiet=quiet,

@@ -255,7 +255,7 @@ def auth_headers(creds: Credentials) -> dict[str, str]:
     return {}
 
 
-def require_dicomweb_client() -> None:
+def require_dicomweb_extra() -> None:
     """DICOMweb needs pydicom (the ``dicom`` extra): checked before anything is fetched."""
     try:
         import pydicom  # noqa: F401
@@ -339,7 +339,7 @@ class DicomwebSource:
     """
 
     def __init__(self, config: DicomwebConfig) -> None:
-        require_dicomweb_client()
+        require_dicomweb_extra()
         self.config = config
         self.url = check_url(config.url)
         creds = load_credentials(config.auth_file)

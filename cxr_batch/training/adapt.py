@@ -619,9 +619,10 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
         return
     from dataclasses import replace
 
+    from cxr_batch.evaluation.metrics import operating_point, screening_threshold
     from cxr_batch.training.card import write_card
     from cxr_batch.training.export import _tensors, ort_logits
-    from cxr_batch.training.onnx_file import _onnx, write_contract
+    from cxr_batch.training.onnx_file import rewrite_contract
 
     label, target = point.label, float(point.target_sensitivity)
     _, meta = read_contract_file(out)
@@ -629,17 +630,15 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
     positives = [it for it in items if it[1] == label]
     if positives:
         x, y = _tensors(items, meta.spec, list(meta.labels))
-        p = softmax(ort_logits(out, x))[:, list(meta.labels).index(label)]
-        pos = np.sort(p[y == list(meta.labels).index(label)])[::-1]
-        k = max(1, math.ceil(target * len(pos)))
-        threshold = float(pos[k - 1])
-        neg = p[y != list(meta.labels).index(label)]
+        k = list(meta.labels).index(label)
+        p = softmax(ort_logits(out, x))[:, k]
+        # the contract's one rule (export uses it too): the k-th highest positive score, rounded down
+        threshold = screening_threshold(p, y == k, target)
         validation = {
             "refitted_on": "local validation (cxr-batch adapt)",
-            "positives": len(pos),
-            "negatives": len(neg),
-            "sensitivity": float((pos >= threshold).mean()),
-            "specificity": float((neg < threshold).mean()) if len(neg) else None,
+            "positives": int((y == k).sum()),
+            "negatives": int((y != k).sum()),
+            **operating_point(p, y == k, threshold),
         }
         new = replace(point, threshold=threshold, validation=validation)
         console.print(f"screening point for '{label}': threshold {threshold:.4f} on local validation")
@@ -648,10 +647,7 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
             point, validation={**point.validation, "note": "kept from the base model: no local film of this class"}
         )
         console.print(f"screening point for '{label}' kept from the base model (no local '{label}' film)")
-    onnx = _onnx()
     for path in (out, out.with_name(out.stem + "-int8.onnx")):
-        if path.exists():
-            proto, m = read_contract_file(path)
-            write_contract(proto, m.with_updates(screening=new))
-            onnx.save(proto, str(path))
+        if path.exists():  # the contract only: the graph is checked unchanged, the file replaced atomically
+            rewrite_contract(path, lambda m: m.with_updates(screening=new))
     write_card(out, read_contract_file(out)[1], None)

@@ -384,7 +384,6 @@ def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, c
     from cxr_batch.contract import ScreeningPoint
     from cxr_batch.evaluation.metrics import metrics_by_source, operating_point, screening_threshold
 
-    onnx = _onnx()
     proto, meta = read_contract_file(master)
     labels = list(meta.labels)
     items = validation_items(root, split, cfg.holdout_source)
@@ -424,7 +423,7 @@ def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, c
         proto,
         meta.with_updates(metrics={**meta.metrics, "validation": json_safe(validation)}, screening=screening),
     )
-    onnx.save(proto, str(master))
+    save_model(proto, master)
     return validation
 
 
@@ -435,7 +434,6 @@ def test_screening(
     chosen there), overall and per source, stored in its contract as ``metrics["screening_test"]``."""
     from cxr_batch.evaluation.metrics import operating_point
 
-    onnx = _onnx()
     proto, meta = read_contract_file(master)
     sp = meta.screening
     if sp is None or len(y) == 0:
@@ -452,7 +450,7 @@ def test_screening(
         f"{point['tp'] + point['fn']}), specificity {point['specificity']:.4f} ({point['tn']}/{point['tn'] + point['fp']})"
     )
     write_contract(proto, meta.with_updates(metrics={**meta.metrics, "screening_test": json_safe(point)}))
-    onnx.save(proto, str(master))
+    save_model(proto, master)
     return point
 
 
