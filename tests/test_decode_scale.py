@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.io.preprocess import REDUCED_SCALE, decode, prepare, reduction_factor
-from tests.conftest import REPO
 
 #: Largest |Δp| allowed between the reduced-scale and the full-size path (measured: 0.0109).
 TOLERANCE = 0.02

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, build_model, contract
 from PIL import Image
 
 from cxr_batch.cli.main import main
@@ -27,7 +28,6 @@ from cxr_batch.io.lungs import (
     preprocess_file_lungs,
 )
 from cxr_batch.io.preprocess import decode, normalise, resize_grey
-from tests.conftest import REPO, build_model, contract
 
 SEGMENTER = REPO / "export" / DEFAULT_LUNGS_FILE
 #: Shenzhen pairs the Dice test reads (the segmenter never saw a Shenzhen mask).

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import REPO, SHARED
 from rich.console import Console
 
 from cxr_batch.classify import ClassifyConfig, run_classify
 from cxr_batch.engine.classifier import EngineConfig
 from cxr_batch.io.inputs import InputSpec
 from cxr_batch.report.writer import ReportConfig
-from tests.conftest import REPO, SHARED
 
 RSNA = sorted((SHARED / "dicom" / "rsna-pneumonia-challenge_lungbox").glob("*/*.dcm"))
 MODEL = REPO / "export" / "cxr-resnet18.onnx"
