@@ -159,6 +159,7 @@ class ModelMeta:
             mean=self.mean,
             std=self.std,
             resize=str(self.preprocessing.get("resize", "bilinear")),
+            crop=self.crop,
         )
 
     @property

@@ -85,6 +85,21 @@ from cxr_batch.text import shown
     help="Keep this source (a data root's name) out of training and validate on its train and val rows: "
     "a hospital the model has never seen. Its test rows stay test.",
 )
+@click.option(
+    "--crop",
+    type=click.Choice(["none", "lungs"]),
+    default="none",
+    show_default=True,
+    help="lungs: train on the lung crop of every film (the embedded lung segmenter finds it); the "
+    "contract records it and classify crops the same way.",
+)
+@click.option(
+    "--test-report/--no-test-report",
+    default=True,
+    show_default=True,
+    help="Measure the best checkpoint on the test split at the end. Recipe comparisons: --no-test-report, "
+    "choose on validation (history.json), then measure only the chosen run (cxr-batch evaluate).",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
 @click.option(
     "--patience",
@@ -117,6 +132,8 @@ def train_command(
     warmup: float,
     label_map: tuple[str, ...],
     holdout_source: str | None,
+    crop: str,
+    test_report: bool,
     patience: int,
     threads: int | None,
     resume: bool,
@@ -168,10 +185,11 @@ def train_command(
         warmup=warmup,
         label_map=tuple(pairs),
         holdout_source=holdout_source,
+        crop=None if crop == "none" else crop,
         patience=patience,
         threads=threads,
     )
-    train_model(cfg, resume=resume)
+    train_model(cfg, resume=resume, report_test=test_report)
     click.echo(
         f"run folder: {shown(out)} (best.ckpt, last.ckpt, split.csv, config.json, history.json, metrics.json); "
         f"export the best checkpoint with: cxr-batch export {shown(out / 'best.ckpt')}",

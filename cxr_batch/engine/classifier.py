@@ -675,9 +675,10 @@ class Classifier:
         self._loaded = load_model(replace(config, threads=self._threads))
         #: the lung stage's segmenter (None: ``lungs=False``)
         self.lungs: LungSegmenter | None = None
-        if config.lungs:
-            from cxr_batch.engine.lungs import LungSegmenter
+        from cxr_batch.engine.lungs import LungSegmenter, check_lung_stage
 
+        check_lung_stage(self._loaded.meta, config.lungs)
+        if config.lungs:
             self.lungs = LungSegmenter(config.lungs_model)
         if self._loaded.provider == CUDA:
             self._streams = 1

@@ -10,15 +10,17 @@ for one) and the assessability verdict (:func:`cxr_batch.io.lungs.assess`).
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cxr_batch.contract import LUNG_SEGMENTER, ModelMeta, file_sha256, read_contract
-from cxr_batch.errors import ModelError
-from cxr_batch.io.lungs import DEFAULT_RULES, LungRules, LungVerdict, assess
-from cxr_batch.io.preprocess import resize_grey
+from cxr_batch.errors import ImageError, ModelError
+from cxr_batch.io.lungs import DEFAULT_RULES, LungRules, LungVerdict, assess, preprocess_file_lungs
+from cxr_batch.io.preprocess import Decoded, PreprocessSpec, preprocess_file, resize_grey
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -124,4 +126,77 @@ def pair_dice(segmenter: LungSegmenter, image: str | os.PathLike[str], mask: str
     return dice(up >= segmenter.threshold, ref)
 
 
-__all__ = ["DEFAULT_LUNGS_FILE", "LUNGS_ENV", "LungSegmenter", "find_segmenter", "pair_dice"]
+def check_lung_stage(meta: ModelMeta, lungs: bool) -> None:
+    """A classifier trained on lung crops can't run without the lung stage (it would see whole
+    films it was never trained on).
+
+    Raises:
+        ModelError: ``meta`` asks for the crop and ``lungs`` is off.
+    """
+    if meta.crop is not None and not lungs:
+        raise ModelError(f"{meta.ident} was trained on lung crops and needs the lung stage: run it without --no-lungs")
+
+
+_CROP_SEGMENTERS: dict[str, LungSegmenter] = {}
+_CROP_LOCK = threading.Lock()
+
+
+def crop_reader(
+    crop: str | None, path: str | os.PathLike[str] | None = None
+) -> Callable[[np.ndarray], LungVerdict] | None:
+    """The segmenter's :meth:`LungSegmenter.read` a classifier trained on lung crops needs (one
+    segmenter per file, loaded once per process); None for a classifier trained on whole films.
+
+    Raises:
+        ModelError: the segmenter can't be loaded.
+    """
+    if crop is None:
+        return None
+    key = str(find_segmenter(path))
+    with _CROP_LOCK:
+        if key not in _CROP_SEGMENTERS:
+            _CROP_SEGMENTERS[key] = LungSegmenter(key)
+        return _CROP_SEGMENTERS[key].read
+
+
+def preprocess_for(
+    path: str | os.PathLike[str], spec: PreprocessSpec, read: Callable[[np.ndarray], LungVerdict] | None = None
+) -> tuple[np.ndarray, Decoded]:
+    """:func:`cxr_batch.io.preprocess.preprocess_file` for any classifier: the lung crop first when
+    its contract asks for one (``spec.crop``), through ``read`` or the embedded segmenter. What
+    training, export, adapt and the benchmarks feed a model; classify takes the same path
+    (:func:`cxr_batch.io.lungs.preprocess_file_lungs`).
+
+    Raises:
+        ImageError: the file can't be decoded.
+        ModelError: the segmenter can't be loaded.
+    """
+    if spec.crop is None:
+        return preprocess_file(path, spec)
+    tensor, decoded, _ = preprocess_file_lungs(path, spec, read or crop_reader(spec.crop), spec.crop)
+    return tensor, decoded
+
+
+def preprocess_labelled(items: Iterable[tuple[Path, str]], spec: PreprocessSpec) -> Iterator[tuple[np.ndarray, str]]:
+    """(model input, label) for each labelled file that decodes (:func:`preprocess_for`);
+    unreadable files are skipped."""
+    read = crop_reader(spec.crop)
+    for path, label in items:
+        try:
+            x, _ = preprocess_for(path, spec, read)
+        except ImageError:
+            continue
+        yield x, label
+
+
+__all__ = [
+    "DEFAULT_LUNGS_FILE",
+    "LUNGS_ENV",
+    "LungSegmenter",
+    "check_lung_stage",
+    "crop_reader",
+    "find_segmenter",
+    "pair_dice",
+    "preprocess_for",
+    "preprocess_labelled",
+]

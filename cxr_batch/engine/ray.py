@@ -43,7 +43,7 @@ from cxr_batch.engine.classifier import (
     open_model,
     screening_in_use,
 )
-from cxr_batch.engine.lungs import LungSegmenter
+from cxr_batch.engine.lungs import LungSegmenter, check_lung_stage
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
@@ -227,6 +227,7 @@ class RayEngine:
         del loaded  # the driver's session: the workers make their own
         #: the lung segmenter the workers run (checked here; its file travels to them)
         self.lungs: LungSegmenter | None = None
+        check_lung_stage(self._meta, engine.lungs)
         if engine.lungs:
             self.lungs = LungSegmenter(engine.lungs_model)
         self.cpus_per_actor = max(1, engine.threads)

@@ -23,7 +23,7 @@ tolerance.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr_batch.errors import ImageError
+from cxr_batch.errors import ImageError, ModelError
 from cxr_batch.io.safe_open import NotRegularFileError, open_regular
 from cxr_batch.io.warning_capture import capture
 
@@ -75,10 +75,15 @@ class PreprocessSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str = "bilinear"
+    #: ``"lungs"``: the classifier was trained on lung crops (:func:`cxr_batch.io.lungs.crop_to_lungs`),
+    #: so its input needs the lung segmenter (:func:`cxr_batch.engine.lungs.preprocess_for`)
+    crop: str | None = None
 
     def __post_init__(self) -> None:
         if self.resize not in RESAMPLE:
             raise ValueError(f"unknown resize method {self.resize!r}; expected one of {sorted(RESAMPLE)}")
+        if self.crop not in (None, "lungs"):
+            raise ValueError(f"unknown crop {self.crop!r}; expected 'lungs' or none")
 
 
 @dataclass
@@ -380,16 +385,15 @@ def prepare(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> tuple[np.ndarray, Decoded]:
-    """Decode and prepare one file: the exact path ``classify`` takes for every image."""
+    """Decode and prepare one file: the exact path ``classify`` takes for every image of a model
+    trained on whole films.
+
+    Raises:
+        ImageError: the file can't be decoded.
+        ModelError: ``spec`` asks for the lung crop, which needs the segmenter
+            (:func:`cxr_batch.engine.lungs.preprocess_for` runs it).
+    """
+    if spec.crop is not None:
+        raise ModelError("this model was trained on lung crops: its input needs the lung segmenter")
     decoded = decode(path, spec.input_size)
     return prepare(decoded.grey, spec), decoded
-
-
-def preprocess_labelled(items: Iterable[tuple[Path, str]], spec: PreprocessSpec) -> Iterator[tuple[np.ndarray, str]]:
-    """(model input, label) for each labelled file that decodes; unreadable files are skipped."""
-    for path, label in items:
-        try:
-            x, _ = preprocess_file(path, spec)
-        except ImageError:
-            continue
-        yield x, label

@@ -42,13 +42,13 @@ from rich.table import Table
 
 from cxr_batch import __version__
 from cxr_batch.contract import ModelMeta, file_sha256
+from cxr_batch.engine.lungs import crop_reader, preprocess_for
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import DataError, ImageError, OutputError
 from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics, wilson_interval
 from cxr_batch.io.film_facts import film_facts, shortcut_warnings
 from cxr_batch.io.labelled import LabelledSet, Split, canonical_label, find_labelled, make_split, source_names
-from cxr_batch.io.preprocess import preprocess_file
 from cxr_batch.io.safe_open import open_regular
 from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.text import markup
@@ -241,9 +241,10 @@ def _mean_recall(y: np.ndarray, pred: np.ndarray) -> float:
 def _test_tensors(items: Sequence[tuple[Path, str, str]], meta: ModelMeta) -> tuple[np.ndarray, list[int], list[str]]:
     """The shared preprocessing (what classify runs) of the test films; unreadable ones left out."""
     xs, keep, errors = [], [], []
+    read = crop_reader(meta.crop)
     for i, (path, _, _) in enumerate(items):
         try:
-            xs.append(preprocess_file(path, meta.spec)[0])
+            xs.append(preprocess_for(path, meta.spec, read)[0])
             keep.append(i)
         except ImageError as exc:
             errors.append(f"{path.name}: {exc}")
@@ -377,8 +378,13 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
 
     size = base_meta.input_size[0]
     resize = str(base_meta.preprocessing.get("resize", "bilinear"))
-    x_a, y_a, err_a, _ = _load_cache([(p, lab) for p, lab, _ in adapt_items], labels, size, resize, console, "adapt")
-    x_v, y_v, err_v, _ = _load_cache([(p, lab) for p, lab, _ in val_items], labels, size, resize, console, "val")
+    crop = base_meta.crop
+    x_a, y_a, err_a, _ = _load_cache(
+        [(p, lab) for p, lab, _ in adapt_items], labels, size, resize, console, "adapt", crop=crop
+    )
+    x_v, y_v, err_v, _ = _load_cache(
+        [(p, lab) for p, lab, _ in val_items], labels, size, resize, console, "val", crop=crop
+    )
     for e in err_a + err_v:
         console.print(f"[yellow]skipped[/] {markup(e)}")
 
@@ -526,6 +532,7 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         "mean": list(base_meta.mean),
         "std": list(base_meta.std),
         "resize": resize,
+        "crop": base_meta.crop,
         "weights": str(base),
         "data_dirs": list(cfg.data_dirs),
         **{k: v for k, v in asdict(cfg).items() if k in ("epochs", "batch_size", "lr", "seed")},

@@ -26,12 +26,13 @@ from cxr_batch.contract import (
     int8_gate,
 )
 from cxr_batch.engine.cpu import cpu_summary
+from cxr_batch.engine.lungs import preprocess_for, preprocess_labelled
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, MissingExtraError, ModelError, OutputError
 from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
-from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.io.preprocess import PreprocessSpec
 from cxr_batch.io.safe_open import read_json
 from cxr_batch.training.card import write_card
 from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, write_contract
@@ -184,7 +185,13 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     labels = list(ck["labels"])
     tcfg = ck["config"]
     size = int(tcfg["image_size"])
-    spec = PreprocessSpec((size, size), tuple(tcfg["mean"]), tuple(tcfg["std"]), tcfg.get("resize", "bilinear"))  # type: ignore[arg-type]
+    spec = PreprocessSpec(
+        (size, size),
+        tuple(tcfg["mean"]),  # type: ignore[arg-type]
+        tuple(tcfg["std"]),  # type: ignore[arg-type]
+        tcfg.get("resize", "bilinear"),
+        tcfg.get("crop") or None,
+    )
     model = build_model(len(labels))
     model.load_state_dict(ck["model"])
     model.float().eval()
@@ -255,7 +262,7 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
         input_size=(size, size),
         mean=spec.mean,
         std=spec.std,
-        preprocessing={**DEFAULT_PREPROCESSING, "resize": spec.resize},
+        preprocessing={**DEFAULT_PREPROCESSING, "resize": spec.resize, **({"crop": spec.crop} if spec.crop else {})},
         input_name="input",
         outputs=dict(OUTPUTS),
         metrics=metrics,
@@ -358,12 +365,13 @@ def model_probs(
             out.append(softmax(sess.run(["logits"], {name: np.stack(buf)})[0]))
             buf.clear()
 
+    from cxr_batch.engine.lungs import crop_reader
     from cxr_batch.errors import ImageError
-    from cxr_batch.io.preprocess import preprocess_file
 
+    read = crop_reader(spec.crop)
     for path, label, src in items:
         try:
-            x, _ = preprocess_file(path, spec)
+            x, _ = preprocess_for(path, spec, read)
         except ImageError:
             continue
         buf.append(x)
@@ -664,12 +672,17 @@ def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
         "warmup",
     )
     weights = str(tcfg.get("weights") or "none")
+    crop = {"crop": tcfg["crop"]} if tcfg.get("crop") else {}
     balance = tcfg.get("balance") or "class"
-    return {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]} | {
-        "weights": Path(weights).name if weights.endswith(".onnx") else weights,
-        "optimizer": "AdamW + OneCycle",
-        "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
-    }
+    return (
+        {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]}
+        | {
+            "weights": Path(weights).name if weights.endswith(".onnx") else weights,
+            "optimizer": "AdamW + OneCycle",
+            "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
+        }
+        | crop
+    )
 
 
 class _Calibration:

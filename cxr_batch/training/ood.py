@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from cxr_batch.engine.lungs import preprocess_labelled
 from cxr_batch.errors import CxrBatchError
 from cxr_batch.io.labelled import Roots, Split
-from cxr_batch.io.preprocess import PreprocessSpec, preprocess_labelled
+from cxr_batch.io.preprocess import PreprocessSpec
 
 OOD_OUTPUT = "ood_score"
 METHOD = "mahalanobis_tied"

@@ -30,12 +30,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from rich.console import Console
 
 from cxr_batch import __version__
+from cxr_batch.engine.lungs import crop_reader, preprocess_for
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
 from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split
-from cxr_batch.io.preprocess import PreprocessSpec, decode, preprocess_file, resize_grey
+from cxr_batch.io.lungs import lung_view
+from cxr_batch.io.preprocess import PreprocessSpec, decode, resize_grey
 from cxr_batch.io.safe_open import open_regular
 from cxr_batch.io.safe_write import atomic_file, write_file_atomic
 from cxr_batch.report.progress import progress_bar
@@ -85,6 +87,9 @@ class TrainConfig:
     #: a source kept out of training: its train and val rows are validation (a hospital never seen);
     #: its test rows stay test
     holdout_source: str | None = None
+    #: "lungs": train on lung crops (the embedded segmenter's :func:`cxr_batch.io.lungs.lung_view`,
+    #: recorded in the contract so classify crops the same way); None: whole films
+    crop: str | None = None
 
     @property
     def data_dir(self) -> str:
@@ -92,7 +97,7 @@ class TrainConfig:
         return self.data_dirs[0]
 
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec((self.image_size, self.image_size), self.mean, self.std, self.resize)
+        return PreprocessSpec((self.image_size, self.image_size), self.mean, self.std, self.resize, self.crop)
 
 
 @dataclass
@@ -215,11 +220,13 @@ def _load_cache(
     console: Console,
     what: str,
     workers: int = 0,
+    crop: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-    """Decode and resize every file once (the first half of the shared preprocessing), in threads.
+    """Decode, crop to the lungs when ``crop`` asks (:func:`cxr_batch.io.lungs.lung_view`) and resize
+    every file once (the first half of the shared preprocessing), in threads.
 
     Stored as float16 to halve the memory; validation during training reads this cache, the final
-    test report goes through :func:`cxr_batch.io.preprocess.preprocess_file` itself.
+    test report goes through :func:`cxr_batch.engine.lungs.preprocess_for` itself.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -227,10 +234,12 @@ def _load_cache(
     ys = np.asarray([labels.index(label) for _, label in items], dtype=np.int64)
     keep = np.ones(len(items), dtype=bool)
     errors: list[str] = []
+    read = crop_reader(crop)
 
     def load(path: Path) -> np.ndarray | str:
         try:
-            return resize_grey(decode(path, (size, size)).grey, (size, size), method)
+            grey, _ = lung_view(decode(path, (size, size)).grey, read, crop)
+            return resize_grey(grey, (size, size), method)
         except ImageError as exc:
             return f"{path}: {exc}"
 
@@ -410,7 +419,7 @@ def evaluate_files(
     device: torch.device,
     batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """The final report's path: cxr_batch.io.preprocess.preprocess_file (what classify runs),
+    """The final report's path: cxr_batch.engine.lungs.preprocess_for (what classify runs),
     then the model in fp32. ``items``: (path, label) or (path, label, source).
     Returns (y_true, probabilities, errors, the source of each row)."""
     model.eval()
@@ -427,10 +436,11 @@ def evaluate_files(
             batch.clear()
             batch_y.clear()
 
+    read = crop_reader(spec.crop)
     for item in items:
         path, label = item[0], item[1]
         try:
-            tensor, _ = preprocess_file(path, spec)
+            tensor, _ = preprocess_for(path, spec, read)
         except ImageError as exc:
             errors.append(f"{path}: {exc}")
             continue
@@ -547,10 +557,14 @@ def train_model(
         raise DataError("the split has no training or no validation files; add images or change the fractions")
 
     size = cfg.image_size
+    if cfg.crop not in (None, "lungs"):
+        raise CxrBatchError(f"unknown crop {cfg.crop!r}; choose lungs or none")
     x_train, y_train, err_train, keep_train = _load_cache(
-        train_items, labels, size, cfg.resize, console, "train", cfg.workers
+        train_items, labels, size, cfg.resize, console, "train", cfg.workers, cfg.crop
     )
-    x_val, y_val, err_val, keep_val = _load_cache(val_items, labels, size, cfg.resize, console, "val", cfg.workers)
+    x_val, y_val, err_val, keep_val = _load_cache(
+        val_items, labels, size, cfg.resize, console, "val", cfg.workers, cfg.crop
+    )
     s_train = [s for (_, _, s), k in zip(train_src, keep_train, strict=True) if k]
     s_val = [s for (_, _, s), k in zip(val_src, keep_val, strict=True) if k]
     for e in err_train + err_val:
