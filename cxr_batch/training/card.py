@@ -202,6 +202,13 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
         f"Augmentation (`{recipe.get('augment', 'light')}`): {AUGMENTATIONS.get(str(recipe.get('augment', 'light')), '?')}."
         " No horizontal flip: a flipped chest X-ray puts the heart on the wrong side, which no real PA/AP film shows "
         "(a judgement, not measured). Sampling: " + str(recipe.get("sampling", "class-balanced")) + ".",
+        (
+            "Input: **the lung crop** of every film (the square around both lung fields found by the embedded lung "
+            "segmenter, plus a margin; the whole film when no two lung fields are found), in training, evaluation "
+            "and classify alike (`preprocessing.crop` in the contract)."
+            if meta.crop == "lungs"
+            else "Input: the whole film (no lung crop)."
+        ),
     ]
     for note in meta.extra.get("notes") or []:
         lines += ["", f"- {note}"]
@@ -209,7 +216,8 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
     if selection:
         lines += ["", "### How the recipe was chosen (validation only)", "", str(selection.get("summary", "")), ""]
         rows = selection.get("recipes") or {}
-        if rows:
+        stressed = bool(rows) and all("val_stressed" in r for r in rows.values())
+        if rows and stressed:
             lines += [
                 "| recipe | val accuracy | val macro-F1 | stressed val accuracy | stressed val macro-F1 | "
                 "val accuracy per source | stressed per source |",
@@ -222,6 +230,18 @@ def card_text(onnx_path: Path, meta: ModelMeta, int8: dict[str, Any] | None) -> 
                     f"| {name}{' (chosen)' if name == selection.get('chosen') else ''} | {_fmt(r['val']['accuracy'])} | "
                     f"{_fmt(r['val']['macro_f1'])} | {_fmt(r['val_stressed']['accuracy'])} | "
                     f"{_fmt(r['val_stressed']['macro_f1'])} | {per} | {per_s} |"
+                )
+        elif rows:
+            lines += [
+                "| recipe | what differs | best epoch | val accuracy | val macro-F1 | val accuracy per source | score |",
+                "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+            ]
+            for name, r in rows.items():
+                per = ", ".join(f"{k} {v:.3f}" for k, v in r["val"]["by_source_accuracy"].items())
+                what = ", ".join(f"{k} {v}" for k, v in (r.get("recipe") or {}).items() if k in ("crop", "augment"))
+                lines.append(
+                    f"| {name}{' (chosen)' if name == selection.get('chosen') else ''} | {what} | {r.get('best_epoch')} | "
+                    f"{_fmt(r['val']['accuracy'])} | {_fmt(r['val']['macro_f1'])} | {per} | {_fmt(r.get('score'))} |"
                 )
         if selection.get("command"):
             lines += ["", f"Measured with `{selection['command']}` on {selection.get('cpu', '?')}."]

@@ -959,7 +959,8 @@ def _selection(path: str) -> dict[str, Any]:
         "rule": doc.get("rule"),
         "command": portable_command(doc.get("command")),
         "cpu": doc.get("cpu"),
-        "summary": f"Each recipe was fine-tuned briefly and scored on the validation split, clean and stressed "
+        "summary": doc.get("summary")
+        or f"Each recipe was fine-tuned briefly and scored on the validation split, clean and stressed "
         f"(passed once through a fixed, seeded scanner-like degradation); rule: {doc.get('rule')}. Chosen: `{chosen}`.",
         "recipes": doc.get("recipes"),
     }

@@ -1,0 +1,98 @@
+"""Choose between training runs on validation only: read each run's history.json (the validation
+figures of every epoch, per source, the held-out hospital included) and config.json, score each run at
+its own best epoch, and write the selection file ``cxr-batch export --selection`` puts in the contract.
+
+    python benchmarks/recipe_compare.py RUN_DIR... --out benchmarks/recipes-1.2.0.json
+
+Rule: the mean of the per-source validation accuracies at the run's best epoch (each source counts
+once, so a hospital held out of training weighs as much as the pool); ties go to the first run named.
+The test split is never read (runs for a comparison are trained with ``--no-test-report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cxr_batch.io.safe_open import read_json  # noqa: E402
+from cxr_batch.io.safe_write import write_file_atomic  # noqa: E402
+
+RULE = (
+    "the mean of the per-source validation accuracies at each run's best epoch (the held-out hospital is one "
+    "source); the test split is not read"
+)
+#: what makes one recipe differ from another (the rest of config.json is the same or bookkeeping)
+RECIPE_KEYS = ("crop", "augment", "balance", "image_size", "epochs", "epoch_images", "lr", "holdout_source")
+
+
+def cpu() -> str:
+    info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", info)))
+    return f"{model.group(1).strip() if model else 'unknown'} ({', '.join(flags) or 'no AVX2'})"
+
+
+def summarise(run: Path) -> dict[str, Any]:
+    history = read_json(run / "history.json", allow_nan=True)
+    config = read_json(run / "config.json")
+    best = int(history["best_epoch"])
+    row = next(r for r in history["epochs"] if int(r["epoch"]) == best)
+    by_source = {k[len("val_accuracy[") : -1]: float(v) for k, v in row.items() if k.startswith("val_accuracy[")}
+    recall = {k[len("val_recall_") :]: float(v) for k, v in row.items() if k.startswith("val_recall_")}
+    return {
+        "recipe": {k: config.get(k) for k in RECIPE_KEYS},
+        "best_epoch": best,
+        "epochs_run": len(history["epochs"]),
+        "seconds": round(sum(float(r.get("seconds", 0)) for r in history["epochs"])),
+        "val": {
+            "accuracy": float(row["val_accuracy"]),
+            "macro_f1": float(row["val_macro_f1"]),
+            "recall": recall,
+            "by_source_accuracy": by_source,
+        },
+        "score": sum(by_source.values()) / len(by_source) if by_source else float(row["val_accuracy"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--names", help="comma-separated names for the runs (default: the folder names)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    names = args.names.split(",") if args.names else [r.name for r in args.runs]
+    if len(names) != len(args.runs):
+        sys.exit("--names: one name per run")
+    recipes = {name: summarise(run) for name, run in zip(names, args.runs, strict=True)}
+    chosen = max(recipes, key=lambda n: (recipes[n]["score"], -names.index(n)))
+    differ = [k for k in RECIPE_KEYS if len({json.dumps(r["recipe"].get(k)) for r in recipes.values()}) > 1]
+    doc = {
+        "summary": f"{len(recipes)} training runs on the same split and sources, differing in "
+        f"{', '.join(differ) or 'nothing'}, scored on validation: {RULE}. Chosen: `{chosen}`.",
+        "cpu": cpu(),
+        "command": "python benchmarks/recipe_compare.py " + " ".join(sys.argv[1:]),
+        "rule": RULE,
+        "recipes": recipes,
+        "chosen": chosen,
+    }
+    write_file_atomic(args.out, json.dumps(doc, indent=2) + "\n")
+    print(
+        "| recipe | best epoch | "
+        + " | ".join(f"val {s}" for s in recipes[chosen]["val"]["by_source_accuracy"])
+        + " | score |"
+    )
+    print("| --- | ---: | " + " | ".join("---:" for _ in recipes[chosen]["val"]["by_source_accuracy"]) + " | ---: |")
+    for name, r in recipes.items():
+        cells = " | ".join(f"{v:.4f}" for v in r["val"]["by_source_accuracy"].values())
+        print(f"| {name}{' (chosen)' if name == chosen else ''} | {r['best_epoch']} | {cells} | {r['score']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
