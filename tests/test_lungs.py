@@ -221,6 +221,25 @@ def test_crop_round_trip_training_equals_inference(
     assert list(r.probs.values()) == pytest.approx(p.tolist(), abs=1e-6)
 
 
+def test_a_crop_classifier_without_the_lung_stage_still_crops(
+    segmenter: LungSegmenter, models_dir: Path, shared_data: Path
+) -> None:
+    """lungs=False (--no-lungs) with a classifier trained on lung crops: no verdict and no withheld
+    label, but the same crop and so the same probabilities; the segmenter that ran is named."""
+    pre = {"grey": "bt601_luma", "resize": "bilinear", "channels": 3, "crop": "lungs"}
+    model = build_model(models_dir / "crop-nolungs.onnx", meta=contract(preprocessing=pre))
+    film = shared_data / "lung-masks" / "shenzhen" / "images" / "CHNCXR_0001_0.png"
+    with_stage = Classifier(model, device="cpu", threads=1, lungs_model=SEGMENTER)
+    without = Classifier(model, device="cpu", threads=1, lungs=False, lungs_model=SEGMENTER)
+    (a,) = list(with_stage.classify([film]))
+    (b,) = list(without.classify([film]))
+    assert without.lungs is None and without.segmenter is not None and without.segmenter.path == SEGMENTER
+    assert b.assessable is None and a.assessable is not None
+    assert b.probs == a.probs
+    plain = Classifier(build_model(models_dir / "whole.onnx", meta=contract()), device="cpu", threads=1, lungs=False)
+    assert plain.segmenter is None  # a whole-film classifier without the lung stage runs no segmenter
+
+
 def test_heatmap_draws_the_lung_outline() -> None:
     from cxr_batch.io.lungs import outline
     from cxr_batch.report.heatmap import LUNG_OUTLINE, draw_lung_outline

@@ -530,13 +530,18 @@ class _Prepared:
 
 
 def _prepare(
-    item: InputFile, spec: PreprocessSpec, lungs: LungSegmenter | None = None, crop: str | None = None
+    item: InputFile,
+    spec: PreprocessSpec,
+    lungs: LungSegmenter | None = None,
+    crop: str | None = None,
+    verdicts: bool = True,
 ) -> _Prepared:
     """Runs in a decoder thread. Never raises: any failure becomes the file's error message.
 
     With ``lungs``, the segmenter reads the decoded film here (one film per call, the decoder
     threads in parallel), before the classifier's preprocessing, which crops to the lungs when
-    the classifier's contract asks for it (``crop == "lungs"``).
+    the classifier's contract asks for it (``crop == "lungs"``). ``verdicts=False`` (the lung
+    stage off, a lung-crop classifier): the crop is made, the verdict is not reported.
     """
     if item.error is not None:  # discovery already knows (a folder that can't be listed)
         return _Prepared(item, error=item.error)
@@ -555,7 +560,7 @@ def _prepare(
         height=decoded.height,
         notes=list(decoded.notes),
         fields=dict(decoded.fields),
-        verdict=verdict,
+        verdict=verdict if verdicts else None,
     )
     if decoded.not_radiograph:
         # Still classified (the row keeps its probabilities), but flagged out of distribution
@@ -675,11 +680,15 @@ class Classifier:
         self._loaded = load_model(replace(config, threads=self._threads))
         #: the lung stage's segmenter (None: ``lungs=False``)
         self.lungs: LungSegmenter | None = None
-        from cxr_batch.engine.lungs import LungSegmenter, check_lung_stage
+        from cxr_batch.engine.lungs import LungSegmenter
 
-        check_lung_stage(self._loaded.meta, config.lungs)
         if config.lungs:
             self.lungs = LungSegmenter(config.lungs_model)
+        #: the segmenter the decoder threads run: the lung stage's, or (``lungs=False``) the one a
+        #: classifier trained on lung crops still needs for its crop, its verdicts then dropped
+        self._crop_lungs = self.lungs
+        if self._crop_lungs is None and self._loaded.meta.crop is not None:
+            self._crop_lungs = LungSegmenter(config.lungs_model)
         if self._loaded.provider == CUDA:
             self._streams = 1
         # Sessions not running a batch. The first is the one load_model made; the others are
@@ -720,6 +729,11 @@ class Classifier:
     @property
     def labels(self) -> tuple[str, ...]:
         return self._loaded.meta.labels
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter that runs (the lung stage's, or a lung-crop classifier's crop); None: none."""
+        return self._crop_lungs
 
     @property
     def screening(self) -> dict[str, Any] | None:
@@ -817,7 +831,9 @@ class Classifier:
                 except StopIteration:
                     exhausted = True
                     return
-                pending.append(pool.submit(_prepare, item, spec, self.lungs, self.meta.crop))
+                pending.append(
+                    pool.submit(_prepare, item, spec, self._crop_lungs, self.meta.crop, self.lungs is not None)
+                )
 
         # Inference threads (one per stream), ahead of the caller: while the caller writes batch k,
         # the next batches run (onnxruntime releases the GIL). Each thread keeps its batch input

@@ -126,17 +126,6 @@ def pair_dice(segmenter: LungSegmenter, image: str | os.PathLike[str], mask: str
     return dice(up >= segmenter.threshold, ref)
 
 
-def check_lung_stage(meta: ModelMeta, lungs: bool) -> None:
-    """A classifier trained on lung crops can't run without the lung stage (it would see whole
-    films it was never trained on).
-
-    Raises:
-        ModelError: ``meta`` asks for the crop and ``lungs`` is off.
-    """
-    if meta.crop is not None and not lungs:
-        raise ModelError(f"{meta.ident} was trained on lung crops and needs the lung stage: run it without --no-lungs")
-
-
 _CROP_SEGMENTERS: dict[str, LungSegmenter] = {}
 _CROP_LOCK = threading.Lock()
 
@@ -193,7 +182,6 @@ __all__ = [
     "DEFAULT_LUNGS_FILE",
     "LUNGS_ENV",
     "LungSegmenter",
-    "check_lung_stage",
     "crop_reader",
     "find_segmenter",
     "pair_dice",

@@ -43,7 +43,7 @@ from cxr_batch.engine.classifier import (
     open_model,
     screening_in_use,
 )
-from cxr_batch.engine.lungs import LungSegmenter, check_lung_stage
+from cxr_batch.engine.lungs import LungSegmenter
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
@@ -226,9 +226,9 @@ class RayEngine:
         self.model_path = loaded.path
         del loaded  # the driver's session: the workers make their own
         #: the lung segmenter the workers run (checked here; its file travels to them)
+        #: the segmenter the workers run: the lung stage's, or the one a lung-crop classifier needs
         self.lungs: LungSegmenter | None = None
-        check_lung_stage(self._meta, engine.lungs)
-        if engine.lungs:
+        if engine.lungs or self._meta.crop is not None:
             self.lungs = LungSegmenter(engine.lungs_model)
         self.cpus_per_actor = max(1, engine.threads)
         self.actors = 0
@@ -237,6 +237,11 @@ class RayEngine:
     @property
     def meta(self) -> ModelMeta:
         return self._meta
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter the workers run (the lung stage's, or a lung-crop classifier's crop)."""
+        return self.lungs
 
     @property
     def screening(self) -> dict[str, Any] | None:

@@ -824,7 +824,7 @@ def start_classifier_run(
         OutputError: the record can't be read (resume) or written.
     """
     meta = classifier.meta
-    segmenter = getattr(classifier, "lungs", None)
+    segmenter = getattr(classifier, "segmenter", None)
     return RunRecorder.start(
         path,
         run_id=run_id,
