@@ -4,8 +4,9 @@ its own best epoch, and write the selection file ``cxr-batch export --selection`
 
     python benchmarks/recipe_compare.py RUN_DIR... --out benchmarks/recipes-1.2.0.json
 
-Rule: the mean of the per-source validation accuracies at the run's best epoch (each source counts
-once, so a hospital held out of training weighs as much as the pool); ties go to the first run named.
+Rule: the mean of the per-source validation accuracies at the run's best epoch, or at ``--epoch N`` for
+runs stopped early (each source counts once, so a hospital held out of training weighs as much as the
+pool); ties go to the first run named.
 The test split is never read (runs for a comparison are trained with ``--no-test-report``).
 """
 
@@ -25,8 +26,8 @@ from cxr_batch.io.safe_open import read_json  # noqa: E402
 from cxr_batch.io.safe_write import write_file_atomic  # noqa: E402
 
 RULE = (
-    "the mean of the per-source validation accuracies at each run's best epoch (the held-out hospital is one "
-    "source); the test split is not read"
+    "the mean of the per-source validation accuracies (the held-out hospital is one source), at each run's best "
+    "epoch unless --epoch names one; the test split is not read"
 )
 #: what makes one recipe differ from another (the rest of config.json is the same or bookkeeping)
 RECIPE_KEYS = ("crop", "augment", "balance", "image_size", "epochs", "epoch_images", "lr", "holdout_source")
@@ -39,11 +40,13 @@ def cpu() -> str:
     return f"{model.group(1).strip() if model else 'unknown'} ({', '.join(flags) or 'no AVX2'})"
 
 
-def summarise(run: Path) -> dict[str, Any]:
+def summarise(run: Path, epoch: int | None = None) -> dict[str, Any]:
     history = read_json(run / "history.json", allow_nan=True)
     config = read_json(run / "config.json")
-    best = int(history["best_epoch"])
-    row = next(r for r in history["epochs"] if int(r["epoch"]) == best)
+    best = int(history["best_epoch"]) if epoch is None else epoch
+    row = next((r for r in history["epochs"] if int(r["epoch"]) == best), None)
+    if row is None:
+        sys.exit(f"{run}: no epoch {best} in history.json")
     by_source = {k[len("val_accuracy[") : -1]: float(v) for k, v in row.items() if k.startswith("val_accuracy[")}
     recall = {k[len("val_recall_") :]: float(v) for k, v in row.items() if k.startswith("val_recall_")}
     return {
@@ -66,16 +69,24 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--names", help="comma-separated names for the runs (default: the folder names)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--epoch",
+        type=int,
+        help="score every run at this epoch instead of its best (runs stopped early: compare at the same point "
+        "of the same schedule)",
+    )
     args = ap.parse_args()
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
     if len(names) != len(args.runs):
         sys.exit("--names: one name per run")
-    recipes = {name: summarise(run) for name, run in zip(names, args.runs, strict=True)}
+    recipes = {name: summarise(run, args.epoch) for name, run in zip(names, args.runs, strict=True)}
     chosen = max(recipes, key=lambda n: (recipes[n]["score"], -names.index(n)))
     differ = [k for k in RECIPE_KEYS if len({json.dumps(r["recipe"].get(k)) for r in recipes.values()}) > 1]
     doc = {
         "summary": f"{len(recipes)} training runs on the same split and sources, differing in "
-        f"{', '.join(differ) or 'nothing'}, scored on validation: {RULE}. Chosen: `{chosen}`.",
+        f"{', '.join(differ) or 'nothing'}, scored on validation: {RULE}"
+        + (f", compared at epoch {args.epoch} of each (the same point of the same schedule)" if args.epoch else "")
+        + f". Chosen: `{chosen}`.",
         "cpu": cpu(),
         "command": "python benchmarks/recipe_compare.py " + " ".join(sys.argv[1:]),
         "rule": RULE,
@@ -84,7 +95,7 @@ def main() -> None:
     }
     write_file_atomic(args.out, json.dumps(doc, indent=2) + "\n")
     print(
-        "| recipe | best epoch | "
+        "| recipe | epoch | "
         + " | ".join(f"val {s}" for s in recipes[chosen]["val"]["by_source_accuracy"])
         + " | score |"
     )
