@@ -34,6 +34,10 @@ OOD_ROLE = "ood_score"
 CLASSIFIER = "classifier"
 LUNG_SEGMENTER = "lung-segmenter"
 KINDS = (CLASSIFIER, LUNG_SEGMENTER)
+#: The class the screening operating point calls (the report's ``covid_screen``).
+SCREEN_LABEL = "covid"
+#: Export's default: the operating point reaches this COVID-19 sensitivity on validation (issue 19).
+SCREEN_SENSITIVITY = 0.90
 
 #: Largest model input side accepted: a contract asking for 60000×60000 would need 43 GB for
 #: one image's input tensor alone.

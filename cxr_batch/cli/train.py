@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cxr_batch.cli.options import library_errors
+from cxr_batch.contract import SCREEN_SENSITIVITY
 from cxr_batch.text import shown
 
 
@@ -244,7 +245,7 @@ def train_command(
 @click.option(
     "--selection",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A recipe sweep's JSON (benchmarks/augment_sweep.py) to record how the recipe was chosen.",
+    help="A recipe comparison's JSON (benchmarks/augment_sweep.py or recipe_compare.py) to record how the recipe was chosen.",
 )
 @click.option(
     "--ood/--no-ood",
@@ -267,6 +268,14 @@ def train_command(
     type=click.IntRange(100),
     help="Fit the OOD guard on a seeded sample of this many training images (default: all; a CPU budget).",
 )
+@click.option(
+    "--screen-sensitivity",
+    type=click.FloatRange(0.5, 1.0),
+    default=SCREEN_SENSITIVITY,
+    show_default=True,
+    help="The screening operating point: the highest P(covid) threshold whose sensitivity on the run's "
+    "validation images reaches this.",
+)
 @library_errors
 def export_command(
     checkpoint: Path | None,
@@ -285,6 +294,7 @@ def export_command(
     int8_scheme: str,
     notes: tuple[str, ...],
     ood_fit_images: int | None,
+    screen_sensitivity: float,
 ) -> None:
     """Export a checkpoint to ONNX with the model contract and a model card (needs the train extra).
 
@@ -337,6 +347,7 @@ def export_command(
         int8_scheme=int8_scheme,
         notes=notes,
         ood_fit_images=ood_fit_images,
+        screen_sensitivity=screen_sensitivity,
     )
     export_checkpoint(cfg)
 

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta, check_output_shapes, file_sha256, int8_gate_verdict, read_contract
+from cxr_batch.contract import (
+    SCREEN_LABEL,
+    ModelMeta,
+    check_output_shapes,
+    file_sha256,
+    int8_gate_verdict,
+    read_contract,
+)
 from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
 from cxr_batch.engine.postprocess import softmax
 from cxr_batch.engine.selfcheck import CheckResult, run_self_check
@@ -52,8 +59,6 @@ if TYPE_CHECKING:
 #: The environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "CXR_BATCH_MODEL"
 #: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
-#: The label the screening column (``covid_screen``) calls positive or negative.
-SCREEN_LABEL = "covid"
 DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx", "fp16": "cxr-resnet18-fp16.onnx"}
 #: What ``--precision auto`` takes, first installed wins: int8 runs 3x faster than fp32 on CPUs
 #: with 8-bit dot products (VNNI, AMX, ARM dot product; :func:`cxr_batch.engine.cpu.int8_choice`),

@@ -22,6 +22,8 @@ from cxr_batch.contract import (
     DEFAULT_PREPROCESSING,
     INT8_GATE_MAX_PROB_DIFF,
     INT8_GATE_MIN_AGREEMENT,
+    SCREEN_LABEL,
+    SCREEN_SENSITIVITY,
     ModelMeta,
     int8_gate,
 )
@@ -50,9 +52,6 @@ OUTPUTS = {"logits": "logits", "features": "features", "embedding": "embedding"}
 #: and version, so a home-made model can't pass for the shipped one in a report.
 DEFAULT_NAME = "cxr-resnet18-custom"
 DEFAULT_VERSION = "0.0.0+local"
-#: The screening operating point reaches this COVID-19 sensitivity on validation (issue 19).
-SCREEN_SENSITIVITY = 0.90
-SCREEN_LABEL = "covid"
 
 
 @dataclass(frozen=True)
