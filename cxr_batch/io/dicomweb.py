@@ -643,9 +643,7 @@ class DicomwebSource:
         boundary = f"cxr-batch-{token_hex(16)}"
         parts = []
         for _, data in items:
-            parts.append(
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + data + b"\r\n"
-            )
+            parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode("ascii")
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',

@@ -29,6 +29,7 @@ it to that:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import struct
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class Template:
 
 
 def _key(source: Dataset, ood: bool) -> tuple[Any, ...]:
+    """The kind of a source (with its type 2 elements added: its character set as the SR writes it)."""
+
     def value(keyword: str) -> Any:
         v = source.get(keyword)
         return tuple(v) if isinstance(v, list | tuple) or hasattr(v, "append") else (None if v is None else str(v))
@@ -210,7 +213,7 @@ def _placeholder_source(source: Dataset) -> Dataset:
     proto = Dataset()
     for keyword in KEY_TAGS:
         if keyword in source:
-            proto.add(source.data_element(keyword))  # type: ignore[arg-type]
+            proto.add(copy.deepcopy(source.data_element(keyword)))  # type: ignore[arg-type]
     for keyword, value in {**_SOURCE_UIDS, **_SOURCE_VALUES}.items():
         setattr(proto, keyword, value)
     return proto
@@ -219,7 +222,9 @@ def _placeholder_source(source: Dataset) -> Dataset:
 def _placeholder_code(prefix: str) -> Any:
     from highdicom.sr import CodedConcept
 
-    return CodedConcept(value=f"SLOT{prefix.upper()}"[:16], scheme_designator=f"99SLOT{prefix[0].upper()}", meaning=f"slot {prefix}")
+    return CodedConcept(
+        value=f"SLOT{prefix.upper()}"[:16], scheme_designator=f"99SLOT{prefix[0].upper()}", meaning=f"slot {prefix}"
+    )
 
 
 def _nums(model: ModelIdent) -> dict[str, float]:
@@ -252,7 +257,12 @@ def build_template(source: Dataset, result: Result, model: ModelIdent) -> Templa
     copied = {id(proto_source[keyword]): f"copy:{keyword}" for keyword in _SOURCE_VALUES}
     copied[id(proto_source["StudyInstanceUID"])] = "copy:StudyInstanceUID"
     by_value: dict[str, str] = {v: f"src:{k}" for k, v in _SOURCE_UIDS.items()}
-    for suffix, index, name in (("", 0, "sr:series"), ("", 1, "sr:sop"), ("-group", 1, "sr:group"), ("-device", 0, "sr:device")):
+    for suffix, index, name in (
+        ("", 0, "sr:series"),
+        ("", 1, "sr:sop"),
+        ("-group", 1, "sr:group"),
+        ("-device", 0, "sr:device"),
+    ):
         by_value[sr_uids(proto_source, model.sha256 + suffix)[index]] = name
     for prefix, code in (("finding", finding), ("verdict", verdict)):
         for keyword in _CODE_KEYWORDS:
@@ -361,7 +371,7 @@ def _values_of(
     values["sr:group"] = sr_uids(source, model.sha256 + "-group")[1]
     values["sr:device"] = sr_uids(source, model.sha256 + "-device")[0]
     for prefix, code in (("finding", finding), ("verdict", verdict)):
-        if sorted(int(t) for t in code.keys()) != [0x00080100, 0x00080102, 0x00080104]:
+        if sorted(int(e.tag) for e in code) != [0x00080100, 0x00080102, 0x00080104]:
             raise ValueError("not a plain code (value, scheme, meaning)")
         for keyword in template.codes[prefix]:
             values[f"{prefix}:{keyword}"] = getattr(code, keyword)
@@ -387,18 +397,18 @@ class SRTemplates:
             self._codes[key] = make()
         return self._codes[key]
 
-    def fill(self, source: Dataset, result: Result) -> tuple[str, bytes] | None:
+    def fill(self, source: Dataset, result: Result, times: Dataset | None = None) -> tuple[str, bytes] | None:
         """(SOP instance UID, bytes) of the film's SR from its template; None when the film must
         be built by highdicom (the first of its kind, a template that could not be made, or a
-        value the template can't take as highdicom would). ``source`` passed :func:`.sr.check_source`."""
+        value the template can't take as highdicom would). ``source`` passed :func:`.sr.check_source`.
+        The creation times are now's, or those of the SR ``times`` (to compare with it)."""
         try:
-            key = _key(source, result.ood_score is not None)
-            template = self._templates.get(key)
+            full = _with_type2_elements(source)
+            template = self._templates.get(_key(full, result.ood_score is not None))
             if template is None or not template.verified or template.broken:
                 return None
-            full = _with_type2_elements(source)
             _highdicom_checks(full)
-            values = self._values(full, result, None, template)
+            values = self._values(full, result, times, template)
             return values["sr:sop"], template.fill(values)
         except Exception:
             return None
@@ -412,13 +422,13 @@ class SRTemplates:
     def learn(self, source: Dataset, result: Result, sr: Dataset, data: bytes) -> None:
         """After highdicom built ``sr`` (written as ``data``) for a film: make the template of its
         kind if there is none yet, and use it only if it gives exactly these bytes."""
-        key = _key(source, result.ood_score is not None)
-        if key in self._templates:
-            return
-        self._templates[key] = None  # one try a kind: a source highdicom refuses never retries
         try:
-            template = build_template(source, result, self.model)
             full = _with_type2_elements(source)
+            key = _key(full, result.ood_score is not None)
+            if key in self._templates:
+                return
+            self._templates[key] = None  # one try a kind: a source highdicom refuses never retries
+            template = build_template(full, result, self.model)
             _highdicom_checks(full)
             if template.fill(self._values(full, result, sr, template)) == data:
                 template.verified = True
