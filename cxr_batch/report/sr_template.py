@@ -17,7 +17,7 @@ The bytes are those ``build_sr(...).save_as(...)`` writes, creation times aside;
 it to that:
 
 - a template is used only once its own placeholder values, filled back in, give exactly the bytes
-  pydicom writes for the highdicom SR it came from (:func:`_encode` walks as pydicom walks);
+  pydicom writes for the highdicom SR it came from (:func:`_nodes` walks as pydicom walks);
 - the first film of each kind is built with highdicom as before, and the template must give
   exactly its bytes (with highdicom's creation times) before it serves any other film: a
   highdicom or pydicom that builds or writes differently turns the template off for the run;
