@@ -85,6 +85,7 @@ def _compare(fast: bytes, reference: bytes) -> None:
     assert _elements(a) == _elements(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [SHIPPED, PRIVATE], ids=["shipped-labels", "private-labels"])
 def test_the_template_gives_highdicoms_sr_for_every_rsna_film(tmp_path: Path, model: ModelIdent) -> None:
     films = []
@@ -170,6 +171,7 @@ def test_values_highdicom_refuses_never_pass_the_template(tmp_path: Path, odd: d
             assert made is not None and made[1] == data
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MODEL.is_file(), reason=f"needs the shipped model ({MODEL})")
 def test_the_writer_writes_the_same_srs_either_way(tmp_path: Path) -> None:
     """SRWriter with templates and without: the same files (creation times aside), the same notes."""
