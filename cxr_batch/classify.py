@@ -165,7 +165,7 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
 
         if not isinstance(classifier, Classifier):
             raise InputError("--sr needs --engine local")
-        store = source.store if (config.stow and source is not None) else None
+        store = source.store_encoded if (config.stow and source is not None) else None
         srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
     pool: SRPool | None = None
     if srs is not None and config.sr_workers != 0:

@@ -618,25 +618,32 @@ class DicomwebSource:
     # ------------------------------------------------------------------ STOW-RS
 
     def store(self, datasets: Sequence[Dataset]) -> list[str | None]:
-        """STOW-RS the datasets in one request; one error message (or None when stored) per dataset.
+        """STOW-RS the datasets in one request (see :meth:`store_encoded`)."""
+        from io import BytesIO
+
+        items = []
+        for ds in datasets:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            items.append((str(ds.SOPInstanceUID), buf.getvalue()))
+        return self.store_encoded(items)
+
+    def store_encoded(self, items: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """STOW-RS DICOM files, given as (SOP instance UID, bytes), in one request; one error message
+        (or None when stored) per file.
 
         Only what the server's answer lists as stored (ReferencedSOPSequence) counts as stored: an
-        answer that lists nothing, or is not a DICOM JSON object, fails every dataset. A 401 or 403
+        answer that lists nothing, or is not a DICOM JSON object, fails every file. A 401 or 403
         also ends retrieval (:attr:`fatal`): the credentials are no good for the rest of the run.
         """
-        if not datasets:
+        if not items:
             return []
-        from io import BytesIO
         from secrets import token_hex
 
         boundary = f"cxr-batch-{token_hex(16)}"
         parts = []
-        for ds in datasets:
-            buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            parts.append(
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + buf.getvalue() + b"\r\n"
-            )
+        for _, data in items:
+            parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode("ascii")
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
@@ -653,22 +660,21 @@ class DicomwebSource:
                     f"{self.url} refused the credentials for STOW-RS ({_failure_text(exc)}); the rows written so far "
                     "are kept: fix the credentials and rerun with --resume"
                 )
-            return [f"STOW-RS to {self.url} failed: {_failure_text(exc)}"] * len(datasets)
+            return [f"STOW-RS to {self.url} failed: {_failure_text(exc)}"] * len(items)
         assert isinstance(answer, bytes)
         try:
             doc = json.loads(answer) if answer.strip() else None
         except (ValueError, RecursionError):
             doc = None
         if not isinstance(doc, dict):
-            return ["the server's STOW-RS answer is not a DICOM JSON object: not counted as stored"] * len(datasets)
+            return ["the server's STOW-RS answer is not a DICOM JSON object: not counted as stored"] * len(items)
         failed: dict[str, str] = {}
         for item in _items(doc, "00081198"):
             reason = _value(item, "00081197")
             failed[_value(item, "00081155")] = f"the server refused it (failure reason {shown(reason)[:20]})"
         stored = {_value(item, "00081155") for item in _items(doc, "00081199")}
         out: list[str | None] = []
-        for ds in datasets:
-            uid = str(ds.SOPInstanceUID)
+        for uid, _ in items:
             if uid in failed:
                 out.append(failed[uid])
             elif uid not in stored:

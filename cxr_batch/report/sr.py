@@ -253,20 +253,37 @@ def sr_uids(source: Dataset, sha256: str) -> tuple[str, str]:
     return str(series), str(instance)
 
 
+def verdict_code(in_distribution: bool | None) -> Any:
+    """The coded out-of-distribution verdict: SNOMED Yes / No, or Unknown without a guard."""
+    from highdicom.sr import CodedConcept
+
+    if in_distribution is None:
+        return CodedConcept(value="261665006", scheme_designator="SCT", meaning="Unknown")
+    if in_distribution:
+        return CodedConcept(value="373066001", scheme_designator="SCT", meaning="Yes")
+    return CodedConcept(value="373067005", scheme_designator="SCT", meaning="No")
+
+
 def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
     """The Comprehensive SR of one ok result of the DICOM image ``source`` (see the module docstring).
 
     Raises:
         ValueError: the result is not ok, or ``source`` lacks its UIDs or has an unknown SOP class.
     """
+    if not result.ok or result.label is None:
+        raise SRSourceError("only classified results get an SR")
+    check_source(source)
+    return build_sr_with(source, result, model, label_code(result.label), verdict_code(result.in_distribution))
+
+
+def build_sr_with(source: Dataset, result: Result, model: ModelIdent, finding: Any, verdict: Any) -> Dataset:
+    """:func:`build_sr` with the finding and verdict codes given (:mod:`.sr_template` builds its
+    template with placeholder codes through this, so the template is this function's own output)."""
     import highdicom as hd
     from pydicom.dataset import Dataset as PydicomDataset
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.sr.codedict import codes
 
-    if not result.ok or result.label is None:
-        raise SRSourceError("only classified results get an SR")
-    check_source(source)
     source = _with_type2_elements(source)
     series_uid, sop_uid = sr_uids(source, model.sha256)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -294,12 +311,6 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
                 algorithm_id=algorithm,
             )
         )
-    if result.in_distribution is None:
-        verdict = hd.sr.CodedConcept(value="261665006", scheme_designator="SCT", meaning="Unknown")
-    elif result.in_distribution:
-        verdict = hd.sr.CodedConcept(value="373066001", scheme_designator="SCT", meaning="Yes")
-    else:
-        verdict = hd.sr.CodedConcept(value="373067005", scheme_designator="SCT", meaning="No")
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=_private("IN-DISTRIBUTION", "Within the model's training distribution"), value=verdict
@@ -312,7 +323,7 @@ def build_sr(source: Dataset, result: Result, model: ModelIdent) -> Dataset:
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=str(sr_uids(source, model.sha256 + "-group")[1]), identifier="cxr-batch chest X-ray classification"
         ),
-        finding_type=label_code(result.label),
+        finding_type=finding,
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=evaluations,
@@ -418,6 +429,14 @@ def wants_sr(r: Result) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class BuiltSR:
+    """One SR as written: its SOP instance UID and its bytes (a DICOM file)."""
+
+    uid: str
+    data: bytes
+
+
 @dataclass
 class SRStats:
     written: int = 0
@@ -431,9 +450,12 @@ class SRWriter:
     Args:
         folder: the SR folder (created on the first SR).
         model: the model's identification.
-        store: with ``--stow``, a callable that stores a batch's SR datasets (see
-            :meth:`cxr_batch.io.dicomweb.DicomwebSource.store`); it returns one error message (or
-            None) per dataset.
+        store: with ``--stow``, a callable that stores a batch's SRs, given as (SOP instance UID,
+            bytes) pairs (see :meth:`cxr_batch.io.dicomweb.DicomwebSource.store_encoded`); it
+            returns one error message (or None) per SR.
+        fast: fill each SR in from a template highdicom built once for its kind of source
+            (:mod:`cxr_batch.report.sr_template`: the same bytes, creation times aside); False
+            builds every SR with highdicom.
 
     A result whose SR can't be made keeps its classification; the note and :attr:`stats` say why.
     """
@@ -443,9 +465,13 @@ class SRWriter:
         folder: str | os.PathLike[str],
         model: ModelIdent,
         store: Any = None,
+        fast: bool = True,
     ) -> None:
         require_highdicom()
         quiet_patient_warnings()
+        from cxr_batch.report.sr_template import SRTemplates
+
+        self.templates = SRTemplates(model) if fast else None
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--sr {self.folder}: exists and is not a folder")
@@ -465,12 +491,11 @@ class SRWriter:
             self._out.close()
             self._out = None
 
-    def _save(self, sr: Dataset, report_path: str) -> None:
+    def _save(self, data: bytes, report_path: str) -> None:
         """Write one SR atomically under the folder, never through a link (raises OSError)."""
         if self._out is None:
             self._out = OutputDir(self.folder)
-        with self._out.atomic(sr_relpath(report_path)) as fh:
-            sr.save_as(fh, enforce_file_format=True)
+        self._out.write_bytes(sr_relpath(report_path), data)
 
     def write(self, results: Sequence[Result]) -> None:
         """Write (and store) the SRs of one batch, before its rows are written (the notes go in them).
@@ -478,35 +503,49 @@ class SRWriter:
         In this thread; ``classify`` runs :meth:`make` in a pool of processes instead
         (:class:`cxr_batch.report.sr_pool.SRPool`) and hands the outcomes to :meth:`record`.
         """
-        made: list[tuple[Result, Dataset]] = []
+        made: list[tuple[Result, BuiltSR]] = []
         for r in results:
             if not wants_sr(r):
                 continue
             sr, error = self.make(r)
-            if self.record(r, None if sr is None else str(sr.SOPInstanceUID), error):
+            if self.record(r, None if sr is None else sr.uid, error):
                 assert sr is not None
                 made.append((r, sr))
         if self.store is not None and made:
-            self.record_stored(made, self.store([sr for _, sr in made]))
+            self.record_stored(made, self.store([(sr.uid, sr.data) for _, sr in made]))
 
-    def make(self, r: Result) -> tuple[Dataset | None, str | None]:
-        """Build and save the SR of one result: (the SR, None), or (None, why it could not be made)."""
+    def make(self, r: Result) -> tuple[BuiltSR | None, str | None]:
+        """Build and save the SR of one result: (the SR, None), or (None, why it could not be made).
+
+        From its kind's template when there is one (:mod:`cxr_batch.report.sr_template`); else
+        built by highdicom, and the first of its kind makes the template (used only if it gives
+        these very bytes)."""
+        from cxr_batch.report.sr_template import encode
+
         source: Dataset | None = None
         # The libraries' warnings quote header values: they never reach stderr or a note.
         with capture():
             try:
                 source = read_source(r.file)
                 check_source(source, r.fields["sop_instance_uid"])
-                sr = build_sr(source, r, self.model)
+                filled = self.templates.fill(source, r) if self.templates is not None else None
+                sr = build_sr(source, r, self.model) if filled is None else None
             except Exception as exc:  # one SR that can't be made must never cost the row
                 return None, why_not_built(exc, source)
             try:
-                self._save(sr, r.path)
+                if filled is not None:
+                    uid, data = filled
+                else:
+                    assert sr is not None
+                    uid, data = str(sr.SOPInstanceUID), encode(sr)
+                    if self.templates is not None:
+                        self.templates.learn(source, r, sr, data)
+                self._save(data, r.path)
             except OSError as exc:
                 return None, f"cannot write {self.target(r.path)}: {exc.strerror or exc}"
             except Exception as exc:
                 return None, f"cannot write {self.target(r.path)} ({type(exc).__name__})"
-        return sr, None
+        return BuiltSR(uid, data), None
 
     def record(self, r: Result, uid: str | None, error: str | None) -> bool:
         """Count one outcome of :meth:`make` (the SR's SOP instance UID, or the error) and note it
@@ -518,7 +557,7 @@ class SRWriter:
         r.notes.append(f"SR {uid} written")
         return True
 
-    def record_stored(self, made: Sequence[tuple[Result, Dataset]], errors: Sequence[str | None]) -> None:
+    def record_stored(self, made: Sequence[tuple[Result, BuiltSR]], errors: Sequence[str | None]) -> None:
         """Count and note the STOW-RS outcome of the SRs :meth:`record` noted as written."""
         for (r, _), error in zip(made, errors, strict=True):
             if error is None:

@@ -3,7 +3,8 @@
 Building an SR with highdicom and saving it is pure Python (tens of milliseconds an image, several
 times the model's time): in the run's own thread it made ``--sr`` 3-5 times slower. The run hands
 each classified batch to :class:`SRPool` and goes on classifying; worker processes (not threads:
-the work holds the GIL) run :meth:`cxr_batch.report.sr.SRWriter.make`, and STOW-RS requests go
+the work holds the GIL) run :meth:`cxr_batch.report.sr.SRWriter.make` (each fills its SRs in
+from templates, :mod:`cxr_batch.report.sr_template`), and STOW-RS requests go
 from one thread of this process (they wait on the network, not on the CPU).
 
 Rows stay exact and in order: a batch's rows are written only once the outcome of each of its
@@ -31,10 +32,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
     from cxr_batch.engine.types import Result
-    from cxr_batch.report.sr import ModelIdent, SRWriter
+    from cxr_batch.report.sr import BuiltSR, ModelIdent, SRWriter
 
 #: The SR writer of a worker process (set by :func:`_init_worker`).
 _WORKER: SRWriter | None = None
@@ -58,13 +57,13 @@ def _init_worker(folder: str, model: ModelIdent, keep: bool) -> None:
     _KEEP = keep
 
 
-def _make(r: Result) -> tuple[str | None, str | None, Dataset | None]:
-    """In a worker: (SOP instance UID, error, the SR when it is to be stored) of one result."""
+def _make(r: Result) -> tuple[str | None, str | None, bytes | None]:
+    """In a worker: (SOP instance UID, error, the SR's bytes when it is to be stored) of one result."""
     assert _WORKER is not None
     sr, error = _WORKER.make(r)
     if sr is None:
         return None, error, None
-    return str(sr.SOPInstanceUID), None, sr if _KEEP else None
+    return sr.uid, None, sr.data if _KEEP else None
 
 
 def default_workers() -> int:
@@ -75,9 +74,9 @@ def default_workers() -> int:
 @dataclass
 class _Pending:
     batch: list[Result]
-    made: list[tuple[Result, Future[tuple[str | None, str | None, Dataset | None]]]]
+    made: list[tuple[Result, Future[tuple[str | None, str | None, bytes | None]]]]
     recorded: bool = False
-    stored: list[tuple[Result, Dataset]] = field(default_factory=list)
+    stored: list[tuple[Result, BuiltSR]] = field(default_factory=list)
     stow: Future[list[str | None]] | None = None
 
 
@@ -136,14 +135,16 @@ class SRPool:
             if not block and not all(f.done() for f in futures):
                 return False
             wait_futures(futures)
+            from cxr_batch.report.sr import BuiltSR
+
             for r, future in entry.made:
-                uid, error, sr = _outcome(future)
-                if self.writer.record(r, uid, error) and sr is not None:
-                    entry.stored.append((r, sr))
+                uid, error, data = _outcome(future)
+                if self.writer.record(r, uid, error) and uid is not None and data is not None:
+                    entry.stored.append((r, BuiltSR(uid, data)))
             entry.recorded = True
             if self._stow is not None and entry.stored:
                 store = self.writer.store
-                entry.stow = self._stow.submit(store, [sr for _, sr in entry.stored])
+                entry.stow = self._stow.submit(store, [(sr.uid, sr.data) for _, sr in entry.stored])
         if entry.stow is not None:
             if not block and not entry.stow.done():
                 return False
