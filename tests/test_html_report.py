@@ -251,6 +251,8 @@ def test_summary_counts_equal_the_report(hostile_run: dict[str, Path]) -> None:
     assert len(rows) == 9 + len(HOSTILE) + 1
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_every_page_in_chromium(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     need_chromium()
     site = hostile_run["site"]
@@ -280,6 +282,7 @@ def test_every_page_in_chromium(hostile_run: dict[str, Path], tmp_path: Path) ->
     assert "broken.png" in seen_names
 
 
+@pytest.mark.chromium
 def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     """The browser check can fail: a page with a missing image is reported as broken."""
     need_chromium()
@@ -289,6 +292,8 @@ def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     assert seen["imgs"] == [["nothing-here.jpg", True, 0]]
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_screenshot_and_pages_without_javascript(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     need_chromium()
     site = hostile_run["site"]
@@ -536,6 +541,8 @@ def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample
 # --------------------------------------------------------------------------- true labels: the mistakes
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_misclassified_galleries_in_chromium(tmp_path: Path, sample_images: Path) -> None:
     """evaluate's predictions carry the true labels: one "misclassified" gallery per true → predicted
     pair, linked from the confusion matrix, cards that say the true label; report --labels on a

@@ -254,6 +254,7 @@ def test_damaged_int8_asked_for_explicitly_is_refused(
     assert evaluate.exit_code == 1 and "--precision fp32" in " ".join(evaluate.stderr.split())
 
 
+@pytest.mark.ray
 def test_the_ray_driver_applies_the_same_self_check(damaged_default: Path) -> None:
     pytest.importorskip("ray.data")
     from cxr_batch.engine.ray import RayConfig, RayEngine

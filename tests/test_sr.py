@@ -128,6 +128,7 @@ def test_classify_writes_one_valid_sr_per_dicom_image(tmp_path: Path, phi_copy: 
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install -y dicom3tools)")
+@pytest.mark.slow
 def test_dciodvfy_finds_no_error_in_the_sr_of_each_rsna_image(tmp_path: Path) -> None:
     clf = Classifier(MODEL, "cpu", lungs=False)  # an SR for every image, whatever the lung stage would say
     writer = SRWriter(tmp_path, ModelIdent.of(clf.meta, file_sha256(MODEL)))
@@ -178,6 +179,7 @@ def test_source_without_patient_elements_gives_empty_ones_not_made_up(tmp_path: 
         assert _dciodvfy(next((tmp_path / "sr").rglob("*.sr.dcm"))) == []
 
 
+@pytest.mark.slow
 def test_sr_uids_are_stable_for_the_same_image_and_model(tmp_path: Path, runner: CliRunner) -> None:
     uids = []
     for n in range(2):

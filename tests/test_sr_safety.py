@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import run_cli
 
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier
@@ -43,10 +44,15 @@ def _copy(tmp_path: Path, name: str = "rg1.dcm", **elements: object) -> Path:
 
 
 def _classify(*args: str, limit_bytes: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``classify ARGS`` with the shipped model: in this process, or, with ``limit_bytes`` (a file
+    size limit, which must not hit pytest's own writes), in a new process."""
+    if limit_bytes is None:
+        done = run_cli("classify", *args, "--model", str(MODEL))
+        return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.encode(), done.stderr.encode())
+
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-        if limit_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     return subprocess.run(
         [sys.executable, "-m", "cxr_batch.cli", "classify", *args, "--model", str(MODEL)],
@@ -107,6 +113,7 @@ def test_an_sr_is_never_written_into_a_linked_sub_folder(tmp_path: Path) -> None
     assert row["status"] == "ok" and "cannot write" in row["notes"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_no_empty_sr_under_its_final_name(tmp_path: Path) -> None:
     """RLIMIT_FSIZE makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC;
     the report goes to stdout (no provenance record), so only the SR (~10 KiB) hits the limit."""
