@@ -412,6 +412,7 @@ def test_full_disk_rows_written_are_kept_and_resume_finishes(
     )
 
 
+@pytest.mark.slow
 def test_full_disk_for_predictions_merge_and_metrics(xrays: Path, tmp_path: Path, mount_tmpfs: object) -> None:
     code, err = cli("evaluate", str(xrays), "--out", str(tmp_path / "m.json"), "--predictions", "/dev/full",
                     "--overwrite")  # fmt: skip
@@ -460,6 +461,7 @@ def test_files_from_nul_separated_and_unbounded_input(xrays: Path, tmp_path: Pat
     assert code == 1 and "longer than 4096 bytes" in err
 
 
+@pytest.mark.slow
 def test_merge_of_a_hand_edited_part_names_file_and_line(xrays: Path, tmp_path: Path) -> None:
     parts = [tmp_path / f"p{k}.csv" for k in range(2)]
     for k, p in enumerate(parts):
@@ -584,6 +586,7 @@ def test_evaluate_labels_one_file_one_spelling(xrays: Path, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- 19: BOM
 
 
+@pytest.mark.slow
 def test_merge_accepts_a_part_saved_with_a_bom(xrays: Path, tmp_path: Path) -> None:
     parts = [tmp_path / f"p{k}.csv" for k in range(2)]
     for k, p in enumerate(parts):

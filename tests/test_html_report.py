@@ -242,6 +242,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tmp": tmp, "images": images, "report": report, "site": tmp / "site", "heatmaps": tmp / "hm"}
 
 
+@pytest.mark.slow
 def test_summary_counts_equal_the_report(hostile_run: dict[str, Path]) -> None:
     rows = read_csv(hostile_run["report"])
     want = expected_counts(rows)
@@ -334,6 +335,7 @@ def test_screenshot_and_pages_without_javascript(hostile_run: dict[str, Path], t
         assert same, f"{page.name} renders differently with JavaScript off"
 
 
+@pytest.mark.slow
 def test_cards_show_probabilities_heatmaps_and_errors(hostile_run: dict[str, Path]) -> None:
     site = hostile_run["site"]
     rows = {r["path"]: r for r in read_csv(hostile_run["report"])}
@@ -354,6 +356,7 @@ def test_cards_show_probabilities_heatmaps_and_errors(hostile_run: dict[str, Pat
             assert max(img.size) <= 256 and img.format == "JPEG"
 
 
+@pytest.mark.slow
 def test_missing_image_gets_a_placeholder_and_a_note(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     images = tmp_path / "images"
     shutil.copytree(hostile_run["images"] / "viral", images / "viral")

@@ -240,6 +240,7 @@ def test_an_existing_record_is_never_overwritten_silently(sample_images: Path, t
 # --------------------------------------------------------------------------- resume, interruption, merge
 
 
+@pytest.mark.slow
 def test_resume_appends_a_run(sample_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     assert cli("classify", str(sample_images), "--out", str(out), "-q").returncode == 0
@@ -331,6 +332,7 @@ def test_ctrl_c_leaves_a_valid_record_and_resume_completes_it(tmp_path: Path) ->
         assert nonzero(r["counts"]) == report_counts([row for row in rows if row["run_id"] == r["run_id"]])
 
 
+@pytest.mark.slow
 def test_merge_combines_the_shards_records(real_folder: Path, tmp_path: Path) -> None:
     whole = tmp_path / "whole.csv"
     assert cli("classify", str(real_folder), "--out", str(whole), "-q").returncode == 3

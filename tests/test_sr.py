@@ -73,6 +73,7 @@ def _dciodvfy(path: Path) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
 
+@pytest.mark.slow
 def test_classify_writes_one_valid_sr_per_dicom_image(tmp_path: Path, phi_copy: Path, runner: CliRunner) -> None:
     inputs = tmp_path / "in"
     for src in [*RSNA[:3], CT_SMALL]:
@@ -139,6 +140,7 @@ def test_dciodvfy_finds_no_error_in_the_sr_of_each_rsna_image(tmp_path: Path) ->
         assert _dciodvfy(sr) == [], sr
 
 
+@pytest.mark.slow
 def test_patient_data_only_in_the_sr_and_only_what_it_needs(tmp_path: Path, phi_copy: Path, runner: CliRunner) -> None:
     out, srs = tmp_path / "r.csv", tmp_path / "sr"
     with warnings.catch_warnings(record=True) as caught:

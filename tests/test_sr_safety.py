@@ -97,6 +97,7 @@ def test_an_sr_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Pat
     assert not target.is_symlink() and pydicom.dcmread(target).Modality == "SR"
 
 
+@pytest.mark.slow
 def test_an_sr_is_never_written_into_a_linked_sub_folder(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
