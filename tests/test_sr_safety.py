@@ -49,10 +49,11 @@ def _classify(*args: str, limit_bytes: int | None = None) -> subprocess.Complete
     if limit_bytes is None:
         done = run_cli("classify", *args, "--model", str(MODEL))
         return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.encode(), done.stderr.encode())
+    size = limit_bytes
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
     return subprocess.run(
         [sys.executable, "-m", "cxr_batch.cli", "classify", *args, "--model", str(MODEL)],
