@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,32 @@ def make_model(models_dir: Path) -> Callable[..., Path]:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str | None] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cxr-batch ARGS`` run in this process by Click's CliRunner, answered as ``subprocess.run``
+    answers (returncode, stdout, stderr apart) without the cost of a new interpreter. ``env`` sets
+    (None: removes) variables for the run only, ``cwd`` is its working folder, ``sys.argv`` its
+    own command line.
+    A Python exception other than SystemExit (a traceback on a user's screen) fails the test.
+    Tests that need a real process (signals, kills, rlimits, a hang cut off by a timeout, what a
+    fresh interpreter imports) keep ``subprocess``."""
+    from cxr_batch.cli.main import main
+
+    argv = sys.argv
+    sys.argv = ["cxr-batch", *args]  # what the run records as its command line, as in a process
+    try:
+        with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+            result = CliRunner(env=env).invoke(main, list(args))
+    finally:
+        sys.argv = argv
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"traceback instead of a message: {result.exception!r}\n{result.stderr}") from (
+            result.exception
+        )
+    return subprocess.CompletedProcess(["cxr-batch", *args], result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture

@@ -81,6 +81,8 @@ def _all_outputs_free_of_password(*texts: str) -> None:
         assert PASSWORD not in text
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_a_study_classified_from_orthanc_matches_the_files_and_its_srs_are_stored(
     orthanc: Orthanc, creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -129,6 +131,8 @@ def test_a_study_classified_from_orthanc_matches_the_files_and_its_srs_are_store
     _all_outputs_free_of_password(output, listed.output, out.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_query_finds_every_cr_and_the_srs_round_trip(
     orthanc: Orthanc, creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -201,6 +205,8 @@ def test_query_finds_every_cr_and_the_srs_round_trip(
     assert len(again) == len(search)
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_study_search_skips_the_srs_already_there_and_flags_the_ct(
     orthanc: Orthanc, creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -226,6 +232,8 @@ def test_study_search_skips_the_srs_already_there_and_flags_the_ct(
     assert rows[ct.display]["in_distribution"] == "false" and rows[ct.display]["modality"] == "CT"
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_resume_and_shards_work_by_sop_instance_uid(
     orthanc: Orthanc, creds: None, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -256,6 +264,8 @@ def test_resume_and_shards_work_by_sop_instance_uid(
     assert {r["path"]: r["prob_covid"] for r in _rows(merged)} == {r["path"]: r["prob_covid"] for r in rows}
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_a_missing_instance_is_an_error_row(orthanc: Orthanc, creds: None) -> None:
     rg1 = _uids(RG1_UNCI)
     missing = InstanceRef(rg1.study, rg1.series, "1.2.3.4.5.6.7.8.9")
@@ -268,6 +278,8 @@ def test_a_missing_instance_is_an_error_row(orthanc: Orthanc, creds: None) -> No
     assert results[1].status == "ok"
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_the_spool_stays_bounded_and_is_removed(orthanc: Orthanc, creds: None, tmp_path: Path) -> None:
     """Retrieved instances wait on disk only until their row is written: never more than the
     engine's look-ahead, however many instances there are."""
@@ -290,6 +302,8 @@ def test_the_spool_stays_bounded_and_is_removed(orthanc: Orthanc, creds: None, t
     assert list(tmp_path.iterdir()) == []  # the spool folder is gone
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_wrong_credentials_are_a_clear_fatal_error(
     orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -313,6 +327,8 @@ def test_wrong_credentials_are_a_clear_fatal_error(
     assert code == 1 and "HTTP 401" in output and "tok-secret-9876" not in output
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_credentials_from_an_auth_file(
     orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runner: CliRunner
 ) -> None:
@@ -393,6 +409,8 @@ def test_an_unreachable_server_is_a_clear_fatal_error(creds: None, tmp_path: Pat
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_a_server_that_goes_away_mid_run_loses_no_result(tmp_path: Path) -> None:
     """Orthanc is stopped while classify runs: the rows so far stay, the run ends with a clear fatal
     error (exit 1), and --resume after a restart finishes the rest, with no row twice."""

@@ -245,6 +245,7 @@ def test_dry_run_lists_counts_and_loads_no_model(runner: CliRunner, mixed: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.orthanc
 def test_dry_run_over_dicomweb_lists_instances_without_retrieving(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

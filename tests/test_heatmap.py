@@ -261,6 +261,7 @@ def test_onnx_heatmap_equals_torch(resnet64: tuple[Path, dict[str, Any]], runner
     assert checked or not POOL.is_dir()
 
 
+@pytest.mark.slow
 def test_heatmap_flips_with_the_image(
     resnet_mirror: tuple[Path, dict[str, Any]], runner: CliRunner, tmp_path: Path
 ) -> None:
@@ -313,6 +314,7 @@ def test_heatmap_flips_with_the_image(
     assert np.abs(png_right - png_left).max() > 50
 
 
+@pytest.mark.slow
 def test_default_model_makes_heatmaps(sample_images: Path, runner: CliRunner, tmp_path: Path) -> None:
     try:
         default = find_default_model("fp32")

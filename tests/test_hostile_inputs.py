@@ -572,6 +572,8 @@ def test_16bit_grey_is_float64_exact(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ 21. Ray engine's stderr
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_engine_prints_no_core_worker_error(tiny: Path, image_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
     out = tmp_path / "r.csv"

@@ -186,6 +186,7 @@ def test_merge_refuses_parts_of_another_model_file_or_precision(xrays: Path, tmp
 # --------------------------------------------------------------------------- 5: one writer at a time
 
 
+@pytest.mark.slow
 def test_a_second_writer_of_the_report_or_heatmaps_is_refused(shared_data: Path, tmp_path: Path) -> None:
     folder = shared_data / "covid19-radiography" / "normal"  # 2,200 images: still running when checked
     out, heat = tmp_path / "r.csv", tmp_path / "heat"
@@ -299,6 +300,7 @@ def test_links_in_the_heatmap_folder_are_never_followed(xrays: Path, tmp_path: P
 FORMULA_NAMES = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@sum.png", "\tt.png", "\rr.png", "'q.png", "plain.png"]
 
 
+@pytest.mark.slow
 def test_formula_leading_names_are_neutralised_and_round_trip(shared_data: Path, tmp_path: Path) -> None:
     src = sorted((shared_data / "covid19-radiography" / "covid").glob("*.png"))
     root = tmp_path / "names"
@@ -388,6 +390,7 @@ def test_full_disk_under_the_report_is_an_error_naming_it(xrays: Path, tmp_path:
     assert code == 1 and f"cannot write the report {out}" in err and "No space left on device" in err
 
 
+@pytest.mark.slow
 def test_full_disk_rows_written_are_kept_and_resume_finishes(
     shared_data: Path, tmp_path: Path, mount_tmpfs: object
 ) -> None:
@@ -409,6 +412,7 @@ def test_full_disk_rows_written_are_kept_and_resume_finishes(
     )
 
 
+@pytest.mark.slow
 def test_full_disk_for_predictions_merge_and_metrics(xrays: Path, tmp_path: Path, mount_tmpfs: object) -> None:
     code, err = cli("evaluate", str(xrays), "--out", str(tmp_path / "m.json"), "--predictions", "/dev/full",
                     "--overwrite")  # fmt: skip
@@ -457,6 +461,7 @@ def test_files_from_nul_separated_and_unbounded_input(xrays: Path, tmp_path: Pat
     assert code == 1 and "longer than 4096 bytes" in err
 
 
+@pytest.mark.slow
 def test_merge_of_a_hand_edited_part_names_file_and_line(xrays: Path, tmp_path: Path) -> None:
     parts = [tmp_path / f"p{k}.csv" for k in range(2)]
     for k, p in enumerate(parts):
@@ -484,6 +489,7 @@ def test_merge_of_a_hand_edited_part_names_file_and_line(xrays: Path, tmp_path: 
 # --------------------------------------------------------------------------- 17: SIGTERM, evaluate Ctrl-C
 
 
+@pytest.mark.slow
 def test_sigterm_is_an_interruption_and_resume_finishes(shared_data: Path, tmp_path: Path) -> None:
     root = tmp_path / "many"
     real_xrays(shared_data, root, 20)
@@ -520,6 +526,7 @@ def test_sigterm_is_an_interruption_and_resume_finishes(shared_data: Path, tmp_p
     assert len(rows) == 40 and len({r["path"] for r in rows}) == 40 and rows[: len(kept)] == kept
 
 
+@pytest.mark.slow
 def test_evaluate_ctrl_c_exits_130(shared_data: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     real_xrays(shared_data, data, 20)
@@ -579,6 +586,7 @@ def test_evaluate_labels_one_file_one_spelling(xrays: Path, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- 19: BOM
 
 
+@pytest.mark.slow
 def test_merge_accepts_a_part_saved_with_a_bom(xrays: Path, tmp_path: Path) -> None:
     parts = [tmp_path / f"p{k}.csv" for k in range(2)]
     for k, p in enumerate(parts):

@@ -242,6 +242,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tmp": tmp, "images": images, "report": report, "site": tmp / "site", "heatmaps": tmp / "hm"}
 
 
+@pytest.mark.slow
 def test_summary_counts_equal_the_report(hostile_run: dict[str, Path]) -> None:
     rows = read_csv(hostile_run["report"])
     want = expected_counts(rows)
@@ -251,6 +252,8 @@ def test_summary_counts_equal_the_report(hostile_run: dict[str, Path]) -> None:
     assert len(rows) == 9 + len(HOSTILE) + 1
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_every_page_in_chromium(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     need_chromium()
     site = hostile_run["site"]
@@ -280,6 +283,7 @@ def test_every_page_in_chromium(hostile_run: dict[str, Path], tmp_path: Path) ->
     assert "broken.png" in seen_names
 
 
+@pytest.mark.chromium
 def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     """The browser check can fail: a page with a missing image is reported as broken."""
     need_chromium()
@@ -289,6 +293,8 @@ def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     assert seen["imgs"] == [["nothing-here.jpg", True, 0]]
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_screenshot_and_pages_without_javascript(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     need_chromium()
     site = hostile_run["site"]
@@ -329,6 +335,7 @@ def test_screenshot_and_pages_without_javascript(hostile_run: dict[str, Path], t
         assert same, f"{page.name} renders differently with JavaScript off"
 
 
+@pytest.mark.slow
 def test_cards_show_probabilities_heatmaps_and_errors(hostile_run: dict[str, Path]) -> None:
     site = hostile_run["site"]
     rows = {r["path"]: r for r in read_csv(hostile_run["report"])}
@@ -349,6 +356,7 @@ def test_cards_show_probabilities_heatmaps_and_errors(hostile_run: dict[str, Pat
             assert max(img.size) <= 256 and img.format == "JPEG"
 
 
+@pytest.mark.slow
 def test_missing_image_gets_a_placeholder_and_a_note(hostile_run: dict[str, Path], tmp_path: Path) -> None:
     images = tmp_path / "images"
     shutil.copytree(hostile_run["images"] / "viral", images / "viral")
@@ -536,6 +544,8 @@ def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample
 # --------------------------------------------------------------------------- true labels: the mistakes
 
 
+@pytest.mark.slow
+@pytest.mark.chromium
 def test_misclassified_galleries_in_chromium(tmp_path: Path, sample_images: Path) -> None:
     """evaluate's predictions carry the true labels: one "misclassified" gallery per true → predicted
     pair, linked from the confusion matrix, cards that say the true label; report --labels on a

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import contract
+from conftest import contract, run_cli
 
 from cxr_batch.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+cli = run_cli
+
+
+def cli_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The CLI in a new process, for a run that could hang (a FIFO): the timeout fails the test."""
     return subprocess.run(
         [sys.executable, "-m", "cxr_batch.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
@@ -115,7 +119,9 @@ def test_merge_writes_its_report_with_the_umask_mode(image_dir: Path, tiny_onnx:
 
 def test_evaluate_reports_a_fifo_in_a_class_folder(labelled: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     os.mkfifo(labelled / "viral" / "pipe.png")
-    res = cli("evaluate", str(labelled), "--model", str(tiny_onnx), "--out", str(tmp_path / "m.json"), timeout=60)
+    res = cli_process(
+        "evaluate", str(labelled), "--model", str(tiny_onnx), "--out", str(tmp_path / "m.json"), timeout=60
+    )
     assert res.returncode == 3, res.stderr  # an unreadable file: exit 3, as for classify
     assert "viral/pipe.png" in res.stderr and "not a regular file: fifo" in res.stderr
     assert "class folders (class folders)" not in res.stderr

@@ -216,6 +216,7 @@ def test_damaged_int8_still_loads_but_fails_its_self_check(damaged_default: Path
     assert check is not None and not check.ok and check.deviation > check.tolerance
 
 
+@pytest.mark.slow
 def test_damaged_int8_under_auto_falls_back_to_fp32_with_one_notice(
     damaged_default: Path, runner: CliRunner, sample_images: Path, tmp_path: Path
 ) -> None:
@@ -254,6 +255,8 @@ def test_damaged_int8_asked_for_explicitly_is_refused(
     assert evaluate.exit_code == 1 and "--precision fp32" in " ".join(evaluate.stderr.split())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_ray_driver_applies_the_same_self_check(damaged_default: Path) -> None:
     pytest.importorskip("ray.data")
     from cxr_batch.engine.ray import RayConfig, RayEngine
@@ -279,6 +282,7 @@ def test_a_malformed_self_check_entry_is_a_clear_error(make_model: Callable[...,
 # --------------------------------------------------------------------------- writing the self-check
 
 
+@pytest.mark.slow
 def test_export_writes_self_checks_that_pass_and_catch_damage(tmp_path: Path, sample_images: Path) -> None:
     _need_shipped("fp32", "int8")
     pytest.importorskip("onnx")

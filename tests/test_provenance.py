@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SAMPLE_IMAGES, SHARED, sigint_default
+from conftest import REPO, SAMPLE_IMAGES, SHARED, run_cli, sigint_default
 
 jsonschema = pytest.importorskip("jsonschema", reason="the schema tests need jsonschema (the test extra)")
 
@@ -35,9 +35,8 @@ CLI = [sys.executable, "-m", "cxr_batch.cli"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("CXR_BATCH_MODEL", None)
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    """The CLI in this process (the Ctrl-C test below starts a real one)."""
+    return run_cli(*args, cwd=cwd, env={"CXR_BATCH_MODEL": None})
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -156,8 +155,8 @@ def test_record_of_a_real_run_matches_its_report(real_folder: Path, tmp_path: Pa
     # The model: the embedded default for this machine, its file's sha256 computed here.
     cuda = CUDA in ort.get_available_providers()
     model_file = find_default_model("auto", cuda=cuda)
-    # by name and content: the CLI subprocess runs from the source tree (export/), this process may
-    # import an installed copy (cxr_batch/models/): the same embedded default in two places
+    # by name and content: the source tree (export/) and an installed copy (cxr_batch/models/)
+    # hold the same embedded default in two places
     assert Path(run["model"]["path"]).name == model_file.name
     assert run["model"]["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     contract = model_info(model_file)["contract"]
@@ -241,6 +240,7 @@ def test_an_existing_record_is_never_overwritten_silently(sample_images: Path, t
 # --------------------------------------------------------------------------- resume, interruption, merge
 
 
+@pytest.mark.slow
 def test_resume_appends_a_run(sample_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     assert cli("classify", str(sample_images), "--out", str(out), "-q").returncode == 0
@@ -267,6 +267,7 @@ def test_resume_appends_a_run(sample_images: Path, tmp_path: Path) -> None:
     assert third["counts"]["rows"] == 0 and third["kept_rows"] == 9 and third["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_valid_record_and_resume_completes_it(tmp_path: Path) -> None:
     """A real SIGINT to a real run of the shipped model on 200 real X-rays, then --resume."""
     source = SHARED / "covid19-radiography"
@@ -331,6 +332,7 @@ def test_ctrl_c_leaves_a_valid_record_and_resume_completes_it(tmp_path: Path) ->
         assert nonzero(r["counts"]) == report_counts([row for row in rows if row["run_id"] == r["run_id"]])
 
 
+@pytest.mark.slow
 def test_merge_combines_the_shards_records(real_folder: Path, tmp_path: Path) -> None:
     whole = tmp_path / "whole.csv"
     assert cli("classify", str(real_folder), "--out", str(whole), "-q").returncode == 3

@@ -44,6 +44,7 @@ def xray_folder(shared_data: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_local_shards_and_ray_give_the_same_rows(
     runner: CliRunner, tiny_onnx: Path, xray_folder: Path, tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_local_shards_and_ray_give_the_same_rows(
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_resume_and_shard(tiny_onnx: Path, xray_folder: Path, tmp_path: Path) -> None:
     """A killed Ray run (complete rows and a partial one) resumed with --engine ray, on one shard."""
     pytest.importorskip("ray")

@@ -271,6 +271,7 @@ def test_resume_of_an_empty_or_header_only_file(tmp_path: Path) -> None:
     assert read_csv(out)[0]["path"] == "x.png"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(
     tiny_onnx: Path, make_model: Callable[..., Path], tmp_path: Path, png_factory: Callable[..., Path]
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from cxr_batch.evaluation.metrics import metrics_by_source, wilson_interval
 from cxr_batch.io.labelled import Split, find_labelled, find_labelled_many, make_split, source_names
@@ -112,29 +113,12 @@ def test_metrics_by_source_match_a_hand_count() -> None:
 
 
 @needs_data
+@pytest.mark.slow
 def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
     """evaluate DIR DIR: by_source in the JSON equals a count by hand over the predictions CSV."""
     a, b = two_roots
     out, pred = tmp_path / "m.json", tmp_path / "p.csv"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxr_batch.cli",
-            "evaluate",
-            str(a),
-            str(b),
-            "--out",
-            str(out),
-            "--predictions",
-            str(pred),
-            "--precision",
-            "fp32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli("evaluate", str(a), str(b), "--out", str(out), "--predictions", str(pred), "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr
     assert "per source" in proc.stderr
     doc = json.loads(out.read_text())
@@ -167,27 +151,19 @@ def test_evaluate_reads_a_split_file_with_sources(two_roots: tuple[Path, Path], 
     split = make_split(find_labelled_many([a, b]), seed=0, val=0.25, test=0.25)
     split.write(tmp_path / "split.csv")
     out = tmp_path / "m.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxr_batch.cli",
-            "evaluate",
-            str(a),
-            str(b),
-            "--labels",
-            str(tmp_path / "split.csv"),
-            "--part",
-            "test",
-            "--out",
-            str(out),
-            "--precision",
-            "fp32",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_cli(
+        "evaluate",
+        str(a),
+        str(b),
+        "--labels",
+        str(tmp_path / "split.csv"),
+        "--part",
+        "test",
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        "-q",
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -223,6 +199,7 @@ def test_scanner_augmentation_is_seeded_and_in_range() -> None:
 
 
 @needs_data
+@pytest.mark.slow
 def test_training_can_start_from_the_released_onnx_model() -> None:
     """--weights MODEL.onnx: the folded network, BatchNorm recalibrated, computes what the file computes."""
     torch = pytest.importorskip("torch")

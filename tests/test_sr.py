@@ -73,6 +73,7 @@ def _dciodvfy(path: Path) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
 
+@pytest.mark.slow
 def test_classify_writes_one_valid_sr_per_dicom_image(tmp_path: Path, phi_copy: Path, runner: CliRunner) -> None:
     inputs = tmp_path / "in"
     for src in [*RSNA[:3], CT_SMALL]:
@@ -128,6 +129,7 @@ def test_classify_writes_one_valid_sr_per_dicom_image(tmp_path: Path, phi_copy: 
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install -y dicom3tools)")
+@pytest.mark.slow
 def test_dciodvfy_finds_no_error_in_the_sr_of_each_rsna_image(tmp_path: Path) -> None:
     clf = Classifier(MODEL, "cpu", lungs=False)  # an SR for every image, whatever the lung stage would say
     writer = SRWriter(tmp_path, ModelIdent.of(clf.meta, file_sha256(MODEL)))
@@ -138,6 +140,7 @@ def test_dciodvfy_finds_no_error_in_the_sr_of_each_rsna_image(tmp_path: Path) ->
         assert _dciodvfy(sr) == [], sr
 
 
+@pytest.mark.slow
 def test_patient_data_only_in_the_sr_and_only_what_it_needs(tmp_path: Path, phi_copy: Path, runner: CliRunner) -> None:
     out, srs = tmp_path / "r.csv", tmp_path / "sr"
     with warnings.catch_warnings(record=True) as caught:
@@ -178,6 +181,7 @@ def test_source_without_patient_elements_gives_empty_ones_not_made_up(tmp_path: 
         assert _dciodvfy(next((tmp_path / "sr").rglob("*.sr.dcm"))) == []
 
 
+@pytest.mark.slow
 def test_sr_uids_are_stable_for_the_same_image_and_model(tmp_path: Path, runner: CliRunner) -> None:
     uids = []
     for n in range(2):

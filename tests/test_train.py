@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from cxr_batch.errors import DataError
@@ -279,6 +280,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
         assert row["label"] == meta.labels[int(p.argmax())]
 
 
+@pytest.mark.slow
 def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -> None:
     """``export --no-ood`` on a checkpoint (issue 12, item 21: it used to be ignored there)."""
     import onnxruntime as ort
@@ -311,13 +313,7 @@ def test_export_no_ood_leaves_the_guard_out(trained_run: Path, tmp_path: Path) -
 
 
 def test_export_without_runs_says_what_to_pass(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "export"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("export", cwd=tmp_path)
     assert proc.returncode == 1
     assert "no checkpoint found" in proc.stderr and "cxr-batch export runs/NAME/best.ckpt" in proc.stderr
 

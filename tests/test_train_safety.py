@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
 
@@ -77,13 +78,7 @@ def test_export_refuses_a_pickled_payload(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.ckpt"
     marker = tmp_path / "pwned"
     _hostile_ckpt(ckpt, marker)
-    proc = subprocess.run(
-        [sys.executable, "-m", "cxr_batch.cli", "export", str(ckpt), "--out", str(tmp_path / "m.onnx")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    proc = run_cli("export", str(ckpt), "--out", str(tmp_path / "m.onnx"))
     assert proc.returncode != 0
     assert not marker.exists(), "the checkpoint's payload ran"
     assert "refused" in proc.stderr and "Traceback" not in proc.stderr
