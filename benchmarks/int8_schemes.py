@@ -129,7 +129,7 @@ def main() -> None:
     ref_logits = ref_p = None
     for name, path in models.items():
         _, m = read_contract_file(path)
-        threshold = float((m.ood or {}).get("threshold", float("nan")))
+        threshold = float("nan") if m.ood_threshold is None else m.ood_threshold
         logits, ood, speed = run(path, x)
         p = softmax(logits)
         if ref_logits is None:

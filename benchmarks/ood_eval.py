@@ -220,7 +220,7 @@ def main() -> None:
                 ]
             results.append(entry)
             print(f"{name}: n={len(s)} flagged={f.mean():.1%} auroc={auroc}", file=sys.stderr)
-    threshold = clf.meta.ood["threshold"]
+    threshold = clf.meta.ood_threshold
     lines = [
         f"# Out-of-distribution guard: {clf.meta.ident} ({clf.meta.precision})",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -59,6 +60,11 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
 #: takes the int8 file (on a CPU with 8-bit dot products) only when the contract says it did.
 INT8_GATE_MIN_AGREEMENT = 0.998
 INT8_GATE_MAX_PROB_DIFF = 0.05
+#: The looser export gate, the one definition: ``cxr-batch export --quantize int8`` writes the int8
+#: file only when its test macro-F1 is at most this far below the master's (0.005: half a point)...
+INT8_MAX_F1_DROP = 0.005
+#: ... and its top-1 agreement with the master on the test split is at least this (unless ``--force``).
+INT8_MIN_AGREEMENT = 0.995
 
 
 def int8_gate(agreement: float, max_prob_diff: float) -> bool:
@@ -86,6 +92,25 @@ def int8_gate_verdict(meta: ModelMeta) -> tuple[bool, str]:
     return False, f"{what} misses the gate {limits}" if not int8_gate(float(agree), float(diff)) else (
         f"{what}, but its contract does not record that it passed the gate"
     )
+
+
+def ood_threshold_of(ood: Any, source: str = "model") -> float | None:
+    """The out-of-distribution guard's threshold (``ood.threshold``; a score above it flags the image),
+    the one place it is read: None for a contract without a guard or without a threshold yet.
+
+    Raises:
+        ModelError: ``ood`` is not an object, or its threshold is not a finite number.
+    """
+    if ood is None:
+        return None
+    if not isinstance(ood, dict):
+        raise ModelError(f"{source}: invalid model contract: 'ood' must be an object")
+    threshold = ood.get("threshold")
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise ModelError(f"{source}: invalid model contract: 'ood.threshold' must be a finite number")
+    return float(threshold)
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,11 @@ class ModelMeta:
         """``"lungs"`` when the model was trained on lung crops (:func:`cxr_batch.io.lungs.crop_to_lungs`)."""
         crop = self.preprocessing.get("crop")
         return str(crop) if crop else None
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The OOD guard's threshold, checked (:func:`ood_threshold_of`); None without one."""
+        return ood_threshold_of(self.ood)
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -240,6 +270,7 @@ class ModelMeta:
         for key in ("metrics", "training_data"):
             if key in d and not isinstance(d[key], dict):
                 raise bad(f"'{key}' must be an object")
+        ood_threshold_of(d.get("ood"), source)  # refuses a malformed guard when the file is read
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),

@@ -74,6 +74,36 @@ def test_broken_models_are_refused_saying_why(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "ood", "message"),
+    [
+        ("ood-nan.onnx", {"threshold": float("nan")}, "'ood.threshold' must be a finite number"),
+        ("ood-inf.onnx", {"threshold": float("inf")}, "'ood.threshold' must be a finite number"),
+        ("ood-text.onnx", {"threshold": "23.0"}, "'ood.threshold' must be a finite number"),
+        ("ood-bool.onnx", {"threshold": True}, "'ood.threshold' must be a finite number"),
+        ("ood-list.onnx", [23.0], "'ood' must be an object"),
+    ],
+)
+def test_an_ood_threshold_that_is_not_a_finite_number_is_refused(
+    make_model: Callable[..., Path], name: str, ood: object, message: str
+) -> None:
+    outputs = {"logits": "logits", "embedding": "embedding", "ood_score": "ood_score"}
+    model = make_model(name, ood=True, meta=contract(outputs=outputs, ood=ood))
+    with pytest.raises(ModelError) as info:
+        Classifier(model, device="cpu", threads=1)
+    assert message in str(info.value) and str(model) in str(info.value)
+
+
+def test_the_ood_threshold_is_read_as_a_number(make_model: Callable[..., Path]) -> None:
+    outputs = {"logits": "logits", "embedding": "embedding", "ood_score": "ood_score"}
+    model = make_model("ood-int.onnx", ood=True, meta=contract(outputs=outputs, ood={"threshold": 23}))
+    meta = Classifier(model, device="cpu", threads=1).meta
+    assert meta.ood_threshold == 23.0 and isinstance(meta.ood_threshold, float)
+    assert meta.with_updates(ood={"calibration": "none yet"}).ood_threshold is None
+    with pytest.raises(ModelError, match="finite number"):  # a contract built in memory is checked too
+        _ = meta.with_updates(ood={"threshold": float("nan")}).ood_threshold
+
+
 def test_not_an_onnx_file(tmp_path: Path) -> None:
     bogus = tmp_path / "model.onnx"
     bogus.write_text("hello")

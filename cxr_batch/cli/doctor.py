@@ -73,7 +73,9 @@ def doctor_command(as_json: bool) -> None:
     for key, text in env.version_lines():
         click.echo(f"{key}: {shown(text)}")
     click.echo(f"cpu: {shown(env.cpu_line())}")
-    cuda = "CUDAExecutionProvider" in providers
+    from cxr_batch.engine.classifier import cuda_possible
+
+    cuda = cuda_possible("auto", providers)
     click.echo(
         f"providers: {', '.join(providers)}"
         + ("" if cuda else " (for --device cuda: pip install onnxruntime-gpu, with an NVIDIA driver)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cxr_batch.engine.cpu import PRECISION_AUTO_RULE  # the standard library only
+from cxr_batch.engine.types import DEVICES, PRECISIONS  # no numpy, no onnxruntime
 from cxr_batch.errors import CxrBatchError
 from cxr_batch.redact import redact_text
 from cxr_batch.text import shown
@@ -183,15 +184,11 @@ def _long_name(param: click.Parameter) -> str:
     return param.name or ""
 
 
-_DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("auto", "fp32", "int8", "fp16")
-
-
 def _model_options(func: F) -> F:
     """--model, --precision: shared by the commands that load a model."""
     func = click.option(
         "--precision",
-        type=click.Choice(_PRECISIONS),
+        type=click.Choice(PRECISIONS),
         default="auto",
         show_default=True,
         help=f"Which embedded model: {PRECISION_AUTO_RULE}. "
@@ -213,7 +210,7 @@ def engine_options(func: F) -> F:
             ),
             click.option(
                 "--device",
-                type=click.Choice(_DEVICES),
+                type=click.Choice(DEVICES),
                 default="auto",
                 show_default=True,
                 help="auto uses CUDA only when it really starts, else CPU.",

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from cxr_batch.cli.options import library_errors
-from cxr_batch.contract import SCREEN_SENSITIVITY
+from cxr_batch.contract import INT8_MAX_F1_DROP, INT8_MIN_AGREEMENT, SCREEN_SENSITIVITY
+from cxr_batch.engine.types import DEVICES  # no numpy, no onnxruntime
 from cxr_batch.text import shown
 
 
@@ -39,7 +40,7 @@ from cxr_batch.text import shown
 @click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0))
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option(
     "--workers",
     default=0,
@@ -240,7 +241,8 @@ def train_command(
 @click.option(
     "--force",
     is_flag=True,
-    help="Write the int8 model even if it loses more than 0.5 macro-F1 points or agrees with fp32 on under 99.5%.",
+    help=f"Write the int8 model even if it loses more than {100 * INT8_MAX_F1_DROP:.1f} macro-F1 points or agrees "
+    f"with fp32 on under {100 * INT8_MIN_AGREEMENT:.1f}%.",
 )
 @click.option(
     "--selection",

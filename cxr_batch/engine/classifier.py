@@ -226,6 +226,15 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def cuda_possible(device: Device, providers: list[str] | None = None) -> bool:
+    """Whether to choose for CUDA (the model it prefers, its stream count): ``device="cuda"``, or
+    ``"auto"`` with a CUDA provider in this onnxruntime build (``providers``, default
+    :func:`available_providers`). Whether CUDA really starts is checked by :func:`create_session`."""
+    if device == "cuda":
+        return True
+    return device == "auto" and CUDA in (available_providers() if providers is None else providers)
+
+
 def create_session(
     path: str | os.PathLike[str], device: Device = "auto", threads: int = 0
 ) -> tuple[ort.InferenceSession, str]:
@@ -258,7 +267,7 @@ def create_session(
             f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDA support "
             f"(providers: {', '.join(available)}). {CUDA_HELP}"
         )
-    providers = [CUDA, CPU] if device in ("cuda", "auto") and CUDA in available else [CPU]
+    providers = [CUDA, CPU] if cuda_possible(device, available) else [CPU]
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except _ort_errors() as exc:
@@ -338,14 +347,14 @@ def open_model(config: EngineConfig, session_device: Device | None = None, cuda:
         DeviceError: see :func:`create_session`.
     """
     device = config.device if session_device is None else session_device
-    cuda_possible = config.device != "cpu" and CUDA in available_providers() if cuda is None else cuda
-    choice = choose_model(config.model, config.precision, cuda=cuda_possible)
+    for_cuda = cuda_possible(config.device) if cuda is None else cuda
+    choice = choose_model(config.model, config.precision, cuda=for_cuda)
     session, provider = create_session(choice.path, device, config.threads)
     if (
         choice.origin == "embedded default"
         and config.precision == "auto"
         and provider != CUDA
-        and cuda_possible
+        and for_cuda
         and device != "cpu"
     ):
         # CUDA was expected but did not start: take the CPU's default instead.
@@ -678,7 +687,7 @@ class Classifier:
     def _init(self, config: EngineConfig) -> None:
         self.config = config
         total = config.threads or physical_cores() or usable_cpus()
-        cuda = config.device != "cpu" and CUDA in available_providers()
+        cuda = cuda_possible(config.device)
         #: batches run at once, each in its own session of ``_threads`` threads (see default_streams)
         self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
         self._threads = total // self._streams if self._streams > 1 else config.threads
@@ -719,9 +728,7 @@ class Classifier:
         if "ood_score" in meta.outputs:
             self._ood_index = len(self._output_names)
             self._output_names.append(meta.outputs["ood_score"])
-            threshold = (meta.ood or {}).get("threshold")
-            if isinstance(threshold, int | float):
-                self._ood_threshold = float(threshold)
+            self._ood_threshold = meta.ood_threshold
         #: the screening call (the report's covid_screen): label, threshold, where it came from
         self._screening = screening_in_use(meta, config.covid_threshold, str(self._loaded.path))
         self._screen_index = meta.labels.index(SCREEN_LABEL) if self._screening else -1

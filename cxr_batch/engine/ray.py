@@ -39,7 +39,7 @@ from cxr_batch.engine.classifier import (
     Classifier,
     EngineConfig,
     Result,
-    available_providers,
+    cuda_possible,
     open_model,
     screening_in_use,
 )
@@ -215,7 +215,7 @@ class RayEngine:
         self.config = config
         # The workers load what is chosen here. With device auto, the choice (int8 or fp32 on CPU,
         # by its flags; fp16 with CUDA) follows this machine; use --device cuda for a GPU cluster.
-        cuda = engine.device == "cuda" or (engine.device == "auto" and CUDA in available_providers())
+        cuda = cuda_possible(engine.device)
         # The same resolution, checks and load-time self-check as a local run (fallback to fp32
         # included), on this machine's CPU; the workers then load exactly the file chosen here.
         loaded = open_model(replace(engine, threads=1), session_device="cpu", cuda=cuda)

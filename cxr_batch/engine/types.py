@@ -7,16 +7,18 @@ loading the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import numpy as np
 
+#: The devices and precisions, the one definition: the CLI's ``--device``/``--precision`` choices,
+#: :class:`EngineConfig`'s checks, the classifier and the Ray engine all take them from here.
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "int8", "fp16"]
 
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 DEFAULT_BATCH_SIZE = 16
 #: The most input bytes one model batch may hold (N × 3 × H × W float32). A model whose contract

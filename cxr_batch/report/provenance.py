@@ -262,9 +262,8 @@ def ood_facts(meta: ModelMeta) -> dict[str, Any] | None:
     ood = meta.ood
     if not ood:
         return None
-    threshold = ood.get("threshold")
     return {
-        "threshold": float(threshold) if isinstance(threshold, int | float) else None,
+        "threshold": meta.ood_threshold,
         "method": ood.get("method"),
         "output": ood.get("output"),
         "calibration": ood.get("calibration"),

@@ -416,12 +416,13 @@ def _screening_lines(meta: ModelMeta) -> list[str]:
 
 def _ood_lines(meta: ModelMeta) -> list[str]:
     ood = meta.ood or {}
+    threshold = float("nan") if meta.ood_threshold is None else meta.ood_threshold
     lines = [
         "",
         "## Out-of-distribution guard",
         "",
         f"{ood.get('description')}. Output `{ood.get('output')}`; an image is flagged (`in_distribution=false`) "
-        f"when its score is above {ood.get('threshold', float('nan')):.3f}, set so that {ood.get('calibration')} "
+        f"when its score is above {threshold:.3f}, set so that {ood.get('calibration')} "
         f"(measured pass rate {_fmt(ood.get('val_pass_rate'))} on {ood.get('n_calibration')} images). DICOM files "
         "whose modality is not a projection radiograph (CT, MR, ...) are flagged whatever the score.",
     ]

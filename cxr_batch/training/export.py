@@ -22,6 +22,8 @@ from cxr_batch.contract import (
     DEFAULT_PREPROCESSING,
     INT8_GATE_MAX_PROB_DIFF,
     INT8_GATE_MIN_AGREEMENT,
+    INT8_MAX_F1_DROP,
+    INT8_MIN_AGREEMENT,
     SCREEN_LABEL,
     SCREEN_SENSITIVITY,
     ModelMeta,
@@ -41,10 +43,9 @@ from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, 
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-#: The int8 model is written only when it is this close to the fp32 master on the test split; whether
-#: ``--precision auto`` may take it is the stricter gate of cxr_batch.contract (int8_gate).
-INT8_MAX_F1_DROP = 0.005
-INT8_MIN_AGREEMENT = 0.995
+# The int8 model is written only when it is INT8_MAX_F1_DROP / INT8_MIN_AGREEMENT close to the fp32
+# master on the test split (both in cxr_batch.contract); whether ``--precision auto`` may take it is
+# the stricter gate there (int8_gate).
 #: The fp16 model (for CUDA) is written only when no probability moves more than this.
 FP16_TOLERANCE = 1e-2
 OUTPUTS = {"logits": "logits", "features": "features", "embedding": "embedding"}
@@ -806,7 +807,8 @@ def derive_int8(
 ) -> dict[str, Any]:
     """Derive ``NAME-int8.onnx`` from the fp32 master (what ``cxr-batch export --quantize int8`` runs):
     :func:`quantize_file` with ``scheme``, calibrated on training images; refused (unless forced)
-    when test macro-F1 drops by more than 0.5 points or top-1 agreement with fp32 is under 99.5%;
+    when test macro-F1 drops by more than :data:`~cxr_batch.contract.INT8_MAX_F1_DROP` or top-1
+    agreement with fp32 is under :data:`~cxr_batch.contract.INT8_MIN_AGREEMENT`;
     the OOD guard refitted on the int8 model's own embeddings; the load-time self-check written."""
     onnx = _onnx()
     _, meta = read_contract_file(fp32)
@@ -851,7 +853,7 @@ def derive_int8(
         f"(>= {INT8_GATE_MIN_AGREEMENT}, <= {INT8_GATE_MAX_PROB_DIFF}; auto takes fp32 where it is not)"
     )
     # classify runs the int8 file by default on CPU whenever it is installed, so it is written only
-    # when it is as good as the master: macro-F1 within 0.5 points, top-1 agreement >= 99.5%.
+    # when it is as good as the master: macro-F1 within INT8_MAX_F1_DROP, top-1 agreement >= INT8_MIN_AGREEMENT.
     if (drop > INT8_MAX_F1_DROP or not agree >= INT8_MIN_AGREEMENT) and not cfg.force:
         out.unlink(missing_ok=True)
         raise ModelError(
