@@ -62,6 +62,12 @@ def main() -> None:
     ap.add_argument("--viral", type=int, default=142, help="pool viral films (training part of the 1.1.0 split)")
     ap.add_argument("--freeze", default="layer3", help="adapt --freeze (layer3: train layer4 and fc; layer4: fc only)")
     ap.add_argument("--skip-pool", action="store_true", help="don't measure on the pool's held-out films")
+    ap.add_argument(
+        "--pool-part",
+        choices=("test", "val"),
+        default="test",
+        help="which held-out part of the 1.1.0 split measures forgetting: val to choose a recipe, test to report it",
+    )
     args = ap.parse_args()
     data = args.data.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +113,7 @@ def main() -> None:
         for name, path in (("base", REPO / "export" / "cxr-resnet18.onnx"), ("adapted", model)):
             out = args.out / f"pool-{name}.json"
             cmd = [*cli, "evaluate", str(data / "covid19-radiography"), str(data / "kermany-normal")]
-            cmd += ["--labels", str(REPO / "export" / "run-1.1.0" / "split.csv"), "--part", "test"]
+            cmd += ["--labels", str(REPO / "export" / "run-1.1.0" / "split.csv"), "--part", args.pool_part]
             cmd += ["--model", str(path), "--out", str(out), "--overwrite", "--quiet"]
             run(cmd)
             m = json.loads(out.read_text())
@@ -119,6 +125,7 @@ def main() -> None:
                 "recall": {k: v["recall"] for k, v in m["per_class"].items()},
             }
         result["pool_held_out"] = pool
+        result["pool_part"] = args.pool_part
     (args.out / "bench_adapt.json").write_text(json.dumps(result, indent=2))
     print(
         f"adapt on {len(rows)} films: {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU (user + system), "
@@ -128,7 +135,7 @@ def main() -> None:
     for r in record["comparison"]:
         print(f"| {r['metric']} | {r['n']} | {r['before']:.3f} | {r['after']:.3f} |")
     if "pool_held_out" in result:
-        print("| pool held-out (1.1.0 test part) | films | accuracy | normal | viral | covid |")
+        print(f"| pool held-out (1.1.0 {args.pool_part} part) | films | accuracy | normal | viral | covid |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, m in result["pool_held_out"].items():  # type: ignore[union-attr]
             rec = m["recall"]

@@ -6,9 +6,10 @@ forgets the rest; see issue 20):
 - the base model's fp32 ONNX weights go into a torch ResNet-18 (:mod:`cxr_batch.training.onnx_init`);
   every BatchNorm stays in eval mode, so before the first step the network computes exactly what the
   ONNX file computes (no recalibration is needed: the statistics are never re-estimated);
-- the early layers (up to ``layer3`` by default) are frozen: their outputs are computed once per
+- the early layers (up to ``layer4`` by default: only the classifier trains; chosen on the pool's validation
+  part, see the README) are frozen: their outputs are computed once per
   film and view (the clean film, and ``views - 1`` copies through train's ``light`` augmentation),
-  so each epoch costs only ``layer4`` and the classifier;
+  so each epoch costs only the blocks that train;
 - the loss is class-balanced cross-entropy on the local labels plus a distillation term: the KL
   divergence from the base model's own softmax on the same view (temperature ``T``), for every
   class, so classes absent locally keep their behaviour;
@@ -82,7 +83,7 @@ class AdaptConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     #: frozen up to and including this block; ``layer4`` trains the classifier only
-    freeze: str = "layer3"
+    freeze: str = "layer4"
     #: weight of the distillation term and its temperature
     distill: float = 1.0
     temperature: float = 2.0
