@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cxr_batch.engine.cpu import cpu_facts  # noqa: E402
 from cxr_batch.io.safe_open import read_json  # noqa: E402
 from cxr_batch.io.safe_write import write_file_atomic  # noqa: E402
 
@@ -31,13 +31,6 @@ RULE = (
 )
 #: what makes one recipe differ from another (the rest of config.json is the same or bookkeeping)
 RECIPE_KEYS = ("crop", "augment", "balance", "image_size", "epochs", "epoch_images", "lr", "holdout_source")
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", info)))
-    return f"{model.group(1).strip() if model else 'unknown'} ({', '.join(flags) or 'no AVX2'})"
 
 
 def summarise(run: Path, epoch: int | None = None) -> dict[str, Any]:
@@ -87,7 +80,7 @@ def main() -> None:
         f"{', '.join(differ) or 'nothing'}, scored on validation: {RULE}"
         + (f", compared at epoch {args.epoch} of each (the same point of the same schedule)" if args.epoch else "")
         + f". Chosen: `{chosen}`.",
-        "cpu": cpu(),
+        "cpu": cpu_facts().describe(),
         "command": "python benchmarks/recipe_compare.py " + " ".join(sys.argv[1:]),
         "rule": RULE,
         "recipes": recipes,
