@@ -177,6 +177,8 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
     """Read one report, or the parts of a sharded run, into typed rows and the summary counts.
 
     A partial row (an interrupted run's last line, or a damaged line) is skipped with a warning.
+    With :func:`_csv_records` and :func:`_jsonl_records`, the only place the HTML report reads
+    report files.
 
     Raises:
         InputError: a file is not a cxr-batch report, the parts disagree (labels), or a path

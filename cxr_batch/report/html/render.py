@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -27,19 +28,25 @@ from markupsafe import Markup
 from cxr_batch.text import shown
 
 TEMPLATES = "templates"
+_HTML_SPECIAL = re.compile("[&<>\"']")
 
 
-def text(value: Any) -> Markup:
+def text(value: Any) -> str:
     """Any value as HTML text, safe in element content and in quoted attributes.
 
     ``& < > " '`` are escaped; control characters (tab and newline included), bidirectional
     overrides, zero-width characters and lone surrogates (names that were not UTF-8) become
     visible ``\\xNN``/``\\uNNNN`` text, so a name can neither inject markup nor disguise itself.
-    Markup the templates made themselves (a macro's output) is returned as it is.
+    Returns :class:`~markupsafe.Markup` when it escaped something; a text with nothing to escape
+    comes back as a plain ``str`` (autoescaping leaves it as it is). Markup the templates made
+    themselves (a macro's output) is returned as it is.
     """
     if isinstance(value, Markup):
         return value
-    return Markup(html.escape(shown(value, named=False), quote=True))
+    visible = shown(value, named=False)
+    if _HTML_SPECIAL.search(visible) is None:
+        return visible
+    return Markup(html.escape(visible, quote=True))
 
 
 def href(relpath: str) -> str:
