@@ -28,6 +28,7 @@ import numpy as np
 
 from cxr_batch.contract import (
     SCREEN_LABEL,
+    FileDigest,
     ModelMeta,
     check_output_shapes,
     file_sha256,
@@ -297,6 +298,14 @@ class LoadedModel:
     notices: tuple[str, ...] = ()
     #: the load-time self-check (None: the contract has no reference images)
     check: CheckResult | None = None
+    #: the file's sha256, computed once (started in the background when the file was chosen)
+    digest: FileDigest | None = None
+
+    def sha256(self) -> str:
+        """The model file's sha256 (hashed once, whoever asks first)."""
+        if self.digest is None:
+            self.digest = FileDigest(self.path)
+        return self.digest.hexdigest()
 
 
 def screening_in_use(meta: ModelMeta, covid_threshold: float | None, source: str = "model") -> dict[str, Any] | None:
@@ -333,13 +342,17 @@ def precision_reason(meta: ModelMeta, origin: str, precision: Precision, provide
     return f"{meta.precision}: the {'int8' if use_int8 else 'fp32'} model is not installed; " + why.split(": ", 1)[1]
 
 
-def open_model(config: EngineConfig, session_device: Device | None = None, cuda: bool | None = None) -> LoadedModel:
+def open_model(
+    config: EngineConfig, session_device: Device | None = None, cuda: bool | None = None, *, hash_model: bool = True
+) -> LoadedModel:
     """Resolve, load and validate the model ``config`` names, then run its self-check
     (:func:`apply_self_check`): what ``classify``, ``evaluate`` and the Ray driver share.
 
     Args:
         session_device: the device of the session made here (default ``config.device``).
         cuda: whether to choose the model CUDA prefers (default: CUDA is possible here).
+        hash_model: start hashing the chosen file in a background thread, overlapping the rest of
+            the load (:attr:`LoadedModel.digest`); False hashes it only if someone asks (a Ray actor never does).
 
     Raises:
         ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`;
@@ -387,11 +400,15 @@ def open_model(config: EngineConfig, session_device: Device | None = None, cuda:
         origin=choice.origin,
         provider=provider,
         reason=gate_reason or precision_reason(meta, choice.origin, config.precision, reason_provider),
+        # the file is chosen: hash it while the self-check, the output check and the segmenter load
+        digest=FileDigest(choice.path).start() if hash_model else FileDigest(choice.path),
     )
-    return apply_self_check(loaded, config, device)
+    return apply_self_check(loaded, config, device, hash_model=hash_model)
 
 
-def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device | None = None) -> LoadedModel:
+def apply_self_check(
+    loaded: LoadedModel, config: EngineConfig, device: Device | None = None, *, hash_model: bool = True
+) -> LoadedModel:
     """Run the contract's reference images (:mod:`cxr_batch.engine.selfcheck`) and act on the result.
 
     Passed, or a contract without references: ``loaded``, with the result. Failed: under
@@ -426,6 +443,7 @@ def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device |
                         reason=f"fp32: the {precision} model failed its self-check here (--precision auto)",
                         notices=(*loaded.notices, notice),
                         check=fp32_check,
+                        digest=FileDigest(fp32).start() if hash_model else FileDigest(fp32),
                     )
     if precision == "fp32":
         way_out = "the file is damaged or was changed after export: reinstall it or export it again"
@@ -439,7 +457,7 @@ def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device |
     )
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, *, hash_model: bool = True) -> LoadedModel:
     """Resolve, load, validate and self-check the model ``config`` names (see :func:`open_model`),
     with the extra outputs ``config`` asks for.
 
@@ -447,7 +465,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`.
         DeviceError: see :func:`create_session`.
     """
-    loaded = open_model(config)
+    loaded = open_model(config, hash_model=hash_model)
     meta, path = loaded.meta, loaded.path
     for role in config.extra_outputs:
         if role not in meta.outputs:
@@ -678,20 +696,27 @@ class Classifier:
         self._init(config)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Classifier:
-        """Build from an :class:`EngineConfig` (what the CLI does)."""
+    def from_config(cls, config: EngineConfig, *, hash_model: bool = True) -> Classifier:
+        """Build from an :class:`EngineConfig` (what the CLI does).
+
+        ``hash_model=False``: the model file is hashed only when :attr:`model_sha256` is asked for
+        (a Ray actor never asks); by default it is hashed in the background while the load goes on.
+        """
         self = cls.__new__(cls)
-        self._init(config)
+        self._init(config, hash_model=hash_model)
         return self
 
-    def _init(self, config: EngineConfig) -> None:
+    #: which engine this is (:class:`~cxr_batch.engine.types.Engine`)
+    kind = "local"
+
+    def _init(self, config: EngineConfig, *, hash_model: bool = True) -> None:
         self.config = config
         total = config.threads or physical_cores() or usable_cpus()
         cuda = cuda_possible(config.device)
         #: batches run at once, each in its own session of ``_threads`` threads (see default_streams)
         self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
         self._threads = total // self._streams if self._streams > 1 else config.threads
-        self._loaded = load_model(replace(config, threads=self._threads))
+        self._loaded = load_model(replace(config, threads=self._threads), hash_model=hash_model)
         #: the lung stage's segmenter (None: ``lungs=False``)
         self.lungs: LungSegmenter | None = None
         from cxr_batch.engine.lungs import LungSegmenter
@@ -765,6 +790,20 @@ class Classifier:
     def model_origin(self) -> str:
         """``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``."""
         return self._loaded.origin
+
+    @property
+    def model_sha256(self) -> str:
+        """The model file's sha256: hashed once, in the background from the load on.
+
+        Raises:
+            ModelError: the file can't be read any more.
+        """
+        try:
+            return self._loaded.sha256()
+        except OSError as exc:
+            raise ModelError(
+                f"cannot read the model file {self.model_path} to hash it: {exc.strerror or exc}"
+            ) from None
 
     @property
     def precision_reason(self) -> str:

@@ -60,9 +60,7 @@ from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.classifier import Classifier
-    from cxr_batch.engine.ray import RayEngine
-    from cxr_batch.engine.types import EngineConfig, Result
+    from cxr_batch.engine.types import Engine, EngineConfig, Result
     from cxr_batch.io.shard import Shard
     from cxr_batch.report.writer import ReportConfig
 
@@ -226,19 +224,22 @@ def host_facts() -> dict[str, Any]:
 
 
 def model_facts(
-    meta: ModelMeta, path: str | os.PathLike[str], origin: str | None = None, *, sha256: bool = True
+    meta: ModelMeta, path: str | os.PathLike[str], origin: str | None = None, *, sha256: bool | str = True
 ) -> dict[str, Any]:
     """The model's identity: name, version, precision, the sha256 of the file, where it came from.
 
-    ``sha256=False`` leaves the hash to :class:`RunRecorder`, which computes it in a thread while
-    the run starts (hashing a 45 MB model takes a few tenths of a second on a busy CPU).
+    ``sha256``: the file's digest when the caller has it (an engine's ``model_sha256``: the file
+    is hashed once per run); True hashes the file here; False leaves the hash to :class:`RunRecorder`,
+    which computes it in a thread while the run starts.
     """
+    if sha256 is True:
+        sha256 = file_sha256(path)
     return {
         "name": meta.name,
         "version": meta.version,
         "ident": meta.ident,
         "precision": meta.precision,
-        "sha256": file_sha256(path) if sha256 else None,
+        "sha256": sha256 or None,
         "path": os.fspath(path),
         "origin": origin,
         "created": meta.created,
@@ -785,25 +786,20 @@ def merge_records(
     return doc, warnings
 
 
-def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = False) -> dict[str, Any]:
-    """The settings part of a run: what the engine really runs with (``Classifier.run_settings``),
-    the device, precision and threads asked for, and the engine (local or Ray)."""
+def engine_settings(classifier: Engine, engine: EngineConfig) -> dict[str, Any]:
+    """The settings part of a run: what the engine really runs with (its ``run_settings``: the batch
+    size that really runs, streams, threads; Ray: the CPUs per actor), the device, precision and
+    threads asked for, and the engine (``local`` or ``ray``)."""
     settings: dict[str, Any] = {"batch_size": engine.batch_size, "threads_requested": engine.threads}
-    real = getattr(classifier, "run_settings", None)
-    if callable(real):  # Classifier.run_settings is a method: the batch size that really runs, streams, ...
-        real = real()
-    if isinstance(real, dict):
-        settings.update(real)
-    if ray:
-        settings["cpus_per_actor"] = getattr(classifier, "cpus_per_actor", None)
-    settings.update(device=engine.device, engine="ray" if ray else "local", precision_requested=engine.precision)
+    settings.update(classifier.run_settings())
+    settings.update(device=engine.device, engine=classifier.kind, precision_requested=engine.precision)
     return settings
 
 
 def start_classifier_run(
     path: str,
     run_id: str,
-    classifier: Classifier | RayEngine,
+    classifier: Engine,
     engine: EngineConfig,
     report: ReportConfig,
     inputs: Iterable[str],
@@ -812,26 +808,25 @@ def start_classifier_run(
     kept_rows: int = 0,
     started: datetime | None = None,
     report_offset: int | None = None,
-    ray: bool = False,
     source: Mapping[str, Any] | None = None,
 ) -> RunRecorder:
-    """:meth:`RunRecorder.start` with every fact taken from a loaded classifier (what ``classify`` does).
+    """:meth:`RunRecorder.start` with every fact taken from a loaded engine (what ``classify`` does).
 
-    The model file is hashed in a thread, so the first batch is not held up by it.
+    The model's sha256 is the engine's (hashed once per run, in the background from the load on).
 
     Raises:
         OutputError: the record can't be read (resume) or written.
     """
     meta = classifier.meta
-    segmenter = getattr(classifier, "segmenter", None)
+    segmenter = classifier.segmenter
     return RunRecorder.start(
         path,
         run_id=run_id,
         report=report.out,
         report_format=report.format,
-        model=model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False),
+        model=model_facts(meta, classifier.model_path, classifier.model_origin, sha256=classifier.model_sha256),
         provider=classifier.provider,
-        settings=engine_settings(classifier, engine, ray=ray),
+        settings=engine_settings(classifier, engine),
         preprocessing=preprocessing_facts(meta),
         ood=ood_facts(meta),
         inputs=inputs,
@@ -841,6 +836,6 @@ def start_classifier_run(
         started=started,
         report_offset=report_offset,
         source=source,
-        screening=screening_facts(meta, getattr(classifier, "screening", None)),
+        screening=screening_facts(meta, classifier.screening),
         lungs=None if segmenter is None else segmenter.describe(),
     )
