@@ -42,7 +42,6 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -229,8 +228,8 @@ def model_facts(
     """The model's identity: name, version, precision, the sha256 of the file, where it came from.
 
     ``sha256``: the file's digest when the caller has it (an engine's ``model_sha256``: the file
-    is hashed once per run); True hashes the file here; False leaves the hash to :class:`RunRecorder`,
-    which computes it in a thread while the run starts.
+    is hashed once per run, in the background from the load on); True hashes the file here; False
+    records none.
     """
     if sha256 is True:
         sha256 = file_sha256(path)
@@ -461,8 +460,7 @@ class _Outcome:
 class RunRecorder:
     """Records one run into a provenance record file, appending to the record when resuming.
 
-    Build it with :meth:`start` (which writes the record with this run as ``running``, or, when
-    the model's sha256 is left to it, as soon as that is computed), call
+    Build it with :meth:`start` (which writes the record with this run as ``running``), call
     :meth:`add` with every batch written to the report, :meth:`note_exception` when the run
     stops on an exception, and :meth:`close` at the end (after the report is closed).
     """
@@ -479,10 +477,6 @@ class RunRecorder:
         self._closed = False
         #: (report file, format, byte offset where this run's rows start): recount from there on an early stop
         self._recount: tuple[str, str, int] | None = None
-        #: the model file being hashed in a thread (the record is first written once it is done)
-        self._hashing: threading.Thread | None = None
-        self._hash: list[str | BaseException] = []
-        self._written = False
 
     @property
     def run_id(self) -> str:
@@ -588,36 +582,8 @@ class RunRecorder:
             recorder._started = started
         if report_offset is not None and report != "-":
             recorder._recount = (report, report_format, report_offset)
-        if run["model"].get("sha256") is None and run["model"].get("path"):
-            recorder._start_hashing(str(run["model"]["path"]))
-        else:
-            recorder._write()
+        recorder._write()
         return recorder
-
-    def _start_hashing(self, path: str) -> None:
-        def work() -> None:
-            try:
-                self._hash.append(file_sha256(path))
-            except OSError as exc:
-                self._hash.append(OutputError(f"cannot read the model file {path} to hash it: {exc.strerror or exc}"))
-
-        self._hashing = threading.Thread(target=work, name="cxr-provenance-hash", daemon=True)
-        self._hashing.start()
-
-    def _hash_ready(self, wait: bool) -> bool:
-        """Whether the model's sha256 is in the run (waiting for the thread when ``wait``)."""
-        if self._hashing is None:
-            return True
-        if wait:
-            self._hashing.join()
-        if self._hashing.is_alive():
-            return False
-        self._hashing = None
-        result = self._hash[0]
-        if isinstance(result, BaseException):
-            raise result
-        self.run["model"]["sha256"] = result
-        return True
 
     def add(self, results: Sequence[Result]) -> None:
         """Count a batch written to the report; checkpoints the record every :data:`CHECKPOINT_S` s.
@@ -627,12 +593,8 @@ class RunRecorder:
         """
         self.counts.add(results)
         now = time.monotonic()
-        if not self._written and self._hash_ready(wait=False):
+        if now - self._last_write >= CHECKPOINT_S:
             self._last_write = now
-            self._write()
-        elif now - self._last_write >= CHECKPOINT_S:
-            self._last_write = now
-            self._hash_ready(wait=True)
             self._write()
 
     def set_provider(self, provider: str) -> None:
@@ -676,7 +638,6 @@ class RunRecorder:
             duration_s=round(max(0.0, (ended - self._started).total_seconds()), 3),
         )
         try:
-            self._hash_ready(wait=True)
             self._write()
         except OutputError as exc:
             if self._outcome.status != "finished":
@@ -687,7 +648,6 @@ class RunRecorder:
     def _write(self) -> None:
         self.run["counts"] = self.counts.to_dict(self.labels)
         write_record(self.path, self.doc)
-        self._written = True
 
 
 # --------------------------------------------------------------------------- merge
