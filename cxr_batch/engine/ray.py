@@ -33,17 +33,10 @@ from typing import Any
 import numpy as np
 
 from cxr_batch.contract import FileDigest, ModelMeta
-from cxr_batch.engine.classifier import (
-    CPU,
-    CUDA,
-    Classifier,
-    EngineConfig,
-    Result,
-    cuda_possible,
-    open_model,
-    screening_in_use,
-)
+from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.engine.lungs import LungSegmenter
+from cxr_batch.engine.model import open_model, screening_in_use
+from cxr_batch.engine.session import CPU, CUDA, cuda_possible
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
