@@ -103,56 +103,15 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
-    source: DicomwebSource | None = None
-    walk: Callable[[list[str] | None], Iterator[InputFile]]
-    if config.dicomweb is not None:
-        from cxr_batch.io.dicomweb import DicomwebSource
-
-        source = DicomwebSource(config.dicomweb)
-        found = source.discover()
-        for warning in found.warnings:
-            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-        if not found.files:
-            source.close()
-            raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
-
-        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
-            return iter(found.files)
-
-    else:
-        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
-        own = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
-        spec = replace(config.inputs, outputs=(*config.inputs.outputs, *own))
-
-        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
-            # Lazily, folder by folder: the file list is never held (issue 24, item 4).
-            return iter_inputs(spec, warnings)
-
-        # Fail fast, before the model loads: a missing input path, or no input file at all.
-        first: list[str] = []
-        skipped: Counter[str] = Counter()
-        peek = iter_inputs(spec, first, skipped)
-        empty = next(peek, None) is None
-        if not empty and len(spec.paths) + len(spec.listed) > 1:
-            for _ in peek:  # several inputs: two files under one name are refused before anything is written
-                pass
-        del peek
-        if empty:
-            for warning in first:
-                console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-            raise InputError(no_input_files(config.inputs, skipped))
+    source, walk = _inputs(config, console)  # fails fast, before the model loads
     shard = config.shard
 
-    classifier: Engine
-    if config.ray is not None:
-        from cxr_batch.engine.ray import RayEngine
-
-        classifier = RayEngine(config.engine, config.ray)
-    else:
-        engine = config.engine
-        if config.heatmaps is not None and CAM_ROLE not in engine.extra_outputs:
-            engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
-        classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
+    try:
+        classifier = _engine(config)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
     meta = classifier.meta
     # The model file is hashed once (in the background since it was chosen); the rows, the SRs
     # and the provenance record all take this digest.
@@ -296,6 +255,70 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     # each output says what it wrote; a DICOMweb retrieval that failed ends the run with its error
     stats.output_failures += sinks.report(outputs, console, config.quiet)
     return stats
+
+
+def _inputs(
+    config: ClassifyConfig, console: Console
+) -> tuple[DicomwebSource | None, Callable[[list[str] | None], Iterator[InputFile]]]:
+    """The run's inputs: the DICOMweb source (or None) and a function that walks them, lazily, each call.
+
+    Raises:
+        InputError: an input does not exist, or no input files were found.
+    """
+    source: DicomwebSource | None = None
+    walk: Callable[[list[str] | None], Iterator[InputFile]]
+    if config.dicomweb is not None:
+        from cxr_batch.io.dicomweb import DicomwebSource
+
+        source = DicomwebSource(config.dicomweb)
+        found = source.discover()
+        for warning in found.warnings:
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+        if not found.files:
+            source.close()
+            raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            return iter(found.files)
+
+    else:
+        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
+        own = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
+        spec = replace(config.inputs, outputs=(*config.inputs.outputs, *own))
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            # Lazily, folder by folder: the file list is never held (issue 24, item 4).
+            return iter_inputs(spec, warnings)
+
+        # Fail fast, before the model loads: a missing input path, or no input file at all.
+        first: list[str] = []
+        skipped: Counter[str] = Counter()
+        peek = iter_inputs(spec, first, skipped)
+        empty = next(peek, None) is None
+        if not empty and len(spec.paths) + len(spec.listed) > 1:
+            for _ in peek:  # several inputs: two files under one name are refused before anything is written
+                pass
+        del peek
+        if empty:
+            for warning in first:
+                console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+            raise InputError(no_input_files(config.inputs, skipped))
+    return source, walk
+
+
+def _engine(config: ClassifyConfig) -> Engine:
+    """The engine the run asks for, its model loaded (and being hashed in the background)."""
+    classifier: Engine
+    if config.ray is not None:
+        from cxr_batch.engine.ray import RayEngine
+
+        classifier = RayEngine(config.engine, config.ray)
+    else:
+        engine = config.engine
+        if config.heatmaps is not None and CAM_ROLE not in engine.extra_outputs:
+            engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
+        classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
+    return classifier
 
 
 @dataclass
