@@ -243,12 +243,7 @@ class Classifier:
         Raises:
             ModelError: the file can't be read any more.
         """
-        try:
-            return self._loaded.sha256()
-        except OSError as exc:
-            raise ModelError(
-                f"cannot read the model file {self.model_path} to hash it: {exc.strerror or exc}"
-            ) from None
+        return self._loaded.sha256()
 
     @property
     def precision_reason(self) -> str:

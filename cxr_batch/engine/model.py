@@ -168,10 +168,22 @@ class LoadedModel:
     digest: FileDigest | None = None
 
     def sha256(self) -> str:
-        """The model file's sha256 (hashed once, whoever asks first)."""
+        """The model file's sha256 (hashed once, whoever asks first; see :func:`model_sha256`)."""
         if self.digest is None:
             self.digest = FileDigest(self.path)
-        return self.digest.hexdigest()
+        return model_sha256(self.digest)
+
+
+def model_sha256(digest: FileDigest) -> str:
+    """A model file's sha256 from its one :class:`~cxr_batch.contract.FileDigest`.
+
+    Raises:
+        ModelError: the file can't be read any more.
+    """
+    try:
+        return digest.hexdigest()
+    except OSError as exc:
+        raise ModelError(f"cannot read the model file {digest.path} to hash it: {exc.strerror or exc}") from None
 
 
 def screening_in_use(meta: ModelMeta, covid_threshold: float | None, source: str = "model") -> dict[str, Any] | None:

@@ -35,9 +35,9 @@ import numpy as np
 from cxr_batch.contract import FileDigest, ModelMeta
 from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.engine.lungs import LungSegmenter
-from cxr_batch.engine.model import open_model, screening_in_use
+from cxr_batch.engine.model import model_sha256, open_model, screening_in_use
 from cxr_batch.engine.session import CPU, CUDA, cuda_possible
-from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError, ModelError
+from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
 
@@ -247,12 +247,7 @@ class RayEngine:
         Raises:
             ModelError: the file can't be read any more.
         """
-        try:
-            return self._digest.hexdigest()
-        except OSError as exc:
-            raise ModelError(
-                f"cannot read the model file {self.model_path} to hash it: {exc.strerror or exc}"
-            ) from None
+        return model_sha256(self._digest)
 
     def run_settings(self) -> dict[str, Any]:
         """The settings the actors run with (for the provenance record): CPUs reserved per actor."""
