@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
 
-from cxr_batch.contract import CAM_ROLE, file_sha256
+from cxr_batch.contract import CAM_ROLE
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.errors import InputError, OutputError
 from cxr_batch.io.inputs import InputFile, InputSpec, discover, iter_inputs, no_input_files
 from cxr_batch.io.shard import Shard
-from cxr_batch.report import provenance
+from cxr_batch.report import provenance, sinks
 from cxr_batch.report.heatmap import HeatmapWriter
 from cxr_batch.report.progress import progress_bar
+from cxr_batch.report.sinks import BatchSink, HeatmapSink, ProvenanceSink, ReportSink, SpoolSink, SRSink, SRStage
 from cxr_batch.report.writer import (
     Existing,
     ReportConfig,
@@ -38,8 +39,8 @@ from cxr_batch.report.writer import (
 from cxr_batch.text import markup
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.ray import RayConfig, RayEngine
-    from cxr_batch.engine.types import Result
+    from cxr_batch.engine.ray import RayConfig
+    from cxr_batch.engine.types import Engine
     from cxr_batch.io.dicomweb import DicomwebConfig, DicomwebSource
     from cxr_batch.report.sr import SRWriter
     from cxr_batch.report.sr_pool import SRPool
@@ -102,87 +103,56 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         from cxr_batch.engine.ray import require_ray
 
         require_ray()  # MissingExtraError before a long walk, not after it
-    source: DicomwebSource | None = None
-    walk: Callable[[list[str] | None], Iterator[InputFile]]
-    if config.dicomweb is not None:
-        from cxr_batch.io.dicomweb import DicomwebSource
-
-        source = DicomwebSource(config.dicomweb)
-        found = source.discover()
-        for warning in found.warnings:
-            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-        if not found.files:
-            source.close()
-            raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
-
-        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
-            return iter(found.files)
-
-    else:
-        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
-        outputs = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
-        spec = replace(config.inputs, outputs=(*config.inputs.outputs, *outputs))
-
-        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
-            # Lazily, folder by folder: the file list is never held (issue 24, item 4).
-            return iter_inputs(spec, warnings)
-
-        # Fail fast, before the model loads: a missing input path, or no input file at all.
-        first: list[str] = []
-        skipped: Counter[str] = Counter()
-        peek = iter_inputs(spec, first, skipped)
-        empty = next(peek, None) is None
-        if not empty and len(spec.paths) + len(spec.listed) > 1:
-            for _ in peek:  # several inputs: two files under one name are refused before anything is written
-                pass
-        del peek
-        if empty:
-            for warning in first:
-                console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-            raise InputError(no_input_files(config.inputs, skipped))
+    source, walk = _inputs(config, console)  # fails fast, before the model loads
     shard = config.shard
 
-    classifier: Classifier | RayEngine
-    if config.ray is not None:
-        from cxr_batch.engine.ray import RayEngine
-
-        classifier = RayEngine(config.engine, config.ray)
-    else:
-        engine = config.engine
-        if config.heatmaps is not None and CAM_ROLE not in engine.extra_outputs:
-            engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
-        classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
+    try:
+        classifier = _engine(config)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
     meta = classifier.meta
-    identity = RunIdentity(meta.ident, file_sha256(classifier.model_path), meta.precision)
+    # The model file is hashed once (in the background since it was chosen); the rows, the SRs
+    # and the provenance record all take this digest.
+    identity = RunIdentity(meta.ident, classifier.model_sha256, meta.precision)
     for notice in classifier.notices:  # once, whatever --quiet says: the model in use changed
         console.print(f"[yellow]notice:[/] {markup(notice)}", highlight=False, soft_wrap=True)
     heatmaps = HeatmapWriter(config.heatmaps, meta.labels) if config.heatmaps is not None else None
     run_id = provenance.new_run_id() if record is not None else None
-    recorder: provenance.RunRecorder | None = None
     srs: SRWriter | None = None
     if config.sr is not None:
         from cxr_batch.report.sr import ModelIdent, SRWriter
 
-        if not isinstance(classifier, Classifier):
+        if classifier.kind != "local":
             raise InputError("--sr needs --engine local")
         store = source.store_encoded if (config.stow and source is not None) else None
-        srs = SRWriter(config.sr, ModelIdent.of(meta, file_sha256(classifier.model_path)), store=store)
+        srs = SRWriter(config.sr, ModelIdent.of(meta, identity.model_sha256), store=store)
     pool: SRPool | None = None
     if srs is not None and config.sr_workers != 0:
         from cxr_batch.report.sr_pool import SRPool
 
         pool = SRPool(srs, config.sr_workers)
+    stage = SRStage(srs, pool)
+    # The run's outputs besides the report, in the order they take each batch and are closed;
+    # the report goes first and the provenance record last (once it is started).
+    others: list[BatchSink] = []
+    if heatmaps is not None:
+        others.append(HeatmapSink(heatmaps))
+    if srs is not None:
+        others.append(SRSink(srs))
+    if source is not None:
+        others.append(SpoolSink(source))
     try:
         writer, existing = open_report(config.report, meta.labels, identity, stdout, run_id=run_id)
         offset = None if config.report.to_stdout else os.path.getsize(config.report.out)  # this run's rows start here
     except BaseException:
-        if heatmaps is not None:
-            heatmaps.close()
-        if pool is not None:
-            pool.close(cancel=True)
+        stage.close(cancel=True)
+        sinks.close(others)
         raise
     stats = RunStats(labels=meta.labels, model=meta.ident, provider=classifier.provider, drop_ood=config.drop_ood)
     stats.precision_note = classifier.precision_reason
+    outputs: list[BatchSink] = [ReportSink(writer, stats), *others]
     try:
         restyle = _in_report_style(existing, config, console)
         counts = _Counts()
@@ -224,9 +194,9 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
                 kept_rows=existing.rows,
                 started=started,
                 report_offset=offset,
-                ray=config.ray is not None,
                 source=source.describe() if source is not None else None,
             )
+            outputs.append(ProvenanceSink(recorder, classifier))
         else:
             for _ in first_pass():
                 pass
@@ -253,65 +223,27 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
         todo = (f for f in files() if f.display not in existing.paths)
         show = console.is_terminal and not config.quiet
         with progress_bar(console, counts.todo, show, "classify", "img/s", log=not config.quiet) as advance:
-            if source is None and isinstance(classifier, Classifier):
-                batches = classifier.iter_batches(todo)
-            elif source is None:
-                batches = classifier.iter_batches(list(todo))  # Ray Data takes a list
-            elif isinstance(classifier, Classifier):
-                batches = classifier.iter_batches(source.retrieve(todo))
-            else:
+            if source is not None and classifier.kind != "local":
                 raise InputError("--dicomweb needs --engine local")
-
-            def finish(batch: list[Result]) -> None:
-                """The batch's rows, once its SR outcomes (if any) are in their notes."""
-                writer.write(batch)
-                stats.add(batch)
-                if recorder is not None:
-                    recorder.add(batch)
-                if heatmaps is not None:
-                    heatmaps.write(batch)
-                if source is not None:
-                    source.release(batch)
-                advance(len(batch))
-
+            batches = classifier.iter_batches(todo if source is None else source.retrieve(todo))
             with closing(batches):  # on Ctrl-C, stop the decoder threads now
                 for batch in batches:
-                    if pool is not None:
-                        pool.submit(batch)  # SRs off the critical path: rows follow in order
-                        for done in pool.ready():
-                            finish(done)
-                        continue
-                    if srs is not None:
-                        srs.write(batch)  # first: its notes go into the rows
-                    finish(batch)
-                if pool is not None:
-                    for done in pool.ready(wait_all=True):
-                        finish(done)
+                    for done in stage.feed(batch):  # the batch, once its SR outcomes (if any) are in its notes
+                        sinks.write_batch(outputs, done)
+                        advance(len(done))
+                for done in stage.drain():
+                    sinks.write_batch(outputs, done)
+                    advance(len(done))
         if heatmaps is not None and existing.rows:
             _redo_heatmaps(classifier, heatmaps, files(), existing, console, config.quiet)
         stats.provider = classifier.provider  # Ray: known once the workers have reported
     except BaseException as exc:
-        if recorder is not None:
-            recorder.note_exception(exc)
+        sinks.fail(outputs, exc)
         raise
     finally:
-        if pool is not None:
-            pool.close(cancel=sys.exc_info()[0] is not None)  # on an error, drop the SRs not started
-        try:
-            writer.close()
-        finally:
-            if heatmaps is not None:
-                heatmaps.close()
-            if srs is not None:
-                srs.close()
-            if source is not None:
-                source.close()
-            stats.finish()
-            if recorder is not None:
-                recorder.set_provider(classifier.provider)
-                problem = recorder.close()  # after the report is closed: the record counts synced rows
-                if problem is not None:
-                    console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
+        stage.close(cancel=sys.exc_info()[0] is not None)  # on an error, drop the SRs not started
+        for problem in sinks.close(outputs):  # the provenance record last: it counts synced rows
+            console.print(f"[yellow]warning:[/] {markup(problem)}", highlight=False, soft_wrap=True)
     if not config.quiet:
         render_summary(stats, console)  # it says so itself when the films look unlike the training data
         report = "stdout" if config.report.to_stdout else config.report.out
@@ -320,17 +252,73 @@ def run_classify(config: ClassifyConfig, console: Console | None = None, stdout:
     elif stats.unlike_training:
         warning = unlike_training_warning(stats.assessable_flagged, stats.assessable)
         console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
-    if heatmaps is not None:
-        heatmaps.report(console, quiet=config.quiet)
-    if srs is not None:
-        srs.close()
-        srs.report(console, quiet=config.quiet)
-        stats.output_failures += len(srs.stats.failures)
-    if source is not None and source.fatal is not None:
-        from cxr_batch.io.dicomweb import DicomwebError
-
-        raise DicomwebError(source.fatal)
+    # each output says what it wrote; a DICOMweb retrieval that failed ends the run with its error
+    stats.output_failures += sinks.report(outputs, console, config.quiet)
     return stats
+
+
+def _inputs(
+    config: ClassifyConfig, console: Console
+) -> tuple[DicomwebSource | None, Callable[[list[str] | None], Iterator[InputFile]]]:
+    """The run's inputs: the DICOMweb source (or None) and a function that walks them, lazily, each call.
+
+    Raises:
+        InputError: an input does not exist, or no input files were found.
+    """
+    source: DicomwebSource | None = None
+    walk: Callable[[list[str] | None], Iterator[InputFile]]
+    if config.dicomweb is not None:
+        from cxr_batch.io.dicomweb import DicomwebSource
+
+        source = DicomwebSource(config.dicomweb)
+        found = source.discover()
+        for warning in found.warnings:
+            console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+        if not found.files:
+            source.close()
+            raise InputError(f"no image instances found on {source.url} for the given --study/--series/--query")
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            return iter(found.files)
+
+    else:
+        # The run's own outputs are never inputs, even inside an input folder (issue 12, item 6).
+        own = tuple(p for p in (config.report.out, config.heatmaps, config.sr) if p is not None and p != "-")
+        spec = replace(config.inputs, outputs=(*config.inputs.outputs, *own))
+
+        def walk(warnings: list[str] | None) -> Iterator[InputFile]:
+            # Lazily, folder by folder: the file list is never held (issue 24, item 4).
+            return iter_inputs(spec, warnings)
+
+        # Fail fast, before the model loads: a missing input path, or no input file at all.
+        first: list[str] = []
+        skipped: Counter[str] = Counter()
+        peek = iter_inputs(spec, first, skipped)
+        empty = next(peek, None) is None
+        if not empty and len(spec.paths) + len(spec.listed) > 1:
+            for _ in peek:  # several inputs: two files under one name are refused before anything is written
+                pass
+        del peek
+        if empty:
+            for warning in first:
+                console.print(f"[yellow]warning:[/] {markup(warning)}", highlight=False, soft_wrap=True)
+            raise InputError(no_input_files(config.inputs, skipped))
+    return source, walk
+
+
+def _engine(config: ClassifyConfig) -> Engine:
+    """The engine the run asks for, its model loaded (and being hashed in the background)."""
+    classifier: Engine
+    if config.ray is not None:
+        from cxr_batch.engine.ray import RayEngine
+
+        classifier = RayEngine(config.engine, config.ray)
+    else:
+        engine = config.engine
+        if config.heatmaps is not None and CAM_ROLE not in engine.extra_outputs:
+            engine = replace(engine, extra_outputs=(*engine.extra_outputs, CAM_ROLE))
+        classifier = Classifier.from_config(engine)  # a model without the 'cam' output fails here
+    return classifier
 
 
 @dataclass
@@ -365,7 +353,7 @@ def _in_report_style(existing: Existing, config: ClassifyConfig, console: Consol
 
 
 def _redo_heatmaps(
-    classifier: Classifier | RayEngine,
+    classifier: Engine,
     heatmaps: HeatmapWriter,
     files: Iterable[InputFile],
     existing: Existing,

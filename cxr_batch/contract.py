@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -419,6 +420,53 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class FileDigest:
+    """The sha256 of one file, computed once: in a background thread from :meth:`start` (so loading
+    the model overlaps it), or on the first :meth:`hexdigest` call. Every part of a run (the report's
+    ``model_sha256``, the provenance record, the SRs) takes it from here: the file is hashed once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._value: str | None = None
+        self._error: Exception | None = None
+
+    def start(self) -> FileDigest:
+        """Begin hashing in a background thread (idempotent); returns ``self``."""
+        with self._lock:
+            if self._thread is None and self._value is None and self._error is None:
+                self._thread = threading.Thread(target=self._compute, name="cxr-model-hash", daemon=True)
+                self._thread.start()
+        return self
+
+    def _compute(self) -> None:
+        try:
+            value = file_sha256(self.path)
+        except Exception as exc:  # raised to whoever asks for the digest, in their thread
+            self._error = exc
+        else:
+            self._value = value
+
+    def hexdigest(self) -> str:
+        """The digest (waiting for the background thread, or hashing now when none was started).
+
+        Raises:
+            OSError: the file can't be read (or what :func:`file_sha256` raised).
+        """
+        with self._lock:
+            thread = self._thread
+            if thread is None and self._value is None and self._error is None:
+                self._compute()
+        if thread is not None:
+            thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def embedded_models_dir() -> Path:

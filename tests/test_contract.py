@@ -13,6 +13,7 @@ from conftest import LABELS, contract
 from cxr_batch.cli.main import main
 from cxr_batch.contract import file_sha256
 from cxr_batch.engine import classifier as inference
+from cxr_batch.engine import model as model_loading
 from cxr_batch.engine.classifier import Classifier, EngineConfig, load_model, model_info
 from cxr_batch.errors import DeviceError, ModelError, NoDefaultModelError
 
@@ -145,7 +146,7 @@ def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty embedded-models folder in place of the package's."""
     folder = tmp_path / "models"
     folder.mkdir()
-    monkeypatch.setattr(inference, "default_model_dirs", lambda: [folder])
+    monkeypatch.setattr(model_loading, "default_model_dirs", lambda: [folder])
     return folder
 
 

@@ -14,6 +14,8 @@ import pytest
 from conftest import contract
 
 from cxr_batch.engine import classifier as inference
+from cxr_batch.engine import model as model_loading
+from cxr_batch.engine import session
 from cxr_batch.engine.classifier import CPU, CUDA, Classifier
 from cxr_batch.io.preprocess import normalise
 
@@ -22,7 +24,7 @@ from cxr_batch.io.preprocess import normalise
 def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "models"
     folder.mkdir()
-    monkeypatch.setattr(inference, "default_model_dirs", lambda: [folder])
+    monkeypatch.setattr(model_loading, "default_model_dirs", lambda: [folder])
     monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
     return folder
 
@@ -63,8 +65,10 @@ def test_cuda_that_does_not_start_falls_back_to_the_cpu_default(
     _install(default_dir, make_model, "fp32", "int8", "fp16")
     monkeypatch.setenv("CXR_BATCH_CPU_FLAGS", "avx512_vnni")
     real = inference.create_session
-    monkeypatch.setattr(inference, "available_providers", lambda: [CUDA, CPU])
-    monkeypatch.setattr(inference, "create_session", lambda path, device="auto", threads=0: real(path, "cpu", threads))
+    monkeypatch.setattr(session, "available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(
+        model_loading, "create_session", lambda path, device="auto", threads=0: real(path, "cpu", threads)
+    )
     clf = Classifier(device="auto", threads=1)
     assert clf.meta.precision == "int8" and clf.provider == CPU
 

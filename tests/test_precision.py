@@ -18,6 +18,7 @@ from conftest import contract
 from cxr_batch.cli.main import main
 from cxr_batch.engine import classifier as inference
 from cxr_batch.engine import cpu
+from cxr_batch.engine import model as model_loading
 from cxr_batch.engine.classifier import Classifier, EngineConfig
 from cxr_batch.engine.selfcheck import SELF_CHECK_KEY, run_self_check
 from cxr_batch.errors import ModelError
@@ -130,7 +131,7 @@ def test_every_shipped_model_passes_its_self_check_here(precision: str) -> None:
 
 def test_auto_takes_fp32_on_an_avx2_cpu_and_int8_with_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
     _need_shipped("fp32", "int8")
-    monkeypatch.setattr(inference, "default_model_dirs", lambda: [EXPORT])
+    monkeypatch.setattr(model_loading, "default_model_dirs", lambda: [EXPORT])
     monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
     monkeypatch.setenv(cpu.CPU_FLAGS_ENV, "avx2")
     clf = Classifier(device="cpu", threads=1)
@@ -199,7 +200,7 @@ def damaged_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     folder.mkdir()
     shutil.copyfile(SHIPPED["fp32"], folder / inference.DEFAULT_MODEL_FILES["fp32"])
     _damage(SHIPPED["int8"], folder / inference.DEFAULT_MODEL_FILES["int8"])
-    monkeypatch.setattr(inference, "default_model_dirs", lambda: [folder])
+    monkeypatch.setattr(model_loading, "default_model_dirs", lambda: [folder])
     monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
     monkeypatch.setenv(cpu.CPU_FLAGS_ENV, VNNI)  # a CPU where auto takes int8
     yield folder

@@ -97,14 +97,14 @@ def _shipped(*names: str) -> None:
 
 def test_auto_takes_int8_only_when_its_contract_passed_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
     _shipped("cxr-resnet18.onnx", "cxr-resnet18-int8.onnx")
-    from cxr_batch.engine import classifier as inference
     from cxr_batch.engine import cpu
+    from cxr_batch.engine import model as model_loading
     from cxr_batch.engine.classifier import Classifier
     from cxr_batch.training.onnx_file import read_contract_file
 
     pytest.importorskip("onnx")
     passed, why = int8_gate_verdict(read_contract_file(EXPORT / "cxr-resnet18-int8.onnx")[1])
-    monkeypatch.setattr(inference, "default_model_dirs", lambda: [EXPORT])
+    monkeypatch.setattr(model_loading, "default_model_dirs", lambda: [EXPORT])
     monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
     monkeypatch.setenv(cpu.CPU_FLAGS_ENV, "avx2 avx512f avx512_vnni")
     clf = Classifier(device="cpu", threads=1)

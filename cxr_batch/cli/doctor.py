@@ -73,7 +73,7 @@ def doctor_command(as_json: bool) -> None:
     for key, text in env.version_lines():
         click.echo(f"{key}: {shown(text)}")
     click.echo(f"cpu: {shown(env.cpu_line())}")
-    from cxr_batch.engine.classifier import cuda_possible
+    from cxr_batch.engine.session import cuda_possible
 
     cuda = cuda_possible("auto", providers)
     click.echo(

@@ -339,7 +339,7 @@ def info_command(model: str | None, precision: str, as_json: bool) -> None:
     """
     import json
 
-    from cxr_batch.engine.classifier import model_info
+    from cxr_batch.engine.model import model_info
 
     info = model_info(model, precision)  # type: ignore[arg-type]
     if as_json:

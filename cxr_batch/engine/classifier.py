@@ -1,4 +1,4 @@
-"""The classify engine: model resolution, the onnxruntime session and :class:`Classifier`.
+"""The classify engine's :class:`Classifier`: decoder threads, inference streams, results in order.
 
 Pipeline: a small pool of decoder threads runs :func:`cxr_batch.io.preprocess.preprocess_file`
 ahead of the model (Pillow and numpy release the GIL), at most ``(streams + 2) * batch_size +
@@ -9,34 +9,57 @@ does with a batch (writing and syncing the report) overlaps the next batches' in
 two batches ("streams") run at once, each in its own session with half the cores. Results come out
 in input order, one per file: a file that can't be decoded becomes an error result, never an
 exception. Measurements behind these choices: ``benchmarks/RESULTS.md``.
+
+Which model file runs and how it is loaded lives in :mod:`cxr_batch.engine.model`, onnxruntime
+sessions in :mod:`cxr_batch.engine.session`, the decode stage in :mod:`cxr_batch.engine.pipeline`;
+their names are importable from here too, as before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_batch.contract import (
-    SCREEN_LABEL,
-    ModelMeta,
-    check_output_shapes,
-    file_sha256,
-    int8_gate_verdict,
-    read_contract,
-)
-from cxr_batch.engine.cpu import cpu_facts, default_workers, int8_choice, physical_cores, usable_cpus
+from cxr_batch.contract import SCREEN_LABEL, ModelMeta
+from cxr_batch.engine.cpu import default_workers, physical_cores, usable_cpus
+from cxr_batch.engine.model import AUTO_ORDER as AUTO_ORDER
+from cxr_batch.engine.model import DEFAULT_MODEL_FILES as DEFAULT_MODEL_FILES
+from cxr_batch.engine.model import MODEL_ENV as MODEL_ENV
+from cxr_batch.engine.model import LoadedModel as LoadedModel
+from cxr_batch.engine.model import ModelChoice as ModelChoice
+from cxr_batch.engine.model import apply_self_check as apply_self_check
+from cxr_batch.engine.model import auto_order as auto_order
+from cxr_batch.engine.model import choose_model as choose_model
+from cxr_batch.engine.model import default_model_dirs as default_model_dirs
+from cxr_batch.engine.model import find_default_model as find_default_model
+from cxr_batch.engine.model import load_model as load_model
+from cxr_batch.engine.model import meta_dict as meta_dict
+from cxr_batch.engine.model import model_card as model_card
+from cxr_batch.engine.model import model_info as model_info
+from cxr_batch.engine.model import open_model as open_model
+from cxr_batch.engine.model import package_model_dirs as package_model_dirs
+from cxr_batch.engine.model import precision_reason as precision_reason
+from cxr_batch.engine.model import screening_in_use as screening_in_use
+from cxr_batch.engine.pipeline import Prepared, apply_verdict, as_input, prepare, stack_tensors
 from cxr_batch.engine.postprocess import softmax
-from cxr_batch.engine.selfcheck import CheckResult, run_self_check
+from cxr_batch.engine.selfcheck import CheckResult
+from cxr_batch.engine.session import CPU as CPU
+from cxr_batch.engine.session import CUDA as CUDA
+from cxr_batch.engine.session import CUDA_HELP as CUDA_HELP
+from cxr_batch.engine.session import _ort_errors as _ort_errors
+from cxr_batch.engine.session import available_providers as available_providers
+from cxr_batch.engine.session import create_session as create_session
+from cxr_batch.engine.session import cuda_possible as cuda_possible
+from cxr_batch.engine.session import default_streams as default_streams
 from cxr_batch.engine.types import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from cxr_batch.engine.types import DEVICES as DEVICES
 from cxr_batch.engine.types import MAX_BATCH_BYTES as MAX_BATCH_BYTES
@@ -46,576 +69,16 @@ from cxr_batch.engine.types import EngineConfig as EngineConfig
 from cxr_batch.engine.types import Precision as Precision
 from cxr_batch.engine.types import Result as Result
 from cxr_batch.engine.types import bounded_batch
-from cxr_batch.errors import DeviceError, ImageError, ModelError, NoDefaultModelError
+from cxr_batch.errors import ModelError
 from cxr_batch.io.inputs import InputFile
-from cxr_batch.io.lungs import LungVerdict, preprocess_file_lungs
-from cxr_batch.io.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from cxr_batch.engine.lungs import LungSegmenter
 
-#: The environment variable that names a model when ``--model`` is not given.
-MODEL_ENV = "CXR_BATCH_MODEL"
-#: The embedded default models (``export/`` in the source tree, ``cxr_batch.models`` installed).
-DEFAULT_MODEL_FILES = {"fp32": "cxr-resnet18.onnx", "int8": "cxr-resnet18-int8.onnx", "fp16": "cxr-resnet18-fp16.onnx"}
-#: What ``--precision auto`` takes, first installed wins: int8 runs 3x faster than fp32 on CPUs
-#: with 8-bit dot products (VNNI, AMX, ARM dot product; :func:`cxr_batch.engine.cpu.int8_choice`),
-#: fp32 is as fast and exact on the others; fp16 uses the GPU's tensor cores; fp16 on a CPU is
-#: emulated, so it comes last there. See :func:`auto_order`.
-AUTO_ORDER = {
-    "cpu": ("int8", "fp32", "fp16"),
-    "cpu-no-int8": ("fp32", "int8", "fp16"),
-    "cuda": ("fp16", "fp32", "int8"),
-}
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-
-CUDA_HELP = (
-    "To run on the GPU, install onnxruntime-gpu instead of onnxruntime "
-    "(pip uninstall onnxruntime && pip install onnxruntime-gpu) with the CUDA and cuDNN major versions "
-    "that onnxruntime-gpu release was built for (CUDA 12.x and cuDNN 9.x for current releases; "
-    "'pip install \"onnxruntime-gpu[cuda,cudnn]\"' installs them from PyPI), and check that the NVIDIA "
-    "driver works (nvidia-smi). Requirements: "
-    "https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements. "
-    "Or use --device cpu."
-)
-
-
-def default_streams(threads: int, cuda: bool) -> int:
-    """Batches in onnxruntime at once: 1 on CUDA (one GPU, one queue); on a CPU, 2 when there are
-    at least 2 threads. Two half-size sessions keep every core busy through each other's serial
-    stretches and never wait at a parallel-for barrier for a core a decoder thread took."""
-    return 1 if cuda or threads < 2 else 2
-
-
-# --------------------------------------------------------------------------- model resolution
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which model file to load, and why."""
-
-    path: Path
-    #: "--model", "$CXR_BATCH_MODEL" or "embedded default"
-    origin: str
-
-
-def default_model_dirs() -> list[Path]:
-    """Where the embedded default models may be: the installed ``cxr_batch.models`` package,
-    then ``<repo>/export/`` when running from a source tree."""
-    return package_model_dirs()
-
-
-def package_model_dirs() -> list[Path]:
-    """:func:`default_model_dirs`' answer, for the lung segmenter too (tests replace the former only)."""
-    dirs: list[Path] = []
-    try:
-        from importlib.resources import files
-
-        found = files("cxr_batch.models")
-        if isinstance(found, Path):
-            dirs.append(found)
-        else:  # a MultiplexedPath (namespace package) or a zip; only real folders can be used
-            with contextlib.suppress(Exception):
-                candidate = Path(str(found))
-                if candidate.is_dir():
-                    dirs.append(candidate)
-    except ModuleNotFoundError:
-        pass
-    source_tree = Path(__file__).resolve().parents[2] / "export"  # cxr_batch/engine/ -> the repository
-    if source_tree.is_dir():
-        dirs.append(source_tree)
-    unique: list[Path] = []
-    for d in dirs:
-        if d.resolve() not in [u.resolve() for u in unique]:
-            unique.append(d)
-    return unique
-
-
-def auto_order(cuda: bool = False) -> tuple[str, ...]:
-    """The precisions ``--precision auto`` tries, first installed wins: fp16 first on CUDA; on a
-    CPU int8 first only when the CPU has 8-bit dot products (:func:`~cxr_batch.engine.cpu.int8_choice`)."""
-    if cuda:
-        return AUTO_ORDER["cuda"]
-    return AUTO_ORDER["cpu"] if int8_choice()[0] else AUTO_ORDER["cpu-no-int8"]
-
-
-def find_default_model(precision: Precision = "auto", cuda: bool = False) -> Path:
-    """The embedded default model file for ``precision``.
-
-    ``auto`` takes the fp16 model on CUDA when it is installed; on a CPU the int8 model when the
-    CPU has 8-bit dot products (VNNI, AMX, ARM dot product) and it is installed; the fp32 master
-    otherwise (see :func:`auto_order`).
-
-    Raises:
-        NoDefaultModelError: no default model is installed (or not the precision asked for).
-    """
-    for folder in default_model_dirs():
-        files = {p: folder / name for p, name in DEFAULT_MODEL_FILES.items()}
-        have = [p for p, f in files.items() if f.is_file()]
-        if not have:
-            continue
-        if precision == "auto":
-            return files[next(p for p in auto_order(cuda) if p in have)]
-        if precision in have:
-            return files[precision]
-        raise NoDefaultModelError(
-            f"the embedded {precision} model ({DEFAULT_MODEL_FILES[precision]}) is not installed in {folder}; "
-            "use --precision auto, or pass a model with --model PATH"
-        )
-    raise NoDefaultModelError(
-        "no model given and no default model is installed: pass --model PATH (an ONNX model with the "
-        f"cxr-batch contract) or set {MODEL_ENV}=PATH. This build of cxr-batch ships without "
-        f"{DEFAULT_MODEL_FILES['fp32']}; 'cxr-batch export' creates one."
-    )
-
-
-def choose_model(
-    model: str | os.PathLike[str] | None, precision: Precision = "auto", cuda: bool = False
-) -> ModelChoice:
-    """``model``, else ``$CXR_BATCH_MODEL``, else the embedded default.
-
-    Raises:
-        ModelError: the named file does not exist.
-        NoDefaultModelError: nothing named and no default installed.
-    """
-    if model is not None:
-        path, origin = Path(model), "--model"
-    elif os.environ.get(MODEL_ENV):
-        path, origin = Path(os.environ[MODEL_ENV]), f"${MODEL_ENV}"
-    else:
-        return ModelChoice(find_default_model(precision, cuda), "embedded default")
-    if not path.exists():
-        raise ModelError(f"model file not found: {path} (from {origin})")
-    if path.is_dir():
-        raise ModelError(f"{path} (from {origin}) is a folder; pass the .onnx file")
-    return ModelChoice(path, origin)
-
-
-# --------------------------------------------------------------------------- sessions
-
-
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    """onnxruntime's exception classes (they derive from Exception directly), plus the Python ones."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = (
-        "Fail",
-        "InvalidArgument",
-        "NoSuchFile",
-        "NoModel",
-        "EngineError",
-        "RuntimeException",
-        "InvalidProtobuf",
-        "ModelLoaded",
-        "NotImplemented",
-        "InvalidGraph",
-        "EPFail",
-    )
-    found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
-    return (*found, RuntimeError, ValueError, OSError)
-
-
-def available_providers() -> list[str]:
-    """The execution providers this onnxruntime build offers."""
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
-
-
-def cuda_possible(device: Device, providers: list[str] | None = None) -> bool:
-    """Whether to choose for CUDA (the model it prefers, its stream count): ``device="cuda"``, or
-    ``"auto"`` with a CUDA provider in this onnxruntime build (``providers``, default
-    :func:`available_providers`). Whether CUDA really starts is checked by :func:`create_session`."""
-    if device == "cuda":
-        return True
-    return device == "auto" and CUDA in (available_providers() if providers is None else providers)
-
-
-def create_session(
-    path: str | os.PathLike[str], device: Device = "auto", threads: int = 0
-) -> tuple[ort.InferenceSession, str]:
-    """Load ``path`` in onnxruntime on ``device``; returns the session and the provider that runs it.
-
-    onnxruntime silently falls back to CPU when the CUDA libraries don't load, so the providers
-    the session really got are checked after creating it.
-
-    Raises:
-        ModelError: the file is not a loadable ONNX model.
-        DeviceError: ``device="cuda"`` and CUDA is not really available.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: the CUDA fallback is reported by us, in words
-    # One graph, run op after op on all physical cores: ResNet-18 has no parallel branches worth
-    # an inter-op pool, and SMT siblings add nothing to these convolution kernels.
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = threads or physical_cores() or 0
-    # No busy-waiting between ops and batches: the decoder threads need those cycles
-    # (measured: spinning lowers classify's throughput; benchmarks/RESULTS.md).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-    available = ort.get_available_providers()
-    if device == "cuda" and CUDA not in available:
-        raise DeviceError(
-            f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDA support "
-            f"(providers: {', '.join(available)}). {CUDA_HELP}"
-        )
-    providers = [CUDA, CPU] if cuda_possible(device, available) else [CPU]
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except _ort_errors() as exc:
-        raise ModelError(f"{path}: cannot load the model: {exc}") from None
-    active = session.get_providers()
-    if device == "cuda" and (not active or active[0] != CUDA):
-        raise DeviceError(
-            "--device cuda: onnxruntime-gpu is installed but the CUDA provider failed to start "
-            "(usually CUDA or cuDNN libraries missing or of the wrong version), so onnxruntime fell back "
-            f"to {', '.join(active)}. {CUDA_HELP}"
-        )
-    return session, (active[0] if active else CPU)
-
-
-@dataclass
-class LoadedModel:
-    """A validated model, ready to run."""
-
-    session: ort.InferenceSession
-    meta: ModelMeta
-    path: Path
-    origin: str
-    provider: str
-    #: the precision in use and why (``fp32: AMD EPYC has no VNNI ...``)
-    reason: str = ""
-    #: what the user must be told once (a fallback to fp32)
-    notices: tuple[str, ...] = ()
-    #: the load-time self-check (None: the contract has no reference images)
-    check: CheckResult | None = None
-
-
-def screening_in_use(meta: ModelMeta, covid_threshold: float | None, source: str = "model") -> dict[str, Any] | None:
-    """The screening call the ``covid_screen`` column makes: ``--covid-threshold`` when given, else
-    the contract's operating point; ``{"label", "threshold", "source"}``, or None (no call).
-
-    Raises:
-        ModelError: ``--covid-threshold`` with a model that has no ``covid`` label.
-    """
-    if covid_threshold is not None:
-        if SCREEN_LABEL not in meta.labels:
-            raise ModelError(
-                f"{source}: --covid-threshold needs a model with a '{SCREEN_LABEL}' label (it has {list(meta.labels)})"
-            )
-        return {"label": SCREEN_LABEL, "threshold": float(covid_threshold), "source": "--covid-threshold"}
-    if meta.screening is not None and meta.screening.label == SCREEN_LABEL:
-        return {"label": SCREEN_LABEL, "threshold": meta.screening.threshold, "source": "model contract"}
-    return None
-
-
-def precision_reason(meta: ModelMeta, origin: str, precision: Precision, provider: str) -> str:
-    """Why this model's precision is the one in use, in one line."""
-    if origin != "embedded default":
-        return f"{meta.precision}: the file's own (from {origin})"
-    if precision != "auto":
-        return f"{meta.precision}: --precision {precision}"
-    if provider == CUDA:
-        return f"{meta.precision}: on CUDA" + (
-            " (the GPU's tensor cores)" if meta.precision == "fp16" else ", no fp16 model installed"
-        )
-    use_int8, why = int8_choice()
-    if (meta.precision == "int8") == use_int8:
-        return why
-    return f"{meta.precision}: the {'int8' if use_int8 else 'fp32'} model is not installed; " + why.split(": ", 1)[1]
-
-
-def open_model(config: EngineConfig, session_device: Device | None = None, cuda: bool | None = None) -> LoadedModel:
-    """Resolve, load and validate the model ``config`` names, then run its self-check
-    (:func:`apply_self_check`): what ``classify``, ``evaluate`` and the Ray driver share.
-
-    Args:
-        session_device: the device of the session made here (default ``config.device``).
-        cuda: whether to choose the model CUDA prefers (default: CUDA is possible here).
-
-    Raises:
-        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`;
-            also a failed self-check that can't fall back.
-        DeviceError: see :func:`create_session`.
-    """
-    device = config.device if session_device is None else session_device
-    for_cuda = cuda_possible(config.device) if cuda is None else cuda
-    choice = choose_model(config.model, config.precision, cuda=for_cuda)
-    session, provider = create_session(choice.path, device, config.threads)
-    if (
-        choice.origin == "embedded default"
-        and config.precision == "auto"
-        and provider != CUDA
-        and for_cuda
-        and device != "cpu"
-    ):
-        # CUDA was expected but did not start: take the CPU's default instead.
-        on_cpu = find_default_model("auto", cuda=False)
-        if on_cpu != choice.path:
-            choice = ModelChoice(on_cpu, choice.origin)
-            session, provider = create_session(choice.path, device, config.threads)
-    meta = read_contract(session, str(choice.path))
-    if choice.origin != "embedded default" and config.precision != "auto" and meta.precision != config.precision:
-        raise ModelError(
-            f"{choice.path} is a {meta.precision} model but --precision {config.precision} was asked; "
-            "--precision picks between the embedded default models, so leave it at auto with --model"
-        )
-    reason_provider = CUDA if (cuda is not None and cuda) else provider
-    gate_reason = ""
-    if choice.origin == "embedded default" and config.precision == "auto" and meta.precision == "int8":
-        passed, why = int8_gate_verdict(meta)
-        if not passed:  # the int8 file is not as faithful as fp32: auto takes the fp32 master
-            with contextlib.suppress(NoDefaultModelError):
-                fp32 = find_default_model("fp32")
-                if fp32 != choice.path:
-                    choice = ModelChoice(fp32, choice.origin)
-                    session, provider = create_session(choice.path, device, config.threads)
-                    meta = read_contract(session, str(choice.path))
-                    gate_reason = f"fp32: the int8 model did not pass the export gate ({why}) (--precision auto)"
-    loaded = LoadedModel(
-        session=session,
-        meta=meta,
-        path=choice.path,
-        origin=choice.origin,
-        provider=provider,
-        reason=gate_reason or precision_reason(meta, choice.origin, config.precision, reason_provider),
-    )
-    return apply_self_check(loaded, config, device)
-
-
-def apply_self_check(loaded: LoadedModel, config: EngineConfig, device: Device | None = None) -> LoadedModel:
-    """Run the contract's reference images (:mod:`cxr_batch.engine.selfcheck`) and act on the result.
-
-    Passed, or a contract without references: ``loaded``, with the result. Failed: under
-    ``--precision auto`` with the embedded default, the embedded fp32 model instead (when it
-    passes), with a notice for the user; otherwise (``--precision int8``/``fp16`` asked,
-    ``--model`` or ``$CXR_BATCH_MODEL``, or fp32 failing itself) a ModelError naming the
-    deviation and the way out.
-    """
-    check = run_self_check(loaded.session, loaded.meta)
-    loaded = replace(loaded, check=check)
-    if check is None or check.ok:
-        return loaded
-    precision = loaded.meta.precision
-    if loaded.origin == "embedded default" and config.precision == "auto" and precision != "fp32":
-        with contextlib.suppress(NoDefaultModelError):
-            fp32 = find_default_model("fp32")
-            if fp32 != loaded.path:
-                session, provider = create_session(fp32, config.device if device is None else device, config.threads)
-                meta = read_contract(session, str(fp32))
-                fp32_check = run_self_check(session, meta)
-                if fp32_check is None or fp32_check.ok:
-                    notice = (
-                        f"the {precision} model {loaded.path.name} gives wrong results on this machine "
-                        f"({check.describe()}); using the fp32 model {fp32.name} instead"
-                    )
-                    return LoadedModel(
-                        session=session,
-                        meta=meta,
-                        path=fp32,
-                        origin=loaded.origin,
-                        provider=provider,
-                        reason=f"fp32: the {precision} model failed its self-check here (--precision auto)",
-                        notices=(*loaded.notices, notice),
-                        check=fp32_check,
-                    )
-    if precision == "fp32":
-        way_out = "the file is damaged or was changed after export: reinstall it or export it again"
-    else:
-        way_out = (
-            f"run with --precision fp32 (the embedded fp32 model), or pass the fp32 master with --model; "
-            f"{precision} kernels of this CPU or onnxruntime build don't compute it as exported, or the file is damaged"
-        )
-    raise ModelError(
-        f"{loaded.path}: the {precision} model gives wrong results on this machine: {check.describe()}. {way_out}"
-    )
-
-
-def load_model(config: EngineConfig) -> LoadedModel:
-    """Resolve, load, validate and self-check the model ``config`` names (see :func:`open_model`),
-    with the extra outputs ``config`` asks for.
-
-    Raises:
-        ModelError, NoDefaultModelError: see :func:`choose_model` and :func:`read_contract`.
-        DeviceError: see :func:`create_session`.
-    """
-    loaded = open_model(config)
-    meta, path = loaded.meta, loaded.path
-    for role in config.extra_outputs:
-        if role not in meta.outputs:
-            hint = (
-                ", so it can't make heatmaps (it still classifies without --heatmaps). Add the output to the "
-                "model file, no retraining needed (needs the train extra): cxr-batch add-cam MODEL.onnx"
-                if role == "cam"
-                else ""
-            )
-            raise ModelError(f"{path}: the model has no '{role}' output (it has {sorted(meta.outputs)}){hint}")
-    check_output_shapes(loaded.session, meta, config.extra_outputs, str(path))  # one tiny run (issue 12)
-    return loaded
-
-
-def model_info(model: str | os.PathLike[str] | None = None, precision: Precision = "auto") -> dict[str, Any]:
-    """What ``cxr-batch info`` prints: the contract, sha256, graph inputs/outputs, providers, the
-    CPU and the precision ``auto`` takes on it, and the model's self-check run here (reported, not
-    enforced: ``classify`` and ``evaluate`` act on it).
-
-    Raises:
-        ModelError, NoDefaultModelError: the model can't be found, loaded or validated.
-    """
-    choice = choose_model(model, precision)
-    session, _ = create_session(choice.path, "cpu", threads=0)
-    meta = read_contract(session, str(choice.path))
-    check = run_self_check(session, meta)
-
-    def shape(s: Sequence[object]) -> list[object]:
-        return [d if isinstance(d, int) else str(d) for d in s]
-
-    return {
-        "path": str(choice.path),
-        "origin": choice.origin,
-        "sha256": file_sha256(choice.path),
-        "size_bytes": choice.path.stat().st_size,
-        "model": meta.ident,
-        "card": model_card(choice.path, meta),
-        "contract": meta_dict(meta),
-        "inputs": [{"name": i.name, "type": i.type, "shape": shape(i.shape)} for i in session.get_inputs()],
-        "outputs": [{"name": o.name, "type": o.type, "shape": shape(o.shape)} for o in session.get_outputs()],
-        "providers_available": available_providers(),
-        "cpu": cpu_facts().as_dict(),
-        "precision": {
-            "in_use": meta.precision,
-            "why": precision_reason(meta, choice.origin, precision, CPU),
-            "auto_on_this_cpu": int8_choice()[1],
-        },
-        "self_check": None
-        if check is None
-        else {
-            "passed": check.ok,
-            "images": check.images,
-            "deviation": check.deviation,
-            "tolerance": check.tolerance,
-            "max_prob_diff": check.max_prob_diff,
-            "seconds": round(check.seconds, 4),
-            "summary": check.describe(),
-            "in_words": check.in_words(meta.precision),
-        },
-    }
-
-
-def model_card(path: Path, meta: ModelMeta) -> str | None:
-    """The model card beside a model file (``<file stem>.md``, else ``<contract name>.md``), or None."""
-    for name in (f"{path.stem}.md", f"{meta.name}.md"):
-        card = path.parent / name
-        if card.is_file():
-            return str(card)
-    return None
-
-
-def meta_dict(meta: ModelMeta) -> dict[str, Any]:
-    """The contract as a plain JSON-ready dict."""
-    import json
-
-    loaded: dict[str, Any] = json.loads(meta.to_json())
-    return loaded
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class _Prepared:
-    item: InputFile
-    tensor: np.ndarray | None = None
-    width: int | None = None
-    height: int | None = None
-    notes: list[str] = field(default_factory=list)
-    fields: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-    not_radiograph: str | None = None
-    verdict: LungVerdict | None = None
-
-
-def _prepare(
-    item: InputFile,
-    spec: PreprocessSpec,
-    lungs: LungSegmenter | None = None,
-    crop: str | None = None,
-    verdicts: bool = True,
-) -> _Prepared:
-    """Runs in a decoder thread. Never raises: any failure becomes the file's error message.
-
-    With ``lungs``, the segmenter reads the decoded film here (one film per call, the decoder
-    threads in parallel), before the classifier's preprocessing, which crops to the lungs when
-    the classifier's contract asks for it (``crop == "lungs"``). ``verdicts=False`` (the lung
-    stage off, a lung-crop classifier): the crop is made, the verdict is not reported.
-    """
-    if item.error is not None:  # discovery already knows (a folder that can't be listed)
-        return _Prepared(item, error=item.error)
-    try:
-        tensor, decoded, verdict = preprocess_file_lungs(item.path, spec, None if lungs is None else lungs.read, crop)
-    except ImageError as exc:
-        return _Prepared(item, error=str(exc))
-    except MemoryError:
-        return _Prepared(item, error="out of memory while decoding the image")
-    except Exception as exc:  # a decoder bug must cost one row, never the whole run
-        return _Prepared(item, error=f"unexpected decoding error: {type(exc).__name__}: {exc}")
-    prepared = _Prepared(
-        item,
-        tensor=tensor,
-        width=decoded.width,
-        height=decoded.height,
-        notes=list(decoded.notes),
-        fields=dict(decoded.fields),
-        verdict=verdict if verdicts else None,
-    )
-    if decoded.not_radiograph:
-        # Still classified (the row keeps its probabilities), but flagged out of distribution
-        # whatever the score: the header says it is not what the model knows.
-        prepared.not_radiograph = decoded.not_radiograph
-        prepared.notes.append(f"out of distribution: {decoded.not_radiograph}")
-    return prepared
-
-
-def _apply_verdict(r: Result, prepared: _Prepared) -> None:
-    """The lung stage's columns; a film that is not assessable keeps its probabilities, loses its label."""
-    verdict = prepared.verdict
-    if verdict is None:
-        return
-    r.lung_fraction = verdict.lung_fraction
-    r.lung_mask = verdict.mask
-    why = verdict.note
-    if why is None and prepared.not_radiograph:
-        why = prepared.not_radiograph  # the DICOM header says it is not a radiograph
-    r.assessable = why is None
-    if why is not None:
-        r.notes.append(f"not assessable: {why}")
-        r.label = None
-        r.confidence = None
-
-
-def _stack(tensors: list[np.ndarray], buffer: list[np.ndarray] | None) -> np.ndarray:
-    """``np.stack(tensors)``, into the array ``buffer`` holds when there is one (grown as needed)."""
-    if buffer is None:
-        return np.stack(tensors)
-    shape = (len(tensors), *tensors[0].shape)
-    if not buffer or buffer[0].shape[1:] != shape[1:] or buffer[0].shape[0] < shape[0]:
-        buffer[:] = [np.empty(shape, dtype=np.float32)]
-    return np.stack(tensors, out=buffer[0][: shape[0]])
-
-
-def _as_input(item: InputFile | str | os.PathLike[str]) -> InputFile:
-    if isinstance(item, InputFile):
-        return item
-    path = os.fspath(item)
-    return InputFile(path, path)
+#: the decode stage's batch stacking, under the name tests and benchmarks used
+_stack = stack_tensors
 
 
 class Classifier:
@@ -678,20 +141,27 @@ class Classifier:
         self._init(config)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Classifier:
-        """Build from an :class:`EngineConfig` (what the CLI does)."""
+    def from_config(cls, config: EngineConfig, *, hash_model: bool = True) -> Classifier:
+        """Build from an :class:`EngineConfig` (what the CLI does).
+
+        ``hash_model=False``: the model file is hashed only when :attr:`model_sha256` is asked for
+        (a Ray actor never asks); by default it is hashed in the background while the load goes on.
+        """
         self = cls.__new__(cls)
-        self._init(config)
+        self._init(config, hash_model=hash_model)
         return self
 
-    def _init(self, config: EngineConfig) -> None:
+    #: which engine this is (:class:`~cxr_batch.engine.types.Engine`)
+    kind = "local"
+
+    def _init(self, config: EngineConfig, *, hash_model: bool = True) -> None:
         self.config = config
         total = config.threads or physical_cores() or usable_cpus()
         cuda = cuda_possible(config.device)
         #: batches run at once, each in its own session of ``_threads`` threads (see default_streams)
         self._streams = max(1, min(config.streams or default_streams(total, cuda), total))
         self._threads = total // self._streams if self._streams > 1 else config.threads
-        self._loaded = load_model(replace(config, threads=self._threads))
+        self._loaded = load_model(replace(config, threads=self._threads), hash_model=hash_model)
         #: the lung stage's segmenter (None: ``lungs=False``)
         self.lungs: LungSegmenter | None = None
         from cxr_batch.engine.lungs import LungSegmenter
@@ -767,6 +237,15 @@ class Classifier:
         return self._loaded.origin
 
     @property
+    def model_sha256(self) -> str:
+        """The model file's sha256: hashed once, in the background from the load on.
+
+        Raises:
+            ModelError: the file can't be read any more.
+        """
+        return self._loaded.sha256()
+
+    @property
     def precision_reason(self) -> str:
         """The precision in use and why, e.g. ``fp32: AMD EPYC has no VNNI, ...``."""
         return self._loaded.reason
@@ -831,7 +310,7 @@ class Classifier:
         # lead (each decoded image is up to MAX_BATCH_BYTES / size).
         ahead = size + (min(workers, size) if size < self.config.batch_size else workers)
         it = iter(paths)
-        pending: deque[Future[_Prepared]] = deque()
+        pending: deque[Future[Prepared]] = deque()
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")
         exhausted = False
 
@@ -839,12 +318,12 @@ class Classifier:
             nonlocal exhausted
             while not exhausted and len(pending) < ahead:
                 try:
-                    item = _as_input(next(it))
+                    item = as_input(next(it))
                 except StopIteration:
                     exhausted = True
                     return
                 pending.append(
-                    pool.submit(_prepare, item, spec, self._crop_lungs, self.meta.crop, self.lungs is not None)
+                    pool.submit(prepare, item, spec, self._crop_lungs, self.meta.crop, self.lungs is not None)
                 )
 
         # Inference threads (one per stream), ahead of the caller: while the caller writes batch k,
@@ -857,7 +336,7 @@ class Classifier:
         try:
             top_up()
             while pending:
-                batch: list[_Prepared] = []
+                batch: list[Prepared] = []
                 while pending and len(batch) < size:
                     while running and running[0].done():  # a slow input never holds back a result
                         yield running.popleft().result()
@@ -886,7 +365,7 @@ class Classifier:
             return create_session(self._loaded.path, self.config.device, self._threads)[0]
         return self._idle.get()
 
-    def _run(self, batch: list[_Prepared], buffers: threading.local | None = None) -> list[Result]:
+    def _run(self, batch: list[Prepared], buffers: threading.local | None = None) -> list[Result]:
         meta = self.meta
         ident = meta.ident
         results = [
@@ -907,7 +386,7 @@ class Classifier:
         if not ready:
             return results
         buffer = None if buffers is None else buffers.__dict__.setdefault("array", [])
-        x = _stack([t for t in (batch[i].tensor for i in ready) if t is not None], buffer)
+        x = stack_tensors([t for t in (batch[i].tensor for i in ready) if t is not None], buffer)
         try:
             session = self._acquire()
             try:
@@ -951,7 +430,7 @@ class Classifier:
                     r.in_distribution = score <= self._ood_threshold
             if batch[i].not_radiograph:
                 r.in_distribution = False
-            _apply_verdict(r, batch[i])
+            apply_verdict(r, batch[i])
             if self._screening is not None and r.assessable is not False:  # no call on a film that is not assessable
                 positive = p[self._screen_index] >= self._screening["threshold"]
                 r.covid_screen = "positive" if positive else "negative"

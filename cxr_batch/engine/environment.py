@@ -132,7 +132,7 @@ def programs() -> tuple[Program, ...]:
 
 def providers() -> list[str]:
     """onnxruntime's execution providers in this build (imports onnxruntime)."""
-    from cxr_batch.engine.classifier import available_providers
+    from cxr_batch.engine.session import available_providers
 
     return available_providers()
 
@@ -152,7 +152,8 @@ def cpu_precision() -> str:
 
 def default_model() -> str:
     """``name@version (precision)`` of the model ``classify`` takes on this CPU by default, or why none."""
-    from cxr_batch.engine.classifier import choose_model, create_session
+    from cxr_batch.engine.model import choose_model
+    from cxr_batch.engine.session import create_session
     from cxr_batch.errors import CxrBatchError
 
     try:

@@ -44,7 +44,7 @@ def find_segmenter(path: str | os.PathLike[str] | None = None) -> Path:
         if not p.is_file():
             raise ModelError(f"lung segmenter not found: {p}")
         return p
-    from cxr_batch.engine.classifier import package_model_dirs
+    from cxr_batch.engine.model import package_model_dirs
 
     for folder in package_model_dirs():
         if (folder / DEFAULT_LUNGS_FILE).is_file():
@@ -66,7 +66,7 @@ class LungSegmenter:
     def __init__(
         self, path: str | os.PathLike[str] | None = None, threads: int = 1, rules: LungRules = DEFAULT_RULES
     ) -> None:
-        from cxr_batch.engine.classifier import create_session
+        from cxr_batch.engine.session import create_session
 
         self.path = find_segmenter(path)
         self.session: ort.InferenceSession
@@ -91,7 +91,7 @@ class LungSegmenter:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Lung probability maps (N, H, W) of a batch of inputs (N, 1, H, W)."""
-        from cxr_batch.engine.classifier import _ort_errors
+        from cxr_batch.engine.session import _ort_errors
 
         try:
             (logits,) = self.session.run([self._output], {self.meta.input_name: x})

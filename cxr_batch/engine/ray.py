@@ -32,18 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from cxr_batch.contract import ModelMeta
-from cxr_batch.engine.classifier import (
-    CPU,
-    CUDA,
-    Classifier,
-    EngineConfig,
-    Result,
-    cuda_possible,
-    open_model,
-    screening_in_use,
-)
+from cxr_batch.contract import FileDigest, ModelMeta
+from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.engine.lungs import LungSegmenter
+from cxr_batch.engine.model import model_sha256, open_model, screening_in_use
+from cxr_batch.engine.session import CPU, CUDA, cuda_possible
 from cxr_batch.errors import CxrBatchError, DeviceError, MissingExtraError
 from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.safe_open import MAX_MODEL_BYTES, read_bounded
@@ -143,8 +136,9 @@ class _Worker:
                     fh.write(lungs_bytes)
             # onnxruntime holds the whole model in memory once the session exists; the driver
             # already chose the file (and its precision), so load exactly this one.
+            # hash_model=False: the driver hashed the file; an actor never needs its digest
             self.classifier = Classifier.from_config(
-                replace(engine, model=path, precision="auto", lungs_model=lungs_path)
+                replace(engine, model=path, precision="auto", lungs_model=lungs_path), hash_model=False
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -197,7 +191,8 @@ def _library_error(exc: BaseException) -> CxrBatchError | None:
 
 
 class RayEngine:
-    """Runs :class:`Classifier` in Ray Data actors; same interface as the local engine for ``run_classify``.
+    """Runs :class:`Classifier` in Ray Data actors; the same :class:`~cxr_batch.engine.types.Engine`
+    as the local engine, for ``run_classify`` and the provenance record.
 
     Args:
         engine: the model and how to run it (``batch_size`` is the model batch in each actor;
@@ -224,6 +219,10 @@ class RayEngine:
         self.precision_reason = loaded.reason
         self.notices = loaded.notices
         self.model_path = loaded.path
+        #: ``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``: the driver chose the file
+        self.model_origin = loaded.origin
+        #: the file's sha256, being computed in the background since the file was chosen
+        self._digest = loaded.digest if loaded.digest is not None else FileDigest(loaded.path)
         del loaded  # the driver's session: the workers make their own
         #: the lung segmenter the workers run (checked here; its file travels to them)
         #: the segmenter the workers run: the lung stage's, or the one a lung-crop classifier needs
@@ -234,9 +233,25 @@ class RayEngine:
         self.actors = 0
         self._providers: set[str] = set()
 
+    #: which engine this is (:class:`~cxr_batch.engine.types.Engine`)
+    kind = "ray"
+
     @property
     def meta(self) -> ModelMeta:
         return self._meta
+
+    @property
+    def model_sha256(self) -> str:
+        """The model file's sha256, hashed once on the driver (in the background from the load on).
+
+        Raises:
+            ModelError: the file can't be read any more.
+        """
+        return model_sha256(self._digest)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings the actors run with (for the provenance record): CPUs reserved per actor."""
+        return {"cpus_per_actor": self.cpus_per_actor}
 
     @property
     def segmenter(self) -> LungSegmenter | None:
@@ -304,8 +319,10 @@ class RayEngine:
             ) from exc
         return True
 
-    def iter_batches(self, files: Sequence[InputFile]) -> Generator[list[Result], None, None]:
+    def iter_batches(self, files: Iterable[InputFile]) -> Generator[list[Result], None, None]:
         """Yield the results in input order, a list per finished Ray batch (each written and flushed).
+
+        ``files`` is made a list first: Ray Data builds its dataset from one.
 
         Starts (or joins) Ray on the first ``next`` and shuts it down at the end, unless Ray was
         already running in this process.
@@ -323,6 +340,7 @@ class RayEngine:
         saved = {name: getattr(ctx, name) for name in _QUIET if hasattr(ctx, name)}
         saved_order = ctx.execution_options.preserve_order
         started = False
+        files = list(files)
         try:
             started = self._start(ray)
             if not files:

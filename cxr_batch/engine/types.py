@@ -1,4 +1,6 @@
-"""The engine's light types: what callers pass in (:class:`EngineConfig`) and get back (:class:`Result`).
+"""The engine's light types: what callers pass in (:class:`EngineConfig`), get back (:class:`Result`),
+and the :class:`Engine` protocol both engines (the local :class:`~cxr_batch.engine.classifier.Classifier`
+and :class:`~cxr_batch.engine.ray.RayEngine`) implement for ``classify``, provenance and the outputs.
 
 No numpy, no onnxruntime: the report writer, ``merge`` and the HTML report import these without
 loading the engine.
@@ -6,11 +8,18 @@ loading the engine.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
+
+    from cxr_batch.contract import ModelMeta
+    from cxr_batch.engine.lungs import LungSegmenter
+    from cxr_batch.io.inputs import InputFile
 
 #: The devices and precisions, the one definition: the CLI's ``--device``/``--precision`` choices,
 #: :class:`EngineConfig`'s checks, the classifier and the Ray engine all take them from here.
@@ -120,4 +129,70 @@ class Result:
         return self.error.split(": ", 1)[0]
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEVICES", "PRECISIONS", "Device", "EngineConfig", "Precision", "Result"]
+class Engine(Protocol):
+    """What a run needs of an engine, whichever runs the model (``--engine local`` or ``ray``).
+
+    ``run_classify``, the provenance record, the report, the heatmaps and the SRs read an engine
+    only through these members.
+    """
+
+    @property
+    def kind(self) -> str:
+        """``local`` (this process) or ``ray`` (Ray Data actors)."""
+        ...
+
+    @property
+    def meta(self) -> ModelMeta:
+        """The model's contract."""
+        ...
+
+    @property
+    def model_path(self) -> Path:
+        """The model file in use (after ``--precision`` and any fallback)."""
+        ...
+
+    @property
+    def model_origin(self) -> str:
+        """Where the file came from: ``--model``, ``$CXR_BATCH_MODEL`` or ``embedded default``."""
+        ...
+
+    @property
+    def model_sha256(self) -> str:
+        """The model file's sha256, hashed once per engine (in the background from the load on)."""
+        ...
+
+    @property
+    def provider(self) -> str:
+        """The execution provider(s) that run the model (Ray: known in full once the actors reported)."""
+        ...
+
+    @property
+    def precision_reason(self) -> str:
+        """The precision in use and why, in one line."""
+        ...
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What the user must be told once (a fallback to fp32, smaller batches)."""
+        ...
+
+    @property
+    def segmenter(self) -> LungSegmenter | None:
+        """The lung segmenter that runs (the lung stage's, or a lung-crop classifier's); None: none."""
+        ...
+
+    @property
+    def screening(self) -> dict[str, Any] | None:
+        """The screening call in use (``{"label", "threshold", "source"}``); None when none is made."""
+        ...
+
+    def run_settings(self) -> dict[str, Any]:
+        """The batch, thread and worker settings as they really run (for the provenance record)."""
+        ...
+
+    def iter_batches(self, files: Iterable[InputFile]) -> Generator[list[Result], None, None]:
+        """One result per file, in input order, a list per batch; ``close()`` stops the workers."""
+        ...
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEVICES", "PRECISIONS", "Device", "Engine", "EngineConfig", "Precision", "Result"]

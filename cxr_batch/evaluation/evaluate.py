@@ -29,7 +29,6 @@ import numpy as np
 from rich.console import Console
 
 from cxr_batch import __version__
-from cxr_batch.contract import file_sha256
 from cxr_batch.engine.classifier import Classifier, EngineConfig, Result
 from cxr_batch.errors import DataError, OutputError
 from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source, operating_point, reliability_bins
@@ -367,7 +366,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> Eval
         raise DataError(f"{truth.source}: no labelled images with a label the model knows ({', '.join(labels)})")
 
     writer: ReportWriter | None = None
-    model_sha256 = file_sha256(classifier.model_path)
+    model_sha256 = classifier.model_sha256  # hashed once, in the background since the load
     if report is not None:
         identity = RunIdentity(classifier.meta.ident, model_sha256, classifier.meta.precision)
         writer, _ = open_report(report, labels, identity, truth=truth.labels)

@@ -42,7 +42,6 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -60,9 +59,7 @@ from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
 
 if TYPE_CHECKING:
-    from cxr_batch.engine.classifier import Classifier
-    from cxr_batch.engine.ray import RayEngine
-    from cxr_batch.engine.types import EngineConfig, Result
+    from cxr_batch.engine.types import Engine, EngineConfig, Result
     from cxr_batch.io.shard import Shard
     from cxr_batch.report.writer import ReportConfig
 
@@ -226,19 +223,22 @@ def host_facts() -> dict[str, Any]:
 
 
 def model_facts(
-    meta: ModelMeta, path: str | os.PathLike[str], origin: str | None = None, *, sha256: bool = True
+    meta: ModelMeta, path: str | os.PathLike[str], origin: str | None = None, *, sha256: bool | str = True
 ) -> dict[str, Any]:
     """The model's identity: name, version, precision, the sha256 of the file, where it came from.
 
-    ``sha256=False`` leaves the hash to :class:`RunRecorder`, which computes it in a thread while
-    the run starts (hashing a 45 MB model takes a few tenths of a second on a busy CPU).
+    ``sha256``: the file's digest when the caller has it (an engine's ``model_sha256``: the file
+    is hashed once per run, in the background from the load on); True hashes the file here; False
+    records none.
     """
+    if sha256 is True:
+        sha256 = file_sha256(path)
     return {
         "name": meta.name,
         "version": meta.version,
         "ident": meta.ident,
         "precision": meta.precision,
-        "sha256": file_sha256(path) if sha256 else None,
+        "sha256": sha256 or None,
         "path": os.fspath(path),
         "origin": origin,
         "created": meta.created,
@@ -460,8 +460,7 @@ class _Outcome:
 class RunRecorder:
     """Records one run into a provenance record file, appending to the record when resuming.
 
-    Build it with :meth:`start` (which writes the record with this run as ``running``, or, when
-    the model's sha256 is left to it, as soon as that is computed), call
+    Build it with :meth:`start` (which writes the record with this run as ``running``), call
     :meth:`add` with every batch written to the report, :meth:`note_exception` when the run
     stops on an exception, and :meth:`close` at the end (after the report is closed).
     """
@@ -478,10 +477,6 @@ class RunRecorder:
         self._closed = False
         #: (report file, format, byte offset where this run's rows start): recount from there on an early stop
         self._recount: tuple[str, str, int] | None = None
-        #: the model file being hashed in a thread (the record is first written once it is done)
-        self._hashing: threading.Thread | None = None
-        self._hash: list[str | BaseException] = []
-        self._written = False
 
     @property
     def run_id(self) -> str:
@@ -587,36 +582,8 @@ class RunRecorder:
             recorder._started = started
         if report_offset is not None and report != "-":
             recorder._recount = (report, report_format, report_offset)
-        if run["model"].get("sha256") is None and run["model"].get("path"):
-            recorder._start_hashing(str(run["model"]["path"]))
-        else:
-            recorder._write()
+        recorder._write()
         return recorder
-
-    def _start_hashing(self, path: str) -> None:
-        def work() -> None:
-            try:
-                self._hash.append(file_sha256(path))
-            except OSError as exc:
-                self._hash.append(OutputError(f"cannot read the model file {path} to hash it: {exc.strerror or exc}"))
-
-        self._hashing = threading.Thread(target=work, name="cxr-provenance-hash", daemon=True)
-        self._hashing.start()
-
-    def _hash_ready(self, wait: bool) -> bool:
-        """Whether the model's sha256 is in the run (waiting for the thread when ``wait``)."""
-        if self._hashing is None:
-            return True
-        if wait:
-            self._hashing.join()
-        if self._hashing.is_alive():
-            return False
-        self._hashing = None
-        result = self._hash[0]
-        if isinstance(result, BaseException):
-            raise result
-        self.run["model"]["sha256"] = result
-        return True
 
     def add(self, results: Sequence[Result]) -> None:
         """Count a batch written to the report; checkpoints the record every :data:`CHECKPOINT_S` s.
@@ -626,12 +593,8 @@ class RunRecorder:
         """
         self.counts.add(results)
         now = time.monotonic()
-        if not self._written and self._hash_ready(wait=False):
+        if now - self._last_write >= CHECKPOINT_S:
             self._last_write = now
-            self._write()
-        elif now - self._last_write >= CHECKPOINT_S:
-            self._last_write = now
-            self._hash_ready(wait=True)
             self._write()
 
     def set_provider(self, provider: str) -> None:
@@ -675,7 +638,6 @@ class RunRecorder:
             duration_s=round(max(0.0, (ended - self._started).total_seconds()), 3),
         )
         try:
-            self._hash_ready(wait=True)
             self._write()
         except OutputError as exc:
             if self._outcome.status != "finished":
@@ -686,7 +648,6 @@ class RunRecorder:
     def _write(self) -> None:
         self.run["counts"] = self.counts.to_dict(self.labels)
         write_record(self.path, self.doc)
-        self._written = True
 
 
 # --------------------------------------------------------------------------- merge
@@ -785,25 +746,20 @@ def merge_records(
     return doc, warnings
 
 
-def engine_settings(classifier: object, engine: EngineConfig, *, ray: bool = False) -> dict[str, Any]:
-    """The settings part of a run: what the engine really runs with (``Classifier.run_settings``),
-    the device, precision and threads asked for, and the engine (local or Ray)."""
+def engine_settings(classifier: Engine, engine: EngineConfig) -> dict[str, Any]:
+    """The settings part of a run: what the engine really runs with (its ``run_settings``: the batch
+    size that really runs, streams, threads; Ray: the CPUs per actor), the device, precision and
+    threads asked for, and the engine (``local`` or ``ray``)."""
     settings: dict[str, Any] = {"batch_size": engine.batch_size, "threads_requested": engine.threads}
-    real = getattr(classifier, "run_settings", None)
-    if callable(real):  # Classifier.run_settings is a method: the batch size that really runs, streams, ...
-        real = real()
-    if isinstance(real, dict):
-        settings.update(real)
-    if ray:
-        settings["cpus_per_actor"] = getattr(classifier, "cpus_per_actor", None)
-    settings.update(device=engine.device, engine="ray" if ray else "local", precision_requested=engine.precision)
+    settings.update(classifier.run_settings())
+    settings.update(device=engine.device, engine=classifier.kind, precision_requested=engine.precision)
     return settings
 
 
 def start_classifier_run(
     path: str,
     run_id: str,
-    classifier: Classifier | RayEngine,
+    classifier: Engine,
     engine: EngineConfig,
     report: ReportConfig,
     inputs: Iterable[str],
@@ -812,26 +768,25 @@ def start_classifier_run(
     kept_rows: int = 0,
     started: datetime | None = None,
     report_offset: int | None = None,
-    ray: bool = False,
     source: Mapping[str, Any] | None = None,
 ) -> RunRecorder:
-    """:meth:`RunRecorder.start` with every fact taken from a loaded classifier (what ``classify`` does).
+    """:meth:`RunRecorder.start` with every fact taken from a loaded engine (what ``classify`` does).
 
-    The model file is hashed in a thread, so the first batch is not held up by it.
+    The model's sha256 is the engine's (hashed once per run, in the background from the load on).
 
     Raises:
         OutputError: the record can't be read (resume) or written.
     """
     meta = classifier.meta
-    segmenter = getattr(classifier, "segmenter", None)
+    segmenter = classifier.segmenter
     return RunRecorder.start(
         path,
         run_id=run_id,
         report=report.out,
         report_format=report.format,
-        model=model_facts(meta, classifier.model_path, getattr(classifier, "model_origin", None), sha256=False),
+        model=model_facts(meta, classifier.model_path, classifier.model_origin, sha256=classifier.model_sha256),
         provider=classifier.provider,
-        settings=engine_settings(classifier, engine, ray=ray),
+        settings=engine_settings(classifier, engine),
         preprocessing=preprocessing_facts(meta),
         ood=ood_facts(meta),
         inputs=inputs,
@@ -841,6 +796,6 @@ def start_classifier_run(
         started=started,
         report_offset=report_offset,
         source=source,
-        screening=screening_facts(meta, getattr(classifier, "screening", None)),
+        screening=screening_facts(meta, classifier.screening),
         lungs=None if segmenter is None else segmenter.describe(),
     )

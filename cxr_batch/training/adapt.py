@@ -105,7 +105,7 @@ def base_model_path(model: str | None) -> Path:
         if not path.is_file():
             raise DataError(f"--model {model}: no such file")
         return path
-    from cxr_batch.engine.classifier import find_default_model
+    from cxr_batch.engine.model import find_default_model
 
     return find_default_model("fp32")
 

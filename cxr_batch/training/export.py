@@ -39,7 +39,7 @@ from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec
 from cxr_batch.io.safe_open import read_json
 from cxr_batch.training.card import write_card
-from cxr_batch.training.onnx_file import _onnx, read_contract_file, save_model, write_contract
+from cxr_batch.training.onnx_file import OnnxModel, _onnx, ort_source, read_contract_file, write_contract
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -153,14 +153,16 @@ def _tensors(
     return np.stack([x for x, _ in pairs]), np.asarray([list(labels).index(label) for _, label in pairs], np.int64)
 
 
-def ort_logits(model_path: Path | str, x: np.ndarray, threads: int | None = None, batch: int = 32) -> np.ndarray:
-    """Run the logits output of an ONNX model over an in-memory batch (CPU)."""
+def ort_logits(
+    model_path: Path | str | bytes | OnnxModel, x: np.ndarray, threads: int | None = None, batch: int = 32
+) -> np.ndarray:
+    """Run the logits output of an ONNX model (a file, or one in memory) over an in-memory batch (CPU)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(ort_source(model_path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     out = [sess.run(["logits"], {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -282,11 +284,9 @@ def export_checkpoint(cfg: ExportConfig, console: Console | None = None) -> Path
     from cxr_batch.training.cam import add_cam_output
 
     meta = add_cam_output(proto, meta, source=str(out))  # the 'cam' output for heatmaps, checked with onnxruntime
-    write_contract(proto, meta)
-    save_model(proto, out)
     tmp.unlink(missing_ok=True)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    derive_from_master(out, root, split, cfg, console, parity=x)
+    # The master stays in memory through every step that derives from it, and is saved once.
+    derive_from_master(out, root, split, cfg, console, parity=x, model=OnnxModel(out, proto, meta))
     return out
 
 
@@ -297,43 +297,60 @@ def derive_from_master(
     cfg: ExportConfig,
     console: Console,
     parity: np.ndarray | None = None,
+    *,
+    model: OnnxModel | None = None,
 ) -> dict[str, Any] | None:
     """Everything ``cxr-batch export`` derives from an fp32 master (a fresh export, or an existing
     ``.onnx``): the OOD guard (``cfg.ood``), the int8 model (``cfg.quantize``), the fp16 model
     (``cfg.fp16``), the load-time self-check of every file written, and the model card.
 
+    The master (``model``, a fresh export held in memory; else the file ``master``, its contract
+    read once) and the files derived from it stay in memory through every step, their contracts
+    handed on, and each is saved once at the end (or, when a step fails, as far as it got).
+
     Returns the int8 model's quantisation record when one was made.
     """
-    if root is not None and split is not None:
-        fit_validation(master, root, split, cfg, console)
-    else:
-        console.print("[yellow]no run data found: no validation metrics and no screening operating point[/]")
-    if cfg.ood and root is not None and split is not None:
-        from cxr_batch.training.ood import fit_model
+    m = model if model is not None else OnnxModel.read(master)
+    derived: list[OnnxModel] = []
 
-        fit_model(master, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
-    elif cfg.ood:
-        console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
+    def save_all() -> None:
+        for f in (m, *derived):
+            f.save()
+            console.print(f"wrote {f.path} ({f.path.stat().st_size / 1e6:.1f} MB)")
+
     int8_info: dict[str, Any] | None = None
-    derived: list[Path] = []
-    if cfg.quantize == "int8":
-        if cfg.int8_scheme not in INT8_SCHEMES:
-            raise CxrBatchError(f"unknown int8 scheme {cfg.int8_scheme!r}; choose from {sorted(INT8_SCHEMES)}")
-        try:
-            int8_info = derive_int8(master, root, split, cfg, console, INT8_SCHEMES[cfg.int8_scheme])
-            derived.append(master.with_name(master.stem + "-int8.onnx"))
-        except ModelError as exc:
-            if not cfg.int8_optional:
-                raise
-            console.print(f"[yellow]int8 model not written:[/] {exc}")
-    if cfg.fp16:
-        if parity is None and root is not None and split is not None:  # real images, as a fresh export does
-            _, master_meta = read_contract_file(master)
-            items = split.paths(root, "test")[: cfg.parity_images]
-            parity = _tensors(items, master_meta.spec, master_meta.labels)[0]
-        derived.append(export_fp16(master, parity, console))
-    write_self_checks(master, derived, self_check_candidates(root, split), console)
-    write_card(master, read_contract_file(master)[1], int8_info)
+    try:
+        if root is not None and split is not None:
+            fit_validation(m, root, split, cfg, console)
+        else:
+            console.print("[yellow]no run data found: no validation metrics and no screening operating point[/]")
+        if cfg.ood and root is not None and split is not None:
+            from cxr_batch.training.ood import fit_model
+
+            fit_model(m, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
+        elif cfg.ood:
+            console.print("[yellow]no training data found for the run: the OOD guard was not fitted[/]")
+        if cfg.quantize == "int8":
+            if cfg.int8_scheme not in INT8_SCHEMES:
+                raise CxrBatchError(f"unknown int8 scheme {cfg.int8_scheme!r}; choose from {sorted(INT8_SCHEMES)}")
+            try:
+                int8_info, int8 = _derive_int8(m, root, split, cfg, console, INT8_SCHEMES[cfg.int8_scheme])
+                derived.append(int8)
+            except ModelError as exc:
+                if not cfg.int8_optional:
+                    raise
+                console.print(f"[yellow]int8 model not written:[/] {exc}")
+        if cfg.fp16:
+            if parity is None and root is not None and split is not None:  # real images, as a fresh export does
+                items = split.paths(root, "test")[: cfg.parity_images]
+                parity = _tensors(items, m.meta.spec, m.meta.labels)[0]
+            derived.append(_derive_fp16(m, parity, console))
+        write_self_checks(m, derived, self_check_candidates(root, split), console)
+    except CxrBatchError:
+        save_all()  # what the steps before the failure made, as each step used to save it
+        raise
+    save_all()
+    write_card(m.path, m.meta, int8_info)
     return int8_info
 
 
@@ -347,13 +364,17 @@ def validation_items(root: Roots, split: Split, holdout: str | None) -> list[tup
 
 
 def model_probs(
-    model: Path, items: Sequence[tuple[Path, str, str]], spec: PreprocessSpec, labels: Sequence[str], batch: int = 32
+    model: Path | OnnxModel,
+    items: Sequence[tuple[Path, str, str]],
+    spec: PreprocessSpec,
+    labels: Sequence[str],
+    batch: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(y, probabilities, source per row) of an ONNX model's logits on labelled files, batch by
     batch through the shared preprocessing (files that fail to decode are left out)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(ort_source(model), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     ys: list[int] = []
     srcs: list[str] = []
@@ -384,18 +405,22 @@ def model_probs(
     return np.asarray(ys, np.int64), p, srcs
 
 
-def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, console: Console) -> dict[str, Any]:
+def fit_validation(
+    master: Path | OnnxModel, root: Roots, split: Split, cfg: ExportConfig, console: Console
+) -> dict[str, Any]:
     """Measure the fp32 master on the run's validation images (per source, and the held-out source
     on its own) and choose the screening operating point there: the highest P(covid) threshold with
     validation sensitivity >= ``cfg.screen_sensitivity``. Both go into the master's contract
-    (``metrics["validation"]``, ``screening``), so every file derived from it carries them."""
+    (``metrics["validation"]``, ``screening``), so every file derived from it carries them.
+    A master held in memory is updated there; a file is saved."""
     from cxr_batch.contract import ScreeningPoint
     from cxr_batch.evaluation.metrics import metrics_by_source, operating_point, screening_threshold
 
-    proto, meta = read_contract_file(master)
+    model = master if isinstance(master, OnnxModel) else OnnxModel.read(master)
+    meta = model.meta
     labels = list(meta.labels)
     items = validation_items(root, split, cfg.holdout_source)
-    y, p, sources = model_probs(master, items, meta.spec, labels)
+    y, p, sources = model_probs(model, items, meta.spec, labels)
     m = classification_metrics(y, p, labels)
     validation: dict[str, Any] = {
         k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "per_class", "confusion_matrix", "ci_method")
@@ -427,22 +452,22 @@ def fit_validation(master: Path, root: Roots, split: Split, cfg: ExportConfig, c
             f"({point['tn']}/{point['tn'] + point['fp']})"
         )
     console.print(f"validation (fp32, {len(y)} images): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
-    write_contract(
-        proto,
-        meta.with_updates(metrics={**meta.metrics, "validation": json_safe(validation)}, screening=screening),
-    )
-    save_model(proto, master)
+    model.meta = meta.with_updates(metrics={**meta.metrics, "validation": json_safe(validation)}, screening=screening)
+    if not isinstance(master, OnnxModel):
+        model.save()
     return validation
 
 
 def test_screening(
-    master: Path, y: np.ndarray, p: np.ndarray, sources: Sequence[str], console: Console
+    master: Path | OnnxModel, y: np.ndarray, p: np.ndarray, sources: Sequence[str], console: Console
 ) -> dict[str, Any] | None:
     """Sensitivity and specificity of the master's screening point on the test split (measured, never
-    chosen there), overall and per source, stored in its contract as ``metrics["screening_test"]``."""
+    chosen there), overall and per source, stored in its contract as ``metrics["screening_test"]``
+    (a master held in memory is updated there; a file is saved)."""
     from cxr_batch.evaluation.metrics import operating_point
 
-    proto, meta = read_contract_file(master)
+    m = master if isinstance(master, OnnxModel) else OnnxModel.read(master)
+    meta = m.meta
     sp = meta.screening
     if sp is None or len(y) == 0:
         return None
@@ -457,8 +482,9 @@ def test_screening(
         f"screening point on the test split: sensitivity {point['sensitivity']:.4f} ({point['tp']}/"
         f"{point['tp'] + point['fn']}), specificity {point['specificity']:.4f} ({point['tn']}/{point['tn'] + point['fp']})"
     )
-    write_contract(proto, meta.with_updates(metrics={**meta.metrics, "screening_test": json_safe(point)}))
-    save_model(proto, master)
+    m.meta = meta.with_updates(metrics={**meta.metrics, "screening_test": json_safe(point)})
+    if not isinstance(master, OnnxModel):
+        m.save()
     return point
 
 
@@ -530,7 +556,10 @@ def thumbnails(paths: Sequence[Path], size: int = SELF_CHECK_SIZE) -> np.ndarray
 
 
 def write_self_checks(
-    master: Path, derived: Sequence[Path], candidates: Sequence[Path], console: Console | None = None
+    master: Path | OnnxModel,
+    derived: Sequence[Path | OnnxModel],
+    candidates: Sequence[Path],
+    console: Console | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Store the load-time self-check in ``master`` and in each derived file (int8, fp16).
 
@@ -538,23 +567,27 @@ def write_self_checks(
     model deviates most from fp32 (the most sensitive to a kernel that computes it differently);
     every file stores the same images and the master's fp32 logits for them, with its own tolerance:
     :data:`FP32_SELF_CHECK_TOLERANCE` for the master, ``max(floor, factor × its deviation on
-    them)`` for a derived file. Returns the entries written, by file name.
+    them)`` for a derived file. Returns the entries written, by file name. Models held in memory
+    are updated there; files are saved.
     """
     from cxr_batch.engine.selfcheck import METRIC, SELF_CHECK_KEY, centred, encode_images
     from cxr_batch.io.preprocess import prepare
 
     console = console or Console(stderr=True)
     _onnx()  # the train extra is there
-    _, meta = read_contract_file(master)
+    m = master if isinstance(master, OnnxModel) else OnnxModel.read(master)
+    models = [d if isinstance(d, OnnxModel) else OnnxModel.read(d) for d in derived]
+    # files given by path are saved here; models held in memory, by their owner
+    save = [not isinstance(given, OnnxModel) for given in (master, *derived)]
+    meta = m.meta
     thumbs = thumbnails(candidates)
     if len(thumbs) == 0:  # no data and no sample images (an installed package): seeded stand-ins
         thumbs = synthetic_thumbnails(SELF_CHECK_CANDIDATES)
     x = np.stack([prepare(t.astype(np.float32) / 255.0, meta.spec) for t in thumbs])
-    ref = ort_logits(master, x).astype(np.float64)
-    deviation = {path: np.abs(centred(ort_logits(path, x)) - centred(ref)).max(axis=1) for path in derived}
+    ref = ort_logits(m, x).astype(np.float64)
+    deviation = {d: np.abs(centred(ort_logits(d, x)) - centred(ref)).max(axis=1) for d in models}
     order = {"int8": 0, "fp16": 1, "fp32": 2}
-    precisions = {path: read_contract_file(path)[1].precision for path in derived}
-    driver = min(derived, key=lambda p: order.get(precisions[p], 3)) if derived else None
+    driver = min(models, key=lambda d: order.get(d.meta.precision, 3)) if models else None
     picked = (
         np.argsort(-deviation[driver], kind="stable")[:SELF_CHECK_IMAGES]
         if driver is not None
@@ -564,20 +597,20 @@ def write_self_checks(
     images = encode_images(thumbs[picked])
     logits = [[round(float(v), 6) for v in row] for row in ref[picked]]
     written: dict[str, dict[str, Any]] = {}
-    for path in [master, *derived]:
-        proto, m = read_contract_file(path)
-        if path == master:
+    for model, to_save in zip([m, *models], save, strict=True):
+        path = model.path
+        if model is m:
             measured = 0.0
             tolerance = FP32_SELF_CHECK_TOLERANCE
             basis = "fp32 master: fixed, far above the 1e-5 kernel differences between CPUs and thread counts"
         else:
-            measured = float(deviation[path][picked].max())
-            floor = SELF_CHECK_FLOOR.get(m.precision, SELF_CHECK_FLOOR["int8"])
+            measured = float(deviation[model][picked].max())
+            floor = SELF_CHECK_FLOOR.get(model.meta.precision, SELF_CHECK_FLOOR["int8"])
             tolerance = max(floor, SELF_CHECK_FACTOR * measured)
             basis = (
-                f"max({floor}, {SELF_CHECK_FACTOR} x {measured:.4f}), the {m.precision} model's deviation on these "
-                f"images when exported, measured on {cpu_summary()['model']}; on all {len(thumbs)} candidates it "
-                f"was at most {float(deviation[path].max()):.4f}"
+                f"max({floor}, {SELF_CHECK_FACTOR} x {measured:.4f}), the {model.meta.precision} model's deviation "
+                f"on these images when exported, measured on {cpu_summary()['model']}; on all {len(thumbs)} "
+                f"candidates it was at most {float(deviation[model].max()):.4f}"
             )
         entry = {
             "images": images,
@@ -586,10 +619,11 @@ def write_self_checks(
             "tolerance": round(tolerance, 4),
             "measured_at_export": round(measured, 6),
             "tolerance_basis": basis,
-            "master": master.name,
+            "master": m.path.name,
         }
-        write_contract(proto, m.with_updates(extra={**m.extra, SELF_CHECK_KEY: entry}))
-        save_model(proto, path)
+        model.meta = model.meta.with_updates(extra={**model.meta.extra, SELF_CHECK_KEY: entry})
+        if to_save:
+            model.save()
         written[path.name] = entry
         console.print(
             f"self-check written into {path.name}: {len(picked)} reference images, tolerance {tolerance:.3g} "
@@ -750,8 +784,9 @@ def _end_nodes(graph: Any) -> list[str]:
     return [x for x in (first, last) if x]
 
 
-def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = Int8Scheme()) -> Path:
-    """Static QDQ int8 copy of ``fp32`` at ``out``, calibrated on the preprocessed images ``xcal``.
+def quantize_file(fp32: Path | OnnxModel, out: Path, xcal: np.ndarray, scheme: Int8Scheme = Int8Scheme()) -> Path:
+    """Static QDQ int8 copy of ``fp32`` (a file, or a model in memory) at ``out``, calibrated on
+    the preprocessed images ``xcal``.
 
     The out-of-distribution guard (nodes named ``ood/...``) stays in float32: its squared
     distances span a range no 8-bit scale covers. The contract is copied unchanged.
@@ -766,7 +801,11 @@ def quantize_file(fp32: Path, out: Path, xcal: np.ndarray, scheme: Int8Scheme = 
         raise CxrBatchError(f"unknown int8 calibration {scheme.calibration!r}; choose from {sorted(methods)}")
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre))
+        source = fp32
+        if isinstance(fp32, OnnxModel):  # the quantiser reads files: the model's bytes, in this scratch folder
+            source = Path(td) / "fp32.onnx"
+            source.write_bytes(fp32.serialized())
+        quant_pre_process(str(source), str(pre))
         graph = onnx.load(str(pre)).graph
         keep = [n.name for n in graph.node if n.name.startswith("ood/")]
         if scheme.fp32_ends:
@@ -805,23 +844,47 @@ def derive_int8(
     console: Console,
     scheme: Int8Scheme = Int8Scheme(),
 ) -> dict[str, Any]:
+    """Derive ``NAME-int8.onnx`` from the fp32 master file (:func:`_derive_int8`) and save both
+    (the master gets the screening point's test figures)."""
+    master = OnnxModel.read(fp32)
+    try:
+        info, int8 = _derive_int8(master, root, split, cfg, console, scheme)
+    finally:
+        master.save()
+    int8.save()
+    console.print(f"wrote {int8.path} ({int8.path.stat().st_size / 1e6:.1f} MB)")
+    return info
+
+
+def _derive_int8(
+    master: OnnxModel,
+    root: Roots | None,
+    split: Split | None,
+    cfg: ExportConfig,
+    console: Console,
+    scheme: Int8Scheme = Int8Scheme(),
+) -> tuple[dict[str, Any], OnnxModel]:
     """Derive ``NAME-int8.onnx`` from the fp32 master (what ``cxr-batch export --quantize int8`` runs):
     :func:`quantize_file` with ``scheme``, calibrated on training images; refused (unless forced)
     when test macro-F1 drops by more than :data:`~cxr_batch.contract.INT8_MAX_F1_DROP` or top-1
     agreement with fp32 is under :data:`~cxr_batch.contract.INT8_MIN_AGREEMENT`;
-    the OOD guard refitted on the int8 model's own embeddings; the load-time self-check written."""
+    the OOD guard refitted on the int8 model's own embeddings.
+
+    Both stay in memory (the caller saves them): returns the quantisation record and the int8 model."""
     onnx = _onnx()
-    _, meta = read_contract_file(fp32)
+    meta = master.meta
     if root is None or split is None:
         raise CxrBatchError("--quantize int8 needs the run's training data for calibration (pass --data DIR)")
     labels = list(meta.labels)
     xcal = calibration_images(meta, root, split, cfg.calibration_images)
-    out = fp32.with_name(fp32.stem + "-int8.onnx")
-    quantize_file(fp32, out, xcal, scheme)
+    out = master.path.with_name(master.path.stem + "-int8.onnx")
+    with tempfile.TemporaryDirectory() as td:
+        scratch = quantize_file(master, Path(td) / out.name, xcal, scheme)
+        int8 = OnnxModel(out, onnx.load(str(scratch)), meta)
     test_items = split.items(root, "test")
-    yt, p32, sources = model_probs(fp32, test_items, meta.spec, labels)
-    _, p8, _ = model_probs(out, test_items, meta.spec, labels)
-    test_screening(fp32, yt, p32, sources, console)
+    yt, p32, sources = model_probs(master, test_items, meta.spec, labels)
+    _, p8, _ = model_probs(int8, test_items, meta.spec, labels)
+    test_screening(master, yt, p32, sources, console)
     m32 = classification_metrics(yt, p32, labels)
     m8 = classification_metrics(yt, p8, labels)
     agree = float((p32.argmax(1) == p8.argmax(1)).mean()) if len(yt) else float("nan")
@@ -855,37 +918,39 @@ def derive_int8(
     # classify runs the int8 file by default on CPU whenever it is installed, so it is written only
     # when it is as good as the master: macro-F1 within INT8_MAX_F1_DROP, top-1 agreement >= INT8_MIN_AGREEMENT.
     if (drop > INT8_MAX_F1_DROP or not agree >= INT8_MIN_AGREEMENT) and not cfg.force:
-        out.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)  # an earlier export's int8 file does not match this master
         raise ModelError(
             f"int8 model loses {100 * drop:.2f} macro-F1 points (limit {100 * INT8_MAX_F1_DROP:.1f}) and agrees with "
             f"fp32 on {100 * agree:.2f}% of test images (limit {100 * INT8_MIN_AGREEMENT:.1f}%); not written "
             "(use --force to write it anyway)"
         )
-    proto = onnx.load(str(out))
     m8_summary = {
         k: m8[k]
         for k in ("split", "n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "per_class", "confusion_matrix")
         if k in m8
     }
-    write_contract(
-        proto,
-        meta.with_updates(
-            precision="int8",
-            metrics={**m8_summary, "split": "test"},
-            extra={**_without_self_check(meta.extra), "quantization": info, "master": fp32.name},
-        ),
+    int8.meta = meta.with_updates(
+        precision="int8",
+        metrics={**m8_summary, "split": "test"},
+        extra={**_without_self_check(meta.extra), "quantization": info, "master": master.path.name},
     )
-    save_model(proto, out)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if meta.ood is not None:  # calibrate the int8 model's guard on its own embeddings
         from cxr_batch.training.ood import fit_model
 
-        fit_model(out, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
-    return info
+        fit_model(int8, root, split, console=console, max_fit=cfg.ood_fit_images, holdout=cfg.holdout_source)
+    return info, int8
 
 
 def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None = None) -> Path:
-    """Derive ``NAME-fp16.onnx`` from the fp32 master: the model ``classify`` prefers on CUDA.
+    """Derive ``NAME-fp16.onnx`` from the fp32 master file (:func:`_derive_fp16`) and save it."""
+    console = console or Console(stderr=True)
+    out = _derive_fp16(OnnxModel.read(fp32), x, console).save()
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return out
+
+
+def _derive_fp16(master: OnnxModel, x: np.ndarray | None = None, console: Console | None = None) -> OnnxModel:
+    """Derive ``NAME-fp16.onnx`` from the fp32 master, in memory: the model ``classify`` prefers on CUDA.
 
     Weights and activations in float16 with float32 input and outputs, so the contract and the
     preprocessing are unchanged; the out-of-distribution guard stays in float32 (its squared
@@ -893,43 +958,38 @@ def export_fp16(fp32: Path, x: np.ndarray | None = None, console: Console | None
     random tensors when None) with onnxruntime on the CPU.
 
     Raises:
-        ModelError: a probability moves by more than :data:`FP16_TOLERANCE`; nothing is written.
+        ModelError: a probability moves by more than :data:`FP16_TOLERANCE`.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.onnx_model import OnnxModel as OrtOnnxModel
 
     console = console or Console(stderr=True)
     onnx = _onnx()
-    proto, meta = read_contract_file(fp32)
+    meta = master.meta
+    proto = onnx.ModelProto()
+    proto.CopyFrom(master.proto)  # the converter edits the graph it is given: the master stays fp32
+    write_contract(proto, meta)
     keep = [n.name for n in proto.graph.node if n.name.startswith("ood/")]
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep or None))
+    half = OrtOnnxModel(convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep or None))
     half.topological_sort()  # the converter appends its Cast nodes at the end of the graph
     onnx.checker.check_model(half.model)
-    out = fp32.with_name(fp32.stem + "-fp16.onnx")
-    tmp = out.with_suffix(".tmp.onnx")
-    save_model(half.model, tmp)
+    out = master.path.with_name(master.path.stem + "-fp16.onnx")
     if x is None or len(x) == 0:
         x = np.random.default_rng(0).standard_normal((8, 3, *meta.input_size)).astype(np.float32)
-    p32, p16 = softmax(ort_logits(fp32, x)), softmax(ort_logits(tmp, x))
+    p32, p16 = softmax(ort_logits(master, x)), softmax(ort_logits(half.model.SerializeToString(), x))
     diff = float(np.abs(p32 - p16).max())
     agree = float((p32.argmax(1) == p16.argmax(1)).mean())
     console.print(
         f"fp16 parity on {len(x)} images: max |Δprob| = {diff:.2e} (limit {FP16_TOLERANCE:.0e}), top-1 agreement {agree:.4f}"
     )
     if diff > FP16_TOLERANCE:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"the fp16 model differs from fp32 by {diff:.2e} > {FP16_TOLERANCE:.0e}; not written")
     extra = {
         **_without_self_check(meta.extra),
-        "master": fp32.name,
+        "master": master.path.name,
         "fp16_parity": {"images": len(x), "max_abs_prob_diff": diff, "top1_agreement": agree},
     }
-    proto16 = onnx.load(str(tmp))
-    write_contract(proto16, meta.with_updates(precision="fp16", extra=extra))
-    save_model(proto16, out)
-    tmp.unlink(missing_ok=True)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return out
+    return OnnxModel(out, half.model, meta.with_updates(precision="fp16", extra=extra))
 
 
 def _init_facts(tcfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ directions, so the modules that edit a file don't import each other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,4 +75,40 @@ def save_model(proto: Any, path: str | Path) -> None:
     write_file_atomic(path, proto.SerializeToString())
 
 
-__all__ = ["read_contract_file", "rewrite_contract", "save_model", "write_contract"]
+@dataclass(eq=False)
+class OnnxModel:
+    """A model file being made or derived, held in memory: its graph (``proto``) and its contract
+    (``meta``), edited in place by each step of ``export`` and saved once (:meth:`save`).
+    onnxruntime loads it from memory (:func:`ort_source`), so no step reads it back from disk."""
+
+    #: where it is saved
+    path: Path
+    proto: Any
+    meta: ModelMeta
+
+    @classmethod
+    def read(cls, path: Path) -> OnnxModel:
+        """The file at ``path`` (its contract read once, here)."""
+        proto, meta = read_contract_file(path)
+        return cls(Path(path), proto, meta)
+
+    def serialized(self) -> bytes:
+        """The model's bytes, contract included (what onnxruntime loads, what :meth:`save` writes)."""
+        write_contract(self.proto, self.meta)
+        data: bytes = self.proto.SerializeToString()
+        return data
+
+    def save(self) -> Path:
+        """Write the model and its contract to :attr:`path`, atomically."""
+        write_file_atomic(self.path, self.serialized())
+        return self.path
+
+
+def ort_source(model: str | Path | bytes | OnnxModel) -> str | bytes:
+    """What ``onnxruntime.InferenceSession`` takes for ``model``: a file's path, or a model in memory."""
+    if isinstance(model, OnnxModel):
+        return model.serialized()
+    return model if isinstance(model, bytes) else str(model)
+
+
+__all__ = ["OnnxModel", "ort_source", "read_contract_file", "rewrite_contract", "save_model", "write_contract"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -20,12 +20,15 @@ from cxr_batch.errors import CxrBatchError
 from cxr_batch.io.labelled import Roots, Split
 from cxr_batch.io.preprocess import PreprocessSpec
 
+if TYPE_CHECKING:
+    from cxr_batch.training.onnx_file import OnnxModel
+
 OOD_OUTPUT = "ood_score"
 METHOD = "mahalanobis_tied"
 
 
 def embeddings(
-    model_path: Path | str,
+    model_path: Path | str | OnnxModel,
     items: Sequence[tuple[Path, str]],
     spec: PreprocessSpec,
     labels: Sequence[str],
@@ -35,7 +38,9 @@ def embeddings(
     """Run the model's embedding output over files (shared preprocessing). Returns (E, y)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    from cxr_batch.training.onnx_file import ort_source
+
+    sess = ort.InferenceSession(ort_source(model_path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     embs: list[np.ndarray] = []
     ys: list[int] = []
@@ -118,7 +123,7 @@ def add_to_graph(proto: Any, embedding: str, means: np.ndarray, precision: np.nd
 
 
 def fit_model(
-    model_path: Path,
+    model_path: Path | OnnxModel,
     root: Roots,
     split: Split,
     out: Path | None = None,
@@ -132,13 +137,17 @@ def fit_model(
     ``max_fit``: fit on a seeded sample of at most this many training images (a CPU budget);
     ``holdout``: a source kept out of training (train --holdout-source), left out of the fit.
     Returns the guard's record (also stored as ``ood`` in the model's contract).
+
+    ``model_path`` may be a model held in memory (what ``export`` passes): the guard goes into it,
+    and it is saved only to ``out`` when given (``export`` saves each file once, at its end).
     """
     import onnx
 
-    from cxr_batch.training.onnx_file import read_contract_file, save_model, write_contract
+    from cxr_batch.training.onnx_file import OnnxModel, save_model, write_contract
 
     console = console or Console(stderr=True)
-    proto, meta = read_contract_file(model_path)
+    model = model_path if isinstance(model_path, OnnxModel) else OnnxModel.read(model_path)
+    proto, meta = model.proto, model.meta
     if "embedding" not in meta.outputs:
         raise CxrBatchError(f"{model_path}: the model has no 'embedding' output; re-export it with cxr-batch export")
     labels = list(meta.labels)
@@ -146,8 +155,8 @@ def fit_model(
     if max_fit is not None and len(train) > max_fit:
         pick = np.random.default_rng(0).choice(len(train), size=max_fit, replace=False)
         train = [train[i] for i in sorted(pick.tolist())]
-    e_train, y_train = embeddings(model_path, train, meta.spec, labels, meta.outputs["embedding"])
-    e_val, _ = embeddings(model_path, split.paths(root, "val"), meta.spec, labels, meta.outputs["embedding"])
+    e_train, y_train = embeddings(model, train, meta.spec, labels, meta.outputs["embedding"])
+    e_val, _ = embeddings(model, split.paths(root, "val"), meta.spec, labels, meta.outputs["embedding"])
     if len(e_train) == 0 or len(e_val) == 0:
         raise CxrBatchError("fitting the OOD guard needs training and validation images")
     means, precision = fit(e_train, y_train, len(labels))
@@ -171,9 +180,13 @@ def fit_model(
         record["classes_fitted"] = fitted
         record["description"] += f"; class means only for {', '.join(fitted)} (no other class in the fitting data)"
     add_to_graph(proto, meta.outputs["embedding"], means, precision)
-    write_contract(proto, meta.with_updates(ood=record, outputs={**meta.outputs, "ood_score": OOD_OUTPUT}))
+    model.meta = meta.with_updates(ood=record, outputs={**meta.outputs, "ood_score": OOD_OUTPUT})
+    write_contract(proto, model.meta)
     onnx.checker.check_model(proto)
-    target = out or model_path
+    if isinstance(model_path, OnnxModel) and out is None:
+        console.print(f"OOD guard: threshold {threshold:.3f} ({record['calibration']}); fitted into {model.path.name}")
+        return record
+    target = out or model.path
     save_model(proto, target)
     console.print(f"OOD guard: threshold {threshold:.3f} ({record['calibration']}); wrote {target}")
     return record
