@@ -48,9 +48,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from bench_adapt import write_site_labels
     from rich.console import Console
 
-    from bench_adapt import write_site_labels
     from cxr_batch.io.labelled import make_split
     from cxr_batch.training.adapt import (
         AdaptConfig,
@@ -61,8 +61,8 @@ def main() -> None:
         local_sets,
         train_head,
     )
-    from cxr_batch.training.ood import embeddings
     from cxr_batch.training.onnx_file import read_contract_file
+    from cxr_batch.training.ood import embeddings
     from cxr_batch.training.train import _load_cache, build_model
 
     torch.set_num_threads(args.threads)
@@ -88,8 +88,12 @@ def main() -> None:
     roots = {s.source: Path(s.root) for s in sets}
     a_items, v_items, t_items = (split.items(roots, part) for part in ("train", "val", "test"))
     size, resize = meta.input_size[0], str(meta.preprocessing.get("resize", "bilinear"))
-    x_a, y_a, _, _ = _load_cache([(p, lab) for p, lab, _ in a_items], labels, size, resize, console, "adapt", crop=meta.crop)
-    x_v, y_v, _, _ = _load_cache([(p, lab) for p, lab, _ in v_items], labels, size, resize, console, "val", crop=meta.crop)
+    x_a, y_a, _, _ = _load_cache(
+        [(p, lab) for p, lab, _ in a_items], labels, size, resize, console, "adapt", crop=meta.crop
+    )
+    x_v, y_v, _, _ = _load_cache(
+        [(p, lab) for p, lab, _ in v_items], labels, size, resize, console, "val", crop=meta.crop
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(len(labels), str(base))
     model.eval()
@@ -104,7 +108,10 @@ def main() -> None:
         base_val = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
         x_t, keep, _ = _test_tensors(t_items, meta)
         e_t = torch.cat(
-            [torch.flatten(parts.pool(parts.trunk(torch.from_numpy(x_t[i : i + 32]))), 1) for i in range(0, len(x_t), 32)]
+            [
+                torch.flatten(parts.pool(parts.trunk(torch.from_numpy(x_t[i : i + 32]))), 1)
+                for i in range(0, len(x_t), 32)
+            ]
         )
     y_t = np.asarray([labels.index(t_items[i][1]) for i in keep])
     with open(REPO / "export" / "run-1.1.0" / "split.csv", newline="", encoding="utf-8") as fh:
@@ -166,7 +173,9 @@ def main() -> None:
         "results": results,
     }
     (args.out / "sweep.json").write_text(json.dumps(out, indent=2))
-    print("| recipe | best epoch | pool val acc | normal | viral | COVID-19 | site test acc | site normal | site viral |")
+    print(
+        "| recipe | best epoch | pool val acc | normal | viral | COVID-19 | site test acc | site normal | site viral |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         pr, sr = r["pool_val_recall"], r["site_test_recall"]
