@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]  # this tree, and bench_adapt
 
 
 def recalls(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict[str, float]:
