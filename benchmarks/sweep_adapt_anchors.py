@@ -83,41 +83,50 @@ def main() -> None:
     _, meta = read_contract_file(base)
     labels = list(meta.labels)
     t0 = time.time()
-    sets = local_sets(cfg, labels)
-    split = make_split(sets, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    roots = {s.source: Path(s.root) for s in sets}
-    a_items, v_items, t_items = (split.items(roots, part) for part in ("train", "val", "test"))
-    size, resize = meta.input_size[0], str(meta.preprocessing.get("resize", "bilinear"))
-    x_a, y_a, _, _ = _load_cache(
-        [(p, lab) for p, lab, _ in a_items], labels, size, resize, console, "adapt", crop=meta.crop
-    )
-    x_v, y_v, _, _ = _load_cache(
-        [(p, lab) for p, lab, _ in v_items], labels, size, resize, console, "val", crop=meta.crop
-    )
+    cache = args.out / "features.pt"
     torch.manual_seed(cfg.seed)
     model = build_model(len(labels), str(base))
     model.eval()
     parts = _Split(model, cfg.freeze)
     for p in parts.trunk.parameters():
         p.requires_grad_(False)
-    f_a, idx_a = _features(parts, x_a, meta.mean, meta.std, cfg.views, cfg.seed)
-    f_v, _ = _features(parts, x_v, meta.mean, meta.std, 1, cfg.seed)
-    ya = torch.from_numpy(y_a[idx_a])
+    if cache.is_file():  # the frozen outputs of an earlier run with the same data (delete to recompute)
+        c = torch.load(cache, weights_only=False)  # our own file, numpy arrays inside
+        f_a, ya, f_v, y_v, e_t, y_t, e_p, y_p = (c[k] for k in ("f_a", "ya", "f_v", "y_v", "e_t", "y_t", "e_p", "y_p"))
+    else:
+        sets = local_sets(cfg, labels)
+        split = make_split(sets, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        roots = {s.source: Path(s.root) for s in sets}
+        a_items, v_items, t_items = (split.items(roots, part) for part in ("train", "val", "test"))
+        size, resize = meta.input_size[0], str(meta.preprocessing.get("resize", "bilinear"))
+        x_a, y_a, _, _ = _load_cache(
+            [(p, lab) for p, lab, _ in a_items], labels, size, resize, console, "adapt", crop=meta.crop
+        )
+        x_v, y_v, _, _ = _load_cache(
+            [(p, lab) for p, lab, _ in v_items], labels, size, resize, console, "val", crop=meta.crop
+        )
+        f_a, idx_a = _features(parts, x_a, meta.mean, meta.std, cfg.views, cfg.seed)
+        f_v, _ = _features(parts, x_v, meta.mean, meta.std, 1, cfg.seed)
+        ya = torch.from_numpy(y_a[idx_a])
+        with torch.no_grad():
+            x_t, keep, _ = _test_tensors(t_items, meta)
+            e_t = torch.cat(
+                [
+                    torch.flatten(parts.pool(parts.trunk(torch.from_numpy(x_t[i : i + 32]))), 1)
+                    for i in range(0, len(x_t), 32)
+                ]
+            )
+        y_t = np.asarray([labels.index(t_items[i][1]) for i in keep])
+        with open(REPO / "export" / "run-1.1.0" / "split.csv", newline="", encoding="utf-8") as fh:
+            pool_rows = [r for r in csv.DictReader(fh) if r["split"] == "val"]
+        pool_items = [(data / r["source"] / r["path"], r["label"]) for r in pool_rows]
+        e_p, y_p = embeddings(base, pool_items, meta.spec, labels, meta.outputs["embedding"])
+        torch.save(
+            {"f_a": f_a, "ya": ya, "f_v": f_v, "y_v": y_v, "e_t": e_t, "y_t": y_t, "e_p": e_p, "y_p": y_p}, cache
+        )
     with torch.no_grad():
         teacher = torch.cat([parts.head(f_a[i : i + 64].float()) for i in range(0, len(f_a), 64)])
         base_val = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
-        x_t, keep, _ = _test_tensors(t_items, meta)
-        e_t = torch.cat(
-            [
-                torch.flatten(parts.pool(parts.trunk(torch.from_numpy(x_t[i : i + 32]))), 1)
-                for i in range(0, len(x_t), 32)
-            ]
-        )
-    y_t = np.asarray([labels.index(t_items[i][1]) for i in keep])
-    with open(REPO / "export" / "run-1.1.0" / "split.csv", newline="", encoding="utf-8") as fh:
-        pool_rows = [r for r in csv.DictReader(fh) if r["split"] == "val"]
-    pool_items = [(data / r["source"] / r["path"], r["label"]) for r in pool_rows]
-    e_p, y_p = embeddings(base, pool_items, meta.spec, labels, meta.outputs["embedding"])
     prep_s = time.time() - t0
     console.print(f"features and embeddings: {prep_s:.0f} s; pool val {len(e_p)} films, site test {len(e_t)}")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -139,6 +148,7 @@ def main() -> None:
             "pool_val_recall": recalls(y_p, base_pool, labels),
             "site_test_accuracy": float((base_site == y_t).mean()),
             "site_test_recall": recalls(y_t, base_site, labels),
+            "site_val_recall": recalls(y_v, base_val.argmax(1).numpy(), labels),
         }
     )
     for r in recipes:
@@ -152,6 +162,9 @@ def main() -> None:
         with torch.no_grad():
             pool_pred = parts.fc(e_pt).argmax(1).numpy()
             site_pred = parts.fc(e_t).argmax(1).numpy()
+            val_pred = (
+                torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)]).argmax(1).numpy()
+            )
         results.append(
             {
                 "recipe": r,
@@ -161,6 +174,7 @@ def main() -> None:
                 "pool_val_recall": recalls(y_p, pool_pred, labels),
                 "site_test_accuracy": float((site_pred == y_t).mean()),
                 "site_test_recall": recalls(y_t, site_pred, labels),
+                "site_val_recall": recalls(y_v, val_pred, labels),
             }
         )
         console.print(json.dumps(results[-1]))
@@ -181,7 +195,8 @@ def main() -> None:
         pr, sr = r["pool_val_recall"], r["site_test_recall"]
         print(
             f"| {r['recipe']} | {r.get('best_epoch', '')} | {r['pool_val_accuracy']:.4f} | {pr['normal']:.4f} | "
-            f"{pr['viral']:.4f} | {pr['covid']:.4f} | {r['site_test_accuracy']:.3f} | {sr['normal']:.3f} | "
+            f"{pr['viral']:.4f} | {pr['covid']:.4f} | {r['site_val_recall']['normal']:.3f} | "
+            f"{r['site_val_recall']['viral']:.3f} | {r['site_test_accuracy']:.3f} | {sr['normal']:.3f} | "
             f"{sr['viral']:.3f} |"
         )
 
