@@ -43,26 +43,17 @@ def test_anchors_are_draws_of_the_guards_gaussians() -> None:
     assert got is not None
     x, y = got
     assert x.shape == (3 * 2000, 512) and np.bincount(y.numpy()).tolist() == [2000, 2000, 2000]
-    spread = float(
-        np.sqrt(
-            np.diag(
-                np.linalg.inv(
-                    numpy_helper.to_array({i.name: i for i in proto.graph.initializer}["ood/precision"]).astype(
-                        np.float64
-                    )
-                )
-            )
-        ).mean()
-    )
+    precision = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}["ood/precision"]
+    sd = np.sqrt(np.diag(np.linalg.inv(precision.astype(np.float64))))  # each dimension's spread
     for c in range(3):
-        err = np.abs(x[y == c].numpy().mean(0) - means[c]).max()
-        assert err < 5 * spread / np.sqrt(2000)  # the sample mean is the class mean, within noise
+        z = (x[y == c].numpy().mean(0) - means[c]) / (sd / np.sqrt(2000))
+        assert np.abs(z).max() < 5  # the sample mean is the class mean, within noise (512 dimensions)
     again = gaussian_anchors(BASE, list(meta.labels), 2000, seed=3)
     assert again is not None and torch.equal(again[0], x)
     assert gaussian_anchors(BASE, list(meta.labels), 0, seed=3) is None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def normals_and_covid(shared_data: Path) -> dict[str, object]:
     """Frozen-trunk outputs of real adult normals (Montgomery, Shenzhen) and real pool COVID-19 films."""
     need_base()
@@ -130,7 +121,9 @@ def test_anchors_keep_covid_when_adapting_on_normals_only(normals_and_covid: dic
     plain = covid_recall_after(0.0)
     anchored = covid_recall_after(1.0)
     print(f"base covid {base_recall:.3f} normal {base_normal:.3f}; plain {plain}; anchored {anchored}")
-    assert plain[1] > base_normal  # the push does fit the site's normals
-    assert plain[0] < base_recall - 0.1  # ... and, unprotected, takes COVID-19 films away
-    assert anchored[0] >= base_recall - 0.05  # the anchors keep them
-    assert anchored[2] > 0.95 and anchored[2] > plain[2]  # and the base's calls near the COVID-19 mean
+    # measured (2-core EPYC, torch CPU): base COVID-19 recall 0.967, normals 0.896; without anchors 0.867 and
+    # 0.958; with them 0.933 and 0.938; the base's call kept on 0.958 and 0.988 of new draws near the COVID-19 mean
+    assert plain[1] > base_normal and anchored[1] > base_normal  # the push does fit the site's normals
+    assert plain[0] <= base_recall - 0.08  # ... and, unprotected, takes COVID-19 films away
+    assert anchored[0] >= base_recall - 0.05 and anchored[0] >= plain[0] + 0.05  # the anchors keep most
+    assert anchored[2] > plain[2] and anchored[2] > 0.97  # and the base's calls near the COVID-19 mean
