@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--weights", default="0,0.25,0.5,1,2,4", help="anchor weights to try")
     ap.add_argument("--per-class", default="256,1024,4096", help="draws per class to try")
     ap.add_argument("--l2sp", default="0.1,1,10", help="L2-SP weights to try (without anchors)")
+    ap.add_argument("--epochs", type=int, default=8, help="adapt --epochs")
     args = ap.parse_args()
 
     import torch
@@ -79,6 +80,7 @@ def main() -> None:
         labels_file=str(labels_file),
         freeze="layer4",
         threads=args.threads,
+        epochs=args.epochs,
     )
     _, meta = read_contract_file(base)
     labels = list(meta.labels)
@@ -188,9 +190,10 @@ def main() -> None:
     }
     (args.out / "sweep.json").write_text(json.dumps(out, indent=2))
     print(
-        "| recipe | best epoch | pool val acc | normal | viral | COVID-19 | site test acc | site normal | site viral |"
+        "| recipe | best epoch | pool val acc | normal | viral | COVID-19 | site val normal | site val viral "
+        "| site test acc | site test normal | site test viral |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         pr, sr = r["pool_val_recall"], r["site_test_recall"]
         print(

@@ -60,7 +60,7 @@ MIN_PER_CLASS = 20
 FREEZE_CHOICES = ("layer2", "layer3", "layer4")
 #: the synthetic-embedding distillation's defaults, chosen on the pool's validation part (README,
 #: "Check and adapt the model to your hospital"; benchmarks/sweep_adapt_anchors.py)
-ANCHOR_WEIGHT = 1.0
+ANCHOR_WEIGHT = 3.0
 ANCHORS_PER_CLASS = 1024
 
 
