@@ -12,7 +12,9 @@ forgets the rest; see issue 20):
   so each epoch costs only the blocks that train;
 - the loss is class-balanced cross-entropy on the local labels plus a distillation term: the KL
   divergence from the base model's own softmax on the same view (temperature ``T``), for every
-  class, so classes absent locally keep their behaviour;
+  class; and the same KL on synthetic classifier inputs drawn from the base model's OOD guard (a
+  Gaussian per class of the pooled embedding, every class of the base model): the local films only
+  cover what the site has, the draws also hold the regions of the classes it has not (:func:`gaussian_anchors`);
 - a few epochs, early stopping on the local validation part (mean recall of the local classes);
   epoch 0 (the base model) is a candidate, so adapting never makes validation worse unseen.
 
