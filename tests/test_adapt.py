@@ -91,7 +91,7 @@ def test_adapt_two_class_site(site: Path, tmp_path: Path) -> None:
     assert len(sides) == 1  # identical content, one side
     assert doc["ood"]["classes_fitted"] == ["normal", "viral"]  # type: ignore[index]
     anchors = a["recipe"]["anchor_distillation"]  # every class of the base, covid too, though no local film
-    assert anchors["classes"] == [0, 1, 2] and anchors["per_class"] > 0 and anchors["weight"] > 0
+    assert anchors["classes"] == ["normal", "viral", "covid"] and anchors["per_class"] > 0 and anchors["weight"] > 0
 
     # Before and after, by hand, from the test predictions (one row per test film of split.csv).
     rows = read_csv(run / "test_predictions.csv")

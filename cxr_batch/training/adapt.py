@@ -463,7 +463,7 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         "weight_decay": cfg.weight_decay,
         "optimizer": "AdamW, constant learning rate",
         "distillation": {"weight": cfg.distill, "temperature": cfg.temperature, "target": "base model softmax"},
-        "anchor_distillation": _anchor_recipe(cfg, anchors),
+        "anchor_distillation": _anchor_recipe(cfg, anchors, labels),
         "l2sp": cfg.l2sp,
         "views": cfg.views,
         "augment": "light",
@@ -587,14 +587,16 @@ def gaussian_anchors(
     return torch.from_numpy(np.concatenate(xs).astype(np.float32)), torch.from_numpy(np.concatenate(ys))
 
 
-def _anchor_recipe(cfg: AdaptConfig, anchors: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any] | None:
+def _anchor_recipe(
+    cfg: AdaptConfig, anchors: tuple[torch.Tensor, torch.Tensor] | None, labels: Sequence[str]
+) -> dict[str, Any] | None:
     if anchors is None:
         return None
     counts = np.bincount(anchors[1].numpy()).tolist()
     return {
         "weight": cfg.anchor_weight,
         "per_class": cfg.anchors,
-        "classes": [c for c, n in enumerate(counts) if n],
+        "classes": [labels[c] for c, n in enumerate(counts) if n],
         "temperature": cfg.temperature,
         "source": "N(class mean, tied covariance) of the base model's OOD guard (pooled 512-d embedding)",
         "target": "the base classifier's softmax on the same draws",
