@@ -600,7 +600,7 @@ def _anchor_recipe(
         "temperature": cfg.temperature,
         "source": "N(class mean, tied covariance) of the base model's OOD guard (pooled 512-d embedding)",
         "target": "the base classifier's softmax on the same draws",
-        "applies_to": "fc only (the draws are classifier inputs)"
+        "applies_to": "fc only, the draws being classifier inputs"
         + (
             f"; {', '.join(FREEZE_CHOICES[FREEZE_CHOICES.index(cfg.freeze) + 1 :])} also train and move the real "
             "embeddings, which the draws do not follow"
