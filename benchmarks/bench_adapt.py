@@ -54,6 +54,25 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     return wall, cpu_s, proc.stderr
 
 
+def write_site_labels(data: Path, labels: Path, n_viral: int) -> list[tuple[str, str]]:
+    """The "site": Montgomery + Shenzhen adult normals and ``n_viral`` pool viral films drawn (seeded)
+    from the training part of the 1.1.0 split; written as a ``path,label`` file relative to ``data``."""
+    rows = [
+        (f"lung-masks/{site}/images/{p.name}", "normal")
+        for site in ("montgomery", "shenzhen")
+        for p in sorted((data / "lung-masks" / site / "images").glob("*_0.png"))
+    ]
+    with open(REPO / "export" / "run-1.1.0" / "split.csv", newline="", encoding="utf-8") as fh:
+        split = list(csv.DictReader(fh))
+    viral = sorted(r["path"] for r in split if r["split"] == "train" and r["label"] == "viral")
+    rows += [(f"covid19-radiography/{p}", "viral") for p in random.Random(0).sample(viral, n_viral)]
+    with open(labels, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -61,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--viral", type=int, default=142, help="pool viral films (training part of the 1.1.0 split)")
     ap.add_argument("--freeze", default="layer3", help="adapt --freeze (layer3: train layer4 and fc; layer4: fc only)")
+    ap.add_argument("--anchor-weight", type=float, help="adapt --anchor-weight (default: adapt's)")
+    ap.add_argument("--anchors", type=int, help="adapt --anchors (default: adapt's)")
     ap.add_argument("--skip-pool", action="store_true", help="don't measure on the pool's held-out films")
     ap.add_argument(
         "--pool-part",
@@ -72,25 +93,17 @@ def main() -> None:
     data = args.data.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    rows = [
-        (f"lung-masks/{site}/images/{p.name}", "normal")
-        for site in ("montgomery", "shenzhen")
-        for p in sorted((data / "lung-masks" / site / "images").glob("*_0.png"))
-    ]
-    with open(REPO / "export" / "run-1.1.0" / "split.csv", newline="", encoding="utf-8") as fh:
-        split = list(csv.DictReader(fh))
-    viral = sorted(r["path"] for r in split if r["split"] == "train" and r["label"] == "viral")
-    rows += [(f"covid19-radiography/{p}", "viral") for p in random.Random(0).sample(viral, args.viral)]
     labels = args.out / "site-labels.csv"
-    with open(labels, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        w.writerows(rows)
+    rows = write_site_labels(data, labels, args.viral)
 
     model = args.out / "site.onnx"
     cli = [sys.executable, "-m", "cxr_batch.cli"]
     adapt_cmd = [*cli, "adapt", str(data), "--labels", str(labels), "--out", str(model), "--overwrite"]
     adapt_cmd += ["--model", str(REPO / "export" / "cxr-resnet18.onnx"), "--freeze", args.freeze]
+    if args.anchor_weight is not None:
+        adapt_cmd += ["--anchor-weight", str(args.anchor_weight)]
+    if args.anchors is not None:
+        adapt_cmd += ["--anchors", str(args.anchors)]
     adapt_cmd += ["--threads", str(args.threads), "--site", "Montgomery + Shenzhen normals, pool viral"]
     seconds, cpu_seconds, log = run(adapt_cmd)
     record = json.loads((args.out / "site-run" / "adapt.json").read_text())
@@ -103,6 +116,7 @@ def main() -> None:
         "adapt_inner_seconds": record["seconds"],
         "site_test": record["comparison"],
         "best_epoch": record["recipe"]["best_epoch"],
+        "anchor_distillation": record["recipe"].get("anchor_distillation"),
         "warnings": record["warnings"],
         "cpu": cpu(),
         "threads": args.threads,

@@ -90,6 +90,8 @@ def test_adapt_two_class_site(site: Path, tmp_path: Path) -> None:
     sides = {r[2] for r in split.rows if r[3] == file_sha256(site / "normal" / "zz-copy-of-first.png")}
     assert len(sides) == 1  # identical content, one side
     assert doc["ood"]["classes_fitted"] == ["normal", "viral"]  # type: ignore[index]
+    anchors = a["recipe"]["anchor_distillation"]  # every class of the base, covid too, though no local film
+    assert anchors["classes"] == ["normal", "viral", "covid"] and anchors["per_class"] > 0 and anchors["weight"] > 0
 
     # Before and after, by hand, from the test predictions (one row per test film of split.csv).
     rows = read_csv(run / "test_predictions.csv")
@@ -111,6 +113,7 @@ def test_adapt_two_class_site(site: Path, tmp_path: Path) -> None:
     # The adapted model classifies like any other, under its own name; the card says what it is.
     card = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "Adapted to the films of Test Hospital" in card and file_sha256(BASE) in card
+    assert "synthetic classifier inputs drawn from the base model's Gaussian model" in card
     report = tmp_path / "r.csv"
     first = sorted((site / "viral").iterdir())[0]
     res = runner.invoke(main, ["classify", str(first), "--model", str(out), "--out", str(report), "-q"])

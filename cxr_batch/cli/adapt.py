@@ -54,6 +54,25 @@ from cxr_batch.cli.options import library_errors
     type=click.FloatRange(min=0),
     help="Weight of the distillation term (the base model's own outputs as a target; 0: none).",
 )
+@click.option(
+    "--anchor-weight",
+    type=click.FloatRange(min=0),
+    help="Weight of the distillation on synthetic embeddings of every class of the base model (drawn from "
+    "its OOD guard's class Gaussians; keeps classes you have no films of; 0: none). Default: the value "
+    "chosen on the pool's validation part (README; recorded in the adapted model's contract).",
+)
+@click.option(
+    "--anchors",
+    type=click.IntRange(1),
+    help="Synthetic embeddings drawn per class for --anchor-weight (default: chosen with it).",
+)
+@click.option(
+    "--l2sp",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Pull of the trained weights to the base model's (L2-SP weight; 0: none).",
+)
 @click.option("--views", default=2, show_default=True, type=click.IntRange(1), help="Clean + augmented copies.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also write NAME-int8.onnx when faithful.")
@@ -75,6 +94,9 @@ def adapt_command(
     lr: float,
     freeze: str,
     distill: float,
+    anchor_weight: float | None,
+    anchors: int | None,
+    l2sp: float,
     views: int,
     seed: int,
     int8: bool,
@@ -95,6 +117,7 @@ def adapt_command(
     """
     from cxr_batch.training.adapt import AdaptConfig, adapt_model
 
+    chosen = {k: v for k, v in (("anchor_weight", anchor_weight), ("anchors", anchors)) if v is not None}
     cfg = AdaptConfig(
         data_dirs=tuple(str(d) for d in data_dirs),
         out=str(out),
@@ -110,10 +133,12 @@ def adapt_command(
         lr=lr,
         freeze=freeze,
         distill=distill,
+        l2sp=l2sp,
         views=views,
         seed=seed,
         int8=int8,
         threads=threads,
         limit_per_class=limit_per_class,
+        **chosen,  # type: ignore[arg-type]
     )
     adapt_model(cfg)

@@ -12,7 +12,9 @@ forgets the rest; see issue 20):
   so each epoch costs only the blocks that train;
 - the loss is class-balanced cross-entropy on the local labels plus a distillation term: the KL
   divergence from the base model's own softmax on the same view (temperature ``T``), for every
-  class, so classes absent locally keep their behaviour;
+  class; and the same KL on synthetic classifier inputs drawn from the base model's OOD guard (a
+  Gaussian per class of the pooled embedding, every class of the base model): the local films only
+  cover what the site has, the draws also hold the regions of the classes it has not (:func:`gaussian_anchors`);
 - a few epochs, early stopping on the local validation part (mean recall of the local classes);
   epoch 0 (the base model) is a candidate, so adapting never makes validation worse unseen.
 
@@ -58,6 +60,10 @@ from cxr_batch.training.onnx_file import read_contract_file
 #: Fewer films than this in a class get a warning: its recall is measured on a handful of test films.
 MIN_PER_CLASS = 20
 FREEZE_CHOICES = ("layer2", "layer3", "layer4")
+#: the synthetic-embedding distillation's defaults, chosen on the pool's validation part (README,
+#: "Check and adapt the model to your hospital"; benchmarks/sweep_adapt_anchors.py)
+ANCHOR_WEIGHT = 3.0
+ANCHORS_PER_CLASS = 1024
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,13 @@ class AdaptConfig:
     #: weight of the distillation term and its temperature
     distill: float = 1.0
     temperature: float = 2.0
+    #: distillation on synthetic embeddings drawn from the base model's OOD guard (a Gaussian per
+    #: class, every class of the base model: those absent locally too), fed to the classifier only:
+    #: the weight of that term (0: none) and how many embeddings are drawn per class
+    anchor_weight: float = ANCHOR_WEIGHT
+    anchors: int = ANCHORS_PER_CLASS
+    #: L2-SP: a pull of the trained weights to the base model's, weight * sum (w - w_base)^2 (0: none)
+    l2sp: float = 0.0
     #: the clean film plus ``views - 1`` augmented copies
     views: int = 2
     val_fraction: float = 0.2
@@ -398,65 +411,19 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
     t0 = time.time()
     f_a, idx_a = _features(parts, x_a, base_meta.mean, base_meta.std, cfg.views, cfg.seed)
     f_v, _ = _features(parts, x_v, base_meta.mean, base_meta.std, 1, cfg.seed)
-    yv = torch.from_numpy(y_v)
     ya = torch.from_numpy(y_a[idx_a])
     with torch.no_grad():
         teacher = torch.cat([parts.head(f_a[i : i + 64].float()) for i in range(0, len(f_a), 64)])
         base_val = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
     feature_s = time.time() - t0
-    trainable = [p for p in parts.head_blocks.parameters()] + list(parts.fc.parameters())
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    counts = np.bincount(y_a[idx_a], minlength=len(labels)).astype(np.float64)
-    class_w = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0))
-    weights = class_w[ya].double()  # each local class drawn equally often
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t_temp = cfg.temperature
-
-    def val_score(logits: torch.Tensor) -> tuple[float, float]:
-        pred = logits.argmax(1).numpy()
-        return _mean_recall(y_v, pred), float(F.cross_entropy(logits, yv))
-
-    score0, loss0 = val_score(base_val)
-    history = [{"epoch": 0, "val_mean_recall": score0, "val_loss": loss0, "what": "the base model"}]
-    best = (score0, -loss0)
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    best_epoch, patience = 0, cfg.patience
+    anchors = gaussian_anchors(base, labels, cfg.anchors, cfg.seed) if cfg.anchor_weight > 0 else None
+    if anchors is None and cfg.anchor_weight > 0:
+        console.print("[yellow]notice:[/] the base model has no OOD guard with class means: no synthetic anchors")
     t1 = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.multinomial(weights, len(f_a), replacement=True, generator=gen)
-        loss_sum = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            b = order[i : i + cfg.batch_size]
-            logits = parts.head(f_a[b].float())
-            loss = F.cross_entropy(logits, ya[b])
-            if cfg.distill > 0:
-                kl = F.kl_div(
-                    F.log_softmax(logits / t_temp, 1), F.softmax(teacher[b] / t_temp, 1), reduction="batchmean"
-                )
-                loss = loss + cfg.distill * t_temp * t_temp * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            loss_sum += float(loss.detach()) * len(b)
-        with torch.no_grad():
-            vl = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
-        score, vloss = val_score(vl)
-        history.append(
-            {"epoch": epoch, "train_loss": loss_sum / len(order), "val_mean_recall": score, "val_loss": vloss}
-        )
-        console.print(
-            f"epoch {epoch}: train loss {loss_sum / len(order):.4f}, val mean recall {score:.4f}, val loss {vloss:.4f}"
-        )
-        if (score, -vloss) > best:
-            best, best_epoch, patience = (score, -vloss), epoch, cfg.patience
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            patience -= 1
-            if patience <= 0:
-                console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
-                break
+    fit = train_head(model, parts, f_a, ya, f_v, y_v, base_val, teacher, cfg, anchors, console)
+    history, best_epoch = fit.history, fit.best_epoch
     train_s = time.time() - t1
-    model.load_state_dict(best_state)
+    model.load_state_dict(fit.state)
     if best_epoch == 0:
         w = "no epoch beat the base model on local validation: the adapted model is the base model's weights"
         warnings.append(w)
@@ -483,7 +450,8 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
     version = cfg.version or f"{base_meta.version}+site.1"
     site = cfg.site or " + ".join(s.source for s in sets)
     recipe = {
-        "method": "adapt: frozen early layers, class-balanced cross-entropy + distillation from the base model",
+        "method": "adapt: frozen early layers, class-balanced cross-entropy + distillation from the base model"
+        + (" on the local films and on synthetic embeddings of every class" if anchors is not None else ""),
         "frozen": f"conv1 .. {cfg.freeze} (BatchNorm statistics of every layer kept from the base model)",
         "trained": "layer4 and fc" if cfg.freeze != "layer4" else "fc",
         "epochs_max": cfg.epochs,
@@ -495,6 +463,8 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         "weight_decay": cfg.weight_decay,
         "optimizer": "AdamW, constant learning rate",
         "distillation": {"weight": cfg.distill, "temperature": cfg.temperature, "target": "base model softmax"},
+        "anchor_distillation": _anchor_recipe(cfg, anchors, labels),
+        "l2sp": cfg.l2sp,
         "views": cfg.views,
         "augment": "light",
         "sampling": "class-balanced (local classes)",
@@ -581,6 +551,166 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
     write_file_atomic(run / "adapt.json", json.dumps(record, indent=2, allow_nan=False))
     console.print(f"wrote {markup(str(out))} ({name} {version}) in {seconds:.0f} s; run folder {markup(str(run))}")
     return record
+
+
+def gaussian_anchors(
+    base: Path, labels: Sequence[str], per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Synthetic pooled embeddings (the classifier's 512-d input) for every class of the base model.
+
+    The base model's OOD guard (``ood/means`` and ``ood/precision`` in its graph: the class means of
+    the pooled embedding on its training films and their shared covariance's inverse, see
+    :mod:`cxr_batch.training.ood`) is a Gaussian model of each class's embeddings; ``per_class``
+    draws from N(mean_c, precision^-1) for each class it has a mean for, seeded. Returns the draws
+    (float32) and each one's class index, or None when the base has no guard (or ``per_class`` is 0).
+    """
+    if per_class <= 0:
+        return None
+    from onnx import numpy_helper
+
+    proto, meta = read_contract_file(base)
+    inits = {i.name: i for i in proto.graph.initializer if i.name in ("ood/means", "ood/precision")}
+    if meta.ood is None or len(inits) != 2:
+        return None
+    means = numpy_helper.to_array(inits["ood/means"]).astype(np.float64)
+    precision = numpy_helper.to_array(inits["ood/precision"]).astype(np.float64)
+    fitted = list(meta.ood.get("classes_fitted") or labels)
+    if len(fitted) != len(means):
+        return None
+    cov = np.linalg.inv((precision + precision.T) / 2)
+    chol = np.linalg.cholesky((cov + cov.T) / 2)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for mean, label in zip(means, fitted, strict=True):
+        xs.append(mean + rng.standard_normal((per_class, len(mean))) @ chol.T)
+        ys.append(np.full(per_class, list(labels).index(label), np.int64))
+    return torch.from_numpy(np.concatenate(xs).astype(np.float32)), torch.from_numpy(np.concatenate(ys))
+
+
+def _anchor_recipe(
+    cfg: AdaptConfig, anchors: tuple[torch.Tensor, torch.Tensor] | None, labels: Sequence[str]
+) -> dict[str, Any] | None:
+    if anchors is None:
+        return None
+    counts = np.bincount(anchors[1].numpy()).tolist()
+    return {
+        "weight": cfg.anchor_weight,
+        "per_class": cfg.anchors,
+        "classes": [labels[c] for c, n in enumerate(counts) if n],
+        "temperature": cfg.temperature,
+        "source": "N(class mean, tied covariance) of the base model's OOD guard (pooled 512-d embedding)",
+        "target": "the base classifier's softmax on the same draws",
+        "applies_to": "fc only, the draws being classifier inputs"
+        + (
+            f"; {', '.join(FREEZE_CHOICES[FREEZE_CHOICES.index(cfg.freeze) + 1 :])} also train and move the real "
+            "embeddings, which the draws do not follow"
+            if cfg.freeze != "layer4"
+            else ""
+        ),
+        "batch": f"{cfg.batch_size} draws per step, uniformly from the {len(anchors[0])} (as many per class)",
+    }
+
+
+@dataclass
+class HeadFit:
+    """What :func:`train_head` chose: the weights, their epoch (0: the base), every epoch's record."""
+
+    state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, Any]]
+
+
+def train_head(
+    model: torch.nn.Module,
+    parts: _Split,
+    f_a: torch.Tensor,
+    ya: torch.Tensor,
+    f_v: torch.Tensor,
+    y_v: np.ndarray,
+    base_val: torch.Tensor,
+    teacher: torch.Tensor,
+    cfg: AdaptConfig,
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    console: Console | None = None,
+) -> HeadFit:
+    """Train the head on the frozen trunk's outputs; ``model`` must hold the base weights.
+
+    Loss per step: class-balanced cross-entropy on the local labels, plus ``distill`` * T² * KL to the
+    base's softmax on the same view (``teacher``), plus ``anchor_weight`` * T² * KL to the base
+    classifier's softmax on a batch of synthetic embeddings (:func:`gaussian_anchors`, through ``fc``
+    only), plus ``l2sp`` * the squared distance of the trained weights to the base's. Early stop on
+    local validation's mean recall (then its loss), epoch 0 (the base) a candidate.
+    """
+    n_labels = int(parts.fc.out_features)
+    trainable = [p for p in parts.head_blocks.parameters()] + list(parts.fc.parameters())
+    start = [p.detach().clone() for p in trainable]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    y_all = ya.numpy()
+    counts = np.bincount(y_all, minlength=n_labels).astype(np.float64)
+    class_w = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0))
+    weights = class_w[ya].double()  # each local class drawn equally often
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t_temp = cfg.temperature
+    yv = torch.from_numpy(y_v)
+    a_x = a_t = None
+    if anchors is not None and cfg.anchor_weight > 0:
+        a_x = anchors[0]
+        with torch.no_grad():
+            a_t = F.softmax(parts.fc(a_x) / t_temp, 1)  # the base classifier's outputs on the draws
+
+    def val_score(logits: torch.Tensor) -> tuple[float, float]:
+        pred = logits.argmax(1).numpy()
+        return _mean_recall(y_v, pred), float(F.cross_entropy(logits, yv))
+
+    score0, loss0 = val_score(base_val)
+    history: list[dict[str, Any]] = [
+        {"epoch": 0, "val_mean_recall": score0, "val_loss": loss0, "what": "the base model"}
+    ]
+    best = (score0, -loss0)
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    best_epoch, patience = 0, cfg.patience
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.multinomial(weights, len(f_a), replacement=True, generator=gen)
+        loss_sum = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            logits = parts.head(f_a[b].float())
+            loss = F.cross_entropy(logits, ya[b])
+            if cfg.distill > 0:
+                kl = F.kl_div(
+                    F.log_softmax(logits / t_temp, 1), F.softmax(teacher[b] / t_temp, 1), reduction="batchmean"
+                )
+                loss = loss + cfg.distill * t_temp * t_temp * kl
+            if a_x is not None and a_t is not None:
+                j = torch.randint(len(a_x), (cfg.batch_size,), generator=gen)
+                kl_a = F.kl_div(F.log_softmax(parts.fc(a_x[j]) / t_temp, 1), a_t[j], reduction="batchmean")
+                loss = loss + cfg.anchor_weight * t_temp * t_temp * kl_a
+            if cfg.l2sp > 0:
+                loss = loss + cfg.l2sp * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start, strict=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            loss_sum += float(loss.detach()) * len(b)
+        with torch.no_grad():
+            vl = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
+        score, vloss = val_score(vl)
+        history.append(
+            {"epoch": epoch, "train_loss": loss_sum / len(order), "val_mean_recall": score, "val_loss": vloss}
+        )
+        if console is not None:
+            console.print(
+                f"epoch {epoch}: train loss {loss_sum / len(order):.4f}, val mean recall {score:.4f}, val loss {vloss:.4f}"
+            )
+        if (score, -vloss) > best:
+            best, best_epoch, patience = (score, -vloss), epoch, cfg.patience
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            patience -= 1
+            if patience <= 0:
+                if console is not None:
+                    console.print(f"early stop: no validation improvement for {cfg.patience} epochs")
+                break
+    return HeadFit(best_state, best_epoch, history)
 
 
 def _counts(split: Split) -> dict[str, dict[str, int]]:

@@ -338,12 +338,20 @@ def _adaptation_lines(meta: ModelMeta) -> list[str]:
         return []
     b = a.get("base") or {}
     local = a.get("local_data") or {}
+    anchors = (a.get("recipe") or {}).get("anchor_distillation")
+    how = (
+        "distillation on the local films, and on synthetic classifier inputs drawn from the base model's "
+        f"Gaussian model of each class's embeddings, {anchors.get('per_class')} per class, weight "
+        f"{anchors.get('weight')}, applied to {anchors.get('applies_to')}"
+        if anchors
+        else "distillation"
+    )
     lines = [
         "## Adapted model",
         "",
         f"**Adapted to the films of {a.get('site')}** with `cxr-batch adapt`, from `{b.get('name')}` {b.get('version')} "
         f"(sha256 `{b.get('sha256')}`). It has seen the local films of {', '.join(local.get('classes') or [])} only; "
-        "for the other classes it was trained to keep the base model's outputs (distillation), which this card "
+        f"for the other classes it was trained to keep the base model's outputs ({how}), which this card "
         "cannot measure on local films. Its numbers hold for this site's films, not for other hospitals'.",
         "",
         f"- Local data: {local.get('films')} films from {', '.join(local.get('sources') or [])}; "
