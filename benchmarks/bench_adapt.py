@@ -79,7 +79,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-adapt"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--viral", type=int, default=142, help="pool viral films (training part of the 1.1.0 split)")
-    ap.add_argument("--freeze", default="layer3", help="adapt --freeze (layer3: train layer4 and fc; layer4: fc only)")
+    ap.add_argument(
+        "--freeze",
+        default=None,
+        help="adapt --freeze (default: adapt's own; layer3: train layer4 and fc; layer4: fc only)",
+    )
     ap.add_argument("--anchor-weight", type=float, help="adapt --anchor-weight (default: adapt's)")
     ap.add_argument("--anchors", type=int, help="adapt --anchors (default: adapt's)")
     ap.add_argument("--skip-pool", action="store_true", help="don't measure on the pool's held-out films")
@@ -99,7 +103,9 @@ def main() -> None:
     model = args.out / "site.onnx"
     cli = [sys.executable, "-m", "cxr_batch.cli"]
     adapt_cmd = [*cli, "adapt", str(data), "--labels", str(labels), "--out", str(model), "--overwrite"]
-    adapt_cmd += ["--model", str(REPO / "export" / "cxr-resnet18.onnx"), "--freeze", args.freeze]
+    adapt_cmd += ["--model", str(REPO / "export" / "cxr-resnet18.onnx")]
+    if args.freeze:
+        adapt_cmd += ["--freeze", args.freeze]
     if args.anchor_weight is not None:
         adapt_cmd += ["--anchor-weight", str(args.anchor_weight)]
     if args.anchors is not None:
