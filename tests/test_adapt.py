@@ -127,6 +127,7 @@ def test_adapt_two_class_site(site: Path, tmp_path: Path) -> None:
     assert file_sha256(out) == digest
 
 
+@pytest.mark.slow
 def test_adapt_refuses_existing_output_at_once(site: Path, tmp_path: Path) -> None:
     need_base()
     out = tmp_path / "site.onnx"

@@ -287,6 +287,7 @@ def test_a_self_check_zlib_bomb_inflates_no_further_than_its_declared_shape() ->
         ("4x32x32", "a list of integers"),
     ],
 )
+@pytest.mark.slow
 def test_a_self_check_with_a_huge_or_odd_declared_shape_is_malformed(
     shape: object, message: str, make_model, three: list[Path], tmp_path: Path
 ) -> None:

@@ -198,6 +198,7 @@ def test_cli_reports_match_across_batch_sizes(
             assert (pa == pb == "") or abs(float(pa) - float(pb)) < 1e-5
 
 
+@pytest.mark.slow
 def test_decoding_stays_a_bounded_distance_ahead(tiny_onnx: Path, varied_dir: Path) -> None:
     """Files in flight (queued or decoded, not yet returned) stay under 3 × batch + workers: flat memory."""
     paths = sorted(varied_dir.iterdir()) * 6  # 138 files: the pipeline fills many times over
@@ -296,6 +297,7 @@ def test_help_for_every_command(runner: CliRunner) -> None:
         assert "Example: cxr-batch" in result.stdout
 
 
+@pytest.mark.slow
 def test_import_help_and_classify_never_import_torch(tiny_onnx: Path, image_dir: Path, tmp_path: Path) -> None:
     script = f"""
 import sys

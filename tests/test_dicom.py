@@ -113,6 +113,7 @@ def test_shared_chest_radiographs_decode(pydicom: Any, path: Path) -> None:
     assert d.notes == []
 
 
+@pytest.mark.slow
 @needs_data
 def test_rg1_follows_the_dicom_display_pipeline(pydicom: Any) -> None:
     """RG1 is MONOCHROME1, 15 bits stored, window 15000/30000: window first, then invert."""
@@ -130,6 +131,7 @@ def test_rg1_follows_the_dicom_display_pipeline(pydicom: Any) -> None:
     assert lungs < spine
 
 
+@pytest.mark.slow
 @needs_data
 def test_jpeg2000_decodes_to_the_uncompressed_image(pydicom: Any) -> None:
     """Lossless here: identical whichever plugin decodes it (pylibjpeg-openjpeg or Pillow)."""
@@ -573,6 +575,7 @@ def _classify(runner: CliRunner, model: Path, folder: Path, out: Path) -> tuple[
     return rows, result
 
 
+@pytest.mark.slow
 @needs_data
 def test_classify_gives_monochrome1_and_inverted_monochrome2_the_same_probabilities(
     pydicom: Any, runner: CliRunner, tiny_onnx: Path, tmp_path: Path

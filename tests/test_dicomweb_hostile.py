@@ -202,6 +202,7 @@ def test_wado_follows_no_redirect_to_another_port(instances: list[Instance], no_
 # --------------------------------------------------------------------------- 401 / 429 mid-run (item 8)
 
 
+@pytest.mark.slow
 @needs_files
 def test_a_401_mid_run_is_fatal_and_resume_retries_the_rest(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner
@@ -368,6 +369,7 @@ def test_a_malformed_qido_answer_is_a_clear_error(
 # --------------------------------------------------------------------------- terminal escapes (item 6)
 
 
+@pytest.mark.slow
 @needs_files
 def test_what_the_server_says_reaches_the_terminal_escaped(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner

@@ -85,6 +85,7 @@ def metrics_from_classify_csv(rows: list[dict[str, str]], truth: dict[str, str])
     return classification_metrics(y, probs, LABELS)
 
 
+@pytest.mark.slow
 def test_evaluate_equals_metrics_from_the_classify_csv(
     labelled: Path, eval_model: Path, runner: CliRunner, tmp_path: Path
 ) -> None:
@@ -223,6 +224,7 @@ def test_existing_outputs_are_kept(labelled: Path, eval_model: Path, runner: Cli
     assert json.loads(out.read_text())["n"] == 3 * PER_CLASS
 
 
+@pytest.mark.slow
 def test_plots(labelled: Path, eval_model: Path, runner: CliRunner, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the plots extra (matplotlib) is not installed")
     plots = tmp_path / "plots"
@@ -261,6 +263,7 @@ def test_plots_without_matplotlib(
     assert not (tmp_path / "m.json").exists()  # refused before anything ran
 
 
+@pytest.mark.slow
 def test_evaluate_imports_neither_torch_nor_matplotlib() -> None:
     code = (
         "import sys, cxr_batch.evaluation.evaluate, cxr_batch.report.heatmap, cxr_batch.cli.main; "

@@ -71,6 +71,7 @@ def test_rewriting_a_contract_keeps_the_weights(tmp_path: Path) -> None:
     assert read_contract_file(model)[1].extra == {"selection": {"command": "x a"}}
 
 
+@pytest.mark.slow
 def test_info_is_short_and_names_the_card(runner: CliRunner) -> None:
     fp32 = REPO / "export" / "cxr-resnet18.onnx"
     if not fp32.is_file():
@@ -147,6 +148,7 @@ def test_one_precision_rule_in_help_and_readme(runner: CliRunner) -> None:
 # --------------------------------------------------------------------------- item 4: --version, doctor
 
 
+@pytest.mark.slow
 def test_version_names_model_runtime_python_extras_and_precision(runner: CliRunner) -> None:
     import platform
 
@@ -165,6 +167,7 @@ def test_version_names_model_runtime_python_extras_and_precision(runner: CliRunn
     assert facts["default model"].startswith(("cxr-resnet18@", "none ("))
 
 
+@pytest.mark.slow
 def test_doctor_says_what_to_install(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from cxr_batch.engine import environment
 
@@ -346,6 +349,7 @@ def test_a_pipeline_gets_progress_lines_and_the_summary_says_where(
 # --------------------------------------------------------------------------- item 1: report's heatmap folder
 
 
+@pytest.mark.slow
 def test_report_without_its_heatmap_folder_warns_and_finds_one_beside(
     runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_path: Path
 ) -> None:
@@ -424,6 +428,7 @@ def test_the_readme_examples_run_as_pasted_twice(tmp_path: Path, sample_images: 
     assert "warning" not in done.stderr.lower(), done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_shell_completion_script() -> None:
     import subprocess
     import sys

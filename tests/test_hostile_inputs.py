@@ -64,6 +64,7 @@ def tiny(tiny_onnx: Path) -> Path:
 # ------------------------------------------------------------------ 1. FIFOs and other special files
 
 
+@pytest.mark.slow
 def test_special_files_get_an_error_row_at_once_and_the_run_goes_on(tiny: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_png(data / "a.png", 1)
@@ -117,6 +118,7 @@ def test_special_files_get_an_error_row_at_once_and_the_run_goes_on(tiny: Path, 
     no_raw_warnings(proc.stderr)
 
 
+@pytest.mark.slow
 def test_decode_never_opens_a_special_file(tmp_path: Path) -> None:
     """The library entry points refuse a FIFO or device from a stat alone (no open: no block)."""
     from cxr_batch.io.dicom import read_dicom
@@ -242,6 +244,7 @@ def tiny_cam(models_dir: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_runs_own_outputs_are_never_inputs(tiny_cam: Path, tmp_path: Path) -> None:
     studies = tmp_path / "studies"
     for i, name in enumerate(("a.png", "b.png", "sub/c.png")):
@@ -437,6 +440,7 @@ def _bad_shape_model(path: Path, role: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["ood_score", "cam"])
 def test_wrong_output_shapes_are_refused_at_load(role: str, tmp_path: Path, image_dir: Path) -> None:
     pytest.importorskip("onnx")
@@ -454,6 +458,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a bug here fails, not the machine
 
 
+@pytest.mark.slow
 def test_absurd_input_size_is_refused_by_the_contract(tmp_path: Path, image_dir: Path) -> None:
     with pytest.raises(ModelError, match=f"larger than {MAX_INPUT_SIDE} pixels a side"):
         ModelMeta.from_dict(contract(input_size=[60000, 60000]))
@@ -513,6 +518,7 @@ def test_deflated_dicom_over_the_pixel_limit_is_refused_cheaply(bench: Any, tmp_
     assert (r["maxrss_kb"] - base) / 1024 < 800, r  # it was accepted and peaked at 4.3 GB
 
 
+@pytest.mark.slow
 @needs_data
 def test_dicom_pixels_are_the_same_in_blocks_as_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
     """The block-wise DICOM pipeline gives the whole-frame result bit for bit (all three VOI paths)."""
@@ -617,6 +623,7 @@ def _bad_corpus(root: Path) -> None:
     many_page_tiff(root / "pages.tif", 500)
 
 
+@pytest.mark.slow
 def test_bad_input_corpus_still_gives_one_row_per_file(tiny: Path, tmp_path: Path) -> None:
     root = tmp_path / "bad"
     root.mkdir()

@@ -343,6 +343,7 @@ def test_cell_escaping_is_reversible() -> None:
 # --------------------------------------------------------------------------- 13: control characters
 
 
+@pytest.mark.slow
 def test_control_characters_in_names_are_escaped_on_the_terminal(shared_data: Path, tmp_path: Path) -> None:
     evil = "evil\x1b[2J\x07[bold]x\u202e.png"
     data = tmp_path / "data"

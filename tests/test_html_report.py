@@ -379,6 +379,7 @@ def test_missing_image_gets_a_placeholder_and_a_note(hostile_run: dict[str, Path
 # --------------------------------------------------------------------------- report formats and runs
 
 
+@pytest.mark.slow
 def test_jsonl_shards_and_merged_give_the_same_counts(tmp_path: Path, sample_images: Path) -> None:
     runner = CliRunner()
     parts = []

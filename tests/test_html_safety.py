@@ -95,6 +95,7 @@ def test_classify_html_shows_named_files_but_not_others(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 11: hangs
 
 
+@pytest.mark.slow
 def test_a_fifo_and_a_link_to_dev_zero_never_hang_the_report(tmp_path: Path) -> None:
     images, report = _classified(tmp_path)
     os.mkfifo(images / "fifo.png")
@@ -114,6 +115,7 @@ def test_a_fifo_and_a_link_to_dev_zero_never_hang_the_report(tmp_path: Path) -> 
     assert "not a regular file: character device" in _pages(site)
 
 
+@pytest.mark.slow
 def test_classify_html_with_a_fifo_in_the_folder_finishes(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()

@@ -205,6 +205,7 @@ def test_jsonl_report_and_provenance_elsewhere(sample_images: Path, tmp_path: Pa
     assert doc["runs"][0]["counts"]["rows"] == len(rows) == 9
 
 
+@pytest.mark.slow
 def test_stdout_report_has_a_record_only_when_asked(sample_images: Path, tmp_path: Path) -> None:
     done = cli("classify", str(sample_images), "--out", "-", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -386,6 +387,7 @@ def test_merge_combines_the_shards_records(real_folder: Path, tmp_path: Path) ->
 # --------------------------------------------------------------------------- the schema
 
 
+@pytest.mark.slow
 def test_schema_is_valid_and_rejects_broken_records(sample_images: Path, tmp_path: Path) -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     out = tmp_path / "r.csv"

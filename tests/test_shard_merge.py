@@ -129,6 +129,7 @@ def test_usage_errors(runner: CliRunner, tiny_onnx: Path, image_dir: Path, tmp_p
     assert code == 2 and "--ray-address needs --engine ray" in err
 
 
+@pytest.mark.slow
 def test_every_file_in_exactly_one_shard(runner: CliRunner, tiny_onnx: Path, folder: Path, tmp_path: Path) -> None:
     found = [f.display for f in discover(InputSpec(paths=(str(folder),))).files]
     assert len(found) == 33

@@ -89,6 +89,7 @@ def test_a_root_with_a_class_the_first_lacks_is_refused(two_roots: tuple[Path, P
         find_labelled_many([two_roots[0], odd.parent])
 
 
+@pytest.mark.slow
 @needs_data
 def test_the_pool_split_is_the_one_the_shipped_model_was_trained_on() -> None:
     """One root gives the split of earlier versions: the fingerprint the released 1.0.0 contract records."""
@@ -145,6 +146,7 @@ def test_evaluate_two_roots_reports_each_source(two_roots: tuple[Path, Path], tm
     )
 
 
+@pytest.mark.slow
 @needs_data
 def test_evaluate_reads_a_split_file_with_sources(two_roots: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = two_roots

@@ -195,6 +195,7 @@ def test_sr_uids_are_stable_for_the_same_image_and_model(tmp_path: Path, runner:
     assert uids[0] == uids[1]
 
 
+@pytest.mark.slow
 def test_an_sr_that_cannot_be_written_keeps_the_row(tmp_path: Path, runner: CliRunner) -> None:
     blocker = tmp_path / "sr"
     blocker.mkdir()

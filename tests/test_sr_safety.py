@@ -68,6 +68,7 @@ def _rows(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(data.decode("utf-8").splitlines()))
 
 
+@pytest.mark.slow
 def test_a_bad_patient_value_is_named_never_quoted(tmp_path: Path) -> None:
     src = _copy(tmp_path, PatientBirthDate="1970-01-01", PatientID="ID-998877")
     out, srs = tmp_path / "r.csv", tmp_path / "sr"
@@ -84,6 +85,7 @@ def test_a_bad_patient_value_is_named_never_quoted(tmp_path: Path) -> None:
     assert not list(srs.rglob("*.sr.dcm")) if srs.exists() else True
 
 
+@pytest.mark.slow
 def test_an_sr_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Path) -> None:
     _copy(tmp_path)
     srs = tmp_path / "sr"
@@ -136,6 +138,7 @@ def test_a_full_disk_leaves_no_empty_sr_under_its_final_name(tmp_path: Path) -> 
         pytest.param("SOPClassUID", "1.2.abc", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow
 def test_no_sr_from_a_source_whose_uids_fail_the_reports_check(tmp_path: Path, keyword: str, value: str) -> None:
     src = _copy(tmp_path, **{keyword: value})
     out, srs = tmp_path / "r.csv", tmp_path / "sr"
