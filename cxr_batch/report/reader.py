@@ -410,6 +410,7 @@ class ReportReader:
             offset += len(raw)
             if row_start == 0 and raw.startswith(_BOM_BYTES):
                 raw = raw[len(_BOM_BYTES) :]
+                row_start = len(_BOM_BYTES)
             if not raw.endswith(b"\n"):
                 yield RowProblem(number, number, "cut", "no newline at its end", True, row_start, offset)
                 return
