@@ -41,6 +41,7 @@ A row read back is checked against the same rules (:func:`csv_cell` for a CSV ce
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ def csv_text(value: Any) -> str:
     if isinstance(value, str):
         return escape_cell(value)  # a text cell never starts a spreadsheet formula
     return str(value)
+
+
+def csv_record(row: Mapping[str, Any], cols: Sequence[str]) -> list[str]:
+    """A row of typed values (:func:`row_values`) as the CSV report's fields, in column order."""
+    return [csv_text(row[c]) for c in cols]
+
+
+def json_line(row: Mapping[str, Any], cols: Sequence[str]) -> str:
+    """A row of typed values as the JSON-lines report's line: keys in column order, pure ASCII."""
+    return json.dumps({c: row[c] for c in cols}, ensure_ascii=True) + "\n"
 
 
 _BOOLEANS = {"true": True, "false": False}

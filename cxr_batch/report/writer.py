@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import json
 import math
 import os
 import stat
@@ -28,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -55,9 +54,10 @@ from cxr_batch.report.format import (
     RunIdentity,
     add_truth,
     columns,
-    csv_text,
+    csv_record,
     describe_diff,
     is_number_column,
+    json_line,
     jsonl_row_problem,
     output_format,
     report_format,
@@ -176,7 +176,42 @@ class _Sink:
                     self.stream.close()
 
 
-class CsvWriter:
+class _RowWriter:
+    """Writes each result as one row (:func:`~cxr_batch.report.format.row_values`), in column
+    order; a subclass says how a row is put in the file. Each ``write`` ends flushed."""
+
+    def __init__(
+        self,
+        sink: _Sink,
+        cols: Sequence[str],
+        labels: Sequence[str],
+        identity: RunIdentity | None = None,
+        run_id: str | None = None,
+        truth: Mapping[str, str] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.labels = tuple(labels)
+        self.columns = list(cols)
+        self.identity = identity
+        self.run_id = run_id
+        self.truth = truth
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def write(self, results: Sequence[Result]) -> None:
+        try:
+            for r in results:
+                self._write_row(add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth))
+        except OSError as exc:
+            raise self.sink.fail(exc) from None
+        self.sink.commit()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class CsvWriter(_RowWriter):
     """CSV rows (csv module, RFC 4180: ``\\r\\n`` line ends, minimal quoting).
 
     ``\\r\\n`` is not only for spreadsheets: Python's csv writer quotes a field holding a bare
@@ -193,12 +228,7 @@ class CsvWriter:
         run_id: str | None = None,
         truth: Mapping[str, str] | None = None,
     ) -> None:
-        self.sink = sink
-        self.labels = tuple(labels)
-        self.columns = list(cols)
-        self.identity = identity
-        self.run_id = run_id
-        self.truth = truth
+        super().__init__(sink, cols, labels, identity, run_id, truth)
         self._csv = csv.writer(sink.stream, lineterminator=CSV_LINE_END)
         if header:
             try:
@@ -207,49 +237,15 @@ class CsvWriter:
                 raise sink.fail(exc) from None
             sink.commit()
 
-    def write(self, results: Sequence[Result]) -> None:
-        try:
-            for r in results:
-                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
-                self._csv.writerow([csv_text(row[c]) for c in self.columns])
-        except OSError as exc:
-            raise self.sink.fail(exc) from None
-        self.sink.commit()
-
-    def close(self) -> None:
-        self.sink.close()
+    def _write_row(self, row: dict[str, Any]) -> None:
+        self._csv.writerow(csv_record(row, self.columns))
 
 
-class JsonlWriter:
+class JsonlWriter(_RowWriter):
     """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
 
-    def __init__(
-        self,
-        sink: _Sink,
-        cols: Sequence[str],
-        labels: Sequence[str],
-        identity: RunIdentity | None = None,
-        run_id: str | None = None,
-        truth: Mapping[str, str] | None = None,
-    ) -> None:
-        self.sink = sink
-        self.labels = tuple(labels)
-        self.columns = list(cols)
-        self.identity = identity
-        self.run_id = run_id
-        self.truth = truth
-
-    def write(self, results: Sequence[Result]) -> None:
-        try:
-            for r in results:
-                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
-                self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
-        except OSError as exc:
-            raise self.sink.fail(exc) from None
-        self.sink.commit()
-
-    def close(self) -> None:
-        self.sink.close()
+    def _write_row(self, row: dict[str, Any]) -> None:
+        self.sink.stream.write(json_line(row, self.columns))
 
 
 # --------------------------------------------------------------------------- existing reports
