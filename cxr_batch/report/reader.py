@@ -47,8 +47,9 @@ API::
 
     ReportRow: .number (1 = first row), .line (file line it starts on), .values (column -> typed
         value), .record (CSV fields as in the file / the JSON line as read), .start, .end (byte
-        offsets), and .path .status .ok .label .confidence .error .error_reason .in_distribution
-        .assessable .run_id .model .identity (RunIdentity) .probs(labels) .get(column)
+        offsets); .path .status .ok .label .confidence .error .error_reason .in_distribution
+        .assessable .run_id .model .identity (RunIdentity) .probs(labels) (label -> float | None);
+        any column by name: .get(column) (typed), .text(column), .num(column), .flag(column)
     RowProblem: .number .line .kind ("cut", "csv", "fields", "blank", "json", "object", "keys",
         "value") .detail .last .partial .keys .start .end, .describe()
 
@@ -59,6 +60,7 @@ A :class:`ReportRow` is what :class:`cxr_batch.report.tally.Tally` counts, as it
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,27 +118,33 @@ class ReportRow:
     end: int
 
     def get(self, column: str) -> Any:
+        """The typed value of ``column`` (None: empty, or no such column)."""
         return self.values.get(column)
 
-    def _text(self, column: str) -> str | None:
+    def text(self, column: str) -> str | None:
+        """``column`` as text (None: empty, absent or not text)."""
         value = self.values.get(column)
         return value if isinstance(value, str) and value else None
 
-    def _number(self, column: str) -> float | None:
+    def num(self, column: str) -> float | None:
+        """``column`` as a float (None: empty, absent, or not a finite number: a CSV ``nan``)."""
         value = self.values.get(column)
-        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return None
+        return float(value)
 
-    def _bool(self, column: str) -> bool | None:
+    def flag(self, column: str) -> bool | None:
+        """``column`` as a boolean (None: empty or absent)."""
         value = self.values.get(column)
         return value if isinstance(value, bool) else None
 
     @property
     def path(self) -> str:
-        return self._text("path") or ""
+        return self.text("path") or ""
 
     @property
     def status(self) -> str:
-        return self._text("status") or "error"
+        return self.text("status") or "error"
 
     @property
     def ok(self) -> bool:
@@ -144,15 +152,15 @@ class ReportRow:
 
     @property
     def label(self) -> str | None:
-        return self._text("label")
+        return self.text("label")
 
     @property
     def confidence(self) -> float | None:
-        return self._number("confidence")
+        return self.num("confidence")
 
     @property
     def error(self) -> str | None:
-        return self._text("error")
+        return self.text("error")
 
     @property
     def error_reason(self) -> str | None:
@@ -160,28 +168,28 @@ class ReportRow:
 
     @property
     def in_distribution(self) -> bool | None:
-        return self._bool("in_distribution")
+        return self.flag("in_distribution")
 
     @property
     def assessable(self) -> bool | None:
-        return self._bool("assessable")
+        return self.flag("assessable")
 
     @property
     def run_id(self) -> str | None:
-        return self._text("run_id")
+        return self.text("run_id")
 
     @property
     def model(self) -> str:
-        return self._text("model") or ""
+        return self.text("model") or ""
 
     @property
     def identity(self) -> RunIdentity:
         """The row's ``model, model_sha256, precision`` (empty text where absent)."""
-        return RunIdentity(self.model, self._text("model_sha256") or "", self._text("precision") or "")
+        return RunIdentity(self.model, self.text("model_sha256") or "", self.text("precision") or "")
 
     def probs(self, labels: Sequence[str]) -> dict[str, float | None]:
         """The row's probability for each label (its ``prob_<label>`` column; ``None``: empty or absent)."""
-        return {label: self._number(f"prob_{label}") for label in labels}
+        return {label: self.num(f"prob_{label}") for label in labels}
 
 
 @dataclass(frozen=True, slots=True)
