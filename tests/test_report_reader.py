@@ -382,3 +382,35 @@ def test_tally_counts_a_result_and_its_row_alike() -> None:
     assert both.rows == 10 and both.per_label["covid"] == 2 and both.confidence_sum["covid"] == pytest.approx(1.8)
     # a problem is not a row: nothing to count
     assert not isinstance(RowProblem(1, 1, "cut", "", True, 0, 1), ReportRow)
+
+
+@pytest.mark.slow
+def test_evaluate_predictions_read_back_with_their_truth_columns(
+    shared_data: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """``evaluate --predictions`` writes the report format plus ``true_label, correct``: both
+    formats read back with no damaged row (``correct`` is a boolean, in JSON lines too)."""
+    from cxr_batch.evaluation.evaluate import EvaluateConfig, run_evaluate
+
+    root = tmp_path / "labelled"
+    for label in LABELS:
+        (root / label).mkdir(parents=True)
+        for src in sorted((shared_data / "covid19-radiography" / label).glob("*.png"))[:2]:
+            shutil.copyfile(src, root / label / src.name)
+    (root / "covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    reads = []
+    for suffix in (".csv", ".jsonl"):
+        config = EvaluateConfig(
+            data_dir=str(root),
+            out=str(tmp_path / f"m{suffix}.json"),
+            engine=EngineConfig(model=str(tiny_onnx), threads=1),
+            predictions=str(tmp_path / f"p{suffix}"),
+        )
+        run_evaluate(config, console=Console(file=io.StringIO()))
+        read = read_report(tmp_path / f"p{suffix}")
+        assert not read.problems and read.columns == tuple(columns(LABELS, truth=True)) and read.labels == LABELS
+        assert len(read.rows) == 7 and {r.text("true_label") for r in read.rows} == set(LABELS)
+        for r in read.rows:
+            assert r.flag("correct") == (None if not r.ok else r.label == r.text("true_label"))
+        reads.append([{k: v for k, v in r.values.items() if k != "run_id"} for r in read.rows])
+    assert reads[0] == reads[1]
