@@ -74,7 +74,7 @@ from cxr_batch.report.format import (
     ERRORS,
     Format,
     RunIdentity,
-    csv_cell,
+    csv_row_parser,
     jsonl_row_problem,
     labels_of,
     report_format,
@@ -381,6 +381,7 @@ class ReportReader:
         begin = max(start, self.header_end)
         self._fh.seek(begin)
         stream = _CsvStream(self._fh, self.path, self.what, begin, self._header_lines)
+        parse = csv_row_parser(cols)
         number = 0
         while True:
             first_line, row_start = stream.line + 1, stream.offset
@@ -403,7 +404,7 @@ class ReportReader:
                 yield RowProblem(number, first_line, "fields", detail, self._at_end(), row_start, end)
                 continue
             try:
-                values = {c: csv_cell(c, v) for c, v in zip(cols, record, strict=True)}
+                values = parse(record)
             except ValueError as exc:
                 yield RowProblem(number, first_line, "value", str(exc), self._at_end(), row_start, end)
                 continue
