@@ -2,8 +2,8 @@
 
 ``classify --resume`` (:func:`cxr_batch.report.writer.read_existing`), ``merge``
 (:mod:`cxr_batch.report.merge`), the provenance record's recount
-(:func:`cxr_batch.report.provenance.count_report_rows`) and the HTML report read reports here, so a
-byte-order mark, a partial last row, a neutralised cell or a damaged row means the same to all of
+(:func:`cxr_batch.report.provenance.count_report_rows`) and the HTML report (:func:`read_report`:
+the whole report, typed, with its tally) read reports here, so a byte-order mark, a partial last row, a neutralised cell or a damaged row means the same to all of
 them. What to *do* about a damaged row stays the caller's choice (resume cuts a partial last row
 and refuses anything else, merge refuses, the HTML report leaves the row out with a warning, the
 recount skips it): the reader says what it found and never raises for a row.
