@@ -7,7 +7,7 @@ model doesn't know are listed in ``skipped``, never guessed. The images go throu
 rows); unreadable files are counted and listed in ``errors``.
 
 The metrics are :func:`cxr_batch.evaluation.metrics.classification_metrics` (train's test report) computed
-on the probabilities *as the report writes them* (:func:`cxr_batch.report.writer.row_values`, 6
+on the probabilities *as the report writes them* (:func:`cxr_batch.report.format.row_values`, 6
 significant digits), so recomputing from the ``--predictions`` CSV gives identical numbers.
 """
 
@@ -37,15 +37,8 @@ from cxr_batch.io.inputs import InputFile
 from cxr_batch.io.labelled import canonical_label, find_labelled, roots_by_source
 from cxr_batch.io.safe_open import MAX_LIST_BYTES, DamagedFileError, read_text
 from cxr_batch.io.safe_write import write_file_atomic
-from cxr_batch.report.writer import (
-    ReportConfig,
-    ReportWriter,
-    RunIdentity,
-    check_output,
-    open_report,
-    output_format,
-    row_values,
-)
+from cxr_batch.report.format import RunIdentity, output_format, row_values
+from cxr_batch.report.writer import ReportConfig, ReportWriter, check_output, open_report
 from cxr_batch.text import markup
 
 #: Unreadable files and skipped labels shown on stderr at most (all of them are in the JSON).

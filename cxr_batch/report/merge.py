@@ -32,42 +32,38 @@ from __future__ import annotations
 import csv
 import heapq
 import io
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO
 
 from rich.console import Console
 
-from cxr_batch.engine.types import Result
 from cxr_batch.errors import MergeError, OutputError
-from cxr_batch.io.safe_open import DamagedFileError, FileTooLargeError, iter_lines, open_regular, parse_json
+from cxr_batch.io.safe_open import FileTooLargeError
 from cxr_batch.io.safe_write import atomic_file
 from cxr_batch.io.shard import shard_of
-from cxr_batch.report import provenance
-from cxr_batch.report.cells import unescape_cell
-from cxr_batch.report.writer import (
+from cxr_batch.report import provenance, tally
+from cxr_batch.report.format import (
+    CSV_LINE_END,
     ENCODING,
     ERRORS,
     IDENTITY_COLUMNS,
     Format,
     RunIdentity,
-    RunStats,
-    _describe_diff,
-    is_number_column,
-    jsonl_row_problem,
+    describe_diff,
+    labels_of,
     output_format,
-    render_summary,
     report_format,
 )
+from cxr_batch.report.reader import ReportReader, ReportRow, RowProblem
+from cxr_batch.report.tally import Tally
+from cxr_batch.report.writer import RunStats, render_summary
 from cxr_batch.text import markup
 
 #: Columns a part must have to be read as a cxr-batch report.
 REQUIRED = ("path", "status", "label", "confidence", "error", *IDENTITY_COLUMNS)
-_BOM = "\ufeff"
-_is_number_column = is_number_column  # one list of number columns: report.writer
 
 
 def walk_key(path: str) -> tuple[str, ...]:
@@ -117,11 +113,15 @@ class MergeStats:
 class _Row:
     key: tuple[str, ...]
     part: int  # index into the parts, so equal paths sort by part (stable error messages)
-    number: int  # row number in its part (1 = first row after the header)
-    path: str
-    model: RunIdentity
-    values: dict[str, Any]  # typed enough for the summary: status, label, confidence, error, in_distribution
-    record: list[str] | str  # CSV fields, or the JSON line as read
+    row: ReportRow  # the row as read: its number, typed values and record (CSV fields, or the JSON line)
+
+    @property
+    def number(self) -> int:
+        return self.row.number
+
+    @property
+    def path(self) -> str:
+        return self.row.path
 
 
 class _Unsorted(Exception):
@@ -129,7 +129,7 @@ class _Unsorted(Exception):
 
 
 class _Part:
-    """One part: its header (or JSON keys), format, and a row reader that checks as it goes."""
+    """One part: its columns and format, and a row reader (:mod:`cxr_batch.report.reader`) that checks as it goes."""
 
     def __init__(self, index: int, path: str, fmt: Format) -> None:
         self.index = index
@@ -140,31 +140,20 @@ class _Part:
         self.rows = 0
         #: the run ids of its rows and their counts, for the merged provenance record
         self.run_ids: set[str] = set()
-        self.counts = provenance.Counts()
-        size = os.path.getsize(path)
-        if size:
-            with self._open() as fh:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    raise MergeError(
-                        f"{path} ends in a partial row: that shard's run was interrupted; "
-                        "finish it with 'cxr-batch classify ... --shard K/N --resume' and merge again"
-                    )
-        if fmt == "csv":
-            if not size:
+        self.counts = Tally()
+        with self._open() as report:
+            if not report.complete:
+                raise MergeError(
+                    f"{path} ends in a partial row: that shard's run was interrupted; "
+                    "finish it with 'cxr-batch classify ... --shard K/N --resume' and merge again"
+                )
+            if fmt == "csv" and not report.size:
                 raise MergeError(f"{path} is empty (not even a header): did that shard's run fail before it started?")
-            with self._open() as fh:
-                header = next(csv.reader(self._lines(fh)), None)
-            if header and header[0].startswith(_BOM):  # saved by a spreadsheet or an editor
-                header[0] = header[0][len(_BOM) :]
-            self.columns = header
-        else:
-            with self._open() as fh:
-                first = next(self._raw_lines(fh), b"")
-            if first:
-                self.columns = list(self._json(first.decode(ENCODING, ERRORS).removeprefix(_BOM), 1))
+            if report.header_problem is not None:
+                raise MergeError(f"{path}: its header is not valid CSV ({report.header_problem}); the part is damaged")
+            self.columns = report.columns
+            missing = report.missing(REQUIRED)
         if self.columns is not None:
-            missing = [c for c in REQUIRED if c not in self.columns]
             old = [c for c in missing if c in IDENTITY_COLUMNS]
             if old and missing == old and "model" in self.columns:
                 raise MergeError(
@@ -175,105 +164,49 @@ class _Part:
             if missing:
                 raise MergeError(f"{path} is not a cxr-batch report (no {', '.join(missing)} column)")
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> ReportReader:
         try:
-            return open_regular(self.path)
+            return ReportReader(self.path, self.fmt, what="a line of the part")
+        except FileTooLargeError as exc:
+            raise MergeError(f"{self.path}: {exc}; the part is damaged") from None
         except OSError as exc:
             raise MergeError(f"cannot read part {self.path}: {exc.strerror or exc}") from None
 
-    def _raw_lines(self, fh: BinaryIO) -> Iterator[bytes]:
-        """The part's lines, each bounded (a part is read as a stream, whatever its size)."""
-        try:
-            yield from iter_lines(fh, self.path, what="a line of the part")
-        except FileTooLargeError as exc:
-            raise MergeError(f"{self.path}: {exc}; the part is damaged") from None
-
-    def _lines(self, fh: BinaryIO) -> Iterator[str]:
-        for raw in self._raw_lines(fh):
-            yield raw.decode(ENCODING, ERRORS)
-
-    def _json(self, line: str, number: int) -> dict[str, Any]:
-        try:
-            obj = parse_json(line, what="the row")
-        except DamagedFileError as exc:
-            raise MergeError(f"{self.path} line {number}: {exc.reason}; a damaged row, the part is damaged") from None
-        if not isinstance(obj, dict):
-            raise MergeError(f"{self.path}: line {number} is not a JSON object")
-        return obj
-
     def rows_iter(self) -> Iterator[_Row]:
-        if self.fmt == "csv":
-            yield from self._csv_rows()
-        else:
-            yield from self._jsonl_rows()
+        with self._open() as report:
+            try:
+                for item in report.rows():
+                    if isinstance(item, RowProblem):
+                        raise MergeError(self._damaged(item))
+                    if self.fmt == "jsonl":
+                        self._check_jsonl(item)
+                    yield _Row(walk_key(item.path), self.index, item)
+            except FileTooLargeError as exc:
+                raise MergeError(f"{self.path}: {exc}; the part is damaged") from None
 
-    def _csv_rows(self) -> Iterator[_Row]:
-        assert self.columns is not None
-        cols = self.columns
-        with self._open() as fh:
-            reader = csv.reader(self._lines(fh), strict=True)
-            next(reader)
-            number = 0
-            while True:
-                line = reader.line_num + 1  # the file line the row starts on
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    raise MergeError(f"{self.path} line {line}: not valid CSV ({exc})") from None
-                number += 1
-                if len(record) != len(cols):
-                    raise MergeError(
-                        f"{self.path} line {line}: {len(record)} fields, the header has {len(cols)}; the part is damaged"
-                    )
-                row = dict(zip(cols, (unescape_cell(v) for v in record), strict=True))
-                for c in cols:
-                    if _is_number_column(c) and row[c]:
-                        try:
-                            float(row[c])
-                        except ValueError:
-                            raise MergeError(
-                                f"{self.path} line {line}: {c} is {row[c]!r}, not a number; the part is damaged "
-                                "(edited by hand?)"
-                            ) from None
-                values = {
-                    "status": row["status"],
-                    "label": row["label"] or None,
-                    "confidence": float(row["confidence"]) if row["confidence"] else None,
-                    "error": row["error"] or None,
-                    "in_distribution": {"true": True, "false": False}.get(row.get("in_distribution", "")),
-                    "assessable": {"true": True, "false": False}.get(row.get("assessable", "")),
-                    "run_id": row.get("run_id") or None,
-                }
-                identity = RunIdentity(row["model"], row["model_sha256"], row["precision"])
-                yield _Row(walk_key(row["path"]), self.index, number, row["path"], identity, values, record)
+    def _damaged(self, problem: RowProblem) -> str:
+        where = f"{self.path} line {problem.line}"
+        if problem.kind == "csv":
+            return f"{where}: not valid CSV ({problem.detail})"
+        if problem.kind == "object":
+            return f"{self.path}: line {problem.line} is not a JSON object"
+        if problem.kind == "keys":
+            return f"{where}: other keys than line 1; the part is damaged"
+        if problem.kind == "value" and self.fmt == "csv":
+            return f"{where}: {problem.detail}; the part is damaged (edited by hand?)"
+        if problem.kind == "value":
+            return f"{where}: {problem.detail}; a damaged row, the part is damaged (edited by hand?)"
+        if problem.kind in ("json", "blank"):
+            return f"{where}: {problem.detail}; a damaged row, the part is damaged"
+        return f"{where}: {problem.describe()}; the part is damaged"
 
-    def _jsonl_rows(self) -> Iterator[_Row]:
-        with self._open() as fh:
-            for number, raw in enumerate(self._raw_lines(fh), start=1):
-                line = raw.decode(ENCODING, ERRORS)
-                obj = self._json(line.removeprefix(_BOM) if number == 1 else line, number)
-                if number == 1:
-                    line = json.dumps(obj, ensure_ascii=True) + "\n" if line.startswith(_BOM) else line
-                if list(obj) != self.columns:
-                    raise MergeError(f"{self.path} line {number}: other keys than line 1; the part is damaged")
-                if not isinstance(obj["path"], str):
-                    raise MergeError(f"{self.path} line {number}: no path")
-                problem = jsonl_row_problem(obj)  # strings, objects, NaN in numbers; a status not ok/error
-                if problem is not None:
-                    raise MergeError(
-                        f"{self.path} line {number}: {problem}; a damaged row, the part is damaged (edited by hand?)"
-                    )
-                for c in ("model", "model_sha256", "precision"):
-                    if not isinstance(obj[c], str):
-                        raise MergeError(f"{self.path} line {number}: {c} is not text; the part is damaged")
-                values = {
-                    k: obj.get(k)
-                    for k in ("status", "label", "confidence", "error", "in_distribution", "assessable", "run_id")
-                }
-                identity = RunIdentity(obj["model"], obj["model_sha256"], obj["precision"])
-                yield _Row(walk_key(obj["path"]), self.index, number, obj["path"], identity, values, line)
+    def _check_jsonl(self, row: ReportRow) -> None:
+        """The columns merge relies on hold text (JSON lines may hold null where CSV has an empty cell)."""
+        if not isinstance(row.get("path"), str):
+            raise MergeError(f"{self.path} line {row.line}: no path")
+        for c in IDENTITY_COLUMNS:
+            if not isinstance(row.get(c), str):
+                raise MergeError(f"{self.path} line {row.line}: {c} is not text; the part is damaged")
 
 
 def _check_output(config: MergeConfig, parts: Sequence[str]) -> None:
@@ -314,7 +247,7 @@ def _open_parts(config: MergeConfig) -> tuple[list[_Part], Format]:
         for p in parts:
             if p.columns is not None and p.columns != first.columns:
                 raise MergeError(
-                    f"{p.path} has other columns than {first.path} ({_describe_diff(p.columns, first.columns)}): "
+                    f"{p.path} has other columns than {first.path} ({describe_diff(p.columns, first.columns)}): "
                     "parts of one run have the same columns; were they written by different models or versions?"
                 )
     return parts, fmt
@@ -332,16 +265,18 @@ class _Checker:
     def check(self, row: _Row) -> None:
         part = self.parts[row.part]
         part.rows += 1
-        if row.values.get("run_id"):
-            part.run_ids.add(str(row.values["run_id"]))
+        run_id = row.row.run_id
+        if run_id:
+            part.run_ids.add(run_id)
+        identity = row.row.identity
         if self.model is None:
-            self.model = (row.model, part)
-        elif row.model != self.model[0]:
+            self.model = (identity, part)
+        elif identity != self.model[0]:
             first = self.model[0]
-            if row.model.model != first.model:
-                theirs, ours = repr(row.model.model), repr(first.model)
+            if identity.model != first.model:
+                theirs, ours = repr(identity.model), repr(first.model)
             else:
-                theirs, ours = row.model.describe(), first.describe()
+                theirs, ours = identity.describe(), first.describe()
             raise MergeError(
                 f"{part.path} row {row.number} was written by model {theirs}, "
                 f"{self.model[1].path} by {ours}: merge parts of one model only (one file, one precision)"
@@ -420,47 +355,34 @@ def _merged(parts: Sequence[_Part], streaming: bool) -> Iterator[_Row]:
     return iter(everything)
 
 
-def _labels(columns: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(c[len("prob_") :] for c in columns or () if c.startswith("prob_"))
-
-
 def _write(
     parts: Sequence[_Part], fmt: Format, stream: IO[str], expect: int | None, streaming: bool, paths: list[str]
 ) -> RunStats:
     columns = next((p.columns for p in parts if p.columns is not None), None)
     checker = _Checker(parts, expect)
-    stats: RunStats | None = None
-    writer = csv.writer(stream, lineterminator="\r\n")  # as report.CsvWriter writes
+    model: str | None = None
+    writer = csv.writer(stream, lineterminator=CSV_LINE_END)  # as report.CsvWriter writes
     if fmt == "csv" and columns is not None:
         writer.writerow(columns)
     paths.clear()
     for p in parts:
-        p.rows, p.shard, p.run_ids, p.counts = 0, None, set(), provenance.Counts()
+        p.rows, p.shard, p.run_ids, p.counts = 0, None, set(), Tally()
     for row in _merged(parts, streaming):
         checker.check(row)
-        if stats is None:
-            stats = RunStats(labels=_labels(columns), model=row.model.model, provider="")
-        if isinstance(row.record, str):
-            stream.write(row.record)
+        if model is None:
+            model = row.row.model
+        record = row.row.record  # written back as read: CSV fields as in the part, JSON lines byte for byte
+        if isinstance(record, str):
+            stream.write(record)
         else:
-            writer.writerow(row.record)
-        v = row.values
-        result = Result(
-            path=row.path,
-            file=row.path,
-            status=str(v["status"]),
-            model=row.model.model,
-            label=v["label"],
-            confidence=v["confidence"],
-            error=v["error"],
-            in_distribution=v["in_distribution"],
-            assessable=v.get("assessable"),
-        )
-        stats.add([result])
-        parts[row.part].counts.add([result])
+            writer.writerow(record)
+        parts[row.part].counts.add([row.row])
         paths.append(row.path)
     checker.finish()
-    return stats or RunStats(labels=_labels(columns), model="(no rows)", provider="")
+    stats = RunStats(labels=labels_of(columns), model="(no rows)" if model is None else model, provider="")
+    for p in parts:  # the whole is the sum of its parts
+        stats.update(p.counts)
+    return stats
 
 
 def _write_record(
@@ -468,13 +390,7 @@ def _write_record(
 ) -> list[str]:
     """Write the merged provenance record; returns the warnings to show."""
     columns = next((p.columns for p in parts if p.columns is not None), None)
-    total = provenance.Counts()
-    for p in parts:
-        for key in ("status", "labels", "errors"):
-            getattr(total, key).update(getattr(p.counts, key))
-        total.rows += p.counts.rows
-        total.flagged += p.counts.flagged
-        total.not_assessable += p.counts.not_assessable
+    total = tally.total(p.counts for p in parts)
     doc, warnings = provenance.merge_records(
         [
             provenance.PartRecord(
@@ -489,7 +405,7 @@ def _write_record(
         ],
         report=config.out,
         report_format=fmt,
-        labels=_labels(columns),
+        labels=labels_of(columns),
         paths_sha256=provenance.input_list_sha256(paths),
         rows=len(paths),
         counts=total,

@@ -44,7 +44,6 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,9 +53,10 @@ from typing import TYPE_CHECKING, Any
 from cxr_batch import __version__
 from cxr_batch.contract import ModelMeta, file_sha256
 from cxr_batch.errors import CxrBatchError, OutputError
-from cxr_batch.io.safe_open import iter_lines, open_regular, parse_json, read_json, read_line
+from cxr_batch.io.safe_open import read_json
 from cxr_batch.io.safe_write import write_file_atomic
 from cxr_batch.redact import REDACTED, redact_argv, redact_source  # noqa: F401 - REDACTED re-exported
+from cxr_batch.report.tally import Tally
 
 if TYPE_CHECKING:
     from cxr_batch.engine.types import Engine, EngineConfig, Result
@@ -288,91 +288,25 @@ def screening_facts(meta: ModelMeta, in_use: Mapping[str, Any] | None) -> dict[s
 # --------------------------------------------------------------------------- counts
 
 
-class Counts:
-    """Rows a run wrote, by status, by label (ok rows), flagged out of distribution, by error reason."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.status: Counter[str] = Counter()
-        self.labels: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.flagged = 0
-        self.not_assessable = 0
-
-    def add(self, results: Iterable[Result]) -> None:
-        for r in results:
-            self.add_row(r.status, r.label, r.error, r.in_distribution)
-
-    def add_row(self, status: str, label: str | None, error: str | None, in_distribution: bool | None) -> None:
-        self.rows += 1
-        self.status[status] += 1
-        if status == "ok" and in_distribution is False:
-            self.flagged += 1
-        if status == "ok" and label:
-            self.labels[label] += 1
-        elif status == "ok":
-            self.not_assessable += 1  # an ok row without a label: the lung stage found no lung fields
-        elif status != "ok":
-            self.errors[error.split(": ", 1)[0] if error else "error"] += 1
-
-    def to_dict(self, labels: Sequence[str] = ()) -> dict[str, Any]:
-        by_label = {label: self.labels.get(label, 0) for label in labels}
-        by_label.update({k: v for k, v in sorted(self.labels.items()) if k not in by_label})
-        by_status = {s: self.status.get(s, 0) for s in ("ok", "error")}
-        by_status.update({k: v for k, v in sorted(self.status.items()) if k not in by_status})
-        return {
-            "rows": self.rows,
-            "status": by_status,
-            "labels": by_label,
-            "out_of_distribution": self.flagged,
-            "not_assessable": self.not_assessable,
-            "errors": dict(self.errors.most_common()),
-        }
+#: The rows a run wrote, by status, by label (ok rows), flagged out of distribution, by error
+#: reason: the one tally of report rows (``counts`` in the record is :meth:`Tally.to_dict`).
+Counts = Tally
 
 
 def count_report_rows(path: str | os.PathLike[str], fmt: str, run_id: str, offset: int = 0) -> Counts:
     """Count the complete rows of run ``run_id`` in a report file, from byte ``offset`` on.
 
     What a run that stopped early (Ctrl-C can land between writing a batch and counting it) really
-    left in the report. A partial last row (its ``run_id`` cut or missing) is not counted.
+    left in the report. A partial last row (its ``run_id`` cut or missing) or a damaged row is not
+    counted. Read with the one report reader (:mod:`cxr_batch.report.reader`).
     """
-    import csv
-
-    from cxr_batch.report.writer import ENCODING, ERRORS
+    from cxr_batch.report.reader import ReportReader, ReportRow
 
     counts = Counts()
-    with open_regular(path) as fh:  # any size: read as a stream, each line bounded
-        if fmt == "csv":
-            header = next(csv.reader([read_line(fh, path, what="the report's header").decode(ENCODING, ERRORS)]), [])
-            if "run_id" not in header:
-                return counts
-            fh.seek(max(offset, fh.tell()))
-            lines = (raw.decode(ENCODING, ERRORS) for raw in iter_lines(fh, path, what="a row of the report"))
-            reader = csv.reader(lines, strict=True)
-            while True:
-                try:
-                    record = next(reader)
-                except (StopIteration, csv.Error):  # the end, or a quoted field cut by it
-                    break
-                if len(record) != len(header):
-                    continue
-                row = dict(zip(header, record, strict=True))
-                if row["run_id"] == run_id:
-                    flag = {"true": True, "false": False}.get(row.get("in_distribution", ""))
-                    counts.add_row(row["status"], row["label"] or None, row["error"] or None, flag)
-        else:
-            fh.seek(offset)
-            for raw in iter_lines(fh, path, what="a row of the report"):
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    obj = parse_json(raw.decode(ENCODING, ERRORS), what="a row of the report")
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and obj.get("run_id") == run_id:
-                    counts.add_row(
-                        str(obj.get("status")), obj.get("label"), obj.get("error"), obj.get("in_distribution")
-                    )
+    with ReportReader(path, fmt) as report:  # any size: read as a stream, each line bounded
+        if fmt == "csv" and "run_id" not in (report.columns or ()):
+            return counts
+        counts.add(row for row in report.rows(offset) if isinstance(row, ReportRow) and row.run_id == run_id)
     return counts
 
 

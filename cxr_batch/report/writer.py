@@ -1,21 +1,9 @@
 """The report: CSV or JSON lines, one row per input file, plus the human summary.
 
-Columns, in order: ``path, status, label, confidence, prob_<label>...`` (model order),
-``width, height, error``, the model's identity ``model, model_sha256, precision`` (the same on
-every row of a run; ``resume`` and ``merge`` refuse rows of another identity), then ``notes`` and the columns other features fill (empty
-until then): ``modality, view_position, sop_instance_uid, study_instance_uid`` (from
-``Result.fields``, set by the DICOM reader), ``ood_score, in_distribution`` and ``covid_screen``
-(the screening call at the operating point; ``label`` stays the argmax); then ``run_id``,
-the run that wrote the row (its entry in the provenance record). ``evaluate --predictions`` adds
-``true_label, correct`` last.
-
-Encoding: UTF-8 with ``surrogateescape``. A file name that is not valid UTF-8 is written
-with its original bytes (CSV), so reading the CSV back with
-``open(path, newline="", encoding="utf-8", errors="surrogateescape")`` gives back the exact
-name that ``os.fsencode`` turns into the original bytes. JSON lines are pure ASCII
-(``ensure_ascii``): such a byte ``0xNN`` appears as ``\\udcNN``, which ``json.loads`` returns
-as the same surrogate-escaped name. Commas, quotes and newlines are quoted by the csv module.
-CSV text cells that a spreadsheet would run as a formula get a leading ``'`` (:mod:`cxr_batch.report.cells`), removed on reading.
+The format (columns, row values, the encoding, the neutralised cells) is
+:mod:`cxr_batch.report.format`; reading a report back (``resume``) is
+:mod:`cxr_batch.report.reader`; counting its rows is :mod:`cxr_batch.report.tally`. The names
+they define are importable from here too, as before.
 
 One writer at a time: the report file is locked (``flock``, exclusive, non-blocking) from
 before it is read for ``resume`` or truncated for ``overwrite`` until the run ends, so a second
@@ -31,227 +19,92 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import json
 import math
 import os
 import stat
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Literal, Protocol
+from typing import IO, Any, BinaryIO, Protocol
 
 from rich.console import Console
 from rich.table import Table
 
 from cxr_batch.engine.types import Result
 from cxr_batch.errors import OutputError
-from cxr_batch.io.safe_open import DamagedFileError, iter_lines, open_regular, parse_json
-from cxr_batch.report.cells import escape_cell, unescape_cell
+from cxr_batch.report.format import (
+    BOOLEAN_COLUMNS,
+    CSV_LINE_END,
+    ENCODING,
+    ERRORS,
+    EXTRA_COLUMNS,
+    FIELD_COLUMNS,
+    FORMATS,
+    HEAD_COLUMNS,
+    IDENTITY_COLUMNS,
+    NUMBER_COLUMNS,
+    REPORT_SUFFIXES,
+    RUN_COLUMNS,
+    STATUSES,
+    TAIL_COLUMNS,
+    TRUTH_COLUMNS,
+    Format,
+    RunIdentity,
+    add_truth,
+    columns,
+    csv_record,
+    describe_diff,
+    is_number_column,
+    json_line,
+    jsonl_row_problem,
+    output_format,
+    report_format,
+    row_values,
+)
 from cxr_batch.report.lock import lock_or_refuse
+from cxr_batch.report.reader import ReportReader, ReportRow
+from cxr_batch.report.tally import Tally
 from cxr_batch.text import markup
 
-Format = Literal["csv", "jsonl"]
-FORMATS: tuple[str, ...] = ("csv", "jsonl")
-
-HEAD_COLUMNS = ("path", "status", "label", "confidence")
-#: What identifies the model that made a row: the same on every row of a run; resume and merge
-#: refuse rows whose values differ (another model file, or another precision of it).
-IDENTITY_COLUMNS = ("model", "model_sha256", "precision")
-TAIL_COLUMNS = ("width", "height", "error", *IDENTITY_COLUMNS)
-#: Columns filled from ``Result.fields`` (readers set them; DICOM metadata, never patient data).
-FIELD_COLUMNS = ("modality", "view_position", "sop_instance_uid", "study_instance_uid")
-#: ``lung_fraction``, ``assessable``: the lung stage (empty where it did not run).
-#: ``covid_screen``: ``positive``/``negative`` at the model's screening operating point (or
-#: ``--covid-threshold``); empty on error rows and where no call is made.
-EXTRA_COLUMNS = (
-    "notes",
-    *FIELD_COLUMNS,
-    "ood_score",
-    "in_distribution",
-    "lung_fraction",
-    "assessable",
-    "covid_screen",
-)
-#: The run that wrote the row: its entry in the provenance record (cxr_batch.report.provenance).
-RUN_COLUMNS = ("run_id",)
-#: ``evaluate --predictions`` only: the file's true label and whether the model's label is it
-#: (empty on an error row).
-TRUTH_COLUMNS = ("true_label", "correct")
-
-ENCODING = "utf-8"
-ERRORS = "surrogateescape"
-
-
-def columns(labels: Sequence[str], truth: bool = False) -> list[str]:
-    """The report's columns for a model with these labels (the one place that defines them);
-    ``truth``: with :data:`TRUTH_COLUMNS` at the end (``evaluate --predictions``)."""
-    cols = [*HEAD_COLUMNS, *(f"prob_{label}" for label in labels), *TAIL_COLUMNS, *EXTRA_COLUMNS, *RUN_COLUMNS]
-    return cols + list(TRUTH_COLUMNS) if truth else cols
-
-
-def add_truth(row: dict[str, Any], result: Result, truth: Mapping[str, str] | None) -> dict[str, Any]:
-    """Fill :data:`TRUTH_COLUMNS` of ``row`` from ``truth`` (report path → true label)."""
-    if truth is not None:
-        true = truth.get(result.path)
-        row["true_label"] = true
-        row["correct"] = (result.label == true) if result.ok and true is not None else None
-    return row
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """The values of :data:`IDENTITY_COLUMNS` for one run: ``name@version``, the sha256 of the
-    model file and its precision. Two files can share ``name@version`` (an int8 and an fp32
-    export, or a user's own export with the default name); they never share a sha256."""
-
-    model: str
-    model_sha256: str = ""
-    precision: str = ""
-
-    def values(self) -> dict[str, str]:
-        return {"model": self.model, "model_sha256": self.model_sha256, "precision": self.precision}
-
-    def describe(self) -> str:
-        return f"{self.model} ({self.precision or '?'}, sha256 {self.model_sha256 or '?'})"
-
-    @classmethod
-    def of(cls, model: str | RunIdentity) -> RunIdentity:
-        return model if isinstance(model, RunIdentity) else cls(model)
-
-
-#: Columns holding a number (or nothing) in every report.
-NUMBER_COLUMNS = ("confidence", "width", "height", "ood_score", "lung_fraction")
-#: The values ``status`` takes.
-STATUSES = ("ok", "error")
-
-
-def is_number_column(name: str) -> bool:
-    return name in NUMBER_COLUMNS or name.startswith("prob_")
-
-
-#: The report's true/false columns (JSON booleans in JSONL, ``true``/``false`` in CSV).
-BOOLEAN_COLUMNS = frozenset({"in_distribution", "assessable"})
-
-
-def jsonl_row_problem(obj: Mapping[str, Any]) -> str | None:
-    """What is wrong with the types of a JSONL report row read back (``None``: nothing).
-
-    A number column holds a finite number or null (never a string, a boolean, an object, NaN or
-    Infinity); ``status`` is ``"ok"`` or ``"error"``; ``in_distribution`` and ``assessable`` a boolean or null;
-    every other column text or null. What a hand edit or another tool may leave; the callers
-    refuse the row as damaged, naming the column (never quoting a long value).
-    """
-    for key, value in obj.items():
-        if is_number_column(key):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return f"{key} is {_kind(value)}, not a number"
-            if not math.isfinite(value):
-                return f"{key} is {value!r}, not a finite number"
-        elif key == "status":
-            if value not in STATUSES:
-                return f"status is {_kind(value)}, not ok or error"
-        elif key in BOOLEAN_COLUMNS:
-            if value is not None and not isinstance(value, bool):
-                return f"{key} is {_kind(value)}, not true, false or null"
-        elif value is not None and not isinstance(value, str):
-            return f"{key} is {_kind(value)}, not text"
-    return None
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else "a long text"
-    if isinstance(value, bool):
-        return "a boolean"
-    return repr(value) if isinstance(value, int | float) or value is None else type(value).__name__
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None else float(f"{value:.6g}")
-
-
-def row_values(
-    result: Result, labels: Sequence[str], identity: RunIdentity | None = None, run_id: str | None = None
-) -> dict[str, Any]:
-    """One report row with typed values (None for empty), keys in column order."""
-    row: dict[str, Any] = {
-        "path": result.path,
-        "status": result.status,
-        "label": result.label,
-        "confidence": _num(result.confidence),
-    }
-    for label in labels:
-        row[f"prob_{label}"] = _num(result.probs.get(label)) if result.probs else None
-    row.update(
-        width=result.width,
-        height=result.height,
-        error=result.error,
-        model=result.model,
-        model_sha256=identity.model_sha256 if identity is not None else None,
-        precision=identity.precision if identity is not None else None,
-        notes="; ".join(result.notes) or None,
-    )
-    for key in FIELD_COLUMNS:
-        row[key] = result.fields.get(key) or None
-    row["ood_score"] = _num(result.ood_score)
-    row["in_distribution"] = result.in_distribution
-    row["lung_fraction"] = None if result.lung_fraction is None else round(result.lung_fraction, 4)
-    row["assessable"] = result.assessable
-    row["covid_screen"] = result.covid_screen if result.ok else None
-    row["run_id"] = run_id
-    return row
-
-
-def _csv_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, str):
-        return escape_cell(value)  # a text cell never starts a spreadsheet formula
-    return str(value)
-
-
-def report_format(out: str, fmt: str | None = None) -> Format:
-    """``fmt`` when given, else by suffix: ``.jsonl``/``.ndjson`` → jsonl, anything else (and ``-``) → csv."""
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}")
-        return "jsonl" if fmt == "jsonl" else "csv"
-    return "jsonl" if Path(out).suffix.lower() in (".jsonl", ".ndjson") else "csv"
-
-
-#: The suffixes a report file may have, by format (no suffix, as ``/dev/null``, is CSV).
-REPORT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "": "csv"}
-
-
-def output_format(out: str, fmt: str | None = None) -> Format:
-    """The format of a report to write: :func:`report_format`, but a file named like another
-    format (``results.json``, ``results.txt``, ``results.xlsx``) is refused instead of silently
-    getting CSV in it; ``--format`` says what to write into such a name on purpose.
-
-    Raises:
-        OutputError: an unknown suffix without ``fmt``.
-    """
-    if fmt is None and out != "-":
-        suffix = Path(out).suffix.lower()
-        if suffix not in REPORT_SUFFIXES:
-            raise OutputError(
-                f"--out {out}: cxr-batch writes CSV (.csv) or JSON lines (.jsonl, .ndjson), not {suffix}; "
-                "name the file .csv or .jsonl, or pass --format csv|jsonl to write that format under this name"
-            )
-    return report_format(out, fmt)
+#: Re-exported from :mod:`cxr_batch.report.format` (their home) for existing imports.
+__all__ = [
+    "BOOLEAN_COLUMNS",
+    "ENCODING",
+    "ERRORS",
+    "EXTRA_COLUMNS",
+    "FIELD_COLUMNS",
+    "FORMATS",
+    "HEAD_COLUMNS",
+    "IDENTITY_COLUMNS",
+    "NUMBER_COLUMNS",
+    "REPORT_SUFFIXES",
+    "RUN_COLUMNS",
+    "STATUSES",
+    "TAIL_COLUMNS",
+    "TRUTH_COLUMNS",
+    "CsvWriter",
+    "Existing",
+    "Format",
+    "JsonlWriter",
+    "ReportConfig",
+    "ReportWriter",
+    "RunIdentity",
+    "RunStats",
+    "add_truth",
+    "check_output",
+    "columns",
+    "is_number_column",
+    "jsonl_row_problem",
+    "open_report",
+    "output_format",
+    "read_existing",
+    "render_summary",
+    "report_format",
+    "row_values",
+    "unlike_training_warning",
+]
 
 
 @dataclass(frozen=True)
@@ -323,7 +176,42 @@ class _Sink:
                     self.stream.close()
 
 
-class CsvWriter:
+class _RowWriter:
+    """Writes each result as one row (:func:`~cxr_batch.report.format.row_values`), in column
+    order; a subclass says how a row is put in the file. Each ``write`` ends flushed."""
+
+    def __init__(
+        self,
+        sink: _Sink,
+        cols: Sequence[str],
+        labels: Sequence[str],
+        identity: RunIdentity | None = None,
+        run_id: str | None = None,
+        truth: Mapping[str, str] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.labels = tuple(labels)
+        self.columns = list(cols)
+        self.identity = identity
+        self.run_id = run_id
+        self.truth = truth
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def write(self, results: Sequence[Result]) -> None:
+        try:
+            for r in results:
+                self._write_row(add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth))
+        except OSError as exc:
+            raise self.sink.fail(exc) from None
+        self.sink.commit()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class CsvWriter(_RowWriter):
     """CSV rows (csv module, RFC 4180: ``\\r\\n`` line ends, minimal quoting).
 
     ``\\r\\n`` is not only for spreadsheets: Python's csv writer quotes a field holding a bare
@@ -340,13 +228,8 @@ class CsvWriter:
         run_id: str | None = None,
         truth: Mapping[str, str] | None = None,
     ) -> None:
-        self.sink = sink
-        self.labels = tuple(labels)
-        self.columns = list(cols)
-        self.identity = identity
-        self.run_id = run_id
-        self.truth = truth
-        self._csv = csv.writer(sink.stream, lineterminator="\r\n")
+        super().__init__(sink, cols, labels, identity, run_id, truth)
+        self._csv = csv.writer(sink.stream, lineterminator=CSV_LINE_END)
         if header:
             try:
                 self._csv.writerow(self.columns)
@@ -354,49 +237,15 @@ class CsvWriter:
                 raise sink.fail(exc) from None
             sink.commit()
 
-    def write(self, results: Sequence[Result]) -> None:
-        try:
-            for r in results:
-                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
-                self._csv.writerow([_csv_text(row[c]) for c in self.columns])
-        except OSError as exc:
-            raise self.sink.fail(exc) from None
-        self.sink.commit()
-
-    def close(self) -> None:
-        self.sink.close()
+    def _write_row(self, row: dict[str, Any]) -> None:
+        self._csv.writerow(csv_record(row, self.columns))
 
 
-class JsonlWriter:
+class JsonlWriter(_RowWriter):
     """One JSON object a line, keys in column order, typed values (numbers, null, true/false)."""
 
-    def __init__(
-        self,
-        sink: _Sink,
-        cols: Sequence[str],
-        labels: Sequence[str],
-        identity: RunIdentity | None = None,
-        run_id: str | None = None,
-        truth: Mapping[str, str] | None = None,
-    ) -> None:
-        self.sink = sink
-        self.labels = tuple(labels)
-        self.columns = list(cols)
-        self.identity = identity
-        self.run_id = run_id
-        self.truth = truth
-
-    def write(self, results: Sequence[Result]) -> None:
-        try:
-            for r in results:
-                row = add_truth(row_values(r, self.labels, self.identity, self.run_id), r, self.truth)
-                self.sink.stream.write(json.dumps({c: row[c] for c in self.columns}, ensure_ascii=True) + "\n")
-        except OSError as exc:
-            raise self.sink.fail(exc) from None
-        self.sink.commit()
-
-    def close(self) -> None:
-        self.sink.close()
+    def _write_row(self, row: dict[str, Any]) -> None:
+        self.sink.stream.write(json_line(row, self.columns))
 
 
 # --------------------------------------------------------------------------- existing reports
@@ -439,89 +288,45 @@ def check_output(config: ReportConfig) -> None:
         )
 
 
-def _line_offsets(fh: BinaryIO, path: Path, counter: list[int], complete: list[bool]) -> Iterator[str]:
-    """Lines of a binary file as text, keeping the byte offset reached and whether the line ended."""
-    for raw in iter_lines(fh, path, what="a line of the report"):
-        counter[0] += len(raw)
-        complete[0] = raw.endswith(b"\n")
-        yield raw.decode(ENCODING, ERRORS)
+def _scan(path: Path, fmt: Format, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
+    """Read the complete rows; returns them and the byte offset where the complete rows end.
 
-
-def _scan_csv(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
-    """Read the complete rows; returns them and the byte offset where the complete rows end."""
+    A partial last row (:attr:`~cxr_batch.report.reader.RowProblem.partial`) ends the scan: it is
+    cut off. Any other problem means the file is damaged before its end: not resumed.
+    """
     existing = Existing()
-    offset, ended = [0], [False]
-    good_end = 0
-    row_no = 0
-    with open_regular(path) as fh:
-        reader = csv.reader(_line_offsets(fh, path, offset, ended), strict=True)
-        while True:
-            try:
-                record = next(reader)
-            except StopIteration:
+    csv_file = fmt == "csv"
+    with ReportReader(path, fmt) as report:
+        if csv_file:
+            if report.header_problem is not None:
+                raise OutputError(f"{path}: row 1 is not valid CSV ({report.header_problem}); not resuming")
+            if report.columns is None or not report.header_complete:
+                return existing, 0  # an empty file, or a header cut by a killed run: write it again
+            if report.columns != list(cols):
+                raise OutputError(_columns_differ(path, report.columns, cols))
+            existing.has_header = True
+        good_end = report.header_end
+        for item in report.rows():
+            # CSV rows are numbered as records of the file (the header is row 1), JSON lines by line
+            where = f"row {item.number + 1}" if csv_file else f"line {item.number}"
+            if isinstance(item, ReportRow):
+                if not csv_file and list(item.values) != list(cols):
+                    raise OutputError(_columns_differ(path, list(item.values), cols, f"{where} has other columns"))
+                _take_row(existing, item, model, path, where)
+                good_end = item.end
+            elif item.partial:
                 break
-            except csv.Error as exc:
-                if "unexpected end of data" in str(exc):
-                    break  # a quoted field cut by the end of the file: a partial last row
-                raise OutputError(f"{path}: row {row_no + 1} is not valid CSV ({exc}); not resuming") from None
-            row_no += 1
-            if row_no == 1 and record and record[0].startswith("\ufeff"):
-                record[0] = record[0][1:]  # a byte-order mark a spreadsheet saved
-            if not ended[0] or (row_no > 1 and len(record) != len(cols)):
-                # Incomplete: must be the last row. Anything after it means the file is damaged.
-                if fh.read(1):
-                    raise OutputError(f"{path}: row {row_no} is incomplete but more data follows; not resuming")
-                break
-            if row_no == 1:
-                if record != list(cols):
-                    raise OutputError(_columns_differ(path, record, cols))
-                existing.has_header = True
+            elif item.kind == "keys":
+                raise OutputError(_columns_differ(path, item.keys, cols, f"{where} has other columns"))
+            elif csv_file and item.kind == "fields":
+                raise OutputError(f"{path}: {where} is incomplete but more data follows; not resuming")
+            elif item.kind == "csv":
+                raise OutputError(f"{path}: {where} is not valid CSV ({item.detail}); not resuming")
+            elif item.kind == "object":
+                raise OutputError(f"{path}: {where} is not a JSON object; not resuming")
             else:
-                row = dict(zip(cols, (unescape_cell(v) for v in record), strict=True))
-                _take_row(existing, row, model, path, row_no)
-            good_end = offset[0]
+                raise OutputError(f"{path}: {where} is a damaged row: {item.detail}; not resuming")
     return existing, good_end
-
-
-def _scan_jsonl(path: Path, cols: Sequence[str], model: RunIdentity) -> tuple[Existing, int]:
-    existing = Existing()
-    good_end = 0
-    with open_regular(path) as fh:
-        for row_no, raw in enumerate(iter_lines(fh, path, what="a line of the report"), start=1):
-            obj: Any = None
-            why = "not a JSON object"
-            if row_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-                good_end += 3
-            if raw.endswith(b"\n"):
-                try:
-                    obj = parse_json(raw.decode(ENCODING, ERRORS), what="the row")
-                except DamagedFileError as exc:  # not JSON, NaN/Infinity, nested too deep
-                    why = f"a damaged row: {exc.reason}"
-                    obj = None
-            if not isinstance(obj, dict):
-                if fh.read(1) or raw.endswith(b"\n"):
-                    raise OutputError(f"{path}: line {row_no} is {why}; not resuming")
-                break  # a partial last line
-            if list(obj) != list(cols):
-                raise OutputError(_columns_differ(path, list(obj), cols, f"line {row_no} has other columns"))
-            problem = jsonl_row_problem(obj)
-            if problem is not None:
-                raise OutputError(f"{path}: line {row_no} is a damaged row: {problem}; not resuming")
-            _take_row(existing, {k: "" if v is None else str(v) for k, v in obj.items()}, model, path, row_no)
-            good_end += len(raw)
-    return existing, good_end
-
-
-def _describe_diff(found: Sequence[str], wanted: Sequence[str]) -> str:
-    missing = [c for c in wanted if c not in found]
-    extra = [c for c in found if c not in wanted]
-    parts = []
-    if missing:
-        parts.append(f"missing {', '.join(missing)}")
-    if extra:
-        parts.append(f"unexpected {', '.join(extra)}")
-    return "; ".join(parts) or "same columns in another order"
 
 
 def _columns_differ(path: Path, found: Sequence[str], cols: Sequence[str], what: str = "its columns differ") -> str:
@@ -535,31 +340,30 @@ def _columns_differ(path: Path, found: Sequence[str], cols: Sequence[str], what:
             "(rows of two models would mix); write a new report, or --overwrite"
         )
     return (
-        f"{path}: {what} than this run's ({_describe_diff(found, cols)}); "
+        f"{path}: {what} than this run's ({describe_diff(found, cols)}); "
         "resume with the same model, or write a new report"
     )
 
 
-def _take_row(existing: Existing, row: dict[str, str], model: RunIdentity, path: Path, row_no: int) -> None:
-    if row["model"] != model.model:
+def _take_row(existing: Existing, row: ReportRow, model: RunIdentity, path: Path, where: str) -> None:
+    theirs = row.identity
+    if theirs.model != model.model:
         raise OutputError(
-            f"{path}: row {row_no} was written by model {row['model']!r}, this run uses {model.model!r}; "
+            f"{path}: {where} was written by model {theirs.model!r}, this run uses {model.model!r}; "
             "resume with the same model, or write a new report"
         )
-    wanted = model.values()
-    if any(row.get(c, "") != wanted[c] for c in IDENTITY_COLUMNS):
-        theirs = RunIdentity(row["model"], row.get("model_sha256", ""), row.get("precision", ""))
+    if theirs != model:
         raise OutputError(
-            f"{path}: row {row_no} was written by {theirs.describe()}, this run uses {model.describe()}: "
+            f"{path}: {where} was written by {theirs.describe()}, this run uses {model.describe()}: "
             "another model file or precision under the same name; resume with the same --model and "
             "--precision, or write a new report"
         )
-    existing.paths.add(row["path"])
+    existing.paths.add(row.path)
     existing.rows += 1
-    existing.absolute_rows += os.path.isabs(row["path"])
-    if row["status"] != "ok":
+    existing.absolute_rows += os.path.isabs(row.path)
+    if not row.ok:
         existing.errors += 1
-        existing.error_paths.add(row["path"])
+        existing.error_paths.add(row.path)
 
 
 def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str], model: str | RunIdentity) -> Existing:
@@ -569,9 +373,8 @@ def read_existing(path: str | os.PathLike[str], fmt: Format, cols: Sequence[str]
         OutputError: the columns or the model differ, or the file is damaged before its end.
     """
     p = Path(path)
-    scan = _scan_jsonl if fmt == "jsonl" else _scan_csv
     try:
-        existing, good_end = scan(p, cols, RunIdentity.of(model))
+        existing, good_end = _scan(p, fmt, cols, RunIdentity.of(model))
         size = p.stat().st_size
         if good_end < size:
             fd = os.open(p, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -687,67 +490,26 @@ def open_report(
 # --------------------------------------------------------------------------- summary
 
 
-@dataclass
-class RunStats:
-    """What the summary table shows; :meth:`add` every batch written."""
+@dataclass(kw_only=True)
+class RunStats(Tally):
+    """What the summary table shows: the :class:`~cxr_batch.report.tally.Tally` of the rows
+    written (:meth:`add` every batch) and the run's facts."""
 
     labels: tuple[str, ...]
     model: str
     provider: str
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
-    per_label: Counter[str] = field(default_factory=Counter)
-    confidence_sum: dict[str, float] = field(default_factory=dict)
-    errors: Counter[str] = field(default_factory=Counter)
-    total: int = 0
     #: rows kept from an earlier run (resume) and how many of them are errors
     kept: int = 0
     kept_errors: int = 0
-    #: ok rows the out-of-distribution guard flagged; with ``drop_ood`` they leave the label counts
-    flagged: int = 0
-    drop_ood: bool = False
     #: the precision in use and why (the engine's ``precision_reason``); empty: not shown
     precision_note: str = ""
     #: outputs asked for that failed (SRs not written or not stored): the run exits 3 then too
     output_failures: int = 0
-    #: ok rows the lung stage found not assessable (their label is empty), and the assessable
-    #: rows, of which how many the out-of-distribution guard flagged
-    not_assessable: int = 0
-    assessable: int = 0
-    assessable_flagged: int = 0
-
-    def add(self, results: Sequence[Result]) -> None:
-        for r in results:
-            self.total += 1
-            if r.ok and r.assessable is False:
-                self.not_assessable += 1
-                if r.in_distribution is False:
-                    self.flagged += 1
-                continue
-            if r.ok and r.assessable:
-                self.assessable += 1
-                self.assessable_flagged += r.in_distribution is False
-            if r.ok and r.in_distribution is False:
-                self.flagged += 1
-                if self.drop_ood:
-                    continue
-            if r.ok and r.label is not None:
-                self.per_label[r.label] += 1
-                self.confidence_sum[r.label] = self.confidence_sum.get(r.label, 0.0) + (r.confidence or 0.0)
-            else:
-                self.errors[r.error_reason or "error"] += 1
 
     def finish(self) -> None:
         self.finished = time.perf_counter()
-
-    @property
-    def unlike_training(self) -> bool:
-        """Most assessable films score beyond the out-of-distribution threshold: the run-level warning."""
-        return self.assessable > 0 and self.assessable_flagged > self.assessable / 2
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
 
     @property
     def all_errors(self) -> int:
@@ -778,7 +540,7 @@ def render_summary(
     total = stats.total
     for label in stats.labels:
         n = stats.per_label.get(label, 0)
-        mean = stats.confidence_sum.get(label, 0.0) / n if n else None
+        mean = stats.mean_confidence(label)
         table.add_row(markup(label), str(n), _pct(n, total), "-" if mean is None else f"{mean:.3f}")
     for reason, n in stats.errors.most_common():
         table.add_row(f"[red]error:[/] {markup(reason)}", str(n), _pct(n, total), "")
