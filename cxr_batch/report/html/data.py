@@ -1,27 +1,25 @@
-"""What the HTML report shows, read from files: the report rows (:func:`read_run`, the one reader of
-CSV/JSON-lines reports here), the true labels of ``report --labels``, the metrics of
+"""What the HTML report shows, read from files: the report rows (:func:`read_run`, through the
+project's one report reader, :mod:`cxr_batch.report.reader`), the true labels of ``report --labels``, the metrics of
 ``evaluate --out`` and the provenance record beside a report. Typed rows; no HTML.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from cxr_batch.engine.types import Result
 from cxr_batch.errors import InputError
-from cxr_batch.io.safe_open import FileTooLargeError, iter_lines, open_regular, parse_json, read_json
-from cxr_batch.report.cells import unescape_cell
-from cxr_batch.report.writer import ENCODING, ERRORS, RunStats, jsonl_row_problem, report_format
+from cxr_batch.io.safe_open import FileTooLargeError, read_json
+from cxr_batch.report.reader import ReportError, read_report
+from cxr_batch.report.writer import RunStats
 
 #: Report columns shown as model facts when present (read by name; any may be absent).
 FACT_COLUMNS = ("model", "model_sha256", "precision", "run_id")
@@ -88,93 +86,9 @@ class RunReport:
     skipped_partial: int = 0
 
 
-def _float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    return {"true": True, "false": False}.get(str(value).strip().lower()) if value is not None else None
-
-
-def _str(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    return str(value)
-
-
-def _open_report(path: str) -> BinaryIO:
-    try:
-        return open_regular(path)
-    except OSError as exc:
-        raise InputError(f"cannot read the report {path}: {exc.strerror or exc}") from None
-
-
-def _report_lines(fh: BinaryIO, path: str, text: bool = True) -> Iterator[Any]:
-    """The report's lines (text, or bytes), each bounded: a report is read as a stream."""
-    try:
-        for raw in iter_lines(fh, path, what="a line of the report"):
-            yield raw.decode(ENCODING, ERRORS) if text else raw
-    except FileTooLargeError as exc:
-        raise InputError(f"{path}: {exc}; not a cxr-batch report?") from None
-
-
-def _csv_records(path: str) -> Iterator[tuple[int, dict[str, str] | None, list[str]]]:
-    """(row number, row or None when partial, header) for each CSV row."""
-    with _open_report(path) as fh:
-        reader = csv.reader(_report_lines(fh, path), strict=True)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise InputError(f"{path} is empty: not a cxr-batch report") from None
-        except csv.Error as exc:
-            raise InputError(f"{path}: its header is not valid CSV ({exc})") from None
-        number = 0
-        while True:
-            try:
-                record = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                if "unexpected end of data" in str(exc):
-                    yield number + 1, None, header  # a quoted field cut by the end of the file
-                    return
-                raise InputError(f"{path}: row {number + 1} is not valid CSV ({exc})") from None
-            number += 1
-            if len(record) != len(header):
-                yield number, None, header
-                continue
-            # Cells the writer neutralised against spreadsheet formulas come back as they were.
-            yield number, dict(zip(header, map(unescape_cell, record), strict=True)), header
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any] | None, list[str]]]:
-    header: list[str] | None = None
-    with _open_report(path) as fh:
-        for number, raw in enumerate(_report_lines(fh, path, text=False), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = parse_json(raw.decode(ENCODING, ERRORS), what="the row")
-            except ValueError:  # not JSON, NaN/Infinity, nested too deep
-                obj = None
-            if not isinstance(obj, dict) or jsonl_row_problem(obj) is not None:
-                yield number, None, header or []
-                continue
-            if header is None:
-                header = list(obj)
-            yield number, obj, header
-
-
 def read_run(reports: Sequence[str], console: Console | None = None) -> RunReport:
-    """Read one report, or the parts of a sharded run, into typed rows and the summary counts.
+    """Read one report, or the parts of a sharded run, into typed rows and the summary counts
+    (with the one report reader, :func:`cxr_batch.report.reader.read_report`).
 
     A partial row (an interrupted run's last line, or a damaged line) is skipped with a warning.
     With :func:`_csv_records` and :func:`_jsonl_records`, the only place the HTML report reads
@@ -194,79 +108,77 @@ def read_run(reports: Sequence[str], console: Console | None = None) -> RunRepor
     for source in reports:
         if not os.path.isfile(source):
             raise InputError(f"report {source} is not a file")
-        records = _jsonl_records(source) if report_format(source) == "jsonl" else _csv_records(source)
-        checked = False
-        for number, record, header in records:
-            if not checked and header:
-                missing = [c for c in REQUIRED if c not in header]
-                if missing:
-                    raise InputError(f"{source} is not a cxr-batch report (no {', '.join(missing)} column)")
-                these = tuple(c[len("prob_") :] for c in header if c.startswith("prob_"))
-                if labels is None:
-                    labels = these
-                elif these != labels:
-                    raise InputError(
-                        f"{source} has other labels ({', '.join(these)}) than {reports[0]} ({', '.join(labels)}): "
-                        "give the reports of one run"
-                    )
-                checked = True
-            if record is None or not isinstance(record.get("path"), str) or not record.get("path"):
+        try:
+            report = read_report(source)
+        except ReportError as exc:
+            raise InputError(f"{source}: {exc.reason}: not a cxr-batch report") from None
+        except FileTooLargeError as exc:
+            raise InputError(f"{source}: {exc}; not a cxr-batch report?") from None
+        except OSError as exc:
+            raise InputError(f"cannot read the report {source}: {exc.strerror or exc}") from None
+        missing = report.missing(REQUIRED)
+        if missing:
+            raise InputError(f"{source} is not a cxr-batch report (no {', '.join(missing)} column)")
+        if labels is None:
+            labels = report.labels
+        elif report.labels != labels:
+            raise InputError(
+                f"{source} has other labels ({', '.join(report.labels)}) than {reports[0]} ({', '.join(labels)}): "
+                "give the reports of one run"
+            )
+        for problem in report.problems:
+            if problem.kind == "csv" and not problem.partial:
+                raise InputError(f"{source}: row {problem.number} is not valid CSV ({problem.detail})")
+            if problem.kind == "blank":
+                continue
+            skipped += 1
+            console.print(
+                f"[yellow]warning:[/] {escape(source)}: row {problem.number} is incomplete or damaged; left out",
+                highlight=False,
+                soft_wrap=True,
+            )
+        for r in report.rows:
+            if not r.path:
                 skipped += 1
                 console.print(
-                    f"[yellow]warning:[/] {escape(source)}: row {number} is incomplete or damaged; left out",
+                    f"[yellow]warning:[/] {escape(source)}: row {r.number} has no path; left out",
                     highlight=False,
                     soft_wrap=True,
                 )
                 continue
-            assert labels is not None
-            path = str(record["path"])
-            other = seen.get(path)
+            other = seen.get(r.path)
             if other is not None:
                 where = f"twice in {source}" if other == source else f"in both {other} and {source}"
                 raise InputError(
-                    f"path {path!r} appears {where}: give the parts of one run (or the merged report), not both"
+                    f"path {r.path!r} appears {where}: give the parts of one run (or the merged report), not both"
                 )
-            seen[path] = source
-            status = str(record.get("status") or "error")
-            row = Row(
-                index=len(rows),
-                path=path,
-                status=status,
-                label=_str(record.get("label")),
-                confidence=_float(record.get("confidence")),
-                probs=tuple(_float(record.get(f"prob_{label}")) for label in labels),
-                error=_str(record.get("error")),
-                notes=_str(record.get("notes")),
-                ood_score=_float(record.get("ood_score")),
-                in_distribution=_bool(record.get("in_distribution")),
-                model=str(record.get("model") or ""),
-                modality=_str(record.get("modality")),
-                view_position=_str(record.get("view_position")),
-                true_label=_str(record.get("true_label")),
-                assessable=_bool(record.get("assessable")),
+            seen[r.path] = source
+            rows.append(
+                Row(
+                    index=len(rows),
+                    path=r.path,
+                    status=r.status,
+                    label=r.label,
+                    confidence=r.confidence,
+                    probs=tuple(r.probs(labels).values()),
+                    error=r.error,
+                    notes=r.text("notes"),
+                    ood_score=r.num("ood_score"),
+                    in_distribution=r.in_distribution,
+                    model=r.model,
+                    modality=r.text("modality"),
+                    view_position=r.text("view_position"),
+                    true_label=r.text("true_label"),
+                    assessable=r.assessable,
+                )
             )
-            rows.append(row)
             for column in FACT_COLUMNS:
-                value = _str(record.get(column))
+                value = r.text(column)
                 if value is not None:
                     facts.setdefault(column, Counter())[value] += 1
             if stats is None:
-                stats = RunStats(labels=labels, model=row.model, provider="")
-            stats.add(
-                [
-                    Result(
-                        path=row.path,
-                        file=row.path,
-                        status=row.status,
-                        model=row.model,
-                        label=row.label,
-                        confidence=row.confidence,
-                        error=row.error,
-                        in_distribution=row.in_distribution,
-                        assessable=row.assessable,
-                    )
-                ]
-            )
+                stats = RunStats(labels=labels, model=r.model, provider="")
+            stats.add([r])
     labels = labels or ()
     if stats is None:
         stats = RunStats(labels=labels, model="(no rows)", provider="")
