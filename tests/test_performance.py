@@ -226,8 +226,8 @@ def test_int8_is_written_only_when_it_agrees_with_fp32(
     pytest.importorskip("onnx")
     from rich.console import Console
 
-    from cxr_batch.io.labelled import find_labelled, make_split
     from cxr_batch.errors import ModelError
+    from cxr_batch.io.labelled import find_labelled, make_split
     from cxr_batch.training import export, quantize
 
     root = _labelled(tmp_path / "data")

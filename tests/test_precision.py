@@ -302,6 +302,8 @@ def test_export_writes_self_checks_that_pass_and_catch_damage(tmp_path: Path, sa
     assert written["m.onnx"]["images"] == written["m-int8.onnx"]["images"]
     for path in (master, int8):
         clf = Classifier(path, device="cpu", threads=1)
-        assert clf.self_check is not None and clf.self_check.ok and clf.self_check.images == references.SELF_CHECK_IMAGES
+        assert (
+            clf.self_check is not None and clf.self_check.ok and clf.self_check.images == references.SELF_CHECK_IMAGES
+        )
     with pytest.raises(ModelError, match="the int8 model gives wrong results"):
         Classifier(_damage(int8, tmp_path / "d.onnx"), device="cpu", threads=1)

@@ -759,8 +759,8 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
 
     from cxr_batch.evaluation.metrics import operating_point, screening_threshold
     from cxr_batch.training.card import write_card
-    from cxr_batch.training.references import _tensors, ort_logits
     from cxr_batch.training.onnx_file import rewrite_contract
+    from cxr_batch.training.references import _tensors, ort_logits
 
     label, target = point.label, float(point.target_sensitivity)
     _, meta = read_contract_file(out)
