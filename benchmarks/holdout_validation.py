@@ -29,8 +29,8 @@ from cxr_batch.evaluation.metrics import (  # noqa: E402
     screening_threshold,
 )
 from cxr_batch.io.labelled import Split, find_labelled_many, make_split, roots_by_source  # noqa: E402
-from cxr_batch.training.export import model_probs, validation_items  # noqa: E402
 from cxr_batch.training.onnx_file import read_contract_file  # noqa: E402
+from cxr_batch.training.references import model_probs, validation_items  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ With ``--split`` (a run's split.csv, several sources) the images are a seeded sa
 ``--part`` rows (``val`` to choose a scheme without touching the test split), and the calibration
 images come from its train rows, as export takes them.
 
-For each scheme, ``cxr_batch.training.export.quantize_file`` derives an int8 copy of the fp32
+For each scheme, ``cxr_batch.training.quantize.quantize_file`` derives an int8 copy of the fp32
 master, calibrated on the same 300 training images as ``cxr-batch export --quantize int8``
 (the seed-0 split of the shared pool, which reproduces the shipped model's split fingerprint).
 Every copy, fp32 and (``--old``) an existing int8 file then run on the same preprocessed images:
@@ -37,13 +37,9 @@ sys.path.insert(0, str(REPO))
 from cxr_batch.engine.cpu import cpu_facts, int8_choice  # noqa: E402
 from cxr_batch.engine.postprocess import softmax  # noqa: E402
 from cxr_batch.io.labelled import Split, find_labelled, make_split  # noqa: E402
-from cxr_batch.training.export import (  # noqa: E402
-    Int8Scheme,
-    _tensors,
-    calibration_images,
-    quantize_file,
-    read_contract_file,
-)
+from cxr_batch.training.onnx_file import read_contract_file  # noqa: E402
+from cxr_batch.training.quantize import Int8Scheme, calibration_images, quantize_file  # noqa: E402
+from cxr_batch.training.references import _tensors  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SCHEMES = {

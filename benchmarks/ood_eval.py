@@ -241,7 +241,8 @@ def main() -> None:
     if args.write_contract:
         import onnx
 
-        from cxr_batch.training.export import read_contract_file, write_card, write_contract
+        from cxr_batch.training.card import write_card
+        from cxr_batch.training.onnx_file import read_contract_file, write_contract
 
         proto, meta = read_contract_file(args.model)
         ood = dict(meta.ood or {})

@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 
 from cxr_batch.evaluation.metrics import roc_auc  # noqa: E402
 from cxr_batch.io.labelled import Split, roots_by_source  # noqa: E402
-from cxr_batch.training.export import model_probs, validation_items  # noqa: E402
 from cxr_batch.training.onnx_file import read_contract_file  # noqa: E402
+from cxr_batch.training.references import model_probs, validation_items  # noqa: E402
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -48,7 +48,7 @@ def test_the_pattern_sees_machine_paths() -> None:
 
 def test_export_records_a_portable_command(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from cxr_batch.training.export import _selection, portable_command
+    from cxr_batch.training.run_facts import _selection, portable_command
 
     base = str(tmp_path / "repo")
     command = f"python s.py {tmp_path}/shared/data/a --out {base}/runs/sweep --x /opt/other/place/f.json"

@@ -160,7 +160,7 @@ def test_threads_follow_the_cpus_this_process_may_use() -> None:
 
 def test_fp16_export_keeps_the_contract_and_float32_io(tiny_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
-    from cxr_batch.training.export import export_fp16
+    from cxr_batch.training.fp16 import export_fp16
 
     master = tmp_path / "m.onnx"
     master.write_bytes(tiny_onnx.read_bytes())
@@ -226,8 +226,9 @@ def test_int8_is_written_only_when_it_agrees_with_fp32(
     pytest.importorskip("onnx")
     from rich.console import Console
 
+    from cxr_batch.errors import ModelError
     from cxr_batch.io.labelled import find_labelled, make_split
-    from cxr_batch.training import export
+    from cxr_batch.training import export, quantize
 
     root = _labelled(tmp_path / "data")
     split = make_split(find_labelled(root), val=0.25, test=0.5)
@@ -235,9 +236,9 @@ def test_int8_is_written_only_when_it_agrees_with_fp32(
     master.write_bytes(tiny_onnx.read_bytes())
     cfg = export.ExportConfig(checkpoint=str(master), out=str(master), calibration_images=8)
     console = Console(file=None, quiet=True)
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # no model can agree on more than 100%
-    with pytest.raises(export.ModelError, match=r"agrees with fp32 on .*not written"):
-        export.quantize_int8(master, root, split, cfg, console)
+    monkeypatch.setattr(quantize, "INT8_MIN_AGREEMENT", 1.01)  # no model can agree on more than 100%
+    with pytest.raises(ModelError, match=r"agrees with fp32 on .*not written"):
+        quantize.quantize_int8(master, root, split, cfg, console)
     assert not (tmp_path / "m-int8.onnx").exists()
-    info = export.quantize_int8(master, root, split, dataclasses.replace(cfg, force=True), console)
+    info = quantize.quantize_int8(master, root, split, dataclasses.replace(cfg, force=True), console)
     assert (tmp_path / "m-int8.onnx").is_file() and 0.0 <= info["top1_agreement_with_fp32"] <= 1.0

@@ -289,19 +289,21 @@ def test_export_writes_self_checks_that_pass_and_catch_damage(tmp_path: Path, sa
     pytest.importorskip("onnx")
     from rich.console import Console
 
-    from cxr_batch.training import export
+    from cxr_batch.training import references
 
     master, int8 = tmp_path / "m.onnx", tmp_path / "m-int8.onnx"
     shutil.copyfile(SHIPPED["fp32"], master)
     shutil.copyfile(SHIPPED["int8"], int8)
     candidates = sorted(p for p in sample_images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    written = export.write_self_checks(master, [int8], candidates, Console(quiet=True))
+    written = references.write_self_checks(master, [int8], candidates, Console(quiet=True))
     assert set(written) == {"m.onnx", "m-int8.onnx"}
-    assert written["m.onnx"]["tolerance"] == export.FP32_SELF_CHECK_TOLERANCE
-    assert written["m-int8.onnx"]["tolerance"] >= export.SELF_CHECK_FLOOR["int8"]
+    assert written["m.onnx"]["tolerance"] == references.FP32_SELF_CHECK_TOLERANCE
+    assert written["m-int8.onnx"]["tolerance"] >= references.SELF_CHECK_FLOOR["int8"]
     assert written["m.onnx"]["images"] == written["m-int8.onnx"]["images"]
     for path in (master, int8):
         clf = Classifier(path, device="cpu", threads=1)
-        assert clf.self_check is not None and clf.self_check.ok and clf.self_check.images == export.SELF_CHECK_IMAGES
+        assert (
+            clf.self_check is not None and clf.self_check.ok and clf.self_check.images == references.SELF_CHECK_IMAGES
+        )
     with pytest.raises(ModelError, match="the int8 model gives wrong results"):
         Classifier(_damage(int8, tmp_path / "d.onnx"), device="cpu", threads=1)

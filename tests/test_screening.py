@@ -128,7 +128,8 @@ def screened(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from rich.console import Console
 
     from cxr_batch.io.labelled import Split, file_digest
-    from cxr_batch.training.export import ExportConfig, fit_validation
+    from cxr_batch.training.export import ExportConfig
+    from cxr_batch.training.references import fit_validation
 
     base = tmp_path_factory.mktemp("screen")
     root = base / "val"

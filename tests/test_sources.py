@@ -354,7 +354,7 @@ def test_labels_file_mistakes_are_clear_errors(labels_root: Path, tmp_path: Path
 def test_the_held_out_source_is_validation_never_training(two_roots: tuple[Path, Path], labels_root: Path) -> None:
     pytest.importorskip("torch")
     from cxr_batch.io.labelled import roots_by_source
-    from cxr_batch.training.export import validation_items
+    from cxr_batch.training.references import validation_items
     from cxr_batch.training.train import holdout_parts
 
     a, b = two_roots

@@ -4,7 +4,7 @@ its outputs are compared with the fp32 master's, stored with them.
 Why: an int8 file can be right on the CPU it was measured on and wrong on another (U8S8 kernels
 saturate without VNNI), and a damaged file can still load. The check costs one small batch.
 
-The contract's ``extra["self_check"]`` (written by ``cxr_batch.training.export.add_self_check``)::
+The contract's ``extra["self_check"]`` (written by ``cxr_batch.training.references.write_self_checks``)::
 
     {"images": {"encoding": "zlib+base64", "dtype": "uint8", "shape": [N, H, W], "data": "..."},
      "logits_fp32": [[...], ...],     # the fp32 master's logits for them, through the contract's preprocessing

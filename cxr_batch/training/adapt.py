@@ -435,7 +435,7 @@ def adapt_model(cfg: AdaptConfig, console: Console | None = None) -> dict[str, A
         console.print(f"[yellow]skipped[/] {markup(e)}")
     kept = [test_items[i] for i in keep]
     y_t = np.asarray([labels.index(lab) for _, lab, _ in kept], np.int64)
-    from cxr_batch.training.export import ort_logits
+    from cxr_batch.training.references import ort_logits
 
     p_before = softmax(ort_logits(base, x_t))
     with torch.no_grad():
@@ -759,8 +759,8 @@ def _refit_screening(out: Path, base_meta: ModelMeta, split: Split, roots: dict[
 
     from cxr_batch.evaluation.metrics import operating_point, screening_threshold
     from cxr_batch.training.card import write_card
-    from cxr_batch.training.export import _tensors, ort_logits
     from cxr_batch.training.onnx_file import rewrite_contract
+    from cxr_batch.training.references import _tensors, ort_logits
 
     label, target = point.label, float(point.target_sensitivity)
     _, meta = read_contract_file(out)

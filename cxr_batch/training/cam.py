@@ -83,7 +83,7 @@ def _pooled_source(tensor: str, producer: dict[str, Any], source: str) -> str:
 def add_cam_output(proto: Any, meta: ModelMeta, verify: bool = True, source: str = "model") -> ModelMeta:
     """Add the ``cam`` output (N×C×h×w) to an ONNX ModelProto, in place; return the updated contract.
 
-    The caller writes the returned contract into the file (``cxr_batch.training.export.write_contract``).
+    The caller writes the returned contract into the file (``cxr_batch.training.onnx_file.write_contract``).
     A model whose contract already names a ``cam`` output is left as it is.
 
     Args:
