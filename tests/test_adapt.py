@@ -143,6 +143,7 @@ def test_adapt_refuses_existing_output_at_once(site: Path, tmp_path: Path) -> No
     assert copy.read_bytes() == BASE.read_bytes()
 
 
+@pytest.mark.slow
 def test_adapt_refuses_a_class_the_model_lacks(site: Path, tmp_path: Path, shared_data: Path) -> None:
     need_base()
     (site / "tuberculosis").mkdir()

@@ -29,6 +29,7 @@ def need_base() -> None:
         pytest.skip(f"the shipped model {BASE} is not here")
 
 
+@pytest.mark.slow
 def test_anchors_are_draws_of_the_guards_gaussians() -> None:
     """One block of draws per class of the base model, centred on the guard's class means, seeded."""
     need_base()

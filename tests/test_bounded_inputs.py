@@ -260,6 +260,7 @@ def _self_check(images: dict[str, object], n: int = 4) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 def test_a_self_check_zlib_bomb_inflates_no_further_than_its_declared_shape() -> None:
     import tracemalloc
 

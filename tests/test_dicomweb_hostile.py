@@ -243,6 +243,7 @@ def test_429_is_retried_and_then_treated_like_a_5xx(instances: list[Instance], n
 # --------------------------------------------------------------------------- unbounded servers (item 9)
 
 
+@pytest.mark.slow
 @needs_files
 def test_a_drip_feeding_server_is_cut_off_at_the_deadline(instances: list[Instance], no_creds: None) -> None:
     with HostileServer(instances[:1], Behaviour(wado=drip)) as server:
@@ -351,6 +352,7 @@ def test_a_stow_answer_that_lists_nothing_is_not_a_store(
         assert "and stored" not in row["notes"] and "stored" in row["notes"], row["notes"]
 
 
+@pytest.mark.slow
 @needs_files
 def test_a_malformed_qido_answer_is_a_clear_error(
     instances: list[Instance], no_creds: None, tmp_path: Path, runner: CliRunner

@@ -151,6 +151,7 @@ def _timed_decode(path: Path) -> tuple[float, str]:
     return time.monotonic() - t0, str(info.value)
 
 
+@pytest.mark.slow
 @needs_data
 def test_zero_filled_and_padded_dicom_are_rejected_fast(tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
@@ -325,6 +326,7 @@ def test_a_folder_that_cannot_be_listed_is_an_error_row_and_exit_3(tiny: Path, t
 # ------------------------------------------------------------------ 12 and 18. DICOM header values, warnings
 
 
+@pytest.mark.slow
 @needs_data
 def test_invalid_dicom_header_values_are_left_empty_and_never_echoed(tiny: Path, tmp_path: Path) -> None:
     pydicom = pytest.importorskip("pydicom")
@@ -363,6 +365,7 @@ def test_invalid_dicom_header_values_are_left_empty_and_never_echoed(tiny: Path,
     assert row["sop_instance_uid"] == "" and row["study_instance_uid"] == "1.2.840.99"
 
 
+@pytest.mark.slow
 def test_decompression_bomb_warning_never_reaches_stderr(tiny: Path, tmp_path: Path) -> None:
     limit = Image.MAX_IMAGE_PIXELS or 89_478_485
     side = int(limit**0.5) + 100  # between 1x and 2x the limit: Pillow warns, cxr-batch refuses

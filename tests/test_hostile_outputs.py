@@ -141,6 +141,7 @@ def shipped_version() -> str:
     return read_contract(sess).version
 
 
+@pytest.mark.slow
 def test_rows_name_the_model_file_and_precision_and_resume_refuses_another(xrays: Path, tmp_path: Path) -> None:
     int8, fp32 = find_default_model("int8"), find_default_model("fp32")
     out = tmp_path / "r.csv"
@@ -172,6 +173,7 @@ def test_rows_name_the_model_file_and_precision_and_resume_refuses_another(xrays
     assert code == 1 and "older cxr-batch" in err and "model_sha256" in err
 
 
+@pytest.mark.slow
 def test_merge_refuses_parts_of_another_model_file_or_precision(xrays: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "p0.csv", tmp_path / "p1.csv"
     assert cli("classify", str(xrays), "--out", str(a), "--shard", "0/2", "--precision", "int8", "-q")[0] == 0
@@ -222,6 +224,7 @@ def test_unwritable_heatmap_folder_is_fatal_before_the_run(xrays: Path, tmp_path
     assert not out.exists()  # nothing classified
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_earlier_heatmaps_and_leaves_no_partial_file(
     xrays: Path, tmp_path: Path, mount_tmpfs: object
 ) -> None:
@@ -239,6 +242,7 @@ def test_full_disk_keeps_earlier_heatmaps_and_leaves_no_partial_file(
     assert [p.name for p in heat.rglob("*") if p.is_file() and not p.name.endswith(".png")] == []  # no temp left
 
 
+@pytest.mark.slow
 def test_resume_makes_missing_and_empty_heatmaps_again(xrays: Path, tmp_path: Path) -> None:
     out, heat = tmp_path / "r.csv", tmp_path / "heat"
     assert cli("classify", str(xrays), "--out", str(out), "--heatmaps", str(heat), "-q")[0] == 0
@@ -258,6 +262,7 @@ def test_resume_makes_missing_and_empty_heatmaps_again(xrays: Path, tmp_path: Pa
 # --------------------------------------------------------------------------- 10: resume across path styles
 
 
+@pytest.mark.slow
 def test_resume_with_absolute_paths_on_a_relative_report(xrays: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     assert cli("classify", str(xrays), "--out", str(out), "-q")[0] == 0
@@ -275,6 +280,7 @@ def test_resume_with_absolute_paths_on_a_relative_report(xrays: Path, tmp_path: 
 # --------------------------------------------------------------------------- 11: links in the heatmap folder
 
 
+@pytest.mark.slow
 def test_links_in_the_heatmap_folder_are_never_followed(xrays: Path, tmp_path: Path) -> None:
     heat = tmp_path / "heat"
     (heat / "normal").mkdir(parents=True)
@@ -379,6 +385,7 @@ def test_shown_escapes_every_control_and_format_character() -> None:
 # --------------------------------------------------------------------------- 14: full disk, read-only, lists
 
 
+@pytest.mark.slow
 def test_full_disk_under_the_report_is_an_error_naming_it(xrays: Path, tmp_path: Path, mount_tmpfs: object) -> None:
     code, err = cli("classify", str(xrays), "--out", "/dev/full", "--overwrite", "-q")
     assert code == 1 and "Error: cannot write the report /dev/full: No space left on device" in err
@@ -430,6 +437,7 @@ def test_full_disk_for_predictions_merge_and_metrics(xrays: Path, tmp_path: Path
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no 0-byte .tmp left behind
 
 
+@pytest.mark.slow
 def test_read_only_report_under_resume(xrays: Path, tmp_path: Path, mount_tmpfs: object) -> None:
     disk = mount_tmpfs("ro", "256k")  # type: ignore[operator]
     out = disk / "r.csv"
@@ -441,6 +449,7 @@ def test_read_only_report_under_resume(xrays: Path, tmp_path: Path, mount_tmpfs:
     assert code == 1 and f"cannot write the report {out}: Read-only file system" in err
 
 
+@pytest.mark.slow
 def test_files_from_nul_separated_and_unbounded_input(xrays: Path, tmp_path: Path) -> None:
     find = subprocess.run(["find", str(xrays), "-name", "*.png", "-print0"], capture_output=True, check=True)
     assert find.stdout.count(b"\0") == 4
@@ -548,6 +557,7 @@ def test_evaluate_ctrl_c_exits_130(shared_data: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 9: evaluate --labels
 
 
+@pytest.mark.slow
 def test_evaluate_labels_one_file_one_spelling(xrays: Path, tmp_path: Path) -> None:
     n1, n2 = sorted(p.name for p in (xrays / "normal").iterdir())
     c1, c2 = sorted(p.name for p in (xrays / "covid").iterdir())

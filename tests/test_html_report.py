@@ -283,6 +283,7 @@ def test_every_page_in_chromium(hostile_run: dict[str, Path], tmp_path: Path) ->
     assert "broken.png" in seen_names
 
 
+@pytest.mark.slow
 @pytest.mark.chromium
 def test_probe_sees_a_broken_image(tmp_path: Path) -> None:
     """The browser check can fail: a page with a missing image is reported as broken."""
@@ -406,6 +407,7 @@ def test_jsonl_shards_and_merged_give_the_same_counts(tmp_path: Path, sample_ima
     assert res.exit_code == 1 and "appears in both" in res.output
 
 
+@pytest.mark.slow
 def test_evaluate_report_shows_metrics(tmp_path: Path, sample_images: Path) -> None:
     runner = CliRunner()
     metrics, preds = tmp_path / "m.json", tmp_path / "p.csv"
@@ -494,6 +496,7 @@ def test_partial_last_row_and_bad_inputs(tmp_path: Path, sample_images: Path) ->
     assert res.exit_code == 2 and "--html needs a report file" in res.output
 
 
+@pytest.mark.slow
 def test_rerun_updates_the_folder_and_reuses_thumbnails(tmp_path: Path, sample_images: Path) -> None:
     runner = CliRunner()
     report = tmp_path / "r.csv"
@@ -511,6 +514,7 @@ def test_rerun_updates_the_folder_and_reuses_thumbnails(tmp_path: Path, sample_i
     assert not (site / "label-2-covid-2.html").exists()  # the old pages went, the new ones came
 
 
+@pytest.mark.slow
 def test_provenance_columns_and_neutralised_formula_names(tmp_path: Path, sample_images: Path) -> None:
     """Columns other features add (read by name) and a provenance file are shown, escaped; CSV cells
     the writer neutralised with a leading "'" (names starting with = + - @ or ') round-trip."""

@@ -49,6 +49,7 @@ def _victim(tmp_path: Path, name: str = "victim.txt") -> Path:
 # --------------------------------------------------------------------------- item 2: links
 
 
+@pytest.mark.slow
 def test_evaluate_plots_replace_planted_links(labelled: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the plots extra (matplotlib) is not installed")
     plots = tmp_path / "plots"

@@ -192,6 +192,7 @@ def test_streams_follow_the_threads(tiny_onnx: Path) -> None:
     assert inference.default_streams(8, cuda=True) == 1
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_with_two_streams(tiny_onnx: Path, image_dir: Path) -> None:
     paths = sorted(str(p) for p in image_dir.rglob("*.png")) * 60
     pulled = 0

@@ -123,6 +123,7 @@ def check_against_report(doc: dict[str, Any], report: Path) -> None:
 # --------------------------------------------------------------------------- one real run
 
 
+@pytest.mark.slow
 def test_record_of_a_real_run_matches_its_report(real_folder: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -192,6 +193,7 @@ def test_record_of_a_real_run_matches_its_report(real_folder: Path, tmp_path: Pa
     assert run["shard"] is None and run["resumed"] is False and run["kept_rows"] == 0
 
 
+@pytest.mark.slow
 def test_jsonl_report_and_provenance_elsewhere(sample_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     record = tmp_path / "records" / "run.json"

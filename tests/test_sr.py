@@ -163,6 +163,7 @@ def test_patient_data_only_in_the_sr_and_only_what_it_needs(tmp_path: Path, phi_
         assert value not in report and value not in messages, value
 
 
+@pytest.mark.slow
 def test_source_without_patient_elements_gives_empty_ones_not_made_up(tmp_path: Path) -> None:
     ds = pydicom.dcmread(RG1_UNCI)
     for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):

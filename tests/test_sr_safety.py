@@ -150,6 +150,7 @@ def test_no_sr_from_a_source_whose_uids_fail_the_reports_check(tmp_path: Path, k
     assert not srs.exists() or not list(srs.rglob("*.sr.dcm"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("charset", [["", "ISO 2022 IR 100"], "", ["", "ISO 2022 IR 6"]])
 def test_an_empty_first_specific_character_set_value_still_gives_an_sr(tmp_path: Path, charset: object) -> None:
     src = _copy(tmp_path, SpecificCharacterSet=charset)
@@ -163,6 +164,7 @@ def test_an_empty_first_specific_character_set_value_still_gives_an_sr(tmp_path:
     assert "" not in list(ds.get("SpecificCharacterSet") or ["x"])[:1]
 
 
+@pytest.mark.slow
 def test_labels_that_differ_in_case_or_after_14_characters_get_different_codes(tmp_path: Path) -> None:
     labels = ("covid", "Covid", "COVID", "pneumonia-bacterial", "pneumonia-bacteriaX", "pneumonia-bacteriay", "a b")
     keys = [label_key(x) for x in labels]
@@ -184,6 +186,7 @@ def test_labels_that_differ_in_case_or_after_14_characters_get_different_codes(t
         assert f"P-{key}" in dumped  # each label's probability has its own code
 
 
+@pytest.mark.slow
 def test_no_temporary_file_is_left_when_an_sr_fails(tmp_path: Path) -> None:
     src = _copy(tmp_path)
     srs = tmp_path / "sr"

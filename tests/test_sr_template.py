@@ -146,6 +146,7 @@ ODD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("odd", ODD, ids=[",".join(f"{k}" for k in o) + f"-{i}" for i, o in enumerate(ODD)])
 def test_values_highdicom_refuses_never_pass_the_template(tmp_path: Path, odd: dict[str, Any]) -> None:
     templates = SRTemplates(SHIPPED)
