@@ -161,6 +161,7 @@ def varied_dir(tmp_path: Path, png_factory: Callable[..., Path]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_same_rows_and_probabilities_across_batch_sizes_threads_and_workers(tiny_onnx: Path, varied_dir: Path) -> None:
     paths = sorted(varied_dir.iterdir())
     runs = []

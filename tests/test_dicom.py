@@ -209,6 +209,7 @@ def test_monochrome1_with_window_matches_inverted_monochrome2(pydicom: Any, tmp_
     _assert_same_input(RG1_UNCI, mono2)
 
 
+@pytest.mark.slow
 @needs_data
 def test_rescale_slope_and_intercept_give_the_same_image(pydicom: Any, tmp_path: Path) -> None:
     ds, arr = _load(pydicom, RG1_UNCI)  # values 803..26512, window 15000/30000 in output units

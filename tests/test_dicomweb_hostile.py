@@ -187,6 +187,7 @@ def test_stow_never_follows_a_redirect_to_another_port(
     assert code == 3, output  # an SR not stored is a failed output: exit 3
 
 
+@pytest.mark.slow
 @needs_files
 def test_wado_follows_no_redirect_to_another_port(instances: list[Instance], no_creds: None) -> None:
     with HostileServer(instances[:1]) as elsewhere:
@@ -258,6 +259,7 @@ def test_a_drip_feeding_server_is_cut_off_at_the_deadline(instances: list[Instan
     assert took < 8, took  # the per-read timeout alone never fires: a byte comes every 0.3 s
 
 
+@pytest.mark.slow
 @needs_files
 def test_a_server_that_ignores_offset_does_not_page_forever(instances: list[Instance], no_creds: None) -> None:
     with HostileServer(instances, Behaviour(ignore_offset=True)) as server:

@@ -150,6 +150,7 @@ def test_no_template_turns_escaping_off() -> None:
             assert banned not in source, f"{template.name} holds {banned!r}"
 
 
+@pytest.mark.slow
 def test_plain_classify_never_imports_jinja2(tiny_onnx: Path, tmp_path: Path) -> None:
     """Jinja2 is a core dependency, but only ``--html`` loads it (a fresh interpreter's sys.modules)."""
     write_png(tmp_path / "images" / "a.png", 1)

@@ -118,6 +118,7 @@ def test_merge_writes_its_report_with_the_umask_mode(image_dir: Path, tiny_onnx:
     assert stat.S_IMODE((tmp_path / "m.csv.provenance.json").stat().st_mode) == 0o644
 
 
+@pytest.mark.slow
 def test_evaluate_reports_a_fifo_in_a_class_folder(labelled: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     os.mkfifo(labelled / "viral" / "pipe.png")
     res = cli_process(

@@ -222,6 +222,7 @@ def test_stdout_report_has_a_record_only_when_asked(sample_images: Path, tmp_pat
     assert ids == {doc["runs"][0]["run_id"]}
 
 
+@pytest.mark.slow
 def test_an_existing_record_is_never_overwritten_silently(sample_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     record = Path(str(out) + ".provenance.json")
@@ -423,6 +424,7 @@ def test_schema_is_valid_and_rejects_broken_records(sample_images: Path, tmp_pat
         assert broken(change), f"the schema accepted a record with {name}"
 
 
+@pytest.mark.slow
 def test_the_library_api_records_another_input_source(sample_images: Path, tmp_path: Path) -> None:
     """What a pipeline (or the DICOMweb source) does: Classifier + open_report + RunRecorder."""
     from cxr_batch.engine.classifier import Classifier, EngineConfig
