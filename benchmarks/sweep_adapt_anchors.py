@@ -53,6 +53,8 @@ def main() -> None:
     from rich.console import Console
 
     from cxr_batch.io.labelled import make_split
+    from cxr_batch.io.safe_open import open_regular
+    from cxr_batch.io.safe_write import atomic_file, write_file_atomic
     from cxr_batch.training.adapt import (
         AdaptConfig,
         _features,
@@ -93,8 +95,11 @@ def main() -> None:
     for p in parts.trunk.parameters():
         p.requires_grad_(False)
     if cache.is_file():  # the frozen outputs of an earlier run with the same data (delete to recompute)
-        c = torch.load(cache, weights_only=False)  # our own file, numpy arrays inside
-        f_a, ya, f_v, y_v, e_t, y_t, e_p, y_p = (c[k] for k in ("f_a", "ya", "f_v", "y_v", "e_t", "y_t", "e_p", "y_p"))
+        with open_regular(cache) as fh:  # tensors and names only: nothing in it can run code
+            c = torch.load(fh, weights_only=True)
+        f_a, ya, f_v, y_v, e_t, y_t, e_p, y_p = (
+            c[k].numpy() if k in c["numpy"] else c[k] for k in ("f_a", "ya", "f_v", "y_v", "e_t", "y_t", "e_p", "y_p")
+        )
     else:
         sets = local_sets(cfg, labels)
         split = make_split(sets, cfg.seed, cfg.val_fraction, cfg.test_fraction)
@@ -123,9 +128,15 @@ def main() -> None:
             pool_rows = [r for r in csv.DictReader(fh) if r["split"] == "val"]
         pool_items = [(data / r["source"] / r["path"], r["label"]) for r in pool_rows]
         e_p, y_p = embeddings(base, pool_items, meta.spec, labels, meta.outputs["embedding"])
-        torch.save(
-            {"f_a": f_a, "ya": ya, "f_v": f_v, "y_v": y_v, "e_t": e_t, "y_t": y_t, "e_p": e_p, "y_p": y_p}, cache
-        )
+        state = {"f_a": f_a, "ya": ya, "f_v": f_v, "y_v": y_v, "e_t": e_t, "y_t": y_t, "e_p": e_p, "y_p": y_p}
+        with atomic_file(cache) as fh:  # numpy arrays as tensors, so that the cache loads with weights_only
+            torch.save(
+                {
+                    **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()},
+                    "numpy": [k for k, v in state.items() if isinstance(v, np.ndarray)],
+                },
+                fh,
+            )
     with torch.no_grad():
         teacher = torch.cat([parts.head(f_a[i : i + 64].float()) for i in range(0, len(f_a), 64)])
         base_val = torch.cat([parts.head(f_v[i : i + 64].float()) for i in range(0, len(f_v), 64)])
@@ -188,7 +199,7 @@ def main() -> None:
         "prep_seconds": round(prep_s, 1),
         "results": results,
     }
-    (args.out / "sweep.json").write_text(json.dumps(out, indent=2))
+    write_file_atomic(args.out / "sweep.json", json.dumps(out, indent=2))
     print(
         "| recipe | best epoch | pool val acc | normal | viral | COVID-19 | site val normal | site val viral "
         "| site test acc | site test normal | site test viral |"
