@@ -396,9 +396,9 @@ def train_lungs(cfg: LungTrainConfig, resume: bool = False, console: Console | N
         }
         from cxr_batch.training.train import save_checkpoint  # the one atomic, plain-data checkpoint writer
 
-        save_checkpoint(state, last_path)
-        if improved:
+        if improved:  # best before last, as in train.py: a kill between the two never loses the best
             save_checkpoint({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+        save_checkpoint(state, last_path)
         write_file_atomic(out / "history.json", json.dumps(history, indent=2))
         console.print(
             f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {score:.4f}  "

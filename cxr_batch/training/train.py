@@ -661,9 +661,11 @@ def train_model(
             "config": asdict(cfg),
             "arch": "resnet18",
         }
-        save_checkpoint(state, last_path)
+        # best before last: a run killed between the two writes resumes from a last.ckpt whose best
+        # checkpoint exists (the other order could leave a run that says "improved" with no best.ckpt)
         if improved:
             save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.ckpt")
+        save_checkpoint(state, last_path)
         write_file_atomic(out / "history.json", json.dumps(asdict(history), indent=2))
         for line in epoch_lines(history.epochs[-1:], labels, header=epoch == start_epoch):
             console.print(shown(line), highlight=False, soft_wrap=True, markup=False)
