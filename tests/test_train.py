@@ -262,6 +262,7 @@ def test_export_parity_and_classify_matches_torch(trained_run: Path, small_pool:
             "--out",
             str(out_csv),
             "--absolute-paths",
+            "--no-lungs",  # the parity of the exported model; synthetic films have no lung fields to find
             "--device",
             "cpu",
         ],
