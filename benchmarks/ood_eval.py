@@ -27,6 +27,7 @@ from PIL import Image
 from cxr_batch.engine.classifier import Classifier
 from cxr_batch.evaluation.metrics import roc_auc
 from cxr_batch.io.labelled import Split
+from cxr_batch.io.safe_write import write_file_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,19 +237,17 @@ def main() -> None:
         auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
         called = " / ".join(str(r["called"][x]) for x in clf.labels)
         lines.append(f"| {r['name']} | {r['n']} | {r['flagged']:.1%} | {auroc} | {r['score_median']:.1f} | {called} |")
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_file_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.write_contract:
-        import onnx
-
         from cxr_batch.training.card import write_card
-        from cxr_batch.training.onnx_file import read_contract_file, write_contract
+        from cxr_batch.training.onnx_file import read_contract_file, save_model, write_contract
 
         proto, meta = read_contract_file(args.model)
         ood = dict(meta.ood or {})
         ood["evaluation"] = {"command": command, "groups": results}
         write_contract(proto, meta.with_updates(ood=ood))
-        onnx.save(proto, str(args.model))
+        save_model(proto, args.model)
         if meta.precision == "fp32":
             write_card(args.model, read_contract_file(args.model)[1], None)
 

@@ -8,6 +8,10 @@ Rule: the mean of the per-source validation accuracies at the run's best epoch, 
 runs stopped early (each source counts once, so a hospital held out of training weighs as much as the
 pool); ties go to the first run named.
 The test split is never read (runs for a comparison are trained with ``--no-test-report``).
+
+``--chosen NAME --rule TEXT``: the choice was made by another rule, written before the runs were
+trained (a release rule, e.g. ``export/run-1.2.0-candidates/RELEASE-RULE.md``); the file records that
+rule and that choice, and every run's figures beside it, scored as above.
 """
 
 from __future__ import annotations
@@ -68,21 +72,29 @@ def main() -> None:
         help="score every run at this epoch instead of its best (runs stopped early: compare at the same point "
         "of the same schedule)",
     )
+    ap.add_argument("--chosen", help="the run chosen by --rule (default: the highest score)")
+    ap.add_argument("--rule", help="the rule that chose --chosen, written before the runs were trained")
     args = ap.parse_args()
+    if bool(args.chosen) != bool(args.rule):
+        sys.exit("--chosen and --rule go together")
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
     if len(names) != len(args.runs):
         sys.exit("--names: one name per run")
     recipes = {name: summarise(run, args.epoch) for name, run in zip(names, args.runs, strict=True)}
-    chosen = max(recipes, key=lambda n: (recipes[n]["score"], -names.index(n)))
+    chosen = args.chosen or max(recipes, key=lambda n: (recipes[n]["score"], -names.index(n)))
+    if chosen not in recipes:
+        sys.exit(f"--chosen {chosen}: not one of {', '.join(names)}")
+    rule = args.rule or RULE
     differ = [k for k in RECIPE_KEYS if len({json.dumps(r["recipe"].get(k)) for r in recipes.values()}) > 1]
     doc = {
         "summary": f"{len(recipes)} training runs on the same split and sources, differing in "
         f"{', '.join(differ) or 'nothing'}, scored on validation: {RULE}"
+        + (f"; chosen by a rule written before training: {rule}" if args.rule else "")
         + (f", compared at epoch {args.epoch} of each (the same point of the same schedule)" if args.epoch else "")
         + f". Chosen: `{chosen}`.",
         "cpu": cpu_facts().describe(),
         "command": "python benchmarks/recipe_compare.py " + " ".join(sys.argv[1:]),
-        "rule": RULE,
+        "rule": rule,
         "recipes": recipes,
         "chosen": chosen,
     }

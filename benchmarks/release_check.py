@@ -5,8 +5,8 @@
 
 For each model: the AUC of P(covid) between the pool's validation COVID-19 films and each source's
 validation normals (the held-out hospital's included) and the pool's validation non-COVID films; and
-what it calls the Montgomery tuberculosis films (58; tuberculosis is no class and no run trains on
-them: an adult film unlike the training data). Never reads the test split. Prints JSON.
+what it calls the Montgomery (58) and Shenzhen (286) tuberculosis films (tuberculosis is no class and
+no run trains on them: adult films unlike the training data). Never reads the test split. Prints JSON.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
         ]
     )
     items = validation_items(roots, Split.read(args.split), args.holdout)
-    tb = sorted((d / "lung-masks" / "montgomery" / "images").glob("*_1.png"))
+    tb = {h: sorted((d / "lung-masks" / h / "images").glob("*_1.png")) for h in ("montgomery", "shenzhen")}
     out = {}
     for model in args.models:
         meta = read_contract_file(model)[1]
@@ -62,12 +62,13 @@ def main() -> None:
             for name in sorted(set(src))
         }
         row["auc_covid_vs_pool_non_covid"] = auc(covid, p[(s == "covid19-radiography") & (y != k), k])
-        _, pt, _ = model_probs(model, [(f, "normal", "tb") for f in tb], meta.spec, labels)
-        row["montgomery_tuberculosis"] = {
-            "n": len(pt),
-            **{f"called_{x}": round(float((pt.argmax(1) == i).mean()), 4) for i, x in enumerate(labels)},
-            "mean_p_covid": round(float(pt[:, k].mean()), 4),
-        }
+        for h, films in tb.items():
+            _, pt, _ = model_probs(model, [(f, "normal", "tb") for f in films], meta.spec, labels)
+            row[f"{h}_tuberculosis"] = {
+                "n": len(pt),
+                **{f"called_{x}": round(float((pt.argmax(1) == i).mean()), 4) for i, x in enumerate(labels)},
+                "mean_p_covid": round(float(pt[:, k].mean()), 4),
+            }
         out[meta.ident] = row
     print(json.dumps(out, indent=2))
 
