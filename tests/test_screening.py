@@ -252,3 +252,89 @@ def test_covid_threshold_overrides_and_is_recorded(
     assert scr["model_threshold"] == read_contract_file(screened["model"])[1].screening.threshold
     refused = runner.invoke(main, ["classify", str(bad), "--out", str(tmp_path / "x.csv"), "--covid-threshold", "2"])
     assert refused.exit_code == 2 and "--covid-threshold" in refused.output
+
+
+def test_the_raised_target_matches_a_hand_count() -> None:
+    from cxr_batch.evaluation.metrics import screening_target_for_specificity
+
+    # 10 COVID-19 films; the held-out hospital's 5 normals score 0.02, 0.04, 0.10, 0.20, 0.60.
+    covid = [0.99, 0.95, 0.90, 0.80, 0.72, 0.60, 0.55, 0.41, 0.30, 0.05]
+    held = [0.02, 0.04, 0.10, 0.20, 0.60]
+    scores = np.array(covid + held)
+    positive = np.array([True] * 10 + [False] * 5)
+    negative = ~positive
+    # by hand, 10 positives: target 0.90 -> 9th highest 0.30 (held below it: 4 of 5, 0.8);
+    # 0.95, 0.97, 0.98 and 0.99 all need 10 of 10 -> 0.05 (held below: 0.02, 0.04: 0.4)
+    chosen, tried = screening_target_for_specificity(scores, positive, negative, 0.8)
+    assert chosen == 0.90
+    assert [(t["target"], t["threshold"], t["tn"], t["n"]) for t in tried] == [
+        (0.90, 0.30, 4, 5),
+        (0.95, 0.05, 2, 5),
+        (0.97, 0.05, 2, 5),
+        (0.98, 0.05, 2, 5),
+        (0.99, 0.05, 2, 5),
+    ]
+    assert screening_target_for_specificity(scores, positive, negative, 0.4)[0] == 0.99
+    # no target keeps 0.9: None, and the caller keeps its base target
+    assert screening_target_for_specificity(scores, positive, negative, 0.9)[0] is None
+    # the base is always tried, and only targets above it
+    assert [t["target"] for t in screening_target_for_specificity(scores, positive, negative, 0.5, base=0.96)[1]] == [
+        0.96,
+        0.97,
+        0.98,
+        0.99,
+    ]
+    with pytest.raises(ValueError, match="no held-out negative"):
+        screening_target_for_specificity(scores, positive, np.zeros(15, bool), 0.8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POOL.is_dir(), reason="needs ../shared/data/covid19-radiography")
+def test_export_raises_the_target_on_a_held_out_source_hand_counted(tmp_path: Path) -> None:
+    """fit_validation with --screen-holdout-specificity on real films: a pool source and a held-out
+    one (its train rows are validation); the threshold and target equal a count over the model's own
+    probabilities, and the contract and the card say how they were chosen."""
+    from rich.console import Console
+
+    from cxr_batch.io.labelled import Split, file_digest
+    from cxr_batch.training.card import write_card
+    from cxr_batch.training.export import ExportConfig
+    from cxr_batch.training.onnx_file import read_contract_file
+    from cxr_batch.training.references import fit_validation, model_probs, validation_items
+
+    rows = []
+    roots = {"pool": tmp_path / "pool", "held": tmp_path / "held"}
+    for source, label, n in (("pool", "covid", 12), ("pool", "normal", 4), ("held", "normal", 10)):
+        (roots[source] / label).mkdir(parents=True, exist_ok=True)
+        files = sorted((POOL / label).iterdir())
+        for f in files[-n:] if source == "pool" else files[:n]:
+            shutil.copy(f, roots[source] / label / f.name)
+            rows.append((f"{label}/{f.name}", label, "val" if source == "pool" else "train", file_digest(f), source))
+    split = Split(rows)
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(EXPORT / "cxr-resnet18.onnx", model)
+    cfg = ExportConfig(checkpoint="", out=str(model), holdout_source="held", screen_holdout_specificity=0.7)
+    fit_validation(model, roots, split, cfg, Console(quiet=True))
+    meta = read_contract_file(model)[1]
+
+    # the count by hand over the model's own probabilities
+    labels = list(meta.labels)
+    y, p, src = model_probs(model, validation_items(roots, split, "held"), meta.spec, labels)
+    k = labels.index("covid")
+    pos = np.sort(p[y == k, k])[::-1]  # 12 COVID-19 films
+    held = p[(np.asarray(src) == "held") & (y != k), k]
+    assert len(pos) == 12 and len(held) == 10
+    best = None
+    for target in (0.90, 0.95, 0.97, 0.98, 0.99):
+        kth = pos[math.ceil(target * 12 - 1e-9) - 1]
+        t = min(kth, math.floor(kth / 1e-5 + 1e-6) * 1e-5)
+        if (held < t).sum() / 10 >= 0.7:
+            best = (target, t)
+    sp = meta.screening
+    assert sp is not None and best is not None  # pool normals from the embedded model's sources: it is raised
+    assert (sp.target_sensitivity, sp.threshold) == pytest.approx(best)
+    assert sp.validation["raised"]["chosen"] == best[0]
+    assert sp.validation["raised"]["holdout_source"] == "held"
+    assert "held-out source held" in sp.validation["rule"]
+    card = write_card(model, meta, None).read_text(encoding="utf-8")
+    assert "How the target was chosen" in card and "| held specificity |" in card

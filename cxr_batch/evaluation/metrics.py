@@ -187,6 +187,45 @@ def screening_threshold(scores: np.ndarray, positive: np.ndarray, sensitivity: f
     return min(kth, math.floor(kth / THRESHOLD_STEP + 1e-6) * THRESHOLD_STEP)
 
 
+#: The validation sensitivities a screening point may be raised to (``export --screen-holdout-specificity``).
+SCREEN_TARGETS = (0.90, 0.95, 0.97, 0.98, 0.99)
+
+
+def screening_target_for_specificity(
+    scores: np.ndarray,
+    positive: np.ndarray,
+    holdout_negative: np.ndarray,
+    floor: float,
+    base: float = 0.90,
+    targets: Sequence[float] = SCREEN_TARGETS,
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """The highest validation sensitivity target (``base`` and every one of ``targets`` above it)
+    whose :func:`screening_threshold` keeps the specificity on ``holdout_negative`` (a held-out
+    hospital's non-COVID images, a mask over ``scores``) at ``floor`` or above: a lower threshold
+    buys sensitivity on a new hospital's films, the held-out hospital says what it costs its normals.
+
+    Returns the target (None when even ``base`` misses the floor) and, for each target tried, its
+    threshold and the held-out specificity with counts.
+
+    Raises:
+        ValueError: no positive image, or no held-out negative image.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    neg = np.asarray(holdout_negative, dtype=bool)
+    if not neg.any():
+        raise ValueError("no held-out negative images: no specificity to keep")
+    tried: list[dict[str, Any]] = []
+    chosen: float | None = None
+    for target in sorted({float(base), *(float(t) for t in targets if t > base)}):
+        t = screening_threshold(s, positive, target)
+        tn = int((s[neg] < t).sum())
+        spec = tn / int(neg.sum())
+        tried.append({"target": target, "threshold": t, "holdout_specificity": spec, "tn": tn, "n": int(neg.sum())})
+        if spec >= floor:
+            chosen = target
+    return chosen, tried
+
+
 def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:
     """Sensitivity and specificity of ``scores >= threshold``, with counts and Wilson intervals
     (a metric without images is NaN)."""

@@ -400,6 +400,26 @@ def _screening_lines(meta: ModelMeta) -> list[str]:
         f"- Validation: sensitivity {rate('sensitivity')} ({v.get('tp')}/{(v.get('tp') or 0) + (v.get('fn') or 0)}), "
         f"specificity {rate('specificity')} ({v.get('tn')}/{(v.get('tn') or 0) + (v.get('fp') or 0)}); 95% CI Wilson.",
     ]
+    raised = v.get("raised") or {}
+    if raised.get("tried"):
+        lines += [
+            "",
+            f"How the target was chosen (validation; `{raised.get('holdout_source')}` held out of training, its "
+            f"non-COVID films standing in for a new hospital's normals, floor {_fmt(raised.get('specificity_floor'))}):",
+            "",
+            f"| validation sensitivity target | threshold | {raised.get('holdout_source')} specificity |",
+            "| ---: | ---: | ---: |",
+        ]
+        for t in raised["tried"]:
+            mark = " (chosen)" if t.get("target") == raised.get("chosen") else ""
+            lines.append(
+                f"| {_fmt(t.get('target'))}{mark} | {_fmt(t.get('threshold'))} | "
+                f"{_fmt(t.get('holdout_specificity'))} ({t.get('tn')}/{t.get('n')}) |"
+            )
+        lines.append(
+            "The held-out specificity took part in the choice, so at the chosen target it is not an unbiased "
+            "estimate for another hospital."
+        )
     by = v.get("by_source") or {}
     if by:
         lines += [

@@ -20,6 +20,7 @@ from cxr_batch.contract import SCREEN_LABEL
 from cxr_batch.engine.cpu import cpu_summary
 from cxr_batch.engine.lungs import preprocess_for, preprocess_labelled
 from cxr_batch.engine.postprocess import softmax
+from cxr_batch.errors import CxrBatchError
 from cxr_batch.evaluation.evaluate import json_safe
 from cxr_batch.evaluation.metrics import classification_metrics
 from cxr_batch.io.labelled import Roots, Split
@@ -134,7 +135,12 @@ def fit_validation(
     screening = None
     if SCREEN_LABEL in labels and (y == labels.index(SCREEN_LABEL)).any():
         k = labels.index(SCREEN_LABEL)
-        threshold = screening_threshold(p[:, k], y == k, cfg.screen_sensitivity)
+        target = cfg.screen_sensitivity
+        rule = f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {target}"
+        raised: dict[str, Any] | None = None
+        if cfg.screen_holdout_specificity is not None:
+            target, rule, raised = _raised_target(p[:, k], y, k, sources, cfg, console)
+        threshold = screening_threshold(p[:, k], y == k, target)
         point = operating_point(p[:, k], y == k, threshold)
         point["by_source"] = {
             name: operating_point(p[np.asarray(sources) == name, k], y[np.asarray(sources) == name] == k, threshold)
@@ -142,10 +148,10 @@ def fit_validation(
         }
         point["n"] = len(y)
         point["images"] = validation["images"]
-        point["rule"] = (
-            f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {cfg.screen_sensitivity}"
-        )
-        screening = ScreeningPoint(SCREEN_LABEL, threshold, cfg.screen_sensitivity, json_safe(point))
+        point["rule"] = rule
+        if raised is not None:
+            point["raised"] = raised
+        screening = ScreeningPoint(SCREEN_LABEL, threshold, target, json_safe(point))
         console.print(
             f"screening point: P({SCREEN_LABEL}) >= {threshold:.4f}: validation sensitivity {point['sensitivity']:.4f} "
             f"({point['tp']}/{point['tp'] + point['fn']}), specificity {point['specificity']:.4f} "
@@ -156,6 +162,43 @@ def fit_validation(
     if not isinstance(master, OnnxModel):
         model.save()
     return validation
+
+
+def _raised_target(
+    p_label: np.ndarray, y: np.ndarray, k: int, sources: Sequence[str], cfg: ExportConfig, console: Console
+) -> tuple[float, str, dict[str, Any]]:
+    """``export --screen-holdout-specificity``: the validation sensitivity target raised as far as
+    the held-out source's non-COVID validation images keep that specificity (the held-out hospital
+    stands in for a user's own, whose COVID-19 films the model ranks well but scores lower).
+    Returns (target, the rule in words, what was tried)."""
+    from cxr_batch.evaluation.metrics import screening_target_for_specificity
+
+    floor = float(cfg.screen_holdout_specificity or 0.0)
+    held = cfg.holdout_source
+    if not held or held not in sources:
+        raise CxrBatchError(
+            "--screen-holdout-specificity needs a run with a held-out source (train --holdout-source) "
+            "whose validation images are there"
+        )
+    negatives = (np.asarray(sources) == held) & (y != k)
+    try:
+        chosen, tried = screening_target_for_specificity(p_label, y == k, negatives, floor, base=cfg.screen_sensitivity)
+    except ValueError as exc:
+        raise CxrBatchError(f"--screen-holdout-specificity: {exc} ({held})") from None
+    target = cfg.screen_sensitivity if chosen is None else chosen
+    targets = ", ".join(f"{t['target']:g}" for t in tried)
+    rule = (
+        f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {target}: the highest target of "
+        f"{targets} whose threshold keeps specificity >= {floor:g} on the "
+        f"held-out source {held}'s validation non-COVID images"
+        + ("" if chosen is not None else f" (none did: the target stays {cfg.screen_sensitivity:g})")
+    )
+    for t in tried:
+        console.print(
+            f"screening target {t['target']:g}: P({SCREEN_LABEL}) >= {t['threshold']:.4f}, {held} specificity "
+            f"{t['holdout_specificity']:.4f} ({t['tn']}/{t['n']})"
+        )
+    return target, rule, {"holdout_source": held, "specificity_floor": floor, "tried": tried, "chosen": chosen}
 
 
 def test_screening(
