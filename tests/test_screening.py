@@ -338,3 +338,27 @@ def test_export_raises_the_target_on_a_held_out_source_hand_counted(tmp_path: Pa
     assert "held-out source held" in sp.validation["rule"]
     card = write_card(model, meta, None).read_text(encoding="utf-8")
     assert "How the target was chosen" in card and "| held specificity |" in card
+
+
+@pytest.mark.skipif(not POOL.is_dir(), reason="needs ../shared/data/covid19-radiography")
+def test_a_raised_target_without_a_held_out_source_is_refused(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from cxr_batch.errors import CxrBatchError
+    from cxr_batch.io.labelled import Split, file_digest
+    from cxr_batch.training.export import ExportConfig
+    from cxr_batch.training.onnx_file import read_contract_file
+    from cxr_batch.training.references import fit_validation
+
+    rows = []
+    for label in ("covid", "normal"):
+        (tmp_path / "val" / label).mkdir(parents=True)
+        for f in sorted((POOL / label).iterdir())[:2]:
+            shutil.copy(f, tmp_path / "val" / label / f.name)
+            rows.append((f"{label}/{f.name}", label, "val", file_digest(f), "val"))
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(EXPORT / "cxr-resnet18.onnx", model)
+    cfg = ExportConfig(checkpoint="", out=str(model), screen_holdout_specificity=0.85)
+    with pytest.raises(CxrBatchError, match="needs a run with a held-out source"):
+        fit_validation(model, {"val": tmp_path / "val"}, Split(rows), cfg, Console(quiet=True))
+    assert read_contract_file(model)[1].screening is None  # nothing written
