@@ -311,6 +311,7 @@ def test_a_labels_file_root_takes_its_normal_films_and_leaves_out_tuberculosis(
     got = find_labelled_csv(labels_root, ["normal", "viral", "covid"])
     assert got.source == "montgomery" and got.root == labels_root.parent and got.labels == ["normal"]
     assert got.excluded == {"tuberculosis": 4}
+    assert len(got.left_out) == 4 and all(v == "tuberculosis" and p.name.endswith("_1.png") for p, v in got.left_out)
     assert len(got.items) == 8 and all(p.is_file() and p.name.endswith("_0.png") for p, _ in got.items)
     # a mapping reads a label value as a class (here, for the test's sake, tuberculosis as covid)
     mapped = find_labelled_csv(labels_root, ["normal", "viral", "covid"], {"tuberculosis": "covid"})
@@ -367,3 +368,84 @@ def test_the_held_out_source_is_validation_never_training(two_roots: tuple[Path,
     assert len(train) == len(split.items(roots, "train")) - 4
     assert sorted(validation_items(roots, split, "montgomery")) == sorted(val)
     assert holdout_parts(split.items(roots, "train"), split.items(roots, "val"), None)[0] == split.items(roots, "train")
+
+
+# --------------------------------------------------------------------------- "not normal" films (issue 19)
+
+
+def test_not_normal_films_are_drawn_as_often_as_their_hospitals_normals() -> None:
+    pytest.importorskip("torch")
+    from cxr_batch.training.train import NOT_NORMAL, sampling_weights
+
+    # normal: 30 pool, 10 "h" (a hospital); covid: 20 pool; 4 "not normal" films of h, 6 of "g"
+    # (g has no normal film: never drawn)
+    y = np.array([0] * 30 + [0] * 10 + [2] * 20 + [NOT_NORMAL] * 4 + [NOT_NORMAL] * 6)
+    src = ["pool"] * 30 + ["h"] * 10 + ["pool"] * 20 + ["h"] * 4 + ["g"] * 6
+    w = sampling_weights(y, src, 3, "class+source", normal=0)
+    # by hand: normal 1/3 split over 2 sources: pool 1/6, h 1/6; covid 1/3; h's not-normal 1/6 in all
+    assert w[:30].sum() == pytest.approx(1 / 6) and w[30:40].sum() == pytest.approx(1 / 6)
+    assert w[40:60].sum() == pytest.approx(1 / 3)
+    assert w[60:64].sum() == pytest.approx(1 / 6) and w[60] == pytest.approx(1 / 24)
+    assert not w[64:].any()
+    with pytest.raises(ValueError, match="index of the normal class"):
+        sampling_weights(y, src, 3, "class+source")
+    # without not-normal films nothing changes
+    plain = np.array([0] * 3 + [1, 2])
+    assert sampling_weights(plain, ["a"] * 5, 3, "class", normal=0) == pytest.approx(
+        sampling_weights(plain, ["a"] * 5, 3, "class")
+    )
+
+
+def test_the_not_normal_loss_matches_a_hand_computation() -> None:
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from cxr_batch.training.train import NOT_NORMAL, training_loss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.3, 0.1, 1.2], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, NOT_NORMAL, 2])
+    p = torch.softmax(logits, 1)
+    # by hand: -log p(normal) for row 0, -log(1 - p(normal)) for row 1, -log p(covid) for row 2
+    expected = (-torch.log(p[0, 0]) - torch.log(1 - p[1, 0]) - torch.log(p[2, 2])) / 3
+    assert float(training_loss(logits, y, 0)) == pytest.approx(float(expected), rel=1e-6)
+    # no not-normal film in the batch, or no normal class: plain cross-entropy
+    both = torch.tensor([0, 1, 2])
+    assert float(training_loss(logits, both, 0)) == pytest.approx(float(F.cross_entropy(logits, both)))
+    # the gradient only lowers P(normal) of the not-normal film: its other logits are not pulled apart
+    x = logits[1:2].clone().requires_grad_(True)
+    training_loss(x, torch.tensor([NOT_NORMAL]), 0).backward()
+    assert x.grad is not None and float(x.grad[0, 0]) > 0 and float(x.grad[0, 1]) < 0 and float(x.grad[0, 2]) < 0
+    q = torch.softmax(logits[1], 0)
+    assert float(x.grad[0, 1] / x.grad[0, 2]) == pytest.approx(float(q[1] / q[2]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_train_with_not_normal_films_trains_on_them_but_never_the_held_out_sources(
+    two_roots: tuple[Path, Path], labels_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("torch")
+    a, b = two_roots
+    common = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--threads", "2", "--no-test-report"]
+    common += ["--balance", "class+source", "--not-normal", "tuberculosis"]
+    proc = run_cli("train", str(a), str(b), str(labels_root), "--out", str(tmp_path / "run"), *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained as not normal: montgomery 4" in " ".join(proc.stderr.split())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["not_normal"] == ["tuberculosis"]
+    # held out, its films are never trained on: no other source has that label, so it is refused
+    held = run_cli(
+        "train",
+        str(a),
+        str(b),
+        str(labels_root),
+        "--out",
+        str(tmp_path / "held"),
+        "--holdout-source",
+        "montgomery",
+        *common,
+    )
+    assert held.returncode != 0
+    assert "--not-normal tuberculosis: no labels-file row of a trained source has that label" in " ".join(
+        held.stderr.split()
+    )
+    assert "Traceback" not in held.stderr

@@ -88,6 +88,15 @@ from cxr_batch.text import shown
     "a hospital the model has never seen. Its test rows stay test.",
 )
 @click.option(
+    "--not-normal",
+    "not_normal",
+    metavar="LABEL",
+    multiple=True,
+    help="Train the films a labels file gives this label, which is no class (e.g. tuberculosis), as "
+    "'not normal': P(normal) is trained down, no class is added. Each source's are drawn as often as its "
+    "normal films, so a hospital's identity does not say normal. Never the --holdout-source's. Repeatable.",
+)
+@click.option(
     "--crop",
     type=click.Choice(["none", "lungs"]),
     default="none",
@@ -134,6 +143,7 @@ def train_command(
     warmup: float,
     label_map: tuple[str, ...],
     holdout_source: str | None,
+    not_normal: tuple[str, ...],
     crop: str,
     test_report: bool,
     patience: int,
@@ -187,6 +197,7 @@ def train_command(
         warmup=warmup,
         label_map=tuple(pairs),
         holdout_source=holdout_source,
+        not_normal=tuple(not_normal),
         crop=None if crop == "none" else crop,
         patience=patience,
         threads=threads,

@@ -58,6 +58,8 @@ class LabelledSet:
     source: str = ""
     #: rows of a labels file left out because their label is not a class: {label value: count}
     excluded: dict[str, int] = field(default_factory=dict)
+    #: those rows' files, with their label value (``train --not-normal`` trains on some of them)
+    left_out: list[tuple[Path, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -211,6 +213,7 @@ def find_labelled_csv(
         )
     items: list[tuple[Path, str]] = []
     excluded: dict[str, int] = {}
+    left_out: list[tuple[Path, str]] = []
     seen: dict[str, int] = {}
     for row in reader:
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
@@ -227,10 +230,12 @@ def find_labelled_csv(
             raise DataError(f"{src}: lines {seen[norm]} and {line} both name {rel!r}; list each file once")
         seen[norm] = line
         label = label_map[value] if value in label_map else canonical_label(value)
+        path = base / norm
         if label not in classes:
             excluded[value] = excluded.get(value, 0) + 1
+            if path.is_file():
+                left_out.append((path, value))
             continue
-        path = base / norm
         if not path.is_file():
             raise DataError(f"{src}: line {line}: {rel!r} is not a file under {base}")
         items.append((path, label))
@@ -241,7 +246,9 @@ def find_labelled_csv(
             "map them with --label-map VALUE=CLASS"
         )
     items = [it for c in labels for it in items if it[1] == c]  # class order, then file order
-    return LabelledSet(root=base, labels=labels, items=items, layout=f"labels file {src.name}", excluded=excluded)
+    return LabelledSet(
+        root=base, labels=labels, items=items, layout=f"labels file {src.name}", excluded=excluded, left_out=left_out
+    )
 
 
 def file_digest(path: Path) -> str:

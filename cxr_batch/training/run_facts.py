@@ -108,6 +108,8 @@ def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
     )
     weights = str(tcfg.get("weights") or "none")
     crop = {"crop": tcfg["crop"]} if tcfg.get("crop") else {}
+    if tcfg.get("not_normal"):
+        crop["not_normal"] = list(tcfg["not_normal"])
     balance = tcfg.get("balance") or "class"
     return (
         {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]}

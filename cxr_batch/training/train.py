@@ -35,7 +35,7 @@ from cxr_batch.engine.postprocess import softmax
 from cxr_batch.errors import CxrBatchError, DataError, ImageError
 from cxr_batch.evaluation.metrics import classification_metrics, metrics_by_source
 from cxr_batch.evaluation.tables import print_by_source, print_metrics
-from cxr_batch.io.labelled import Split, find_labelled_many, make_split
+from cxr_batch.io.labelled import LabelledSet, Split, find_labelled_many, make_split
 from cxr_batch.io.lungs import lung_view
 from cxr_batch.io.preprocess import PreprocessSpec, decode, resize_grey
 from cxr_batch.io.safe_open import open_regular
@@ -90,6 +90,10 @@ class TrainConfig:
     #: "lungs": train on lung crops (the embedded segmenter's :func:`cxr_batch.io.lungs.lung_view`,
     #: recorded in the contract so classify crops the same way); None: whole films
     crop: str | None = None
+    #: label values of labels-file rows that are no class (``tuberculosis``) whose films are trained
+    #: as "not normal": a loss on P(normal) alone, no new class, so a hospital's films are not all
+    #: normal (the held-out source's are never trained on)
+    not_normal: tuple[str, ...] = ()
 
     @property
     def data_dir(self) -> str:
@@ -354,9 +358,18 @@ def augment_scanner(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch
 AUGMENTATIONS = {"light": augment, "scanner": augment_scanner}
 
 
-def sampling_weights(y: np.ndarray, sources: Sequence[str], n_labels: int, balance: str) -> np.ndarray:
+#: the training target of a "not normal" film (``--not-normal``): no class, only P(normal) is trained down
+NOT_NORMAL = -1
+
+
+def sampling_weights(
+    y: np.ndarray, sources: Sequence[str], n_labels: int, balance: str, normal: int | None = None
+) -> np.ndarray:
     """Per-image draw weights: each class drawn equally often; with ``class+source`` each source within
-    a class equally often too (so no source's share of a class is a shortcut to learn)."""
+    a class equally often too (so no source's share of a class is a shortcut to learn).
+
+    "Not normal" films (``y == NOT_NORMAL``, class ``normal`` given) are drawn, per source, as often as
+    that source's normal films: a hospital's identity then says nothing about normal or not."""
     y = np.asarray(y)
     src = np.asarray(list(sources), dtype=object)
     w = np.zeros(len(y), dtype=np.float64)
@@ -371,7 +384,27 @@ def sampling_weights(y: np.ndarray, sources: Sequence[str], n_labels: int, balan
                 w[m] = 1.0 / (n_labels * len(names) * m.sum())
         else:
             w[in_c] = 1.0 / (n_labels * in_c.sum())
+    nn = y == NOT_NORMAL
+    if nn.any():
+        if normal is None:
+            raise ValueError("not-normal films need the index of the normal class")
+        for name in sorted(set(src[nn].tolist())):
+            m, twin = nn & (src == name), (y == normal) & (src == name)
+            w[m] = w[twin].sum() / m.sum() if twin.any() else 0.0
     return w
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, normal: int | None) -> torch.Tensor:
+    """Cross-entropy on labelled films; on "not normal" films (``y == NOT_NORMAL``) -log(1 - P(normal)),
+    which leaves the split between the other classes free. Plain cross-entropy when none is in the batch."""
+    nn = y == NOT_NORMAL
+    if normal is None or not bool(nn.any()):
+        return F.cross_entropy(logits, y)
+    lsm = F.log_softmax(logits.float(), dim=1)
+    ce = F.nll_loss(lsm, y.clamp(min=0), reduction="none")
+    others = [i for i in range(logits.shape[1]) if i != normal]
+    not_normal = -torch.logsumexp(lsm[:, others], dim=1)
+    return torch.where(nn, not_normal, ce).mean()
 
 
 def normalise_torch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -452,6 +485,44 @@ def evaluate_files(
     flush()
     p = np.concatenate(probs) if probs else np.zeros((0, len(labels)))
     return np.asarray(ys, dtype=np.int64), p, errors, sources
+
+
+def _not_normal_cache(
+    sets: Sequence[LabelledSet], cfg: TrainConfig, labels: Sequence[str], normal: int | None, console: Console
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """The ``--not-normal`` films of every source but the held-out one, decoded as the training
+    films are: (images, their sources, files skipped)."""
+    if normal is None:
+        raise CxrBatchError("--not-normal needs a 'normal' class")
+    wanted = set(cfg.not_normal)
+    picked = [
+        (path, d.source)
+        for d in sets
+        if d.source != cfg.holdout_source
+        for path, value in d.left_out
+        if value in wanted
+    ]
+    if not picked:
+        raise DataError(
+            f"--not-normal {', '.join(sorted(wanted))}: no labels-file row of a trained source has that label"
+        )
+    x, _, errors, keep = _load_cache(
+        [(p, labels[normal]) for p, _ in picked],
+        labels,
+        cfg.image_size,
+        cfg.resize,
+        console,
+        "not normal",
+        cfg.workers,
+        cfg.crop,
+    )
+    sources = [src for (_, src), k in zip(picked, keep, strict=True) if k]
+    counts = {name: sources.count(name) for name in sorted(set(sources))}
+    console.print(
+        markup("trained as not normal: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        + (f" (never {markup(cfg.holdout_source)}'s: held out)" if cfg.holdout_source else "")
+    )
+    return x, sources, errors
 
 
 def holdout_parts(
@@ -567,6 +638,13 @@ def train_model(
     )
     s_train = [s for (_, _, s), k in zip(train_src, keep_train, strict=True) if k]
     s_val = [s for (_, _, s), k in zip(val_src, keep_val, strict=True) if k]
+    normal = labels.index("normal") if "normal" in labels else None
+    if cfg.not_normal:
+        x_nn, s_nn, err_nn = _not_normal_cache(sets, cfg, labels, normal, console)
+        x_train = np.concatenate([x_train, x_nn])
+        y_train = np.concatenate([y_train, np.full(len(x_nn), NOT_NORMAL, np.int64)])
+        s_train = [*s_train, *s_nn]
+        err_train += err_nn
     for e in err_train + err_val:
         console.print(f"[yellow]skipped[/] {markup(e)}", highlight=False, soft_wrap=True)
 
@@ -597,7 +675,7 @@ def train_model(
         console.print(f"resuming after epoch {ck['epoch'] + 1}")
 
     # Balanced sampling with replacement: each class (and with class+source each source in it) equally often.
-    weights = torch.from_numpy(sampling_weights(y_train, s_train, len(labels), cfg.balance))
+    weights = torch.from_numpy(sampling_weights(y_train, s_train, len(labels), cfg.balance, normal))
     augment_fn = AUGMENTATIONS[cfg.augment]
     gen = torch.Generator().manual_seed(cfg.seed)
     patience_left = cfg.patience
@@ -617,7 +695,7 @@ def train_model(
                 xb = normalise_torch(augment_fn(xb, gen, cfg.hflip), cfg.mean, cfg.std)
                 xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, amp):
-                    loss = F.cross_entropy(model(xb), yb)
+                    loss = training_loss(model(xb), yb, normal if cfg.not_normal else None)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
