@@ -211,17 +211,18 @@ def screening_target_for_specificity(
         ValueError: no positive image, or no held-out negative image.
     """
     s = np.asarray(scores, dtype=np.float64)
-    neg = np.asarray(holdout_negative, dtype=bool)
-    if not neg.any():
+    held = s[np.asarray(holdout_negative, dtype=bool)]
+    if not len(held):
         raise ValueError("no held-out negative images: no specificity to keep")
     tried: list[dict[str, Any]] = []
     chosen: float | None = None
     for target in sorted({float(base), *(float(t) for t in targets if t > base)}):
         t = screening_threshold(s, positive, target)
-        tn = int((s[neg] < t).sum())
-        spec = tn / int(neg.sum())
-        tried.append({"target": target, "threshold": t, "holdout_specificity": spec, "tn": tn, "n": int(neg.sum())})
-        if spec >= floor:
+        op = operating_point(held, np.zeros(len(held), bool), t)
+        tried.append(
+            {"target": target, "threshold": t, "holdout_specificity": op["specificity"], "tn": op["tn"], "n": len(held)}
+        )
+        if op["specificity"] >= floor:
             chosen = target
     return chosen, tried
 

@@ -139,7 +139,7 @@ def fit_validation(
         rule = f"the highest P({SCREEN_LABEL}) threshold with validation sensitivity >= {target}"
         raised: dict[str, Any] | None = None
         if cfg.screen_holdout_specificity is not None:
-            target, rule, raised = _raised_target(p[:, k], y, k, sources, cfg, console)
+            target, rule, raised = _raised_target(p[:, k], y, k, sources, cfg, cfg.screen_holdout_specificity, console)
         threshold = screening_threshold(p[:, k], y == k, target)
         point = operating_point(p[:, k], y == k, threshold)
         point["by_source"] = {
@@ -165,7 +165,13 @@ def fit_validation(
 
 
 def _raised_target(
-    p_label: np.ndarray, y: np.ndarray, k: int, sources: Sequence[str], cfg: ExportConfig, console: Console
+    p_label: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    sources: Sequence[str],
+    cfg: ExportConfig,
+    floor: float,
+    console: Console,
 ) -> tuple[float, str, dict[str, Any]]:
     """``export --screen-holdout-specificity``: the validation sensitivity target raised as far as
     the held-out source's non-COVID validation images keep that specificity (the held-out hospital
@@ -173,7 +179,6 @@ def _raised_target(
     Returns (target, the rule in words, what was tried)."""
     from cxr_batch.evaluation.metrics import screening_target_for_specificity
 
-    floor = float(cfg.screen_holdout_specificity or 0.0)
     held = cfg.holdout_source
     if not held or held not in sources:
         raise CxrBatchError(

@@ -107,9 +107,9 @@ def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
         "warmup",
     )
     weights = str(tcfg.get("weights") or "none")
-    crop = {"crop": tcfg["crop"]} if tcfg.get("crop") else {}
+    extra = {"crop": tcfg["crop"]} if tcfg.get("crop") else {}
     if tcfg.get("not_normal"):
-        crop["not_normal"] = list(tcfg["not_normal"])
+        extra["not_normal"] = list(tcfg["not_normal"])
     balance = tcfg.get("balance") or "class"
     return (
         {k: tcfg.get(k) for k in keys if k in tcfg or k in keys[:9]}
@@ -118,7 +118,7 @@ def _recipe(tcfg: dict[str, Any]) -> dict[str, Any]:
             "optimizer": "AdamW + OneCycle",
             "sampling": "class-balanced" if balance == "class" else "class- and source-balanced",
         }
-        | crop
+        | extra
     )
 
 

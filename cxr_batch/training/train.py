@@ -695,7 +695,7 @@ def train_model(
                 xb = normalise_torch(augment_fn(xb, gen, cfg.hflip), cfg.mean, cfg.std)
                 xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, amp):
-                    loss = training_loss(model(xb), yb, normal if cfg.not_normal else None)
+                    loss = training_loss(model(xb), yb, normal)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
